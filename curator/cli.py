@@ -1,0 +1,363 @@
+"""The ``curator`` command line: a thin layer over the library and the pipelines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from curator import __version__
+
+log = logging.getLogger("curator")
+
+EPILOG = """\
+typical session:
+  curator embed /data/cxr --workspace ws --checkpoint chexzero_1.pt --checkpoint chexzero_2.pt
+  curator index --workspace ws
+  curator search --workspace ws "small left pleural effusion" -k 20
+  curator sql --workspace ws "SELECT path, edema FROM images ORDER BY edema DESC LIMIT 10"
+  curator label --workspace ws --prompts my_findings.toml
+"""
+
+
+# Modules that register further subcommands with ``add_cli(subparsers)``. Each keeps heavy
+# imports (torch, streamlit, ...) inside its handlers so that ``curator --help`` stays fast.
+EXTRA_COMMAND_MODULES = (
+    "curator.synth",
+    "curator.train",
+    "curator.demo",
+    "curator.appserver",
+    "curator.cohort",
+    "curator.evaluate",
+    "curator.calibrate",
+    "curator.prompt_compare",
+)
+
+
+class CliError(Exception):
+    """An error to print as one line, exit status 2."""
+
+
+def _add_workspace(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workspace", "-w", required=True, metavar="W", help="workspace folder (created by `curator embed`)")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="torch device: cuda, cuda:1, cpu (default: CUDA when available, else CPU)")
+
+
+def _modalities(value: str):
+    if value.strip().lower() in ("any", "all", "*"):
+        return None
+    mods = frozenset(v.strip().upper() for v in value.split(",") if v.strip())
+    if not mods:
+        raise argparse.ArgumentTypeError("give modalities such as CR,DX or 'any'")
+    return mods
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {n}")
+    return n
+
+
+def _nonneg_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {n}")
+    return n
+
+
+def resolve_checkpoint_arg(value: str) -> str:
+    """``demo`` names the bundled demo model; anything else is a path."""
+    if value == "demo":
+        from curator.demo_model import demo_checkpoint_path
+
+        return str(demo_checkpoint_path())
+    return value
+
+
+# ------------------------------------------------------------------------------------------
+def cmd_embed(args) -> int:
+    from curator.pipelines.embed import EmbedConfig, run_embed
+    from curator.readers import ReadOptions
+
+    cfg = EmbedConfig(
+        archives=args.archive,
+        workspace=args.workspace,
+        checkpoints=[resolve_checkpoint_arg(c) for c in args.checkpoint],
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        threads=args.threads,
+        read_options=ReadOptions(dicom_conversion=args.dicom_conversion, modalities=args.modality),
+        flush_rows=args.flush_rows,
+        progress=not args.quiet,
+    )
+    summary = run_embed(cfg)
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+def cmd_label(args) -> int:
+    from curator.pipelines.label import run_label, workspace_checkpoints
+    from curator.prompts import load_prompt_set
+    from curator.workspace import Workspace
+
+    prompts = load_prompt_set(args.prompts)
+    cks = None
+    if args.checkpoint:
+        cks = workspace_checkpoints(Workspace(args.workspace), args.device, [resolve_checkpoint_arg(c) for c in args.checkpoint])
+    s = run_label(args.workspace, prompts, device=args.device, checkpoints=cks, progress=not args.quiet)
+    print(f"labelled {s.images} images with prompt set {prompts.name} ({s.prompt_set}) in {s.seconds:.1f} s")
+    print("columns: " + ", ".join(s.columns))
+    return 0
+
+
+def cmd_index(args) -> int:
+    from curator.index import build_index
+    from curator.workspace import Workspace
+
+    ws = Workspace(args.workspace)
+    _require_workspace(ws)
+    with ws.writer():
+        info = build_index(ws, args.checkpoint)
+    print(f"indexed {info.count} images ({info.dim}-d, {info.index_type}, checkpoint {info.checkpoint[:12]}) -> {ws.root / info.file}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from curator.search import index_checkpoint, query_vector, search
+    from curator.workspace import Workspace
+
+    ws = Workspace(args.workspace)
+    _require_workspace(ws)
+    if (args.text is None) == (args.image is None):
+        raise CliError("give a search TEXT or --image PATH (one of them)")
+    ck = index_checkpoint(ws, args.device, [resolve_checkpoint_arg(c) for c in args.checkpoint] if args.checkpoint else None)
+    vec = query_vector(ck, text=args.text, image=args.image)
+    df = search(ws, vec, k=args.k)
+    finding_cols = sorted(ws.manifest.get("finding_columns", {}))
+    if args.json:
+        keep = ["rank", "image_id", "similarity", "path", "view_position", "study_date", *finding_cols]
+        records = json.loads(df[[c for c in keep if c in df.columns]].to_json(orient="records", date_format="iso"))
+        print(json.dumps({"query": args.text or str(args.image), "k": args.k, "results": records}, default=str, indent=1))
+        return 0
+    if df.empty:
+        print("no results")
+        return 0
+    show = df[["rank", "similarity", "path", *[c for c in finding_cols if c in df.columns]]].copy()
+    print(show.to_string(index=False, float_format=lambda v: f"{v:.4f}", max_colwidth=80))
+    return 0
+
+
+def cmd_sql(args) -> int:
+    from curator.query import run_query
+    from curator.workspace import Workspace
+
+    ws = Workspace(args.workspace)
+    _require_workspace(ws)
+    params = {}
+    for item in args.set or []:
+        if "=" not in item:
+            raise CliError(f"--set expects NAME=VALUE, got {item!r}")
+        name, value = item.split("=", 1)
+        params[name.strip()] = _parse_value(value)
+    query = args.query
+    if query == "-":
+        query = sys.stdin.read()
+    elif query.endswith(".sql") and Path(query).is_file():
+        query = Path(query).read_text()
+    df = run_query(ws, query, params)
+    if args.format == "csv":
+        df.to_csv(sys.stdout, index=False)
+    elif args.format == "json":
+        print(df.to_json(orient="records", date_format="iso", default_handler=str))
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", args.max_rows, "display.width", 200, "display.max_columns", 50):
+            print(df.to_string(index=False, max_rows=args.max_rows, max_colwidth=60) if len(df) else f"(0 rows) columns: {', '.join(df.columns)}")
+    return 0
+
+
+def _parse_value(v: str):
+    for t in (int, float):
+        try:
+            return t(v)
+        except ValueError:
+            pass
+    return v
+
+
+def cmd_info(args) -> int:
+    from curator.info import workspace_info
+
+    info = workspace_info(args.workspace)
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+    else:
+        from curator.info import format_info
+
+        print(format_info(info))
+    return 0
+
+
+def cmd_preview(args) -> int:
+    from curator.preview import write_preview
+    from curator.readers import ReadOptions
+
+    opts = ReadOptions(dicom_conversion=args.dicom_conversion, modalities=None)
+    info = write_preview(args.file, args.out, args.model_input, opts)
+    print(f"{args.file}: {info['width']}x{info['height']} 8-bit ({info['conversion']}) -> {args.out}")
+    if args.model_input:
+        print(f"model input 224x224 -> {args.model_input}")
+    return 0
+
+
+def _require_workspace(ws) -> None:
+    from curator.workspace import WorkspaceError
+
+    if not ws.exists:
+        raise WorkspaceError(f"{ws.root}: not a curator workspace (no manifest.json); run `curator embed ... --workspace {ws.root}` first")
+
+
+# ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="curator",
+        description="CheXzero zero-shot labelling, search and cohorts over chest radiograph archives.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"curator {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("embed", help="embed an archive into a workspace (catalog, embeddings, probabilities)",
+                       description="Walk ARCHIVE folders (DICOM, PNG, JPEG), embed every new or changed image with each "
+                       "checkpoint and store catalog, embeddings, zero-shot probabilities of the default prompt set (CheXpert's 14 "
+                       "findings) and errors in the workspace. Unchanged files (same size and mtime) are skipped, so a rerun "
+                       "continues where a killed run stopped.")
+    p.add_argument("archive", nargs="+", help="folders or files to embed")
+    _add_workspace(p)
+    p.add_argument("--checkpoint", "-c", action="append", required=True, metavar="CK",
+                   help="CheXzero checkpoint (.pt state dict); repeat for an ensemble; 'demo' = the bundled demo model")
+    _add_device(p)
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per model batch (default 32)")
+    p.add_argument("--workers", type=_nonneg_int, default=None, help="decode worker processes (default: one per CPU core, at most 8; 0 = decode in the main process)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads in the main process (default: torch's)")
+    p.add_argument("--dicom-conversion", choices=["mimic", "voi"], default="mimic",
+                   help="DICOM to 8-bit: 'mimic' = MIMIC-CXR-JPG recipe, what CheXzero was trained on (default); 'voi' = VOI LUT / window")
+    p.add_argument("--modality", type=_modalities, default=frozenset({"CR", "DX"}),
+                   help="DICOM modalities to accept, comma-separated, or 'any' (default CR,DX); others are recorded as filtered")
+    p.add_argument("--flush-rows", type=_positive_int, default=4096, help="commit to the workspace every N files (default 4096)")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("label", help="(re)compute probabilities for a prompt set from stored embeddings",
+                       description="Score every embedded image for the findings of a prompt set (TOML) without reading any image. "
+                       "Each finding becomes a column of the `images` view, replacing an older column of the same name.")
+    _add_workspace(p)
+    p.add_argument("--prompts", metavar="FILE", default=None, help="prompt-set TOML file (default: CheXpert's 14 findings)")
+    p.add_argument("--checkpoint", "-c", action="append", metavar="CK", help="checkpoint files, if they moved since `embed`")
+    _add_device(p)
+    p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("index", help="build the FAISS index for search", description="Build an exact inner-product FAISS index over one checkpoint's normalised image embeddings (ids = image_id).")
+    _add_workspace(p)
+    p.add_argument("--checkpoint", default=None, metavar="SHA", help="which of the workspace's checkpoints (sha256 prefix; default: the first)")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="search images by text or by an example image",
+                       description="Encode TEXT (or --image) with the index's checkpoint and print the k most similar images with their probabilities.")
+    _add_workspace(p)
+    p.add_argument("text", nargs="?", default=None, help='free text, e.g. "small left pleural effusion"')
+    p.add_argument("-k", type=_positive_int, default=20, help="number of results (default 20)")
+    p.add_argument("--image", default=None, metavar="PATH", help="search with this image (DICOM/PNG/JPEG) instead of text")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--checkpoint", "-c", action="append", metavar="CK", help="checkpoint files, if they moved since `embed`")
+    _add_device(p)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("sql", help="run a DuckDB query over the workspace views",
+                       description="Views: catalog, embeddings, predictions, errors, runs, images (catalog + one probability column per finding). "
+                       "Reading or writing files outside the workspace is refused.")
+    _add_workspace(p)
+    p.add_argument("query", help="SQL text, a .sql file, or - for standard input")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default table)")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="set a variable readable as getvariable('NAME'), e.g. threshold=0.52")
+    p.add_argument("--max-rows", type=_positive_int, default=100, help="rows shown in table format (default 100)")
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("info", help="summarise a workspace")
+    _add_workspace(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("preview", help="write the 8-bit image the pipeline makes of a file (and the model input)",
+                       description="Write FILE converted exactly as the pipeline converts it (before the 320 letterbox), and optionally the 224x224 model input.")
+    p.add_argument("file")
+    p.add_argument("--out", required=True, metavar="PNG", help="where to write the 8-bit image")
+    p.add_argument("--model-input", metavar="PNG2", default=None, help="also write the model's 224x224 input (de-normalised)")
+    p.add_argument("--dicom-conversion", choices=["mimic", "voi"], default="mimic")
+    p.set_defaults(func=cmd_preview)
+
+    for module in EXTRA_COMMAND_MODULES:
+        try:
+            mod = __import__(module, fromlist=["add_cli"])
+        except ImportError as exc:
+            if getattr(exc, "name", None) == module:
+                continue
+            raise
+        if hasattr(mod, "add_cli"):
+            mod.add_cli(sub)
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("PIL", "pydicom", "matplotlib", "urllib3", "faiss", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    from curator.model import CheckpointError
+    from curator.prompts import PromptSetError
+    from curator.query import QueryError
+    from curator.workspace import WorkspaceError
+
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, CheckpointError, PromptSetError, QueryError, WorkspaceError, FileNotFoundError, ValueError) as exc:
+        print(f"curator {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        print(f"curator {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"curator {args.command}: interrupted; committed work is kept, rerun to continue", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

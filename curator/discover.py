@@ -1,0 +1,80 @@
+"""Walking an archive: which files are candidates, and which are unchanged since the last run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+log = logging.getLogger(__name__)
+
+# Extensions that are never images; skipped by an explicit, logged filter.
+IGNORED_SUFFIXES = frozenset(
+    {".csv", ".txt", ".json", ".xml", ".html", ".htm", ".md", ".pdf", ".log", ".toml", ".yaml", ".yml",
+     ".parquet", ".py", ".sh", ".zip", ".gz", ".tar", ".ini", ".db", ".sqlite", ".xlsx", ".doc", ".docx"}
+)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # absolute
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class WalkReport:
+    ignored: Counter = field(default_factory=Counter)  # reason -> count
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+
+def walk(roots: Iterable[str | Path], report: WalkReport | None = None) -> Iterator[FileEntry]:
+    """Yield candidate files under ``roots`` (files or folders), sorted, each once.
+
+    Symlinked folders are not followed (no loops); symlinked files are read through. Hidden
+    files and folders (name starting with '.') and known non-image extensions are skipped and
+    counted in ``report.ignored``.
+    """
+    report = report if report is not None else WalkReport()
+    seen: set[str] = set()
+    for root in roots:
+        root = Path(root).expanduser()
+        if not root.exists() and not root.is_symlink():
+            raise FileNotFoundError(f"{root}: no such file or folder")
+        if root.is_file():
+            entry = _entry(root.resolve(), report)
+            if entry and entry.path not in seen:
+                seen.add(entry.path)
+                yield entry
+            continue
+        for dirpath, dirnames, filenames in os.walk(root.resolve(), followlinks=False, onerror=lambda e: report.unreadable.append((getattr(e, "filename", "?"), str(e)))):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    report.ignored["hidden file"] += 1
+                    continue
+                if Path(name).suffix.lower() in IGNORED_SUFFIXES:
+                    report.ignored[f"{Path(name).suffix.lower()} file"] += 1
+                    continue
+                entry = _entry(Path(dirpath) / name, report)
+                if entry and entry.path not in seen:
+                    seen.add(entry.path)
+                    yield entry
+
+
+def _entry(path: Path, report: WalkReport) -> FileEntry | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            report.unreadable.append((str(path), "broken symbolic link"))
+        else:
+            report.unreadable.append((str(path), "vanished during the walk"))
+        return None
+    except OSError as exc:
+        report.unreadable.append((str(path), f"{type(exc).__name__}: {exc}"))
+        return None
+    return FileEntry(path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns)

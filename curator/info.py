@@ -1,0 +1,78 @@
+"""What a workspace holds: counts, checkpoints, prompt sets, runs, errors, index."""
+
+from __future__ import annotations
+
+import json
+
+from curator.index import read_index_info
+from curator.query import connect
+from curator.workspace import Workspace, WorkspaceError
+
+
+def workspace_info(root: str) -> dict:
+    ws = Workspace(root)
+    if not ws.exists:
+        raise WorkspaceError(f"{ws.root}: not a curator workspace (no manifest.json)")
+    m = ws.manifest
+    con = connect(ws)
+    try:
+        images = con.execute("SELECT count(*) FROM catalog").fetchone()[0]
+        by_format = dict(con.execute("SELECT file_format, count(*) FROM catalog GROUP BY ALL ORDER BY 1").fetchall())
+        by_conversion = dict(con.execute("SELECT conversion, count(*) FROM catalog GROUP BY ALL ORDER BY 1").fetchall())
+        errors = con.execute("SELECT stage, kind, count(*) FROM errors GROUP BY ALL ORDER BY 3 DESC, 1, 2").fetchall()
+        runs = con.execute(
+            "SELECT run_id, command, status, started, finished, counts FROM runs ORDER BY started DESC LIMIT 10"
+        ).fetchall()
+    finally:
+        con.close()
+    idx = read_index_info(ws)
+    return {
+        "workspace": str(ws.root),
+        "images": images,
+        "by_format": by_format,
+        "by_conversion": by_conversion,
+        "checkpoints": [
+            {"sha256": s, **m["checkpoints"].get(s, {})} for s in m.get("ensemble", [])
+        ],
+        "prompt_sets": [
+            {"id": k, "name": v["name"], "positive": v["positive"], "negative": v["negative"],
+             "columns": [c for c in v["columns"] if m["finding_columns"].get(c) == k],
+             "labelled_at": v.get("labelled_at")}
+            for k, v in m.get("prompt_sets", {}).items()
+        ],
+        "errors": [{"stage": s, "kind": k, "count": n} for s, k, n in errors],
+        "runs": [
+            {"run_id": r[0], "command": r[1], "status": r[2], "started": r[3], "finished": r[4], "counts": json.loads(r[5] or "{}")}
+            for r in runs
+        ],
+        "index": None if idx is None else {**idx.__dict__, "stale": idx.count != images},
+    }
+
+
+def format_info(info: dict) -> str:
+    lines = [f"workspace {info['workspace']}", f"images: {info['images']}"]
+    if info["by_format"]:
+        lines.append("  by format: " + ", ".join(f"{k} {v}" for k, v in info["by_format"].items()))
+        lines.append("  by conversion: " + ", ".join(f"{k} {v}" for k, v in info["by_conversion"].items()))
+    lines.append(f"checkpoints ({len(info['checkpoints'])}, ensemble = mean):")
+    for c in info["checkpoints"]:
+        lines.append(f"  {c['sha256'][:12]}  {c.get('embed_dim', '?')}-d  {c.get('path', '?')}")
+    lines.append("prompt sets:")
+    for p in info["prompt_sets"]:
+        cols = ", ".join(p["columns"]) if p["columns"] else "(no column shown; superseded)"
+        lines.append(f"  {p['id']} {p['name']} ({p['positive']!r} / {p['negative']!r}): {cols}")
+    total = sum(e["count"] for e in info["errors"])
+    lines.append(f"errors and filtered files: {total}")
+    for e in info["errors"]:
+        lines.append(f"  {e['stage']}/{e['kind']}: {e['count']}")
+    idx = info["index"]
+    if idx is None:
+        lines.append("index: none (run `curator index`)")
+    else:
+        lines.append(f"index: {idx['count']} images, {idx['index_type']}, checkpoint {idx['checkpoint'][:12]}" + (" (STALE: run `curator index`)" if idx["stale"] else ""))
+    lines.append(f"runs (latest {len(info['runs'])}):")
+    for r in info["runs"]:
+        c = r["counts"]
+        brief = ", ".join(f"{k} {v}" for k, v in c.items() if isinstance(v, int))
+        lines.append(f"  {r['run_id']} {r['command']} {r['status']}: {brief}")
+    return "\n".join(lines)

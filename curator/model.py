@@ -1,0 +1,195 @@
+"""Loading CheXzero checkpoints and running their encoders.
+
+A CheXzero checkpoint is a ``torch.save``-d ``state_dict`` of OpenAI's CLIP architecture. open_clip
+builds that architecture from the tensor shapes (so ViT-B/32 and tiny test checkpoints load the
+same way) with QuickGELU; we then cast to float32 and load the state dict again, because
+open_clip's builder rounds the weights to float16 on the way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# Keys every OpenAI-CLIP ViT state dict has; a file without them is not a CheXzero checkpoint.
+REQUIRED_KEYS = (
+    "visual.conv1.weight",
+    "visual.class_embedding",
+    "visual.positional_embedding",
+    "visual.proj",
+    "token_embedding.weight",
+    "positional_embedding",
+    "text_projection",
+    "ln_final.weight",
+)
+# Scalars that OpenAI's JIT archives carry next to the weights.
+_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a CheXzero (OpenAI CLIP ViT) checkpoint."""
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read and validate a checkpoint file; raise :class:`CheckpointError` with a one-line reason."""
+    path = Path(path)
+    expected = "a CheXzero checkpoint (torch.save'd state_dict of OpenAI CLIP ViT, keys such as 'visual.conv1.weight')"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file; expected {expected}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, zip errors, truncated files ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not readable by torch.load ({first[:200]}); expected {expected}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state_dict; expected {expected}")
+    sd = {}
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            continue
+        key = k[len("module."):] if k.startswith("module.") else k
+        if key in _NON_WEIGHT_KEYS:
+            continue
+        sd[key] = v
+    missing = [k for k in REQUIRED_KEYS if k not in sd or not isinstance(sd[k], torch.Tensor)]
+    if missing:
+        raise CheckpointError(f"{path}: missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; expected {expected}")
+    return sd
+
+
+def build_clip(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """An fp32 open_clip CLIP holding exactly the weights of ``sd`` (fp16/fp32 tensors alike)."""
+    from open_clip.model import build_model_from_openai_state_dict
+
+    model = build_model_from_openai_state_dict(dict(sd), quick_gelu=True, cast_dtype=None)
+    model = model.float()
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    return model.eval()
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``None``/"auto" -> CUDA when available, else CPU. Asking for CUDA without one is an error."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name} was asked for, but CUDA is not available on this machine")
+    return dev
+
+
+@dataclass
+class Checkpoint:
+    """One loaded checkpoint: its identity and its model."""
+
+    path: str
+    sha256: str
+    model: torch.nn.Module
+    device: torch.device
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[1])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.positional_embedding.shape[0])
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def short_id(self) -> str:
+        return self.sha256[:12]
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings (float32, on CPU) of a preprocessed batch (N, 3, H, W)."""
+        x = batch.to(self.device, non_blocking=True)
+        with self._autocast():
+            feats = self.model.encode_image(x)
+        return F.normalize(feats.float(), dim=-1).cpu()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text embeddings (float32, on CPU), one row per text."""
+        from open_clip.tokenizer import tokenize
+
+        tokens = tokenize(list(texts), context_length=self.context_length).to(self.device)
+        with self._autocast():
+            feats = self.model.encode_text(tokens)
+        return F.normalize(feats.float(), dim=-1).cpu()
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device | None = None) -> Checkpoint:
+    """Load one CheXzero-format checkpoint onto ``device`` (default: CUDA if available)."""
+    path = Path(path)
+    sd = read_state_dict(path)
+    try:
+        model = build_clip(sd)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: state dict does not fit the OpenAI CLIP ViT architecture ({str(exc).splitlines()[0][:200]})") from None
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    model = model.to(dev)
+    return Checkpoint(path=str(path.resolve()), sha256=file_sha256(path), model=model, device=dev)
+
+
+def load_checkpoints(paths: Iterable[str | Path], device: str | None = None) -> list[Checkpoint]:
+    cks = [load_checkpoint(p, device) for p in paths]
+    if cks:
+        log.info("device: %s (%d checkpoint%s)", cks[0].device, len(cks), "" if len(cks) == 1 else "s")
+    return cks
+
+
+def new_clip(
+    embed_dim: int = 512,
+    vision_width: int = 768,
+    vision_layers: int = 12,
+    patch_size: int = 32,
+    image_size: int = 224,
+    text_width: int = 512,
+    text_layers: int = 12,
+    context_length: int = 77,
+    vocab_size: int = 49408,
+) -> torch.nn.Module:
+    """A freshly initialised CLIP of CheXzero's architecture family (OpenAI layout, QuickGELU).
+
+    The defaults are ViT-B/32, the published CheXzero model. Widths must be multiples of 64
+    (heads = width // 64, as OpenAI's state-dict loader infers them). Its ``state_dict()`` has the
+    key layout of a CheXzero checkpoint.
+    """
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    for name, w in (("vision_width", vision_width), ("text_width", text_width)):
+        if w % 64:
+            raise ValueError(f"{name}={w} must be a multiple of 64")
+    vision_cfg = CLIPVisionCfg(layers=vision_layers, width=vision_width, patch_size=patch_size, image_size=image_size)
+    text_cfg = CLIPTextCfg(
+        context_length=context_length, vocab_size=vocab_size, width=text_width, heads=text_width // 64, layers=text_layers
+    )
+    return CLIP(embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=True)

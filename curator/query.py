@@ -1,0 +1,139 @@
+"""DuckDB over a workspace: the views of ``sql/views.sql`` plus the generated ``images`` view.
+
+``images`` is the catalog joined with the latest ensemble probability of every finding labelled
+so far: one column per finding, named snake_case(finding), taken from the prompt set that last
+labelled that finding (``manifest["finding_columns"]``).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from curator.constants import ENSEMBLE_MEMBER
+from curator.workspace import SCHEMAS, Workspace
+
+
+class QueryError(RuntimeError):
+    pass
+
+
+def sql_text(name: str) -> str:
+    """Text of a file shipped under ``sql/`` (e.g. ``"views.sql"``, ``"cohorts/edema.sql"``)."""
+    return resources.files("curator.sql").joinpath(name).read_text()
+
+
+def _quote(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _ident(s: str) -> str:
+    return '"' + s.replace('"', '""') + '"'
+
+
+def _empty_relation(schema: pa.Schema) -> str:
+    cols = []
+    for f in schema:
+        cols.append(f"CAST(NULL AS {_duck_type(f.type)}) AS {_ident(f.name)}")
+    return f"SELECT {', '.join(cols)} WHERE false"
+
+
+def _duck_type(t: pa.DataType) -> str:
+    if pa.types.is_int64(t):
+        return "BIGINT"
+    if pa.types.is_int32(t):
+        return "INTEGER"
+    if pa.types.is_string(t):
+        return "VARCHAR"
+    if pa.types.is_float32(t):
+        return "FLOAT"
+    if pa.types.is_float64(t):
+        return "DOUBLE"
+    if pa.types.is_date32(t):
+        return "DATE"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    if pa.types.is_list(t):
+        return _duck_type(t.value_type) + "[]"
+    raise TypeError(t)
+
+
+def _parquet_relation(paths: list[Path], schema: pa.Schema | None) -> str:
+    if not paths:
+        if schema is None:
+            raise ValueError("no parts and no schema")
+        return _empty_relation(schema)
+    files = ", ".join(_quote(str(p)) for p in paths)
+    return f"SELECT * FROM read_parquet([{files}], union_by_name = true)"
+
+
+def images_view_sql(ws: Workspace) -> str:
+    """SQL of the ``images`` view for the workspace's current manifest."""
+    by_set: dict[str, list[str]] = {}
+    for col, ps_id in sorted(ws.manifest.get("finding_columns", {}).items()):
+        by_set.setdefault(ps_id, []).append(col)
+    select = ["c.*"]
+    joins = []
+    for i, (ps_id, cols) in enumerate(sorted(by_set.items())):
+        alias = f"p{i}"
+        rel = f"predictions_{ps_id}"
+        select += [f"{alias}.{_ident(c)}" for c in cols]
+        joins.append(
+            f"LEFT JOIN (SELECT image_id, {', '.join(_ident(c) for c in cols)} FROM {rel} "
+            f"WHERE member = {_quote(ENSEMBLE_MEMBER)}) AS {alias} ON {alias}.image_id = c.image_id"
+        )
+    return f"CREATE OR REPLACE VIEW images AS SELECT {', '.join(select)} FROM catalog AS c " + " ".join(joins)
+
+
+def create_views(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
+    for d in ("catalog", "embeddings", "errors", "runs"):
+        con.execute(f"CREATE OR REPLACE VIEW {d}_raw AS {_parquet_relation(ws.part_paths(d), SCHEMAS[d])}")
+    con.execute(sql_text("views.sql"))
+    from curator.workspace import PREDICTION_KEY_SCHEMA
+
+    for ps_id in ws.manifest.get("prompt_sets", {}):
+        paths = ws.part_paths("predictions", prompt_set=ps_id)
+        cols = ws.manifest["prompt_sets"][ps_id]["columns"]
+        from curator.workspace import predictions_schema
+
+        rel = _parquet_relation(paths, predictions_schema(cols))
+        con.execute(f"CREATE OR REPLACE VIEW predictions_{ps_id} AS {rel}")
+    all_preds = ws.part_paths("predictions")
+    con.execute(f"CREATE OR REPLACE VIEW predictions AS {_parquet_relation(all_preds, PREDICTION_KEY_SCHEMA)}")
+    con.execute(images_view_sql(ws))
+
+
+def connect(ws: Workspace, sandbox: bool = True, threads: int | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the workspace views.
+
+    With ``sandbox`` (the default) the connection then cannot touch files outside the workspace:
+    ``allowed_directories`` is the workspace, external access is off and the configuration is
+    locked, so user SQL such as ``read_csv('/etc/passwd')`` fails.
+    """
+    con = duckdb.connect(":memory:")
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
+    create_views(con, ws)
+    if sandbox:
+        con.execute(f"SET allowed_directories = [{_quote(str(ws.root) + '/')}]")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    return con
+
+
+def run_query(ws: Workspace, query: str, params: dict | None = None, sandbox: bool = True):
+    """Run ``query`` against the workspace views; return a pandas DataFrame."""
+    con = connect(ws, sandbox=sandbox)
+    try:
+        for name, value in (params or {}).items():
+            if not name.isidentifier():
+                raise QueryError(f"bad variable name {name!r}")
+            con.execute(f"SET VARIABLE {name} = ?", [value])
+        return con.execute(query).df()
+    except duckdb.Error as exc:
+        raise QueryError(str(exc).strip()) from None
+    finally:
+        con.close()

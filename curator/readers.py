@@ -1,0 +1,146 @@
+"""Files to 8-bit images: dispatch by content, PNG/JPEG read exactly as CheXzero reads them.
+
+CheXzero reads PNG/JPEG with ``cv2.imread(path)``: 8-bit, three channels in BGR order (a 16-bit
+PNG keeps its high byte, ``v >> 8``), then hands the array to PIL as if it were RGB. We read with
+PIL and reproduce that: grey files stay single-channel (PIL's Lanczos resize and the luma
+conversion at the paste give the same values for three equal channels), colour files have their
+channels reversed so that the luma weights fall where CheXzero's did.
+
+DICOM files go to :mod:`curator.dicom`. Anything else raises :class:`ReadError` with a reason.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# A decoded image larger than this is refused before its pixels are allocated.
+MAX_PIXELS = 16384 * 16384 // 2
+
+RASTER_CONVERSION = "raster"  # PNG/JPEG read as CheXzero reads them
+DICOM_CONVERSIONS = ("mimic", "voi")  # MIMIC-CXR-JPG recipe (default) / VOI LUT or window
+
+
+class ReadError(Exception):
+    """A file that cannot become an image for the model. ``kind`` is a short machine-readable reason."""
+
+    def __init__(self, kind: str, message: str, stage: str = "read"):
+        super().__init__(message)
+        self.kind = kind
+        self.stage = stage
+
+
+@dataclass
+class ReadOptions:
+    """How files become 8-bit images."""
+
+    dicom_conversion: str = "mimic"
+    # Modalities accepted from DICOM headers; None accepts any. Files of other modalities are
+    # recorded as errors with stage "filter".
+    modalities: frozenset[str] | None = frozenset({"CR", "DX"})
+
+
+@dataclass
+class ReadResult:
+    image: Image.Image  # mode "L" or "RGB", 8 bits per channel
+    conversion: str
+    file_format: str  # "dicom" | "png" | "jpeg"
+    meta: dict = field(default_factory=dict)
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def sniff(path: str | Path, head: bytes | None = None) -> str | None:
+    """``"dicom"``, ``"png"``, ``"jpeg"`` from the file's first bytes, or None."""
+    if head is None:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(PNG_MAGIC):
+        return "png"
+    if head.startswith(JPEG_MAGIC):
+        return "jpeg"
+    return None
+
+
+def raster_to_chexzero(im: Image.Image) -> Image.Image:
+    """An opened PIL image as the 8-bit image CheXzero's ``cv2.imread`` + ``fromarray`` gives."""
+    mode = im.mode
+    if mode == "L":
+        return im
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(im)
+        if arr.dtype.kind == "i" and arr.min() < 0:
+            raise ReadError("unsupported_image", f"signed {mode} image with negative values")
+        return Image.fromarray((arr.astype(np.uint32) >> 8).astype(np.uint8), mode="L")
+    if mode == "1":
+        return im.convert("L")
+    if mode == "LA":
+        return im.getchannel("L")
+    if mode in ("P", "PA"):
+        im = im.convert("RGBA" if "transparency" in im.info or mode == "PA" else "RGB")
+        mode = im.mode
+    if mode in ("RGBA", "RGBX", "RGB"):
+        arr = np.asarray(im)[..., :3]
+        if (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all():
+            return Image.fromarray(np.ascontiguousarray(arr[..., 0]), mode="L")
+        # cv2 hands BGR to PIL, which takes it for RGB.
+        return Image.fromarray(np.ascontiguousarray(arr[..., ::-1]), mode="RGB")
+    if mode == "CMYK" or mode == "YCbCr":
+        return raster_to_chexzero(im.convert("RGB"))
+    raise ReadError("unsupported_image", f"unsupported image mode {mode!r}")
+
+
+def read_raster(path: str | Path, file_format: str, data: bytes | None = None) -> ReadResult:
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise ReadError("too_large", f"{w}x{h} pixels exceeds the limit of {MAX_PIXELS}")
+            im.load()
+            image = raster_to_chexzero(im)
+    except ReadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ReadError("too_large", str(exc)) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ReadError("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+    meta = {"rows": image.size[1], "columns": image.size[0]}
+    return ReadResult(image=image, conversion=RASTER_CONVERSION, file_format=file_format, meta=meta)
+
+
+def read_image(path: str | Path, options: ReadOptions | None = None, data: bytes | None = None) -> ReadResult:
+    """Read any supported file as an 8-bit image plus catalog metadata, or raise :class:`ReadError`.
+
+    ``data``, when given, is the file's content already read by the caller (PNG/JPEG are then
+    decoded from memory).
+    """
+    options = options or ReadOptions()
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise ReadError("not_a_file", "is a directory")
+        size = len(data) if data is not None else p.stat().st_size
+        if size == 0:
+            raise ReadError("empty_file", "zero-byte file")
+        kind = sniff(p, data[:132] if data is not None else None)
+    except FileNotFoundError:
+        raise ReadError("vanished", "file disappeared before it could be read") from None
+    except PermissionError as exc:
+        raise ReadError("unreadable", f"permission denied: {exc}") from None
+    except OSError as exc:
+        raise ReadError("unreadable", f"{type(exc).__name__}: {exc}") from None
+    if kind == "dicom" or (kind is None and p.suffix.lower() in (".dcm", ".dicom")):
+        from curator import dicom
+
+        return dicom.read_dicom(p, options)
+    if kind in ("png", "jpeg"):
+        return read_raster(p, kind, data)
+    raise ReadError("not_an_image", "not a DICOM, PNG or JPEG file (unrecognised content)")

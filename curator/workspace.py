@@ -1,0 +1,305 @@
+"""The workspace: a folder of immutable Parquet parts and an atomically replaced manifest.
+
+Layout::
+
+    W/manifest.json        what is committed: parts per dataset, checkpoints, prompt sets
+    W/catalog/*.parquet    one row per image (version of a file)
+    W/embeddings/*.parquet image_id, checkpoint, normalised vector
+    W/predictions/*.parquet image_id, prompt_set, member, one float column per finding
+    W/errors/*.parquet     files that could not be used, with the reason
+    W/runs/*.parquet       one row per run
+    W/index/               FAISS index files and what built them
+
+A part is written to a temporary name, flushed and renamed; it becomes visible only when the
+manifest that lists it replaces the old one (``os.replace``), so a reader sees the old or the new
+state and never half a write. Parts that no manifest lists (left by a killed run) are removed by
+the next writer. One writer at a time holds ``W/.lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+DATASETS = ("catalog", "embeddings", "predictions", "errors", "runs")
+MANIFEST = "manifest.json"
+
+# Catalog columns filled from DICOM headers (None for PNG/JPEG).
+DICOM_COLUMNS: dict[str, pa.DataType] = {
+    "patient_id": pa.string(),
+    "study_instance_uid": pa.string(),
+    "series_instance_uid": pa.string(),
+    "sop_instance_uid": pa.string(),
+    "sop_class_uid": pa.string(),
+    "modality": pa.string(),
+    "view_position": pa.string(),
+    "laterality": pa.string(),
+    "study_date": pa.date32(),
+    "study_time": pa.string(),
+    "patient_age": pa.int32(),
+    "patient_sex": pa.string(),
+    "manufacturer": pa.string(),
+    "manufacturer_model": pa.string(),
+    "institution_name": pa.string(),
+    "body_part_examined": pa.string(),
+    "rows": pa.int32(),
+    "columns": pa.int32(),
+    "bits_allocated": pa.int32(),
+    "bits_stored": pa.int32(),
+    "photometric_interpretation": pa.string(),
+    "transfer_syntax_uid": pa.string(),
+    "number_of_frames": pa.int32(),
+    "frame_used": pa.int32(),
+}
+
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("path", pa.string()),
+        ("file_format", pa.string()),
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("content_hash", pa.string()),
+        ("conversion", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("run_id", pa.string()),
+        ("added_at", pa.timestamp("us", tz="UTC")),
+        ("thumbnail", pa.string()),
+        *DICOM_COLUMNS.items(),
+    ]
+)
+
+EMBEDDINGS_SCHEMA = pa.schema(
+    [("image_id", pa.int64()), ("checkpoint", pa.string()), ("embedding", pa.list_(pa.float32()))]
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("stage", pa.string()),
+        ("kind", pa.string()),
+        ("error", pa.string()),
+        ("exception", pa.string()),
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("run_id", pa.string()),
+        ("time", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+RUNS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("command", pa.string()),
+        ("status", pa.string()),
+        ("started", pa.timestamp("us", tz="UTC")),
+        ("finished", pa.timestamp("us", tz="UTC")),
+        ("code_version", pa.string()),
+        ("checkpoints", pa.string()),  # JSON list of {"sha256", "path"}
+        ("prompt_sets", pa.string()),  # JSON list of prompt-set ids
+        ("counts", pa.string()),  # JSON object
+        ("timings", pa.string()),  # JSON object
+        ("options", pa.string()),  # JSON object
+    ]
+)
+
+PREDICTION_KEY_SCHEMA = pa.schema([("image_id", pa.int64()), ("prompt_set", pa.string()), ("member", pa.string())])
+
+
+def predictions_schema(columns: list[str]) -> pa.Schema:
+    return pa.schema([*PREDICTION_KEY_SCHEMA, *[(c, pa.float32()) for c in columns]])
+
+
+SCHEMAS = {"catalog": CATALOG_SCHEMA, "embeddings": EMBEDDINGS_SCHEMA, "errors": ERRORS_SCHEMA, "runs": RUNS_SCHEMA}
+
+
+class WorkspaceError(RuntimeError):
+    pass
+
+
+def _empty_manifest() -> dict:
+    return {
+        "format": FORMAT_VERSION,
+        "next_image_id": 1,
+        "parts": {d: [] for d in DATASETS},
+        "checkpoints": {},  # sha256 -> {"path", "embed_dim", "added"}
+        "ensemble": [],  # sha256 of the checkpoints every image is embedded with, in order
+        "prompt_sets": {},  # id -> prompt set dict + {"columns", "labelled_at"}
+        "finding_columns": {},  # column -> prompt-set id whose probabilities the images view shows
+        "generation": 0,
+    }
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@dataclass
+class Part:
+    dataset: str
+    file: str  # relative to the workspace root
+    rows: int
+    extra: dict
+
+    def entry(self) -> dict:
+        return {"file": self.file, "rows": self.rows, **self.extra}
+
+
+class Workspace:
+    """A workspace folder. Reading needs nothing; writing needs :meth:`writer` (the lock)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.manifest = self._read_manifest()
+
+    # -- reading -----------------------------------------------------------------------------
+    @property
+    def exists(self) -> bool:
+        return (self.root / MANIFEST).is_file()
+
+    def _read_manifest(self) -> dict:
+        path = self.root / MANIFEST
+        if not path.is_file():
+            return _empty_manifest()
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise WorkspaceError(f"{path}: unreadable manifest ({exc})") from None
+        if data.get("format") != FORMAT_VERSION:
+            raise WorkspaceError(f"{path}: workspace format {data.get('format')!r}, this curator reads {FORMAT_VERSION}")
+        return data
+
+    def reload(self) -> None:
+        self.manifest = self._read_manifest()
+
+    def part_entries(self, dataset: str) -> list[dict]:
+        return list(self.manifest["parts"][dataset])
+
+    def part_paths(self, dataset: str, **match) -> list[Path]:
+        out = []
+        for e in self.manifest["parts"][dataset]:
+            if all(e.get(k) == v for k, v in match.items()):
+                out.append(self.root / e["file"])
+        return out
+
+    def row_count(self, dataset: str) -> int:
+        return sum(e["rows"] for e in self.manifest["parts"][dataset])
+
+    def read_table(self, dataset: str, columns: list[str] | None = None, **match) -> pa.Table:
+        paths = self.part_paths(dataset, **match)
+        if not paths:
+            schema = SCHEMAS.get(dataset)
+            if schema is None:
+                return pa.table({})
+            if columns:
+                schema = pa.schema([schema.field(c) for c in columns])
+            return schema.empty_table()
+        tables = [pq.read_table(p, columns=columns) for p in paths]
+        return pa.concat_tables(tables, promote_options="default")
+
+    # -- writing -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def writer(self) -> Iterator["Workspace"]:
+        """Hold the workspace's writer lock; create the folder layout; clean orphans."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock_path = self.root / ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise WorkspaceError(f"{self.root}: another curator run is writing this workspace") from None
+            for d in (*DATASETS, "index"):
+                (self.root / d).mkdir(exist_ok=True)
+            self.reload()
+            if not self.exists:
+                self.commit()
+            self.remove_orphans()
+            yield self
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def orphans(self) -> list[Path]:
+        """Files in the dataset folders that no committed manifest lists (temporary or killed runs)."""
+        listed = {e["file"] for d in DATASETS for e in self.manifest["parts"][d]}
+        out = []
+        for d in DATASETS:
+            folder = self.root / d
+            if not folder.is_dir():
+                continue
+            for p in folder.iterdir():
+                rel = f"{d}/{p.name}"
+                if p.is_file() and rel not in listed:
+                    out.append(p)
+        for p in self.root.glob(".*.tmp"):
+            out.append(p)
+        return out
+
+    def remove_orphans(self) -> int:
+        n = 0
+        for p in self.orphans():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                n += 1
+        return n
+
+    def write_part(self, dataset: str, table: pa.Table, **extra) -> Part:
+        """Write ``table`` as a new part file (not yet committed)."""
+        if dataset not in DATASETS:
+            raise ValueError(dataset)
+        name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
+        folder = self.root / dataset
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / name
+        tmp = folder / f".{name}.tmp"
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        return Part(dataset=dataset, file=f"{dataset}/{name}", rows=table.num_rows, extra=extra)
+
+    def commit(self, add: list[Part] = (), remove: list[str] = (), **updates) -> None:
+        """Atomically publish ``add`` parts (and drop ``remove`` files) with manifest ``updates``."""
+        m = json.loads(json.dumps(self.manifest))
+        gone = set(remove)
+        for d in DATASETS:
+            m["parts"][d] = [e for e in m["parts"][d] if e["file"] not in gone]
+        for part in add:
+            m["parts"][part.dataset].append(part.entry())
+        for k, v in updates.items():
+            m[k] = v
+        m["generation"] = int(m.get("generation", 0)) + 1
+        atomic_write_bytes(self.root / MANIFEST, json.dumps(m, indent=1, sort_keys=True).encode())
+        self.manifest = m
+        for rel in gone:
+            with contextlib.suppress(OSError):
+                (self.root / rel).unlink()

@@ -1,0 +1,265 @@
+"""The embed job: archive -> catalog, embeddings, predictions, errors, run record.
+
+Local engine: a torch DataLoader whose worker processes read and preprocess files (the usual
+bottleneck), feeding batches to the checkpoints in the main process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from curator.discover import FileEntry, WalkReport, walk
+from curator.model import Checkpoint, load_checkpoints
+from curator.preprocess import DEFAULT_CFG, PreprocessCfg
+from curator.prompts import PromptSet, default_prompt_set
+from curator.readers import ReadOptions
+from curator.workspace import Workspace, WorkspaceError
+
+from .stages import Mapper, WorkspaceWriter, collate, read_item, run_record, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbedConfig:
+    archives: list[str]
+    workspace: str
+    checkpoints: list[str]
+    device: str | None = None
+    batch_size: int = 32
+    workers: int | None = None  # None: one per core, at most 8
+    threads: int | None = None  # torch threads in the main process; None: torch's default
+    read_options: ReadOptions = field(default_factory=ReadOptions)
+    preprocess: PreprocessCfg = DEFAULT_CFG
+    flush_rows: int = 4096
+    progress: bool = True
+    limit: int | None = None  # process at most this many new files (for trials)
+
+
+@dataclass
+class EmbedSummary:
+    run_id: str
+    discovered: int = 0
+    unchanged: int = 0
+    known_errors: int = 0
+    processed: int = 0
+    failed: Counter = field(default_factory=Counter)
+    filtered: Counter = field(default_factory=Counter)
+    ignored: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    device: str = ""
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"run {self.run_id} on {self.device}: {self.discovered} files found",
+            f"  embedded:            {self.processed} ({self.images_per_second:.1f} images/s)",
+            f"  skipped (unchanged): {self.unchanged}",
+            f"  skipped (known bad): {self.known_errors}",
+            f"  failed:              {sum(self.failed.values())}",
+        ]
+        out += [f"    {k}: {v}" for k, v in sorted(self.failed.items())]
+        out.append(f"  filtered out:        {sum(self.filtered.values())}")
+        out += [f"    {k}: {v}" for k, v in sorted(self.filtered.items())]
+        if self.ignored:
+            out.append(f"  ignored by name:     {sum(self.ignored.values())}")
+            out += [f"    {k}: {v}" for k, v in sorted(self.ignored.items())]
+        return out
+
+
+class FileDataset(Dataset):
+    """Reader stage as a map-style dataset: index -> read_item(entry)."""
+
+    def __init__(self, entries: list[FileEntry], options: ReadOptions, cfg: PreprocessCfg):
+        self.entries = entries
+        self.options = options
+        self.cfg = cfg
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict:
+        return read_item(self.entries[i], self.options, self.cfg)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def known_files(ws: Workspace, retry_filtered: bool = False) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+    """(path -> (size, mtime_ns)) of catalogued files and of files that failed before.
+
+    Files rejected by the modality filter count as known only while the filter is unchanged.
+    """
+    cat = ws.read_table("catalog", columns=["path", "size", "mtime_ns"])
+    err = ws.read_table("errors", columns=["path", "size", "mtime_ns", "stage"])
+    seen = {p: (s, m) for p, s, m in zip(cat["path"].to_pylist(), cat["size"].to_pylist(), cat["mtime_ns"].to_pylist())}
+    bad = {
+        p: (s, m)
+        for p, s, m, st in zip(err["path"].to_pylist(), err["size"].to_pylist(), err["mtime_ns"].to_pylist(), err["stage"].to_pylist())
+        if not (retry_filtered and st == "filter")
+    }
+    return seen, bad
+
+
+def active_prompt_sets(ws: Workspace) -> list[PromptSet]:
+    """Prompt sets whose columns the images view shows (new images are scored with all of them)."""
+    from curator.prompts import parse_prompt_set
+
+    active = set(ws.manifest.get("finding_columns", {}).values())
+    out = []
+    for ps_id, spec in ws.manifest.get("prompt_sets", {}).items():
+        if ps_id in active:
+            data = {"name": spec["name"], "positive": spec["positive"], "negative": spec["negative"], "finding": spec["findings"]}
+            out.append(parse_prompt_set(data, f"workspace prompt set {ps_id}"))
+    return out
+
+
+def register_prompt_set(manifest_sets: dict, finding_columns: dict, ps: PromptSet, when: str) -> tuple[dict, dict]:
+    sets = dict(manifest_sets)
+    sets[ps.id] = {**ps.to_dict(), "columns": ps.columns, "labelled_at": when}
+    cols = dict(finding_columns)
+    for c in ps.columns:
+        cols[c] = ps.id
+    # A prompt set none of whose columns is shown any more stays recorded but inactive.
+    return sets, cols
+
+
+def check_ensemble(ws: Workspace, checkpoints: list[Checkpoint]) -> None:
+    have = ws.manifest.get("ensemble") or []
+    want = [c.sha256 for c in checkpoints]
+    if have and sorted(have) != sorted(want):
+        known = ", ".join(f"{ws.manifest['checkpoints'][s]['path']} ({s[:12]})" for s in have)
+        raise WorkspaceError(
+            f"{ws.root} was embedded with a different set of checkpoints: {known}. "
+            "Use the same --checkpoint files, or a new --workspace."
+        )
+
+
+def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> EmbedSummary:
+    t_start = time.perf_counter()
+    started = utcnow()
+    run_id = started.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if checkpoints is None:
+        checkpoints = load_checkpoints(cfg.checkpoints, cfg.device)
+    if not checkpoints:
+        raise ValueError("at least one --checkpoint is needed")
+    summary = EmbedSummary(run_id=run_id, device=str(checkpoints[0].device))
+    ws = Workspace(cfg.workspace)
+    with ws.writer():
+        check_ensemble(ws, checkpoints)
+        # Checkpoints and default prompt set are recorded first, so `label` can find them.
+        ck_meta = dict(ws.manifest.get("checkpoints", {}))
+        for ck in checkpoints:
+            ck_meta.setdefault(ck.sha256, {"path": ck.path, "embed_dim": ck.embed_dim, "added": started.isoformat()})
+            ck_meta[ck.sha256]["path"] = ck.path
+        sets, cols = ws.manifest.get("prompt_sets", {}), ws.manifest.get("finding_columns", {})
+        if not cols:
+            sets, cols = register_prompt_set(sets, cols, default_prompt_set(), started.isoformat())
+        modalities = sorted(cfg.read_options.modalities) if cfg.read_options.modalities is not None else None
+        retry_filtered = ws.manifest.get("modality_filter", "unset") != modalities
+        ws.commit(checkpoints=ck_meta, ensemble=[c.sha256 for c in checkpoints], prompt_sets=sets, finding_columns=cols, modality_filter=modalities)
+        prompt_sets = active_prompt_sets(ws)
+
+        # discover
+        report = WalkReport()
+        seen, bad = known_files(ws, retry_filtered)
+        todo: list[FileEntry] = []
+        for entry in walk(cfg.archives, report):
+            summary.discovered += 1
+            key = (entry.size, entry.mtime_ns)
+            if seen.get(entry.path) == key:
+                summary.unchanged += 1
+            elif bad.get(entry.path) == key:
+                summary.known_errors += 1
+            else:
+                todo.append(entry)
+        if cfg.limit is not None:
+            todo = todo[: cfg.limit]
+        summary.ignored = report.ignored
+        log.info("%d files found, %d to embed, %d unchanged, %d known bad", summary.discovered, len(todo), summary.unchanged, summary.known_errors)
+
+        writer = WorkspaceWriter(ws, run_id, prompt_sets, [c.sha256 for c in checkpoints], flush_rows=cfg.flush_rows)
+        unreadable = [
+            {"path": p, "stage": "discover", "kind": "unreadable", "error": reason, "exception": "OSError", "size": None, "mtime_ns": None}
+            for p, reason in report.unreadable
+        ]
+        if unreadable:
+            writer.add([], None, unreadable)
+        mapper = Mapper(checkpoints, prompt_sets)
+        status = "completed"
+        t_model = 0.0
+        try:
+            if todo:
+                workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
+                loader = DataLoader(
+                    FileDataset(todo, cfg.read_options, cfg.preprocess),
+                    batch_size=cfg.batch_size,
+                    num_workers=workers,
+                    collate_fn=collate,
+                    worker_init_fn=_worker_init if workers else None,
+                    pin_memory=checkpoints[0].device.type == "cuda",
+                    prefetch_factor=4 if workers else None,
+                    persistent_workers=False,
+                )
+                bar = _progress(len(todo), cfg.progress)
+                for batch in loader:
+                    mapped = None
+                    if batch["tensors"] is not None:
+                        t0 = time.perf_counter()
+                        mapped = mapper(batch["tensors"])
+                        t_model += time.perf_counter() - t0
+                    writer.add(batch["rows"], mapped, batch["errors"])
+                    bar.update(len(batch["rows"]) + len(batch["errors"]))
+                bar.close()
+            writer.flush()
+        except KeyboardInterrupt:
+            status = "interrupted"
+            writer.flush()
+            raise
+        finally:
+            summary.processed = writer.stats.processed
+            summary.failed = writer.stats.failed
+            summary.filtered = writer.stats.filtered
+            summary.seconds = time.perf_counter() - t_start
+            counts = {
+                "discovered": summary.discovered,
+                "unchanged": summary.unchanged,
+                "known_errors": summary.known_errors,
+                "processed": summary.processed,
+                "failed": dict(summary.failed),
+                "filtered": dict(summary.filtered),
+                "ignored": dict(summary.ignored),
+            }
+            record = run_record(
+                run_id, "embed", status, started,
+                [{"sha256": c.sha256, "path": c.path} for c in checkpoints],
+                [p.id for p in prompt_sets], counts,
+                {"total_s": summary.seconds, "model_s": t_model},
+                {"archives": cfg.archives, "device": summary.device, "batch_size": cfg.batch_size,
+                 "dicom_conversion": cfg.read_options.dicom_conversion,
+                 "modalities": sorted(cfg.read_options.modalities) if cfg.read_options.modalities else None},
+            )
+            ws.commit(add=[ws.write_part("runs", record)])
+    return summary
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="embed", disable=not enabled, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)

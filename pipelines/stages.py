@@ -1,0 +1,259 @@
+"""The stages of the embed job: reader, mapper, writer. Engine-agnostic."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from curator import preprocess, zeroshot
+from curator.constants import ENSEMBLE_MEMBER
+from curator.discover import FileEntry
+from curator.model import Checkpoint
+from curator.prompts import PromptSet
+from curator.readers import ReadError, ReadOptions, read_image
+from curator.workspace import CATALOG_SCHEMA, DICOM_COLUMNS, EMBEDDINGS_SCHEMA, ERRORS_SCHEMA, Part, Workspace, predictions_schema
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+# ---------------------------------------------------------------------------------------------
+# reader: one file -> a preprocessed tensor and its catalog row, or an error row
+# ---------------------------------------------------------------------------------------------
+def read_item(entry: FileEntry, options: ReadOptions, cfg: preprocess.PreprocessCfg = preprocess.DEFAULT_CFG) -> dict:
+    """Read, convert and preprocess one file. Never raises: failures come back as error items."""
+    t0 = time.perf_counter()
+    try:
+        with open(entry.path, "rb") as f:
+            data = f.read()
+        content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
+        result = read_image(entry.path, options, data=data)
+        tensor = preprocess.model_input(result.image, cfg)
+        w, h = result.image.size
+        row = {
+            "path": entry.path,
+            "file_format": result.file_format,
+            "size": entry.size,
+            "mtime_ns": entry.mtime_ns,
+            "content_hash": content_hash,
+            "conversion": result.conversion,
+            "width": w,
+            "height": h,
+            **{k: result.meta.get(k) for k in DICOM_COLUMNS},
+        }
+        return {"ok": True, "tensor": tensor, "row": row, "seconds": time.perf_counter() - t0}
+    except ReadError as exc:
+        return _error_item(entry, exc.stage, exc.kind, str(exc), "ReadError")
+    except MemoryError:
+        return _error_item(entry, "read", "out_of_memory", "ran out of memory decoding this file", "MemoryError")
+    except FileNotFoundError:
+        return _error_item(entry, "read", "vanished", "file disappeared before it could be read", "FileNotFoundError")
+    except IsADirectoryError:
+        return _error_item(entry, "read", "not_a_file", "is a directory", "IsADirectoryError")
+    except Exception as exc:  # a decoder bug must not take the run down
+        log.debug("unexpected error reading %s:\n%s", entry.path, traceback.format_exc())
+        return _error_item(entry, "read", "unexpected", f"{type(exc).__name__}: {exc}", type(exc).__name__)
+
+
+def _error_item(entry: FileEntry, stage: str, kind: str, message: str, exception: str) -> dict:
+    return {
+        "ok": False,
+        "error": {
+            "path": entry.path,
+            "stage": stage,
+            "kind": kind,
+            "error": message.splitlines()[0][:500] if message else kind,
+            "exception": exception,
+            "size": entry.size,
+            "mtime_ns": entry.mtime_ns,
+        },
+    }
+
+
+def collate(items: list[dict]) -> dict:
+    """Batch reader items: stack the good tensors, keep rows and errors as lists."""
+    good = [it for it in items if it["ok"]]
+    return {
+        "tensors": torch.stack([it["tensor"] for it in good]) if good else None,
+        "rows": [it["row"] for it in good],
+        "errors": [it["error"] for it in items if not it["ok"]],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# mapper: a batch of tensors -> embeddings per checkpoint and probabilities per prompt set
+# ---------------------------------------------------------------------------------------------
+class Mapper:
+    """Holds the checkpoints and the text weights of every prompt set to score."""
+
+    def __init__(self, checkpoints: list[Checkpoint], prompt_sets: list[PromptSet]):
+        self.checkpoints = checkpoints
+        self.prompt_sets = prompt_sets
+        self.weights = {
+            (ck.sha256, ps.id): zeroshot.prompt_weights(ck.encode_texts, ps) for ck in checkpoints for ps in prompt_sets
+        }
+
+    def __call__(self, tensors: torch.Tensor) -> dict:
+        embeddings = {ck.sha256: ck.encode_images(tensors).numpy() for ck in self.checkpoints}
+        probs: dict[str, dict[str, np.ndarray]] = {}
+        for ps in self.prompt_sets:
+            members = {}
+            for ck in self.checkpoints:
+                pos, neg = self.weights[(ck.sha256, ps.id)]
+                members[ck.sha256] = zeroshot.softmax_probabilities(embeddings[ck.sha256], pos, neg)
+            members[ENSEMBLE_MEMBER] = zeroshot.ensemble(list(members.values()))
+            probs[ps.id] = members
+        return {"embeddings": embeddings, "probabilities": probs}
+
+
+# ---------------------------------------------------------------------------------------------
+# writer: rows -> parts -> one atomic commit per flush
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class WriterStats:
+    processed: int = 0
+    failed: Counter = field(default_factory=Counter)  # kind -> count
+    filtered: Counter = field(default_factory=Counter)
+    parts: int = 0
+
+
+class WorkspaceWriter:
+    """Accumulates catalog, embedding, prediction and error rows; commits them together.
+
+    Image ids are assigned at commit time from the manifest's counter, so ids are unique and a
+    killed run (whose uncommitted rows are lost) leaves no gap that a rerun could collide with.
+    """
+
+    def __init__(self, ws: Workspace, run_id: str, prompt_sets: list[PromptSet], checkpoints: list[str], flush_rows: int = 4096):
+        self.ws = ws
+        self.run_id = run_id
+        self.prompt_sets = prompt_sets
+        self.checkpoints = checkpoints
+        self.flush_rows = flush_rows
+        self.stats = WriterStats()
+        self._rows: list[dict] = []
+        self._emb: dict[str, list[np.ndarray]] = {c: [] for c in checkpoints}
+        self._probs: dict[str, dict[str, list[np.ndarray]]] = {
+            ps.id: {m: [] for m in [*checkpoints, ENSEMBLE_MEMBER]} for ps in prompt_sets
+        }
+        self._errors: list[dict] = []
+
+    @property
+    def pending(self) -> int:
+        return len(self._rows) + len(self._errors)
+
+    def add(self, rows: list[dict], mapped: dict | None, errors: list[dict]) -> None:
+        if rows:
+            self._rows.extend(rows)
+            for c in self.checkpoints:
+                self._emb[c].append(mapped["embeddings"][c])
+            for ps in self.prompt_sets:
+                for m, arr in mapped["probabilities"][ps.id].items():
+                    self._probs[ps.id][m].append(arr)
+        for e in errors:
+            self._errors.append(e)
+            if e["stage"] == "filter":
+                self.stats.filtered[e["kind"]] += 1
+            else:
+                self.stats.failed[e["kind"]] += 1
+        if self.pending >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        now = utcnow()
+        parts: list[Part] = []
+        next_id = int(self.ws.manifest["next_image_id"])
+        n = len(self._rows)
+        if n:
+            ids = np.arange(next_id, next_id + n, dtype=np.int64)
+            cols = {name: [r.get(name) for r in self._rows] for name in CATALOG_SCHEMA.names if name not in ("image_id", "run_id", "added_at", "thumbnail")}
+            cols.update(image_id=ids, run_id=[self.run_id] * n, added_at=[now] * n, thumbnail=[None] * n)
+            catalog = pa.table({name: cols[name] for name in CATALOG_SCHEMA.names}, schema=CATALOG_SCHEMA)
+            parts.append(self.ws.write_part("catalog", catalog))
+            emb_tables = []
+            for c in self.checkpoints:
+                mat = np.concatenate(self._emb[c]).astype(np.float32)
+                emb_tables.append(embeddings_table(ids, c, mat))
+            parts.append(self.ws.write_part("embeddings", pa.concat_tables(emb_tables)))
+            for ps in self.prompt_sets:
+                members = {m: np.concatenate(v) for m, v in self._probs[ps.id].items()}
+                parts.append(self.ws.write_part("predictions", predictions_table(ids, ps, members), prompt_set=ps.id))
+        if self._errors:
+            errs = [{**e, "run_id": self.run_id, "time": now} for e in self._errors]
+            table = pa.Table.from_pylist(errs, schema=ERRORS_SCHEMA)
+            parts.append(self.ws.write_part("errors", table))
+        self.ws.commit(add=parts, next_image_id=next_id + n)
+        self.stats.processed += n
+        self.stats.parts += len(parts)
+        self._rows.clear()
+        self._errors.clear()
+        for c in self.checkpoints:
+            self._emb[c].clear()
+        for ps in self.prompt_sets:
+            for v in self._probs[ps.id].values():
+                v.clear()
+
+
+def embeddings_table(ids: np.ndarray, checkpoint: str, mat: np.ndarray) -> pa.Table:
+    n, d = mat.shape
+    values = pa.array(mat.reshape(-1), type=pa.float32())
+    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+    lists = pa.ListArray.from_arrays(offsets, values)
+    return pa.table({"image_id": pa.array(ids, pa.int64()), "checkpoint": pa.array([checkpoint] * n, pa.string()), "embedding": lists}, schema=EMBEDDINGS_SCHEMA)
+
+
+def predictions_table(ids: np.ndarray, ps: PromptSet, members: dict[str, np.ndarray]) -> pa.Table:
+    """Long over members, wide over findings: one row per (image, member)."""
+    n = len(ids)
+    cols: dict[str, list] = {"image_id": [], "prompt_set": [], "member": []}
+    mats = []
+    for m, arr in members.items():
+        cols["image_id"].append(ids)
+        cols["member"].append(np.array([m] * n, dtype=object))
+        mats.append(np.asarray(arr, dtype=np.float32).reshape(n, len(ps.findings)))
+    mat = np.concatenate(mats) if mats else np.zeros((0, len(ps.findings)), np.float32)
+    data = {
+        "image_id": np.concatenate(cols["image_id"]),
+        "prompt_set": [ps.id] * len(mat),
+        "member": np.concatenate(cols["member"]).tolist(),
+    }
+    for j, c in enumerate(ps.columns):
+        data[c] = mat[:, j]
+    return pa.table(data, schema=predictions_schema(ps.columns))
+
+
+def run_record(run_id: str, command: str, status: str, started: dt.datetime, checkpoints: list[dict], prompt_sets: list[str], counts: dict, timings: dict, options: dict) -> pa.Table:
+    from curator import __version__
+    from curator.workspace import RUNS_SCHEMA
+
+    row = {
+        "run_id": run_id,
+        "command": command,
+        "status": status,
+        "started": started,
+        "finished": utcnow(),
+        "code_version": __version__,
+        "checkpoints": json.dumps(checkpoints),
+        "prompt_sets": json.dumps(prompt_sets),
+        "counts": json.dumps(counts),
+        "timings": json.dumps(timings),
+        "options": json.dumps(options, default=str),
+    }
+    return pa.Table.from_pylist([row], schema=RUNS_SCHEMA)

@@ -1,0 +1,1 @@
+"""DuckDB SQL shipped with curator (views and example cohorts)."""

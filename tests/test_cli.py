@@ -1,0 +1,108 @@
+"""The command line: help, version, clear errors for wrong input, preview, packaging."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from curator.cli import build_parser, main
+from curator.preprocess import model_input
+from curator.preview import denormalize
+from curator.readers import read_image
+
+COMMANDS = ["embed", "label", "index", "search", "sql", "info", "preview"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    from curator import __version__
+
+    assert capsys.readouterr().out.strip() == f"curator {__version__}"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: curator {command}") and len(out.splitlines()) > 4
+
+
+def test_wrong_flag_says_what_is_wrong(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["embed", "x", "--workspace", "w", "--checkpoint", "c", "--batch-size", "0"])
+    assert e.value.code == 2
+    assert "--batch-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sql", "--workspace", "w", "select 1", "--format", "xml"])
+    assert "invalid choice: 'xml'" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_one_clear_line(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(b"")
+    rc = main(["-q", "embed", str(tmp_path), "--workspace", str(tmp_path / "ws"), "--checkpoint", str(tmp_path / "nope.pt")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "nope.pt" in err and "no such checkpoint" in err
+
+
+def test_cuda_asked_without_cuda_is_an_error(tmp_path, tiny_checkpoints, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")  # not counted as a pass; CI machines have no GPU
+    rc = main(["-q", "embed", str(tmp_path), "--workspace", str(tmp_path / "ws"), "--checkpoint", str(tiny_checkpoints[0]), "--device", "cuda"])
+    assert rc == 1 and "CUDA is not available" in capsys.readouterr().err
+
+
+def test_commands_on_a_missing_workspace_explain(tmp_path, capsys):
+    for cmd in (["info"], ["index"], ["sql", "select 1"], ["search", "edema"]):
+        rc = main([cmd[0], "--workspace", str(tmp_path / "none"), *cmd[1:]])
+        err = capsys.readouterr().err
+        assert rc == 2 and "not a curator workspace" in err, (cmd, err)
+
+
+def test_preview_writes_what_the_model_sees(tmp_path):
+    src = tmp_path / "x.png"
+    arr = (np.arange(300 * 200) % 251).reshape(200, 300).astype(np.uint8)
+    Image.fromarray(arr).save(src)
+    rc = main(["preview", str(src), "--out", str(tmp_path / "o.png"), "--model-input", str(tmp_path / "m.png")])
+    assert rc == 0
+    with Image.open(tmp_path / "o.png") as o:
+        np.testing.assert_array_equal(np.asarray(o), arr)
+    with Image.open(tmp_path / "m.png") as m:
+        assert m.size == (224, 224)
+        expected = denormalize(model_input(read_image(src).image).numpy())
+        np.testing.assert_array_equal(np.asarray(m), expected)
+        # letterbox: a 3:2 image leaves black bands top and bottom
+        got = np.asarray(m)
+        assert got[:10].max() == 0 and got[-10:].max() == 0 and got[112].max() > 0
+
+
+def test_denormalize_inverts_the_normalisation():
+    import torch
+
+    from curator.preprocess import normalize
+
+    x = torch.arange(256, dtype=torch.float32).reshape(1, 16, 16).repeat(3, 1, 1)
+    np.testing.assert_array_equal(denormalize(normalize(x).numpy()), np.arange(256).reshape(16, 16))
+
+
+def test_wheel_ships_the_sql_prompts_and_pipelines(tmp_path):
+    """`pip install .` (not only -e) must carry the non-Python files and the mapped packages."""
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+                       capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert r.returncode == 0, r.stderr
+    wheel = next(tmp_path.glob("*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in ("curator/sql/views.sql", "curator/sql/cohorts/edema.sql", "curator/prompts/chexpert.toml",
+                   "curator/pipelines/embed.py", "curator/pipelines/stages.py", "curator/cli.py"):
+        assert needed in names, needed
+    assert any(n.endswith("entry_points.txt") for n in names)

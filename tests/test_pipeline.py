@@ -1,0 +1,217 @@
+"""embed / label / index / search / sql over a real workspace (real Parquet, DuckDB, FAISS)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from curator.model import file_sha256
+from curator.pipelines.embed import EmbedConfig, run_embed
+from curator.pipelines.label import run_label
+from curator.prompts import load_prompt_set
+from curator.query import QueryError, run_query
+from curator.workspace import Workspace
+from tests import reference as ref
+from tests.checkpoints import TINY
+from tests.conftest import write_raster_archive
+
+
+def embed(arc, ws, cks, **kw):
+    cfg = EmbedConfig(archives=[str(arc)], workspace=str(ws), checkpoints=[str(c) for c in cks], device="cpu", workers=kw.pop("workers", 0), batch_size=4, progress=False, **kw)
+    return run_embed(cfg)
+
+
+@pytest.fixture()
+def built(tmp_path, tiny_checkpoints):
+    arc, ws = tmp_path / "arc", tmp_path / "ws"
+    paths = write_raster_archive(arc, 12)
+    s = embed(arc, ws, tiny_checkpoints[:2])
+    return arc, ws, paths, s
+
+
+def test_first_run_catalogues_every_image(built):
+    arc, ws, paths, s = built
+    assert s.processed == 12 and not s.failed
+    df = run_query(Workspace(ws), "SELECT path, image_id FROM catalog ORDER BY path")
+    assert sorted(df.path) == sorted(str(p.resolve()) for p in paths)
+    assert df.image_id.is_unique
+    n = run_query(Workspace(ws), "SELECT count(*) AS n FROM predictions WHERE member = 'ensemble'").n[0]
+    assert n == 12
+
+
+def test_rerun_embeds_nothing_and_adding_five_embeds_five(built, tiny_checkpoints):
+    arc, ws, paths, _ = built
+    s2 = embed(arc, ws, tiny_checkpoints[:2])
+    assert s2.processed == 0 and s2.unchanged == 12
+    write_raster_archive(arc, 5, seed=99, start=100)
+    s3 = embed(arc, ws, tiny_checkpoints[:2])
+    assert s3.processed == 5 and s3.unchanged == 12
+    w = Workspace(ws)
+    counts = run_query(w, "SELECT (SELECT count(*) FROM catalog) c, (SELECT count(*) FROM images) i, "
+                          "(SELECT count(DISTINCT image_id) FROM embeddings) e, (SELECT count(*) FROM embeddings) e2")
+    assert counts.iloc[0].tolist() == [17, 17, 17, 34]
+
+
+def test_changed_file_is_re_embedded_once(built, tiny_checkpoints):
+    arc, ws, paths, _ = built
+    import os
+    from PIL import Image
+
+    p = paths[0]
+    Image.fromarray(np.full((200, 300), 77, np.uint8)).save(p)
+    os.utime(p, ns=(1, 10**18))
+    s = embed(arc, ws, tiny_checkpoints[:2])
+    assert s.processed == 1
+    df = run_query(Workspace(ws), "SELECT count(*) n, count(DISTINCT path) d FROM images")
+    assert df.n[0] == df.d[0] == 12
+
+
+def test_different_checkpoint_set_is_refused(built, tiny_checkpoints):
+    arc, ws, _, _ = built
+    from curator.workspace import WorkspaceError
+
+    with pytest.raises(WorkspaceError, match="different set of checkpoints"):
+        embed(arc, ws, tiny_checkpoints[2:])
+
+
+def test_relabel_adds_a_finding_without_opening_images(built, tmp_path, tiny_checkpoints):
+    arc, ws, paths, _ = built
+    before = run_query(Workspace(ws), "SELECT image_id, edema FROM images ORDER BY image_id")
+    moved = tmp_path / "moved_away"
+    shutil.move(str(arc), str(moved))  # no image can be opened now
+    toml = tmp_path / "extra.toml"
+    toml.write_text('positive = "{}"\nnegative = "no {}"\n[[finding]]\nname = "Pneumoperitoneum"\n'
+                    'phrases = ["pneumoperitoneum", "free air under the diaphragm"]\n')
+    s = run_label(str(ws), load_prompt_set(toml), device="cpu", progress=False)
+    assert s.images == 12 and s.columns == ["pneumoperitoneum"]
+    w = Workspace(ws)
+    after = run_query(w, "SELECT image_id, edema, pneumoperitoneum FROM images ORDER BY image_id")
+    pd.testing.assert_series_equal(before.edema, after.edema)  # the other columns stay
+    assert after.pneumoperitoneum.between(0, 1).all()
+    # independent: stored embeddings (read with pyarrow) x reference text weights, mean over members
+    emb = pd.concat([pq.read_table(p).to_pandas() for p in (ws / "embeddings").glob("*.parquet")])
+    probs = []
+    for cp in tiny_checkpoints[:2]:
+        model = ref.reference_model(torch.load(cp, weights_only=True), TINY)
+        phrases = [["pneumoperitoneum", "free air under the diaphragm"]]
+        e = emb[emb.checkpoint == file_sha256(cp)].set_index("image_id").loc[after.image_id, "embedding"]
+        x = np.stack(e.to_numpy()).astype(np.float64)
+        probs.append(ref.softmax_probs(x, ref.class_weights(model, phrases, "{}"), ref.class_weights(model, phrases, "no {}"))[:, 0])
+    np.testing.assert_allclose(after.pneumoperitoneum.to_numpy(), np.mean(probs, axis=0), atol=1e-5)
+
+
+def test_relabel_replaces_a_column_of_the_same_name(built, tmp_path):
+    _, ws, _, _ = built
+    toml = tmp_path / "edema.toml"
+    toml.write_text('negative = "no signs of {}"\n[[finding]]\nname = "Edema"\nphrases = ["pulmonary edema"]\n')
+    before = run_query(Workspace(ws), "SELECT edema, cardiomegaly FROM images ORDER BY image_id")
+    run_label(str(ws), load_prompt_set(toml), device="cpu", progress=False)
+    after = run_query(Workspace(ws), "SELECT edema, cardiomegaly FROM images ORDER BY image_id")
+    assert not np.allclose(before.edema, after.edema)
+    np.testing.assert_array_equal(before.cardiomegaly, after.cardiomegaly)
+    # relabelling the same prompt set twice leaves no duplicate prediction rows
+    run_label(str(ws), load_prompt_set(toml), device="cpu", progress=False)
+    df = run_query(Workspace(ws), "SELECT count(*) n FROM images")
+    assert df.n[0] == 12
+
+
+def test_new_images_get_every_labelled_finding(built, tmp_path, tiny_checkpoints):
+    arc, ws, _, _ = built
+    toml = tmp_path / "p.toml"
+    toml.write_text('[[finding]]\nname = "Pneumoperitoneum"\n')
+    run_label(str(ws), load_prompt_set(toml), device="cpu", progress=False)
+    write_raster_archive(arc, 3, seed=5, start=200)
+    embed(arc, ws, tiny_checkpoints[:2])
+    df = run_query(Workspace(ws), "SELECT count(*) n, count(pneumoperitoneum) p, count(edema) e FROM images")
+    assert df.iloc[0].tolist() == [15, 15, 15]
+
+
+def _cli(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "curator.cli", *map(str, args)], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def test_search_image_finds_itself_and_text_ranking_is_brute_force(built, tiny_checkpoints):
+    arc, ws, paths, _ = built
+    _cli("index", "--workspace", ws)
+    target = paths[3]
+    r = _cli("search", "--workspace", ws, "--image", target, "-k", "3", "--json")
+    res = json.loads(r.stdout)["results"]
+    assert res[0]["path"] == str(target.resolve()) and res[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    r = _cli("search", "--workspace", ws, "small left pleural effusion", "-k", "12", "--json")
+    got = [x["image_id"] for x in json.loads(r.stdout)["results"]]
+    # brute force with the reference model over the stored vectors of the index's checkpoint
+    model = ref.reference_model(torch.load(tiny_checkpoints[0], weights_only=True), TINY)
+    q = ref.text_features(model, ["small left pleural effusion"])[0]
+    emb = pd.concat([pq.read_table(p).to_pandas() for p in (ws / "embeddings").glob("*.parquet")])
+    e = emb[emb.checkpoint == file_sha256(tiny_checkpoints[0])]
+    sims = np.stack(e.embedding.to_numpy()).astype(np.float64) @ q
+    expected = e.image_id.to_numpy()[np.argsort(-sims, kind="stable")]
+    assert got == expected.tolist()
+
+
+def test_sql_formats_views_and_cohort_file(built):
+    _, ws, _, _ = built
+    r = _cli("sql", "--workspace", ws, "SELECT path, edema FROM images ORDER BY edema DESC LIMIT 10", "--format", "csv")
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == "path,edema" and len(lines) == 11
+    r = _cli("sql", "--workspace", ws, "SELECT count(*) AS n FROM images", "--format", "json")
+    assert json.loads(r.stdout) == [{"n": 12}]
+    from curator.query import sql_text
+
+    df = run_query(Workspace(ws), sql_text("cohorts/edema.sql"), {"threshold": 0.0})
+    assert len(df) == 12 and df.edema.is_monotonic_decreasing
+    df = run_query(Workspace(ws), sql_text("cohorts/edema.sql"), {"threshold": 2.0})
+    assert len(df) == 0
+    cols = run_query(Workspace(ws), "DESCRIBE images").column_name.tolist()
+    for c in ("image_id", "path", "pleural_effusion", "edema", "enlarged_cardiomediastinum", "no_finding"):
+        assert c in cols
+
+
+def test_plain_duckdb_reads_the_parquet(built):
+    _, ws, _, _ = built
+    con = duckdb.connect()
+    n = con.execute(f"SELECT count(*) FROM read_parquet('{ws}/catalog/*.parquet')").fetchone()[0]
+    m = con.execute(f"SELECT count(*) FROM read_parquet('{ws}/predictions/*.parquet', union_by_name=true) WHERE member='ensemble'").fetchone()[0]
+    assert n == m == 12
+
+
+def test_sql_sandbox_refuses_files_outside_workspace(built, tmp_path):
+    _, ws, _, _ = built
+    with pytest.raises(QueryError):
+        run_query(Workspace(ws), "SELECT * FROM read_csv('/etc/passwd')")
+    with pytest.raises(QueryError):
+        run_query(Workspace(ws), f"COPY (SELECT 1) TO '{tmp_path}/out.csv'")
+    assert not (tmp_path / "out.csv").exists()
+    r = _cli("sql", "--workspace", ws, "SELECT * FROM read_csv('/etc/passwd')", check=False)
+    assert r.returncode == 2 and "error" in r.stderr and "root:" not in r.stdout
+
+
+def test_info_reports_counts(built):
+    _, ws, _, _ = built
+    r = _cli("info", "--workspace", ws, "--json")
+    info = json.loads(r.stdout)
+    assert info["images"] == 12 and len(info["checkpoints"]) == 2
+    assert info["prompt_sets"][0]["columns"][0] == "atelectasis"
+    assert info["runs"][0]["counts"]["processed"] == 12
+
+
+def test_decoding_in_worker_processes_gives_the_same_rows(tmp_path, tiny_checkpoints):
+    arc = tmp_path / "arc"
+    write_raster_archive(arc, 9)
+    embed(arc, tmp_path / "w0", tiny_checkpoints[:1], workers=0)
+    embed(arc, tmp_path / "w2", tiny_checkpoints[:1], workers=2)
+    q = "SELECT path, edema, atelectasis FROM images ORDER BY path"
+    a, b = run_query(Workspace(tmp_path / "w0"), q), run_query(Workspace(tmp_path / "w2"), q)
+    pd.testing.assert_frame_equal(a, b)
