@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,5 +77,9 @@ def _entry(path: Path, report: WalkReport) -> FileEntry | None:
         return None
     except OSError as exc:
         report.unreadable.append((str(path), f"{type(exc).__name__}: {exc}"))
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "fifo" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "device or special file"
+        report.unreadable.append((str(path), f"not a regular file ({kind})"))
         return None
     return FileEntry(path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns)

@@ -140,7 +140,7 @@ def read_image(path: str | Path, options: ReadOptions | None = None, data: bytes
     if kind == "dicom" or (kind is None and p.suffix.lower() in (".dcm", ".dicom")):
         from curator import dicom
 
-        return dicom.read_dicom(p, options)
+        return dicom.read_dicom(p, options, data=data)
     if kind in ("png", "jpeg"):
         return read_raster(p, kind, data)
     raise ReadError("not_an_image", "not a DICOM, PNG or JPEG file (unrecognised content)")

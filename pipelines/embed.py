@@ -195,10 +195,12 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
         log.info("%d files found, %d to embed, %d unchanged, %d known bad", summary.discovered, len(todo), summary.unchanged, summary.known_errors)
 
         writer = WorkspaceWriter(ws, run_id, prompt_sets, [c.sha256 for c in checkpoints], flush_rows=cfg.flush_rows)
-        unreadable = [
-            {"path": p, "stage": "discover", "kind": "unreadable", "error": reason, "exception": "OSError", "size": None, "mtime_ns": None}
-            for p, reason in report.unreadable
-        ]
+        unreadable = []
+        for p, reason in report.unreadable:
+            if bad.get(p) == (None, None):  # recorded by an earlier run, still unreadable
+                summary.known_errors += 1
+                continue
+            unreadable.append({"path": p, "stage": "discover", "kind": "unreadable", "error": reason, "exception": "OSError", "size": None, "mtime_ns": None})
         if unreadable:
             writer.add([], None, unreadable)
         mapper = Mapper(checkpoints, prompt_sets)
@@ -206,19 +208,8 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
         t_model = 0.0
         try:
             if todo:
-                workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
-                loader = DataLoader(
-                    FileDataset(todo, cfg.read_options, cfg.preprocess),
-                    batch_size=cfg.batch_size,
-                    num_workers=workers,
-                    collate_fn=collate,
-                    worker_init_fn=_worker_init if workers else None,
-                    pin_memory=checkpoints[0].device.type == "cuda",
-                    prefetch_factor=4 if workers else None,
-                    persistent_workers=False,
-                )
                 bar = _progress(len(todo), cfg.progress)
-                for batch in loader:
+                for batch in batches(todo, cfg, checkpoints[0].device.type == "cuda"):
                     mapped = None
                     if batch["tensors"] is not None:
                         t0 = time.perf_counter()
@@ -257,6 +248,37 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             )
             ws.commit(add=[ws.write_part("runs", record)])
     return summary
+
+
+def batches(todo: list[FileEntry], cfg: EmbedConfig, pin: bool = False):
+    """Model batches of ``cfg.batch_size`` good images (plus the errors met on the way).
+
+    Worker processes read small chunks, so every worker is busy even when the archive is
+    smaller than a few model batches; the main process assembles the model batches.
+    """
+    workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
+    chunk = max(1, min(8, cfg.batch_size // max(1, workers))) if workers else cfg.batch_size
+    loader = DataLoader(
+        FileDataset(todo, cfg.read_options, cfg.preprocess),
+        batch_size=chunk,
+        num_workers=workers,
+        collate_fn=collate,
+        worker_init_fn=_worker_init if workers else None,
+        pin_memory=pin,
+        prefetch_factor=max(2, 2 * cfg.batch_size // chunk // max(1, workers)) if workers else None,
+    )
+    tensors, rows, errors, n = [], [], [], 0
+    for part in loader:
+        if part["tensors"] is not None:
+            tensors.append(part["tensors"])
+            n += len(part["rows"])
+        rows += part["rows"]
+        errors += part["errors"]
+        if n >= cfg.batch_size:
+            yield {"tensors": torch.cat(tensors), "rows": rows, "errors": errors}
+            tensors, rows, errors, n = [], [], [], 0
+    if rows or errors:
+        yield {"tensors": torch.cat(tensors) if tensors else None, "rows": rows, "errors": errors}
 
 
 def _progress(total: int, enabled: bool):

@@ -1,0 +1,198 @@
+"""Embed throughput: curator embed vs CheXzero's published flow, and the bound it should reach.
+
+Prints images/s for
+  (a) `curator embed` (the full pipeline: walk, decode in workers, batched model, workspace write),
+  (b) a baseline following CheXzero's published flow: decode and pad-resize each image, then
+      per-image inference, positive and negative prompts in separate passes over the images,
+  (c) model only: batched image encoder on pre-decoded tensors,
+  (d) decode + preprocess only (same worker count as (a)),
+and the ratios (a)/(b) and (a) / (1 / (1/c + 1/d)). Each figure is the median of --repeats runs,
+all in one process on the same files. Targets (issue 2, 2-core CPU, ViT-B/32-sized checkpoint):
+(a)/(b) >= 4.0 and (a) >= 0.9 x bound.
+
+    python benchmarks/embed_throughput.py --images 64 --format jpeg --format dicom
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def make_archive(folder: Path, n: int, fmt: str, width: int, height: int, seed: int = 0) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = 0.5 + 0.3 * np.sin(xx / 97.0) * np.cos(yy / 131.0)
+    paths = []
+    for i in range(n):
+        img = base + rng.normal(0, 0.05, (height, width)).astype(np.float32) + 0.2 * ((xx - width / 2) ** 2 + (yy - height / 2) ** 2 < (rng.uniform(0.1, 0.4) * width) ** 2)
+        img = np.clip(img, 0, 1)
+        if fmt == "jpeg":
+            p = folder / f"img{i:04d}.jpg"
+            Image.fromarray((img * 255).astype(np.uint8)).save(p, quality=90)
+        elif fmt == "dicom":
+            p = folder / f"img{i:04d}.dcm"
+            write_plain_dicom(p, (img * 4095).astype(np.uint16), i)
+        else:
+            raise ValueError(fmt)
+        paths.append(p)
+    return paths
+
+
+def write_plain_dicom(path: Path, pixels: np.ndarray, i: int) -> None:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(path)])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientID = f"BENCH{i:04d}"
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[str(path), "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[str(path), "series"])
+    ds.Modality = "DX"
+    ds.ViewPosition = "PA"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def vit_b32_checkpoint(path: Path) -> Path:
+    from curator.model import new_clip
+
+    torch.manual_seed(0)
+    torch.save(new_clip().state_dict(), path)
+    return path
+
+
+def bench_curator(archive: Path, ck: Path, workers: int, batch: int, threads: int) -> float:
+    from curator.model import load_checkpoints
+    from curator.pipelines.embed import EmbedConfig, run_embed
+
+    cks = load_checkpoints([ck], "cpu")
+    with tempfile.TemporaryDirectory() as ws:
+        t0 = time.perf_counter()
+        s = run_embed(EmbedConfig(archives=[str(archive)], workspace=ws, checkpoints=[str(ck)], device="cpu", workers=workers, batch_size=batch, threads=threads, progress=False), checkpoints=cks)
+        dt = time.perf_counter() - t0
+    assert s.processed and not s.failed, s.lines()
+    return s.processed / dt
+
+
+def bench_chexzero_baseline(paths: list[Path], ck: Path, threads: int) -> float:
+    """CheXzero's flow: preprocess every file to a 320 canvas, then batch-size-1 inference per template."""
+    from curator import zeroshot
+    from curator.model import load_checkpoint
+    from curator.preprocess import letterbox, normalize, resize_to_input, canvas_to_tensor
+    from curator.prompts import default_prompt_set
+    from curator.readers import ReadOptions, read_image
+
+    torch.set_num_threads(threads)
+    ck_ = load_checkpoint(ck, "cpu")
+    ps = default_prompt_set()
+    t0 = time.perf_counter()
+    canvases = [np.asarray(letterbox(read_image(p, ReadOptions()).image)) for p in paths]  # img_to_hdf5
+    for template in (ps.positive, ps.negative):  # run_softmax_eval: one pass per template
+        w = zeroshot.template_weights(ck_.encode_texts, ps, template)
+        for c in canvases:  # DataLoader(batch_size=1)
+            x = resize_to_input(normalize(canvas_to_tensor(c))).unsqueeze(0)
+            feats = ck_.encode_images(x)
+            _ = feats @ w
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def bench_model_only(n: int, ck: Path, batch: int, threads: int) -> float:
+    from curator.model import load_checkpoint
+
+    torch.set_num_threads(threads)
+    ck_ = load_checkpoint(ck, "cpu")
+    x = torch.randn(n, 3, 224, 224)
+    ck_.encode_images(x[:2])  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, n, batch):
+        ck_.encode_images(x[i : i + batch])
+    return n / (time.perf_counter() - t0)
+
+
+def bench_decode_only(paths: list[Path], workers: int, batch: int) -> float:
+    """The reader stage alone, fed exactly as `curator embed` feeds it."""
+    from curator.discover import walk
+    from curator.pipelines.embed import EmbedConfig, batches
+
+    t0 = time.perf_counter()
+    entries = list(walk([paths[0].parent]))
+    cfg = EmbedConfig(archives=[], workspace="", checkpoints=[], workers=workers, batch_size=batch)
+    n = sum(len(b["rows"]) for b in batches(entries, cfg))
+    assert n == len(paths)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--format", action="append", choices=["jpeg", "dicom"], help="repeatable (default: jpeg and dicom)")
+    ap.add_argument("--width", type=int, default=2000)
+    ap.add_argument("--height", type=int, default=2500)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=None, help="decode workers for (a) and (d) (default: curator's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: number of cores)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    cores = os.cpu_count() or 1
+    threads = args.threads or cores
+    workers = args.workers if args.workers is not None else min(8, cores)
+    torch.set_num_threads(threads)
+    results = {"cores": cores, "threads": threads, "workers": workers, "batch_size": args.batch_size, "torch": torch.__version__, "formats": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ck = vit_b32_checkpoint(tmp / "vitb32.pt")
+        c_runs = [bench_model_only(args.images, ck, args.batch_size, threads) for _ in range(args.repeats)]
+        c = statistics.median(c_runs)
+        for fmt in args.format or ["jpeg", "dicom"]:
+            paths = make_archive(tmp / fmt, args.images, fmt, args.width, args.height)
+            a_runs, b_runs, d_runs = [], [], []
+            for _ in range(args.repeats):
+                d_runs.append(bench_decode_only(paths, workers, args.batch_size))
+                a_runs.append(bench_curator(tmp / fmt, ck, workers, args.batch_size, threads))
+                b_runs.append(bench_chexzero_baseline(paths, ck, threads))
+            a, b, d = map(statistics.median, (a_runs, b_runs, d_runs))
+            bound = 1 / (1 / c + 1 / d)
+            r = {"a_curator": a, "b_chexzero_flow": b, "c_model_only": c, "d_decode_only": d, "bound": bound,
+                 "a_over_b": a / b, "a_over_bound": a / bound, "runs": {"a": a_runs, "b": b_runs, "c": c_runs, "d": d_runs}}
+            results["formats"][fmt] = r
+            if not args.json:
+                print(f"{fmt} ({args.images} images {args.width}x{args.height}, {cores} cores, {threads} threads, {workers} workers, batch {args.batch_size}; medians of {args.repeats})")
+                print(f"  (a) curator embed        {a:7.2f} images/s")
+                print(f"  (b) CheXzero flow        {b:7.2f} images/s")
+                print(f"  (c) model only           {c:7.2f} images/s")
+                print(f"  (d) decode+preprocess    {d:7.2f} images/s")
+                print(f"  bound 1/(1/c+1/d)        {bound:7.2f} images/s")
+                print(f"  (a)/(b)                  {a / b:7.2f}   (target >= 4.0)")
+                print(f"  (a)/bound                {a / bound:7.2f}   (target >= 0.9)")
+                sys.stdout.flush()
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
