@@ -226,6 +226,15 @@ def cmd_preview(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from curator.verify import verify
+
+    rep = verify(args.workspace, repair=args.repair)
+    for line in rep.lines():
+        print(line)
+    return 0 if rep.ok else 1
+
+
 def _require_workspace(ws) -> None:
     from curator.workspace import WorkspaceError
 
@@ -314,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-input", metavar="PNG2", default=None, help="also write the model's 224x224 input (de-normalised)")
     p.add_argument("--dicom-conversion", choices=["mimic", "voi"], default="mimic")
     p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("verify", help="check a workspace's invariants (and repair what can be repaired)",
+                       description="Check that every listed part exists, no orphan or temporary file is left, every image has exactly one "
+                       "embedding per checkpoint and one prediction row per member, and the index matches the catalog. Exit 0 when all hold.")
+    _add_workspace(p)
+    p.add_argument("--repair", action="store_true", help="remove orphan/temporary files and rebuild a stale index")
+    p.set_defaults(func=cmd_verify)
 
     for module in EXTRA_COMMAND_MODULES:
         try:

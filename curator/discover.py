@@ -66,7 +66,17 @@ def walk(roots: Iterable[str | Path], report: WalkReport | None = None) -> Itera
                     yield entry
 
 
+def printable(path: str | Path) -> str:
+    """A path as valid UTF-8 text (undecodable bytes shown as \\xNN), for logs and error rows."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
 def _entry(path: Path, report: WalkReport) -> FileEntry | None:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        report.unreadable.append((printable(path), "file name is not valid UTF-8; rename the file to include it"))
+        return None
     try:
         st = path.stat()
     except FileNotFoundError:

@@ -104,6 +104,12 @@ def create_views(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
     all_preds = ws.part_paths("predictions")
     con.execute(f"CREATE OR REPLACE VIEW predictions AS {_parquet_relation(all_preds, PREDICTION_KEY_SCHEMA)}")
     con.execute(images_view_sql(ws))
+    # weak labels (<finding>_label = 1 / 0 / -1), only once `curator calibrate` stored thresholds
+    from curator.calibrate import labels_view_sql
+
+    labels = labels_view_sql(ws)
+    if labels:
+        con.execute(labels)
 
 
 def connect(ws: Workspace, sandbox: bool = True, threads: int | None = None) -> duckdb.DuckDBPyConnection:
@@ -124,16 +130,34 @@ def connect(ws: Workspace, sandbox: bool = True, threads: int | None = None) -> 
     return con
 
 
-def run_query(ws: Workspace, query: str, params: dict | None = None, sandbox: bool = True):
-    """Run ``query`` against the workspace views; return a pandas DataFrame."""
-    con = connect(ws, sandbox=sandbox)
-    try:
-        for name, value in (params or {}).items():
-            if not name.isidentifier():
-                raise QueryError(f"bad variable name {name!r}")
-            con.execute(f"SET VARIABLE {name} = ?", [value])
-        return con.execute(query).df()
-    except duckdb.Error as exc:
-        raise QueryError(str(exc).strip()) from None
-    finally:
-        con.close()
+def run_query(ws: Workspace, query: str, params: dict | None = None, sandbox: bool = True, attempts: int = 3):
+    """Run ``query`` against the workspace's current views; return a pandas DataFrame.
+
+    The manifest is re-read first. If a writer replaced a part between that read and the query
+    (a relabel moves old parts to the trash), the query is retried on the newer manifest.
+    """
+    for name in params or {}:
+        if not name.isidentifier():
+            raise QueryError(f"bad variable name {name!r}")
+    for attempt in range(attempts):
+        ws.reload()
+        con = None
+        try:
+            con = connect(ws, sandbox=sandbox)
+            for name, value in (params or {}).items():
+                con.execute(f"SET VARIABLE {name} = ?", [value])
+            return con.execute(query).df()
+        except duckdb.IOException as exc:
+            if attempt + 1 < attempts and _missing_file(exc):
+                continue
+            raise QueryError(str(exc).strip()) from None
+        except duckdb.Error as exc:
+            raise QueryError(str(exc).strip()) from None
+        finally:
+            if con is not None:
+                con.close()
+
+
+def _missing_file(exc: Exception) -> bool:
+    text = str(exc)
+    return "No files found" in text or "No such file" in text or "does not exist" in text

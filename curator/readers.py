@@ -11,7 +11,10 @@ DICOM files go to :mod:`curator.dicom`. Anything else raises :class:`ReadError` 
 
 from __future__ import annotations
 
+import contextlib
 import io
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +45,10 @@ class ReadOptions:
     # Modalities accepted from DICOM headers; None accepts any. Files of other modalities are
     # recorded as errors with stage "filter".
     modalities: frozenset[str] | None = frozenset({"CR", "DX"})
+    # Per-file limit on reading + decoding (seconds); a file over it is recorded as an error.
+    # Enforced with SIGALRM in the reading process's main thread (a decoder stuck inside C code
+    # is interrupted when it returns to Python). None: no limit.
+    decode_timeout_s: float | None = 60.0
 
 
 @dataclass
@@ -144,3 +151,26 @@ def read_image(path: str | Path, options: ReadOptions | None = None, data: bytes
     if kind in ("png", "jpeg"):
         return read_raster(p, kind, data)
     raise ReadError("not_an_image", "not a DICOM, PNG or JPEG file (unrecognised content)")
+
+
+class DecodeTimeout(BaseException):
+    """A file over the per-file time limit (a BaseException, so decoders' ``except Exception`` cannot swallow it)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Raise :class:`DecodeTimeout` in the block after ``seconds`` (main thread only; else no limit)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _alarm(signum, frame):
+        raise DecodeTimeout(f"reading took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

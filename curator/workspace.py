@@ -19,6 +19,7 @@ the next writer. One writer at a time holds ``W/.lock``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -31,9 +32,12 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curator import faults
+
 FORMAT_VERSION = 1
 DATASETS = ("catalog", "embeddings", "predictions", "errors", "runs")
 MANIFEST = "manifest.json"
+TRASH = ".trash"
 
 # Catalog columns filled from DICOM headers (None for PNG/JPEG).
 DICOM_COLUMNS: dict[str, pa.DataType] = {
@@ -152,12 +156,19 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new content, never a mix."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        faults.reached("manifest-tmp")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     _fsync_dir(path.parent)
 
 
@@ -262,14 +273,25 @@ class Workspace:
                     out.append(p)
         for p in self.root.glob(".*.tmp"):
             out.append(p)
+        index_dir = self.root / "index"
+        if index_dir.is_dir():
+            out += [p for p in index_dir.glob(".*.tmp")]
         return out
 
-    def remove_orphans(self) -> int:
+    def remove_orphans(self, trash_age_s: float = 600.0) -> int:
+        """Delete unlisted part files and temporary files, and trash older than ``trash_age_s``."""
         n = 0
         for p in self.orphans():
             with contextlib.suppress(OSError):
                 p.unlink()
                 n += 1
+        trash = self.root / TRASH
+        if trash.is_dir():
+            now = time.time()
+            for p in trash.iterdir():
+                with contextlib.suppress(OSError, ValueError):
+                    if now - int(p.name.split("-", 1)[0]) > trash_age_s:
+                        p.unlink()
         return n
 
     def write_part(self, dataset: str, table: pa.Table, **extra) -> Part:
@@ -281,10 +303,21 @@ class Workspace:
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / name
         tmp = folder / f".{name}.tmp"
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        try:
+            pq.write_table(table, tmp, compression="zstd")
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise WorkspaceError(
+                    f"{self.root}: disk full while writing a {dataset} part; nothing half-written was kept. "
+                    "Free some space and rerun: the run resumes where its last commit ended."
+                ) from None
+            raise
+        faults.reached("part")
         return Part(dataset=dataset, file=f"{dataset}/{name}", rows=table.num_rows, extra=extra)
 
     def commit(self, add: list[Part] = (), remove: list[str] = (), **updates) -> None:
@@ -298,8 +331,22 @@ class Workspace:
         for k, v in updates.items():
             m[k] = v
         m["generation"] = int(m.get("generation", 0)) + 1
-        atomic_write_bytes(self.root / MANIFEST, json.dumps(m, indent=1, sort_keys=True).encode())
+        try:
+            atomic_write_bytes(self.root / MANIFEST, json.dumps(m, indent=1, sort_keys=True).encode())
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise WorkspaceError(
+                    f"{self.root}: disk full while committing; the workspace keeps its previous state. "
+                    "Free some space and rerun."
+                ) from None
+            raise
         self.manifest = m
+        faults.reached("commit")
+        # Replaced parts may still be read by someone holding the previous manifest: they go to
+        # the trash and are deleted by a later writer once they are old.
         for rel in gone:
+            src = self.root / rel
             with contextlib.suppress(OSError):
-                (self.root / rel).unlink()
+                trash = self.root / TRASH
+                trash.mkdir(exist_ok=True)
+                os.replace(src, trash / f"{int(time.time())}-{src.name}")

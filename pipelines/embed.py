@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from curator import faults
 from curator.discover import FileEntry, WalkReport, walk
 from curator.model import Checkpoint, load_checkpoints
 from curator.preprocess import DEFAULT_CFG, PreprocessCfg
@@ -210,15 +211,22 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             if todo:
                 bar = _progress(len(todo), cfg.progress)
                 for batch in batches(todo, cfg, checkpoints[0].device.type == "cuda"):
+                    faults.reached("batch")
                     mapped = None
                     if batch["tensors"] is not None:
                         t0 = time.perf_counter()
                         mapped = mapper(batch["tensors"])
                         t_model += time.perf_counter() - t0
+                        faults.reached("mapped")
                     writer.add(batch["rows"], mapped, batch["errors"])
                     bar.update(len(batch["rows"]) + len(batch["errors"]))
                 bar.close()
             writer.flush()
+            from curator.index import sync_index
+
+            synced = sync_index(ws)
+            if synced is not None:
+                log.info("index updated: %d images", synced.count)
         except KeyboardInterrupt:
             status = "interrupted"
             writer.flush()

@@ -22,7 +22,7 @@ from curator.constants import ENSEMBLE_MEMBER
 from curator.discover import FileEntry
 from curator.model import Checkpoint
 from curator.prompts import PromptSet
-from curator.readers import ReadError, ReadOptions, read_image
+from curator.readers import DecodeTimeout, ReadError, ReadOptions, read_image, time_limit
 from curator.workspace import CATALOG_SCHEMA, DICOM_COLUMNS, EMBEDDINGS_SCHEMA, ERRORS_SCHEMA, Part, Workspace, predictions_schema
 
 log = logging.getLogger(__name__)
@@ -39,11 +39,12 @@ def read_item(entry: FileEntry, options: ReadOptions, cfg: preprocess.Preprocess
     """Read, convert and preprocess one file. Never raises: failures come back as error items."""
     t0 = time.perf_counter()
     try:
-        with open(entry.path, "rb") as f:
-            data = f.read()
-        content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
-        result = read_image(entry.path, options, data=data)
-        tensor = preprocess.model_input(result.image, cfg)
+        with time_limit(options.decode_timeout_s):
+            with open(entry.path, "rb") as f:
+                data = f.read()
+            content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
+            result = read_image(entry.path, options, data=data)
+            tensor = preprocess.model_input(result.image, cfg)
         w, h = result.image.size
         row = {
             "path": entry.path,
@@ -59,6 +60,8 @@ def read_item(entry: FileEntry, options: ReadOptions, cfg: preprocess.Preprocess
         return {"ok": True, "tensor": tensor, "row": row, "seconds": time.perf_counter() - t0}
     except ReadError as exc:
         return _error_item(entry, exc.stage, exc.kind, str(exc), "ReadError")
+    except DecodeTimeout as exc:
+        return _error_item(entry, "read", "timeout", str(exc), "DecodeTimeout")
     except MemoryError:
         return _error_item(entry, "read", "out_of_memory", "ran out of memory decoding this file", "MemoryError")
     except FileNotFoundError:
@@ -108,8 +111,21 @@ class Mapper:
             (ck.sha256, ps.id): zeroshot.prompt_weights(ck.encode_texts, ps) for ck in checkpoints for ps in prompt_sets
         }
 
+    def encode(self, ck: Checkpoint, tensors: torch.Tensor) -> np.ndarray:
+        """Embeddings of a batch; on GPU out-of-memory the batch is split in halves and retried."""
+        try:
+            return ck.encode_images(tensors).numpy()
+        except torch.cuda.OutOfMemoryError:
+            if len(tensors) <= 1:
+                raise
+            if ck.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(tensors) // 2
+            log.warning("out of GPU memory on a batch of %d images; splitting it into %d + %d (lower --batch-size)", len(tensors), half, len(tensors) - half)
+            return np.concatenate([self.encode(ck, tensors[:half]), self.encode(ck, tensors[half:])])
+
     def __call__(self, tensors: torch.Tensor) -> dict:
-        embeddings = {ck.sha256: ck.encode_images(tensors).numpy() for ck in self.checkpoints}
+        embeddings = {ck.sha256: self.encode(ck, tensors) for ck in self.checkpoints}
         probs: dict[str, dict[str, np.ndarray]] = {}
         for ps in self.prompt_sets:
             members = {}

@@ -1,0 +1,33 @@
+"""Fault injection for the crash-safety tests and benchmarks/faults.py.
+
+``CURATOR_CRASH_AT="point:n"`` makes the process SIGKILL itself the n-th time it reaches
+``point`` (n counts from 1). Points: ``batch`` (a batch arrived from the readers), ``mapped``
+(after the model), ``part`` (a part file was written, not yet committed), ``manifest-tmp`` (the
+new manifest is on disk under its temporary name, not yet renamed), ``commit`` (just after a
+commit). Unset, :func:`reached` costs one dict lookup. Never set it outside tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_ENV = "CURATOR_CRASH_AT"
+_counts: dict[str, int] = {}
+
+
+def _target() -> tuple[str, int] | None:
+    spec = os.environ.get(_ENV)
+    if not spec:
+        return None
+    point, _, n = spec.partition(":")
+    return point, int(n or 1)
+
+
+def reached(point: str) -> None:
+    target = _target()
+    if target is None or target[0] != point:
+        return
+    _counts[point] = _counts.get(point, 0) + 1
+    if _counts[point] >= target[1]:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,146 @@
+"""Check (and repair what can be repaired in) a workspace's invariants.
+
+Invariants: every part the manifest lists exists with its row count; no unlisted part or
+temporary file is left; image ids are unique and below the manifest's counter; every catalogued
+image has exactly one embedding per ensemble checkpoint and exactly one prediction row per
+member (checkpoints and ensemble) of every active prompt set; no embedding or prediction belongs
+to an unknown image; no file version is catalogued twice; the index (if built) holds exactly the
+current images. ``repair`` deletes orphans and rebuilds a stale index; anything else is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow.parquet as pq
+
+from curator.constants import ENSEMBLE_MEMBER
+from curator.workspace import DATASETS, Workspace, WorkspaceError
+
+
+@dataclass
+class VerifyReport:
+    problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        out = [f"{k}: {v}" for k, v in self.stats.items()]
+        out += [f"repaired: {r}" for r in self.repaired]
+        out += [f"PROBLEM: {p}" for p in self.problems]
+        out.append("OK: all invariants hold" if self.ok else f"FAILED: {len(self.problems)} problem(s)")
+        return out
+
+
+def verify(root: str, repair: bool = False) -> VerifyReport:
+    ws = Workspace(root)
+    if not ws.exists:
+        raise WorkspaceError(f"{ws.root}: not a curator workspace (no manifest.json)")
+    rep = VerifyReport()
+    if repair:
+        orphans = ws.orphans()
+        with ws.writer():  # takes the lock, which also removes orphans
+            n = len([p for p in orphans if not p.exists()])
+            if n:
+                rep.repaired.append(f"removed {n} orphan or temporary file(s): {', '.join(p.name for p in orphans[:5])}{' ...' if n > 5 else ''}")
+            _check(ws, rep, repair=True)
+    else:
+        orphans = ws.orphans()
+        if orphans:
+            rep.problems.append(f"{len(orphans)} file(s) not listed in the manifest (left by a killed run; `--repair` removes them): "
+                                + ", ".join(str(p.relative_to(ws.root)) for p in orphans[:5]))
+        _check(ws, rep, repair=False)
+    return rep
+
+
+def _check(ws: Workspace, rep: VerifyReport, repair: bool) -> None:
+    n_before = len(rep.problems)
+    for d in DATASETS:
+        for e in ws.part_entries(d):
+            path = ws.root / e["file"]
+            if not path.is_file():
+                rep.problems.append(f"{e['file']} is listed in the manifest but missing")
+                continue
+            try:
+                rows = pq.ParquetFile(path).metadata.num_rows
+            except Exception as exc:  # unreadable parquet
+                rep.problems.append(f"{e['file']} is not readable Parquet ({type(exc).__name__})")
+                continue
+            if rows != e["rows"]:
+                rep.problems.append(f"{e['file']} has {rows} rows, the manifest says {e['rows']}")
+    if len(rep.problems) > n_before:
+        return  # the SQL checks below need readable parts
+    from curator.query import connect
+
+    con = connect(ws, sandbox=False)
+    try:
+        q = lambda sql, *p: con.execute(sql, list(p)).fetchall()  # noqa: E731
+        n_raw, n_ids, max_id = q("SELECT count(*), count(DISTINCT image_id), max(image_id) FROM catalog_raw")[0]
+        n_current = q("SELECT count(*) FROM catalog")[0][0]
+        rep.stats.update(images=n_current, catalog_rows=n_raw)
+        if n_raw != n_ids:
+            rep.problems.append(f"catalog has {n_raw - n_ids} duplicate image_id(s)")
+        if max_id is not None and max_id >= ws.manifest["next_image_id"]:
+            rep.problems.append(f"image_id {max_id} is not below the manifest's next_image_id {ws.manifest['next_image_id']}")
+        dup_versions = q("SELECT count(*) FROM (SELECT path, size, mtime_ns FROM catalog_raw GROUP BY ALL HAVING count(*) > 1)")[0][0]
+        if dup_versions:
+            rep.problems.append(f"{dup_versions} file version(s) catalogued more than once")
+        for sha in ws.manifest.get("ensemble", []):
+            missing = q("SELECT count(*) FROM catalog_raw c WHERE NOT EXISTS (SELECT 1 FROM embeddings_raw e WHERE e.image_id = c.image_id AND e.checkpoint = ?)", sha)[0][0]
+            dups = q("SELECT count(*) FROM (SELECT image_id FROM embeddings_raw WHERE checkpoint = ? GROUP BY image_id HAVING count(*) > 1)", sha)[0][0]
+            if missing:
+                rep.problems.append(f"{missing} image(s) without an embedding for checkpoint {sha[:12]}")
+            if dups:
+                rep.problems.append(f"{dups} image(s) with more than one embedding for checkpoint {sha[:12]}")
+        stray = q("SELECT count(*) FROM embeddings_raw e ANTI JOIN catalog_raw c USING (image_id)")[0][0]
+        if stray:
+            rep.problems.append(f"{stray} embedding row(s) of images not in the catalog")
+        members = [*ws.manifest.get("ensemble", []), ENSEMBLE_MEMBER]
+        active = sorted(set(ws.manifest.get("finding_columns", {}).values()))
+        for ps in active:
+            rel = f"predictions_{ps}"
+            for m in members:
+                missing = q(f"SELECT count(*) FROM catalog_raw c WHERE NOT EXISTS (SELECT 1 FROM {rel} p WHERE p.image_id = c.image_id AND p.member = ?)", m)[0][0]
+                if missing:
+                    rep.problems.append(f"{missing} image(s) without predictions of prompt set {ps} for member {m[:12]}")
+            dups = q(f"SELECT count(*) FROM (SELECT image_id, member FROM {rel} GROUP BY ALL HAVING count(*) > 1)")[0][0]
+            if dups:
+                rep.problems.append(f"{dups} duplicate prediction row(s) in prompt set {ps}")
+            stray = q(f"SELECT count(*) FROM {rel} p ANTI JOIN catalog_raw c USING (image_id)")[0][0]
+            if stray:
+                rep.problems.append(f"{stray} prediction row(s) of images not in the catalog (prompt set {ps})")
+        _check_index(ws, rep, repair, con)
+    finally:
+        con.close()
+
+
+def _check_index(ws: Workspace, rep: VerifyReport, repair: bool, con) -> None:
+    from curator import index as faiss_index
+
+    info = faiss_index.read_index_info(ws)
+    if info is None:
+        rep.stats["index"] = "none"
+        return
+    try:
+        index, info = faiss_index.load_index(ws)
+        ids = set(faiss_index.index_ids(index).tolist())
+    except Exception as exc:
+        problem = f"index {info.file} is unreadable ({type(exc).__name__})"
+        ids = None
+    else:
+        want = {r[0] for r in con.execute("SELECT image_id FROM embeddings WHERE checkpoint = ?", [info.checkpoint]).fetchall()}
+        problem = None
+        if ids != want:
+            problem = f"index is stale: {len(want - ids)} image(s) missing, {len(ids - want)} not in the catalog"
+    rep.stats["index"] = f"{info.count} vectors" if problem is None else "stale"
+    if problem is None:
+        return
+    if repair:
+        new = faiss_index.build_index(ws, info.checkpoint)
+        rep.repaired.append(f"rebuilt the index ({new.count} vectors)")
+    else:
+        rep.problems.append(problem + " (`curator index` or `curator verify --repair` rebuilds it)")

@@ -1,0 +1,135 @@
+"""Hostile and broken files: each gets an errors row (or, when valid, a catalog row); none crashes or hangs."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import zlib
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from curator.discover import FileEntry
+from curator.pipelines.embed import EmbedConfig, run_embed
+from curator.pipelines.stages import read_item
+from curator.query import run_query
+from curator.readers import ReadOptions
+from curator.workspace import Workspace
+from tests.dicom_factory import write_dicom
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_bomb(path, side=60000):
+    """A tiny PNG that declares side x side pixels (3.6 gigapixels) of zeros."""
+    raw = zlib.compress(b"\0" * (side + 1) * 64, 9)  # only the first rows; the header is the bomb
+    data = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)) + _png_chunk(b"IDAT", raw) + _png_chunk(b"IEND", b"")
+    path.write_bytes(data)
+
+
+def _entry(p):
+    st = os.stat(p)
+    return FileEntry(str(p), st.st_size, st.st_mtime_ns)
+
+
+@pytest.fixture()
+def hostile(tmp_path):
+    arc = tmp_path / "arc"
+    arc.mkdir()
+    good = []
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        p = arc / f"good{i}.png"
+        Image.fromarray(rng.integers(0, 255, (120, 100), dtype=np.uint8)).save(p)
+        good.append(p)
+    bad = {}
+    png_bomb(arc / "bomb.png")
+    bad["bomb.png"] = "too_large"
+    # a JPEG that never ends: the scan runs to the end of the file with no EOI marker
+    buf = arc / "noend.jpg"
+    Image.fromarray(rng.integers(0, 255, (400, 300), dtype=np.uint8)).save(buf, quality=90)
+    data = buf.read_bytes()
+    buf.write_bytes(data[: len(data) // 3])
+    bad["noend.jpg"] = "corrupt_image"
+    # DICOM declaring a gigapixel image with a few bytes of pixel data
+    g = write_dicom(arc / "giga.dcm", np.zeros((16, 16), np.uint16), bits_stored=12)
+    ds = pydicom.dcmread(g)
+    ds.Rows, ds.Columns = 60000, 60000
+    ds.save_as(g)
+    bad["giga.dcm"] = "too_large"
+    # pixel data shorter than declared
+    s = write_dicom(arc / "short.dcm", np.zeros((64, 64), np.uint16), bits_stored=12)
+    ds = pydicom.dcmread(s)
+    ds.PixelData = ds.PixelData[:1000]
+    ds.save_as(s)
+    bad["short.dcm"] = None  # any reason
+    # wrong Bits Allocated for the pixel data
+    w = write_dicom(arc / "bits.dcm", np.zeros((64, 64), np.uint16), bits_stored=12)
+    ds = pydicom.dcmread(w)
+    ds.BitsAllocated = 32
+    ds.save_as(w)
+    bad["bits.dcm"] = None
+    # a file name that is not valid UTF-8
+    fd = os.open(os.fsencode(str(arc)) + b"/bad\xff\xfename.png", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, (arc / "good0.png").read_bytes())
+    os.close(fd)
+    bad["bad\\xff\\xfename.png"] = "unreadable"
+    # a directory named like an image, holding a good image
+    (arc / "folder.dcm").mkdir()
+    Image.fromarray(np.full((50, 60), 9, np.uint8)).save(arc / "folder.dcm" / "inner.png")
+    good.append(arc / "folder.dcm" / "inner.png")
+    return arc, good, bad
+
+
+def test_hostile_archive(tmp_path, hostile, tiny_checkpoints):
+    arc, good, bad = hostile
+    t0 = time.time()
+    run_embed(EmbedConfig(archives=[str(arc)], workspace=str(tmp_path / "ws"), checkpoints=[str(tiny_checkpoints[0])], device="cpu", workers=2, batch_size=4, progress=False))
+    assert time.time() - t0 < 120
+    w = Workspace(tmp_path / "ws")
+    assert sorted(run_query(w, "SELECT path FROM catalog").path) == sorted(str(p) for p in good)
+    errors = run_query(w, "SELECT path, kind, error FROM errors")
+    got = {os.path.basename(p): (k, e) for p, k, e in errors.itertuples(index=False)}
+    assert set(got) == set(bad), got
+    for name, kind in bad.items():
+        if kind is not None:
+            assert got[name][0] == kind, (name, got[name])
+        assert got[name][1]
+
+
+def test_file_vanishing_before_read(tmp_path):
+    p = tmp_path / "gone.png"
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(p)
+    entry = _entry(p)
+    p.unlink()
+    item = read_item(entry, ReadOptions())
+    assert not item["ok"] and item["error"]["kind"] == "vanished"
+
+
+def test_per_file_time_limit(tmp_path):
+    p = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (2500, 2000), dtype=np.uint8)).save(p)
+    item = read_item(_entry(p), ReadOptions(decode_timeout_s=0.005))
+    assert not item["ok"] and item["error"]["kind"] == "timeout" and "longer than" in item["error"]["error"]
+    assert read_item(_entry(p), ReadOptions(decode_timeout_s=30))["ok"]
+
+
+def test_odd_length_element_does_not_crash(tmp_path):
+    p = write_dicom(tmp_path / "le.dcm", np.arange(64 * 48, dtype=np.uint16).reshape(64, 48) % 4096, bits_stored=12)
+    raw = p.read_bytes()
+    # odd-length value: rewrite PatientID ("PID-0001", 8 bytes) as 7 bytes without padding
+    idx = raw.find(b"\x10\x00\x20\x00LO")
+    assert idx > 0
+    length = struct.unpack("<H", raw[idx + 6 : idx + 8])[0]
+    odd = raw[:idx] + b"\x10\x00\x20\x00LO" + struct.pack("<H", length - 1) + raw[idx + 8 : idx + 8 + length - 1] + raw[idx + 8 + length :]
+    q = tmp_path / "odd.dcm"
+    q.write_bytes(odd)
+    item = read_item(_entry(q), ReadOptions())
+    assert item["ok"] or item["error"]["kind"]
+    if item["ok"]:
+        assert item["row"]["patient_id"].startswith("PID-000")
