@@ -26,7 +26,6 @@ typical session:
 # Modules that register further subcommands with ``add_cli(subparsers)``. Each keeps heavy
 # imports (torch, streamlit, ...) inside its handlers so that ``curator --help`` stays fast.
 EXTRA_COMMAND_MODULES = (
-    "curator.synth",
     "curator.train",
     "curator.demo",
     "curator.appserver",
@@ -226,6 +225,19 @@ def cmd_preview(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    from curator.synth import generate_archive
+
+    s = generate_archive(Path(args.out), studies=args.studies, seed=args.seed, fmt=args.format, image_size=args.image_size,
+                         broken=not args.no_broken, progress=not args.quiet, workers=args.workers, exist_ok=args.exist_ok)
+    print(f"wrote {s['images']} images of {s['studies']} studies ({s['patients']} patients) to {args.out} "
+          f"in {s['seconds']:.1f} s; plus {len(s['non_cxr']) if isinstance(s['non_cxr'], list) else s['non_cxr']} non-CXR "
+          f"and {len(s['broken']) if isinstance(s['broken'], list) else s['broken']} broken files")
+    print("positives: " + ", ".join(f"{k} {v}" for k, v in s["positives"].items()))
+    print(f"ground truth: {Path(args.out) / 'ground_truth.csv'}; reports: {Path(args.out) / 'reports.csv'}")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from curator.verify import verify
 
@@ -323,6 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-input", metavar="PNG2", default=None, help="also write the model's 224x224 input (de-normalised)")
     p.add_argument("--dicom-conversion", choices=["mimic", "voi"], default="mimic")
     p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("synth", help="generate a synthetic chest radiograph archive with known ground truth",
+                       description="Write a hospital-like archive (patient/study/series folders, CR and DX, PA/AP/lateral, compressed "
+                       "transfer syntaxes, MONOCHROME1, CT slices, an SR, a DICOMDIR and broken files) of phantom radiographs with "
+                       "findings, OUT/ground_truth.csv (path + one 0/1 column per finding) and OUT/reports.csv (study_key, report).")
+    p.add_argument("out", help="output folder (must be empty or new)")
+    p.add_argument("--studies", type=_positive_int, default=100, help="number of studies (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same bytes (default 0)")
+    p.add_argument("--format", choices=["dicom", "png"], default="dicom", help="DICOM archive (default) or PNG/JPEG export")
+    p.add_argument("--image-size", type=_positive_int, default=1024, help="longer side of the images in pixels (default 1024)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="processes rendering images (default 1)")
+    p.add_argument("--no-broken", action="store_true", help="leave out broken and non-CXR files")
+    p.add_argument("--exist-ok", action="store_true", help="write into a folder that is not empty")
+    p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("verify", help="check a workspace's invariants (and repair what can be repaired)",
                        description="Check that every listed part exists, no orphan or temporary file is left, every image has exactly one "
