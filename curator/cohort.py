@@ -1,0 +1,831 @@
+"""Cohorts: a spec (TOML) -> SQL over the workspace views -> an exported, de-identified table.
+
+A spec::
+
+    name = "edema-frontal"
+    where = "edema >= 0.6 AND view_position IN ('PA', 'AP')"   # predicate over the images view
+    one_per = "study"          # or "patient"; optional
+    keep = "edema DESC"        # which row of a study / patient to keep (default "image_id": the first catalogued)
+    limit = 5000               # optional
+    order_by = "edema DESC"    # optional; rows are always ordered by image_id last
+    deidentify = true          # the default
+    copy_images = "none"       # "copy" or "symlink" (symlink: identified exports only)
+    seed = 0
+    findings = ["edema"]       # optional: whose estimated precision to report (default: calibrated findings named in `where`)
+    patient_key = "patient_id"             # SQL expression naming a patient (e.g. from the path for PNG archives)
+    study_key = "study_instance_uid"       # SQL expression naming a study
+
+    [sample]                   # optional, seeded: n = N uniformly, or arms
+    n_positive = 5000
+    positive_where = "edema_label = 1"
+    n_negative = 5000
+    negative_where = "edema_label = 0"
+
+    [split]                    # optional, patient-disjoint
+    train = 0.8
+    val = 0.1
+    test = 0.1
+
+The rule, step by step (:func:`cohort_sql` writes it as one SQL statement anyone can rerun):
+
+1. ``images`` (catalog + one probability column per finding), joined with the ``labels`` view
+   (``<finding>_label`` = 1 / 0 / -1) when the workspace is calibrated; rows where ``where`` holds.
+2. ``one_per``: one row per study (``study_key``) or patient (``patient_key``): the first row by
+   ``keep, image_id``. Rows without a study (patient) identifier each count as their own.
+3. ``sample``: ``n`` rows, or ``n_positive`` rows where ``positive_where`` holds and
+   ``n_negative`` of the others where ``negative_where`` holds (column ``cohort_arm``), taking
+   the rows with the smallest ``md5(image_id || ':' || seed)``: a seeded, reproducible draw.
+4. ``split``: every patient goes to train / val / test by the hash fraction
+   ``u = int(md5(seed || ':' || patient)[:13], 16) / 2**52`` (train if ``u < train``, val if
+   ``u < train + val``, else test), so no patient is in two splits and a patient keeps their
+   split when the archive grows. Fractions are therefore met approximately (binomially).
+5. ``order_by`` then ``image_id``; ``limit``.
+
+Re-running a spec on a grown archive gives a superset of the earlier rows when the spec has no
+``limit`` and no ``sample`` and ``keep`` is the default (new images get larger image_ids, so a
+study's kept row does not change). A file that changed on disk gets a new image_id and replaces
+its old row.
+
+User SQL fragments run on the sandboxed connection (:func:`curator.query.connect`): they cannot
+read or write files outside the workspace.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import tomllib
+import uuid
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+COPY_MODES = ("none", "copy", "symlink")
+ONE_PER = {"study": "study", "patient": "patient"}
+INTERNAL = ("_patient", "_study")
+
+
+# ----------------------------------------------------------------------------------------------
+# the spec
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class SampleSpec:
+    """Seeded sampling: ``n`` rows uniformly, or positive / negative arms."""
+
+    n: int | None = None
+    n_positive: int | None = None
+    n_negative: int | None = None
+    positive_where: str | None = None
+    negative_where: str | None = None
+    seed: int | None = None  # default: the spec's seed
+
+    @property
+    def arms(self) -> bool:
+        return self.positive_where is not None or self.negative_where is not None
+
+
+@dataclass
+class SplitSpec:
+    """Patient-disjoint train / val / test fractions (summing to 1)."""
+
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+    seed: int | None = None  # default: the spec's seed
+
+
+@dataclass
+class CohortSpec:
+    name: str
+    where: str = "true"
+    one_per: str | None = None
+    keep: str = "image_id"
+    limit: int | None = None
+    order_by: str | None = None
+    sample: SampleSpec | None = None
+    split: SplitSpec | None = None
+    deidentify: bool = True
+    copy_images: str = "none"
+    seed: int = 0
+    findings: list[str] | None = None
+    patient_key: str = "patient_id"
+    study_key: str = "study_instance_uid"
+    description: str | None = None
+
+    def __post_init__(self):
+        validate_spec(self)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_spec(spec: CohortSpec) -> None:
+    """Raise ValueError (one line) for a spec that cannot run."""
+    where = f"cohort spec {spec.name!r}" if isinstance(spec.name, str) else "cohort spec"
+    if not isinstance(spec.name, str) or not spec.name.strip():
+        raise ValueError("cohort spec: 'name' must be a non-empty string")
+    for key in ("where", "keep", "patient_key", "study_key"):
+        v = getattr(spec, key)
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError(f"{where}: '{key}' must be a non-empty SQL string")
+    if spec.order_by is not None and (not isinstance(spec.order_by, str) or not spec.order_by.strip()):
+        raise ValueError(f"{where}: 'order_by' must be a non-empty SQL string")
+    if spec.one_per is not None and spec.one_per not in ONE_PER:
+        raise ValueError(f"{where}: 'one_per' must be \"study\" or \"patient\", got {spec.one_per!r}")
+    if spec.limit is not None and (not _is_int(spec.limit) or spec.limit < 0):
+        raise ValueError(f"{where}: 'limit' must be a whole number >= 0")
+    if not isinstance(spec.deidentify, bool):
+        raise ValueError(f"{where}: 'deidentify' must be true or false")
+    if spec.copy_images not in COPY_MODES:
+        raise ValueError(f"{where}: 'copy_images' must be one of {', '.join(COPY_MODES)}")
+    if spec.copy_images == "symlink" and spec.deidentify:
+        raise ValueError(f"{where}: copy_images = \"symlink\" would expose the source paths of a de-identified export; "
+                         "use \"copy\" (writes de-identified PNGs) or deidentify = false")
+    if not _is_int(spec.seed):
+        raise ValueError(f"{where}: 'seed' must be a whole number")
+    if spec.findings is not None:
+        if isinstance(spec.findings, str):
+            spec.findings = [spec.findings]
+        if not isinstance(spec.findings, list) or not all(isinstance(f, str) and f for f in spec.findings):
+            raise ValueError(f"{where}: 'findings' must be a list of finding column names")
+    s = spec.sample
+    if s is not None:
+        for k in ("n", "n_positive", "n_negative", "seed"):
+            v = getattr(s, k)
+            if v is not None and (not _is_int(v) or (k != "seed" and v < 0)):
+                raise ValueError(f"{where}: [sample] '{k}' must be a whole number >= 0")
+        for k in ("positive_where", "negative_where"):
+            v = getattr(s, k)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise ValueError(f"{where}: [sample] '{k}' must be a non-empty SQL string")
+        if s.arms and s.n is not None:
+            raise ValueError(f"{where}: [sample] takes either 'n' or positive/negative arms, not both")
+        if not s.arms and s.n is None:
+            raise ValueError(f"{where}: [sample] needs 'n', or 'positive_where' / 'negative_where' with 'n_positive' / 'n_negative'")
+        if s.n_positive is not None and s.positive_where is None:
+            raise ValueError(f"{where}: [sample] 'n_positive' needs 'positive_where'")
+        if s.n_negative is not None and s.negative_where is None:
+            raise ValueError(f"{where}: [sample] 'n_negative' needs 'negative_where'")
+    p = spec.split
+    if p is not None:
+        vals = (p.train, p.val, p.test)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in vals):
+            raise ValueError(f"{where}: [split] fractions must be numbers in [0, 1]")
+        if abs(sum(vals) - 1) > 1e-6:
+            raise ValueError(f"{where}: [split] train + val + test must be 1, got {sum(vals):g}")
+        if p.seed is not None and not _is_int(p.seed):
+            raise ValueError(f"{where}: [split] 'seed' must be a whole number")
+
+
+def spec_from_dict(d: dict) -> CohortSpec:
+    """A spec from a dict (parsed TOML or JSON); unknown keys are an error."""
+    if not isinstance(d, dict):
+        raise ValueError("cohort spec must be a table")
+    d = dict(d)
+    known = {f.name for f in fields(CohortSpec)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"cohort spec: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    if "name" not in d:
+        raise ValueError("cohort spec: 'name' is required")
+    for key, cls in (("sample", SampleSpec), ("split", SplitSpec)):
+        v = d.get(key)
+        if v is None or isinstance(v, cls):
+            continue
+        if not isinstance(v, dict):
+            raise ValueError(f"cohort spec: [{key}] must be a table")
+        sub_known = {f.name for f in fields(cls)}
+        bad = sorted(set(v) - sub_known)
+        if bad:
+            raise ValueError(f"cohort spec: unknown key(s) in [{key}]: {', '.join(bad)} (known: {', '.join(sorted(sub_known))})")
+        d[key] = cls(**v)
+    return CohortSpec(**d)
+
+
+def spec_to_dict(spec: CohortSpec) -> dict:
+    """The spec as a plain dict (None values left out), suitable for TOML or JSON."""
+    out = {}
+    for k, v in asdict(spec).items():
+        if v is None:
+            continue
+        if isinstance(v, dict):
+            v = {a: b for a, b in v.items() if b is not None}
+        out[k] = v
+    return out
+
+
+def load_spec(path: str | Path) -> CohortSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such cohort spec")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{p}: not valid TOML ({exc})") from None
+    if "name" not in data:
+        data["name"] = p.stem
+    try:
+        return spec_from_dict(data)
+    except TypeError as exc:  # pragma: no cover - dataclass argument errors
+        raise ValueError(f"{p}: {exc}") from None
+
+
+def spec_to_toml(spec: CohortSpec) -> str:
+    """TOML text of a spec (the inverse of :func:`load_spec`)."""
+
+    def val(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    d = spec_to_dict(spec)
+    lines = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]", *[f"{a} = {val(b)}" for a, b in v.items()]]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# SQL
+# ----------------------------------------------------------------------------------------------
+def _lit(s: str) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def _frag(text: str) -> str:
+    """A user SQL fragment on lines of its own (a trailing -- comment cannot swallow our SQL)."""
+    return "\n        " + text.strip().replace("\n", "\n        ") + "\n    "
+
+
+def _has_labels(ws) -> bool:
+    if ws is None:
+        return False
+    from curator.calibrate import active_calibration
+
+    return bool(active_calibration(ws))
+
+
+def cohort_sql(spec: CohortSpec, ws=None, labels: bool | None = None) -> str:
+    """The whole selection rule as one DuckDB statement over the workspace views.
+
+    With ``ws`` (or ``labels=True``) the rows come from ``images`` joined with the ``labels``
+    view, so that ``where`` may use ``<finding>_label``. The result has the columns of
+    ``images`` (and ``labels``), ``_patient`` and ``_study`` (the group keys), ``cohort_arm`` with
+    arm sampling and ``split`` with a split.
+    """
+    validate_spec(spec)
+    if labels is None:
+        labels = _has_labels(ws)
+    src = ("SELECT i.*, l.* EXCLUDE (image_id) FROM images AS i LEFT JOIN labels AS l USING (image_id)"
+           if labels else "SELECT * FROM images")
+    ctes = [f"src AS (\n    {src}\n)"]
+    ctes.append(
+        "selected AS (\n    SELECT *,\n"
+        f"        coalesce(CAST(({_frag(spec.patient_key)}) AS VARCHAR), 'image:' || CAST(image_id AS VARCHAR)) AS _patient,\n"
+        f"        coalesce(CAST(({_frag(spec.study_key)}) AS VARCHAR), 'image:' || CAST(image_id AS VARCHAR)) AS _study\n"
+        f"    FROM src\n    WHERE ({_frag(spec.where)})\n)"
+    )
+    last = "selected"
+    if spec.one_per:
+        group = "_study" if spec.one_per == "study" else "_patient"
+        keep = "image_id" if spec.keep.strip() == "image_id" else f"{_frag(spec.keep)}, image_id"
+        ctes.append(
+            f"one_per AS (\n    SELECT * FROM {last}\n"
+            f"    QUALIFY row_number() OVER (PARTITION BY {group} ORDER BY {keep}) = 1\n)"
+        )
+        last = "one_per"
+    s = spec.sample
+    if s is not None:
+        seed = spec.seed if s.seed is None else s.seed
+        draw = f"md5(CAST(image_id AS VARCHAR) || ':' || {_lit(str(seed))})"
+        if s.arms:
+            pos = f"({_frag(s.positive_where)})" if s.positive_where else "false"
+            neg = f"({_frag(s.negative_where)})" if s.negative_where else "false"
+            big = 2**62
+            n_pos = s.n_positive if s.n_positive is not None else big
+            n_neg = s.n_negative if s.n_negative is not None else big
+            ctes.append(
+                f"arms AS (\n    SELECT *, CASE WHEN coalesce({pos}, false) THEN 'positive' "
+                f"WHEN coalesce({neg}, false) THEN 'negative' END AS cohort_arm\n    FROM {last}\n)"
+            )
+            ctes.append(
+                "sampled AS (\n    SELECT * FROM arms WHERE cohort_arm IS NOT NULL\n"
+                f"    QUALIFY row_number() OVER (PARTITION BY cohort_arm ORDER BY {draw}, image_id)\n"
+                f"        <= CASE cohort_arm WHEN 'positive' THEN {n_pos} ELSE {n_neg} END\n)"
+            )
+        else:
+            ctes.append(
+                f"sampled AS (\n    SELECT * FROM {last}\n"
+                f"    QUALIFY row_number() OVER (ORDER BY {draw}, image_id) <= {int(s.n)}\n)"
+            )
+        last = "sampled"
+    if spec.split is not None:
+        p = spec.split
+        seed = spec.seed if p.seed is None else p.seed
+        u = f"CAST('0x' || substr(md5({_lit(str(seed))} || ':' || _patient), 1, 13) AS BIGINT) / 4503599627370496.0"
+        ctes.append(
+            f"with_split AS (\n    SELECT *, CASE WHEN {u} < {float(p.train)!r} THEN 'train' "
+            f"WHEN {u} < {float(p.train + p.val)!r} THEN 'val' ELSE 'test' END AS split\n    FROM {last}\n)"
+        )
+        last = "with_split"
+    order = f"{_frag(spec.order_by)}, image_id" if spec.order_by else "image_id"
+    sql = f"-- cohort {spec.name!r}: curator cohort rule over the workspace views (images, labels)\nWITH " + ",\n".join(ctes)
+    sql += f"\nSELECT * FROM {last}\nORDER BY {order}"
+    if spec.limit is not None:
+        sql += f"\nLIMIT {int(spec.limit)}"
+    return sql
+
+
+def _workspace(ws):
+    from curator.workspace import Workspace, WorkspaceError
+
+    if not isinstance(ws, Workspace):
+        ws = Workspace(ws)
+    if not ws.exists:
+        raise WorkspaceError(f"{ws.root}: not a curator workspace (no manifest.json); run `curator embed` first")
+    return ws
+
+
+def _check_single_statement(sql: str, name: str) -> None:
+    import duckdb
+
+    try:
+        n = len(duckdb.extract_statements(sql))
+    except duckdb.Error as exc:
+        from curator.query import QueryError
+
+        raise QueryError(f"cohort {name!r}: the spec's SQL does not parse: {str(exc).strip().splitlines()[0]}") from None
+    if n != 1:
+        from curator.query import QueryError
+
+        raise QueryError(f"cohort {name!r}: the spec's SQL fragments must not contain ';' (one statement only)")
+
+
+def _run(ws, sql: str, name: str, params: list | None = None):
+    import duckdb
+
+    from curator.query import QueryError, connect
+
+    _check_single_statement(sql, name)
+    con = connect(ws, sandbox=True)
+    try:
+        return con.execute(sql, params or []).df()
+    except duckdb.Error as exc:
+        msg = str(exc).strip()
+        if "_label" in msg:
+            from curator.calibrate import active_calibration
+
+            have = sorted(active_calibration(ws))
+            msg += (f" (weak-label columns exist for the calibrated findings: {', '.join(c + '_label' for c in have)})" if have
+                    else " (<finding>_label columns exist once `curator calibrate` has stored thresholds)")
+        raise QueryError(f"cohort {name!r}: {msg}") from None
+    finally:
+        con.close()
+
+
+def _select(ws, spec: CohortSpec):
+    ws = _workspace(ws)
+    return _run(ws, cohort_sql(spec, ws), spec.name)
+
+
+def select_cohort(ws, spec: CohortSpec):
+    """The cohort's rows (raw, identified: for the app and the library) as a pandas DataFrame."""
+    df = _select(ws, spec)
+    return df.drop(columns=[c for c in INTERNAL if c in df.columns])
+
+
+def count_cohort(ws, spec: CohortSpec) -> int:
+    """Number of rows the spec selects (runs ``count(*)`` over :func:`cohort_sql`)."""
+    ws = _workspace(ws)
+    df = _run(ws, f"SELECT count(*) AS n FROM (\n{cohort_sql(spec, ws)}\n)", spec.name)
+    return int(df["n"].iloc[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# estimated precision from the labelled set
+# ----------------------------------------------------------------------------------------------
+def _mentioned(text: str | None, col: str) -> bool:
+    return bool(text) and re.search(rf"(?<![A-Za-z0-9_]){re.escape(col)}(_label)?(?![A-Za-z0-9_])", text) is not None
+
+
+def cohort_estimates(ws, spec: CohortSpec, level: float = 0.95) -> dict:
+    """Estimated precision (and recall) of the spec's rule per finding, from the calibration's labelled set.
+
+    For a finding with a stored labelled set (``curator calibrate``): among the labelled images
+    that satisfy ``where`` (and ``positive_where`` for arm sampling), the fraction truly positive
+    (precision, Wilson 95% interval), and among the labelled positives, the fraction the rule
+    selects (recall). With a negative arm, also the fraction truly negative among labelled
+    images of that arm (negative predictive value). The estimate is of the selection rule;
+    ``one_per``, sampling counts and ``limit`` are not modelled. Findings: ``spec.findings``, or
+    the calibrated findings named in ``where`` / the arm predicates.
+    """
+    from curator.calibrate import active_calibration
+    from curator.metrics import wilson_interval
+
+    ws = _workspace(ws)
+    cal = active_calibration(ws)
+    if not cal:
+        return {}
+    if spec.findings:
+        cols = [c for c in spec.findings if c in cal]
+    else:
+        texts = [spec.where] + ([spec.sample.positive_where, spec.sample.negative_where] if spec.sample else [])
+        cols = [c for c in sorted(cal) if any(_mentioned(t, c) for t in texts)]
+    out = {}
+    labels = True
+    for col in cols:
+        entry = cal[col]
+        truth_file = entry.get("truth_file")
+        if not truth_file or not (ws.root / truth_file).is_file():
+            continue
+        base = cohort_sql(CohortSpec(name=spec.name, where=spec.where, patient_key=spec.patient_key, study_key=spec.study_key), labels=labels)
+        arms = []
+        if spec.sample is not None and spec.sample.arms:
+            if spec.sample.positive_where:
+                arms.append(("positive", f"({_frag(spec.sample.positive_where)})", 1))
+            if spec.sample.negative_where:
+                neg = f"({_frag(spec.sample.negative_where)})"
+                if spec.sample.positive_where:
+                    neg = f"{neg} AND NOT coalesce(({_frag(spec.sample.positive_where)}), false)"
+                arms.append(("negative", neg, 0))
+        else:
+            arms.append(("all", "true", 1))
+        res = {"truth": entry.get("truth"), "n_labelled": None}
+        q_truth = f"SELECT image_id, \"{col}\" AS y FROM read_parquet({_lit(str(ws.root / truth_file))}) WHERE \"{col}\" IS NOT NULL"
+        for arm, pred, want in arms:
+            sql = (
+                f"WITH rule AS (\n{base}\n), chosen AS (SELECT image_id FROM rule WHERE {pred}), t AS ({q_truth})\n"
+                "SELECT count(*) AS n_labelled, count(*) FILTER (WHERE y = 1) AS n_pos,\n"
+                "       count(c.image_id) AS n_selected, count(c.image_id) FILTER (WHERE y = 1) AS selected_pos\n"
+                "FROM t LEFT JOIN chosen AS c USING (image_id)"
+            )
+            r = _run(ws, sql, spec.name).iloc[0]
+            n_lab, n_pos, n_sel, sel_pos = (int(r[k]) for k in ("n_labelled", "n_pos", "n_selected", "selected_pos"))
+            res["n_labelled"] = n_lab
+            if want == 1:
+                k, n = sel_pos, n_sel
+                lo, hi = wilson_interval(k, n, level)
+                rk, rn = sel_pos, n_pos
+                rlo, rhi = wilson_interval(rk, rn, level)
+                key = "precision" if arm == "all" else "positive_arm"
+                res[key] = {
+                    "precision": k / n if n else None, "precision_ci_low": lo if n else None, "precision_ci_high": hi if n else None,
+                    "recall": rk / rn if rn else None, "recall_ci_low": rlo if rn else None, "recall_ci_high": rhi if rn else None,
+                    "n_labelled_selected": n, "n_labelled_positive": rn,
+                }
+            else:
+                k, n = n_sel - sel_pos, n_sel
+                lo, hi = wilson_interval(k, n, level)
+                res["negative_arm"] = {"npv": k / n if n else None, "npv_ci_low": lo if n else None, "npv_ci_high": hi if n else None,
+                                       "n_labelled_selected": n}
+        if "precision" in res:
+            res.update(res.pop("precision"))
+        res["method"] = "labelled images satisfying the rule; Wilson 95% intervals"
+        out[col] = res
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------
+def _redactions(ws, spec: CohortSpec) -> set[str]:
+    """String literals of the spec that equal or contain a patient ID / UID, or equal a source path."""
+    from curator.query import connect
+
+    texts = [spec.where, spec.keep, spec.order_by, spec.patient_key, spec.study_key, spec.description, spec.name]
+    if spec.sample:
+        texts += [spec.sample.positive_where, spec.sample.negative_where]
+    lits = set()
+    for t in texts:
+        if t:
+            lits.update(m.replace("''", "'") for m in re.findall(r"'((?:[^']|'')*)'", t))
+            lits.update(m for m in re.findall(r'"((?:[^"])*)"', t))
+    lits = {x for x in lits if len(x.strip("%_ ")) >= 3}
+    if not lits:
+        return set()
+    con = connect(ws, sandbox=False)
+    try:
+        found = set()
+        for lit in lits:
+            core = lit.strip("%_ ")
+            n = con.execute(
+                "SELECT count(*) FROM catalog WHERE path = ? OR "
+                "list_bool_or([v IS NOT NULL AND length(v) >= 3 AND (? = v OR contains(?, v)) "
+                "FOR v IN [patient_id, study_instance_uid, series_instance_uid, sop_instance_uid]])",
+                [lit, core, core],
+            ).fetchone()[0]
+            if n:
+                found.add(lit)
+        return found
+    finally:
+        con.close()
+
+
+def _redact(obj, secrets: set[str]):
+    if not secrets:
+        return obj
+    if isinstance(obj, str):
+        for s in sorted(secrets, key=len, reverse=True):
+            obj = obj.replace(s, "[redacted]")
+        return obj
+    if isinstance(obj, dict):
+        return {k: _redact(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_redact(v, secrets) for v in obj]
+    return obj
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _copy_one(row: dict, images_dir: Path, mode: str, deidentify: bool) -> tuple[int, str | None, str | None]:
+    """Copy / convert / link one image; returns (image_id, relative file, error)."""
+    import numpy as np
+    from PIL import Image
+
+    from curator.readers import RASTER_CONVERSION, ReadError, ReadOptions, read_image
+
+    image_id = int(row["image_id"])
+    src = row.get("path")
+    try:
+        if mode == "symlink":
+            name = f"{image_id}{Path(src).suffix.lower()}"
+            os.symlink(os.path.abspath(src), images_dir / name)
+            return image_id, f"images/{name}", None
+        with open(src, "rb") as f:
+            data = f.read()
+        want = row.get("content_hash")
+        if want and hashlib.blake2b(data, digest_size=16).hexdigest() != want:
+            return image_id, None, "file changed since it was embedded"
+        if not deidentify:
+            name = f"{image_id}{Path(src).suffix.lower()}"
+            tmp = images_dir / f".{name}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, images_dir / name)
+            return image_id, f"images/{name}", None
+        conv = row.get("conversion")
+        opts = ReadOptions(dicom_conversion=conv if conv in ("mimic", "voi") else "mimic", modalities=None)
+        res = read_image(src, opts, data=data)
+        arr = np.asarray(res.image)
+        if res.conversion == RASTER_CONVERSION and arr.ndim == 3:
+            # read_image hands colour rasters over in CheXzero's BGR order; store them as they
+            # were so that reading the PNG back gives the same model input
+            arr = arr[..., ::-1]
+        name = f"{image_id}.png"
+        tmp = images_dir / f".{name}.tmp"
+        Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")  # pixels only, no metadata
+        os.replace(tmp, images_dir / name)
+        return image_id, f"images/{name}", None
+    except ReadError as exc:
+        return image_id, None, f"{exc.kind}: {exc}"
+    except OSError as exc:
+        return image_id, None, f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+def _copy_images(df, images_dir: Path, mode: str, deidentify: bool, workers: int | None) -> tuple[dict[int, str], dict[int, str]]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    images_dir.mkdir(parents=True, exist_ok=True)
+    rows = df[[c for c in ("image_id", "path", "content_hash", "conversion") if c in df.columns]].to_dict("records")
+    workers = workers or min(8, os.cpu_count() or 1)
+    files, errors = {}, {}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
+        for image_id, rel, err in ex.map(lambda r: _copy_one(r, images_dir, mode, deidentify), rows):
+            if rel:
+                files[image_id] = rel
+            else:
+                errors[image_id] = err
+    return files, errors
+
+
+def _provenance(ws, columns: list[str], identified: bool) -> dict:
+    m = ws.manifest
+    ens = m.get("ensemble") or []
+    cks = []
+    for sha in ens:
+        info = m.get("checkpoints", {}).get(sha, {})
+        entry = {"sha256": sha, "file": Path(info.get("path", "")).name or None, "embed_dim": info.get("embed_dim")}
+        if identified:
+            entry["path"] = info.get("path")
+        cks.append(entry)
+    fc = {c: ps for c, ps in m.get("finding_columns", {}).items() if c in columns}
+    sets = {}
+    for ps_id in sorted(set(fc.values())):
+        ps = m.get("prompt_sets", {}).get(ps_id, {})
+        sets[ps_id] = {k: ps.get(k) for k in ("name", "positive", "negative", "findings", "columns", "labelled_at")}
+    return {"checkpoints": cks, "ensemble": list(ens), "prompt_sets": sets, "finding_columns": fc}
+
+
+def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = False, workers: int | None = None) -> dict:
+    """Write ``cohort.csv``, ``cohort.parquet``, ``manifest.json`` (and ``images/``) into ``out_dir``.
+
+    The folder is written under a temporary name next to ``out_dir`` and renamed into place, so a
+    reader sees a whole export or none. An existing non-empty ``out_dir`` is refused unless
+    ``overwrite``. Returns the manifest (a dict).
+
+    De-identified (the default; see :mod:`curator.deid`): identifiers replaced by salted keys, no
+    source paths, no dates but the study year; copied images are PNGs of the 8-bit image the model
+    saw, without any header. Identified (``deidentify = false``): every column of the rows as
+    selected, and copies are the original files (or symlinks to them).
+    """
+    import pandas as pd
+
+    from curator import __version__
+    from curator.calibrate import active_calibration
+    from curator.deid import deidentify_frame, workspace_salt
+
+    ws = _workspace(ws)
+    validate_spec(spec)
+    out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir == ws.root or ws.root in out_dir.parents:
+        raise ValueError(f"{out_dir}: export outside the workspace folder")
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
+        raise ValueError(f"{out_dir} exists and is not empty; choose a new folder or overwrite")
+    created = dt.datetime.now(dt.UTC)
+    sql = cohort_sql(spec, ws)
+    df = _run(ws, sql, spec.name)
+    n_candidates = int(_run(ws, f"WITH rule AS (\n{cohort_sql(CohortSpec(name=spec.name, where=spec.where), ws)}\n) SELECT count(*) AS n FROM rule", spec.name)["n"].iloc[0])
+    cal = active_calibration(ws)
+    finding_cols = [c for c in sorted(ws.manifest.get("finding_columns", {})) if c in df.columns]
+    label_cols = [f"{c}_label" for c in sorted(cal) if f"{c}_label" in df.columns]
+    cohort_cols = [c for c in ("cohort_arm", "split") if c in df.columns]
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        image_info: dict = {"mode": spec.copy_images}
+        if spec.copy_images != "none" and len(df):
+            files, errors = _copy_images(df, tmp / "images", spec.copy_images, spec.deidentify, workers)
+            df["image_file"] = [files.get(int(i)) for i in df["image_id"]]
+            image_info.update(
+                written=len(files), failed=len(errors),
+                format=("PNG of the 8-bit image the model saw (DICOM converted as catalogued), no header or metadata"
+                        if spec.deidentify else ("original files" if spec.copy_images == "copy" else "symbolic links to the source files")),
+                errors=[{"image_id": i, "error": e} for i, e in sorted(errors.items())][:100],
+            )
+        elif spec.copy_images != "none":
+            df["image_file"] = pd.Series(dtype="string")
+        patients = df["_patient"] if "_patient" in df.columns else None
+        studies = df["_study"] if "_study" in df.columns else None
+        counts = {
+            "rows": len(df),
+            "candidates": n_candidates,
+            "patients": int(patients.nunique()) if patients is not None else None,
+            "studies": int(studies.nunique()) if studies is not None else None,
+        }
+        if "split" in df.columns:
+            counts["split"] = {s: {"rows": int((df["split"] == s).sum()), "patients": int(df.loc[df["split"] == s, "_patient"].nunique())}
+                               for s in ("train", "val", "test")}
+        if "cohort_arm" in df.columns:
+            counts["arms"] = {a: int((df["cohort_arm"] == a).sum()) for a in ("positive", "negative")}
+        for lc in label_cols:
+            vc = df[lc].value_counts(dropna=False)
+            counts.setdefault("labels", {})[lc] = {str(int(k)) if k == k else "missing": int(v) for k, v in vc.items()}
+        keep = [*finding_cols, *label_cols, *cohort_cols] + (["image_file"] if "image_file" in df.columns else [])
+        if spec.deidentify:
+            salt = workspace_salt(ws.root)
+            out, deid = deidentify_frame(df.drop(columns=list(INTERNAL)), salt, keep=keep,
+                                         overrides={"patient": df["_patient"], "study": df["_study"]})
+            deid["salt"] = "per-workspace secret file .deid_salt in the workspace folder; never exported"
+            secrets = _redactions(ws, spec)
+            deid["redacted_spec_literals"] = len(secrets)
+        else:
+            out = df.drop(columns=list(INTERNAL))
+            deid = {"deidentified": False, "note": "identified export: source paths, identifiers and dates as catalogued"}
+            secrets = set()
+        # column order: identity, cohort columns, metadata, findings, labels
+        lead = [c for c in ("image_id", "image_file", "patient_key", "study_key", "split", "cohort_arm") if c in out.columns]
+        tail = [c for c in (*finding_cols, *label_cols) if c in out.columns]
+        out = out[lead + [c for c in out.columns if c not in lead and c not in tail] + tail]
+        out.to_parquet(tmp / "cohort.parquet", index=False)
+        out.to_csv(tmp / "cohort.csv", index=False)
+        prov = _provenance(ws, list(out.columns), identified=not spec.deidentify)
+        thresholds = {c: {k: e.get(k) for k in ("threshold", "lower", "upper", "rule", "lower_rule", "upper_rule", "threshold_ci_low",
+                                                   "threshold_ci_high", "prompt_set", "calibrated_at", "level", "n_pos", "n_neg")}
+                      for c, e in cal.items() if c in finding_cols}
+        manifest = {
+            "format": "curator-cohort/1",
+            "name": spec.name,
+            "description": spec.description,
+            "created": created.isoformat(),
+            "tool": {"name": "curator", "version": __version__},
+            "deidentified": spec.deidentify,
+            "deidentification": deid,
+            "spec": spec_to_dict(spec),
+            "sql": sql,
+            "counts": counts,
+            "estimates": cohort_estimates(ws, spec),
+            "thresholds": thresholds,
+            **prov,
+            "columns": {"all": list(out.columns), "findings": [c for c in finding_cols if c in out.columns],
+                        "labels": [c for c in label_cols if c in out.columns]},
+            "label_values": {"1": "positive", "0": "negative", "-1": "uncertain (between the two thresholds)"} if label_cols else None,
+            "images": image_info,
+            "workspace": {"generation": ws.manifest.get("generation"), **({"root": str(ws.root)} if not spec.deidentify else {})},
+            "files": {n: _file_sha256(tmp / n) for n in ("cohort.csv", "cohort.parquet")},
+        }
+        manifest = _redact(manifest, secrets)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "cohort",
+        help="select and export a cohort from a spec (CSV + Parquet + manifest, de-identified by default)",
+        description="Select images with a cohort spec (TOML: name, where, one_per, keep, limit, order_by, [sample], [split], "
+        "deidentify, copy_images, seed) and export them to OUT: cohort.csv, cohort.parquet, manifest.json (checkpoints, "
+        "prompt sets, thresholds, the SQL, counts, estimated precision) and optionally images/. De-identified by default: "
+        "salted keys instead of patient / study / series / SOP identifiers, no source paths, study year instead of dates.",
+    )
+    p.add_argument("--workspace", "-w", required=True, metavar="W", help="workspace folder")
+    p.add_argument("--spec", required=True, metavar="SPEC.toml", help="cohort spec (TOML)")
+    p.add_argument("--out", metavar="DIR", default=None, help="export folder (required unless --count or --sql)")
+    p.add_argument("--copy-images", choices=COPY_MODES, default=None, help="override the spec's copy_images")
+    p.add_argument("--no-deidentify", action="store_true", help="identified export (source paths, raw identifiers, dates)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export in DIR")
+    p.add_argument("--count", action="store_true", help="print the number of rows (and estimated precision) and stop")
+    p.add_argument("--sql", action="store_true", help="print the SQL of the spec and stop")
+    p.add_argument("--workers", type=int, default=None, help="threads copying images (default: CPU cores, at most 8)")
+    p.set_defaults(func=_cli_cohort)
+
+
+def _cli_cohort(args) -> int:
+    from curator.cli import CliError
+
+    spec = load_spec(args.spec)
+    if args.copy_images:
+        spec.copy_images = args.copy_images
+    if args.no_deidentify:
+        spec.deidentify = False
+    validate_spec(spec)
+    ws = _workspace(args.workspace)
+    if args.sql:
+        print(cohort_sql(spec, ws))
+        return 0
+    if args.count:
+        print(f"{spec.name}: {count_cohort(ws, spec)} rows")
+        _print_estimates(cohort_estimates(ws, spec))
+        return 0
+    if not args.out:
+        raise CliError("give --out DIR (or --count / --sql)")
+    m = export_cohort(ws, spec, args.out, overwrite=args.overwrite, workers=args.workers)
+    c = m["counts"]
+    print(f"{spec.name}: {c['rows']} rows ({c['patients']} patients, {c['studies']} studies) of {c['candidates']} matching images"
+          f" -> {Path(args.out).resolve()}" + (" (de-identified)" if m["deidentified"] else " (identified)"))
+    if "split" in c:
+        print("split: " + ", ".join(f"{k} {v['rows']} rows / {v['patients']} patients" for k, v in c["split"].items()))
+    if "arms" in c:
+        print("arms: " + ", ".join(f"{k} {v}" for k, v in c["arms"].items()))
+    if m["images"].get("failed"):
+        print(f"images: {m['images']['written']} written, {m['images']['failed']} could not be copied (see manifest.json)")
+    _print_estimates(m["estimates"])
+    return 0
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _print_estimates(est: dict) -> None:
+    for col, e in est.items():
+        parts = []
+        if "precision" in e or "recall" in e:
+            parts.append(f"precision {_fmt(e.get('precision'))} [{_fmt(e.get('precision_ci_low'))}, {_fmt(e.get('precision_ci_high'))}]"
+                         f" recall {_fmt(e.get('recall'))} (n={e.get('n_labelled_selected')} labelled selected)")
+        if "positive_arm" in e:
+            a = e["positive_arm"]
+            parts.append(f"positive arm precision {_fmt(a['precision'])} [{_fmt(a['precision_ci_low'])}, {_fmt(a['precision_ci_high'])}]")
+        if "negative_arm" in e:
+            a = e["negative_arm"]
+            parts.append(f"negative arm NPV {_fmt(a['npv'])} [{_fmt(a['npv_ci_low'])}, {_fmt(a['npv_ci_high'])}]")
+        print(f"estimated {col}: " + "; ".join(parts) + f" from {e.get('n_labelled')} labelled images")
+

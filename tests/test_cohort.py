@@ -1,0 +1,276 @@
+"""Cohort specs, SQL, export (de-identified by default), splits, sampling, growth, the Dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from pydicom.uid import generate_uid
+
+from curator.cohort import (CohortSpec, SampleSpec, SplitSpec, cohort_sql, count_cohort, export_cohort, load_spec,
+                            select_cohort, spec_from_dict, spec_to_dict, spec_to_toml)
+from curator.pipelines.embed import EmbedConfig, run_embed
+from curator.query import QueryError, run_query
+from curator.workspace import Workspace
+from tests.dicom_factory import write_dicom
+
+
+def write_dicom_archive(folder: Path, patients: range, seed: int = 0, extra_images_for: dict | None = None) -> list[dict]:
+    """DICOMs with identifiers: PatientID in the folder names too. Returns one dict per file."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in patients:
+        pid = f"PID-{p:04d}"
+        for s in range(1 + p % 3):
+            study_uid = generate_uid()
+            date = f"{2014 + (p + s) % 8}0{1 + s}1{p % 9}"
+            for k in range(1 + (p + s) % 2):
+                yy, xx = np.mgrid[0:72, 0:64]
+                r = rng.uniform(8, 28)
+                img = 600 + 2500 * ((xx - rng.uniform(20, 44)) ** 2 + (yy - rng.uniform(20, 52)) ** 2 < r * r) + rng.normal(0, 200, (72, 64))
+                info = dict(patient_id=pid, patient_name=f"Doe^Patient{p}", patient_birth_date=f"19{40 + p:02d}0102",
+                            study_instance_uid=study_uid, series_instance_uid=generate_uid(), sop_instance_uid=generate_uid(),
+                            study_date=date, view_position=("PA", "AP", "LATERAL")[(p + s + k) % 3],
+                            patient_age="095Y" if p == 1 else f"{30 + p:03d}Y", institution_name="Saint Example Hospital")
+                path = folder / pid / f"{date}_{s}" / f"img{k}.dcm"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_dicom(path, np.clip(img, 0, 4095).astype(np.uint16), bits_stored=12, **info)
+                out.append({**info, "path": str(path.resolve()), "patient_name": info["patient_name"], "birth": info["patient_birth_date"]})
+    return out
+
+
+def embed(arc: Path, ws: Path, cks) -> None:
+    run_embed(EmbedConfig(archives=[str(arc)], workspace=str(ws), checkpoints=[str(c) for c in cks], device="cpu", workers=0,
+                          batch_size=16, progress=False))
+
+
+@pytest.fixture(scope="module")
+def dicom_ws(tmp_path_factory, tiny_checkpoints):
+    d = tmp_path_factory.mktemp("cohort")
+    arc, ws = d / "arc", d / "ws"
+    files = write_dicom_archive(arc, range(1, 11))
+    embed(arc, ws, tiny_checkpoints[:1])
+    return arc, ws, files
+
+
+def test_spec_toml_contract_and_round_trip(tmp_path):
+    p = tmp_path / "edema.toml"
+    p.write_text('name = "edema-frontal"\nwhere = "edema >= 0.6 AND view_position IN (\'PA\', \'AP\')"\n'
+                 'one_per = "study"\nlimit = 5000\n# deidentify = false\n')
+    spec = load_spec(p)
+    assert (spec.name, spec.one_per, spec.limit, spec.deidentify) == ("edema-frontal", "study", 5000, True)
+    assert "view_position IN ('PA', 'AP')" in spec.where
+    full = CohortSpec(name="x", where="edema > 0.1", one_per="patient", keep="edema DESC", order_by="edema DESC",
+                      sample=SampleSpec(n_positive=3, positive_where="edema > 0.5", n_negative=2, negative_where="edema < 0.5"),
+                      split=SplitSpec(0.6, 0.2, 0.2, seed=4), copy_images="copy", seed=3, findings=["edema"])
+    assert spec_from_dict(spec_to_dict(full)) == full
+    (tmp_path / "full.toml").write_text(spec_to_toml(full))
+    assert load_spec(tmp_path / "full.toml") == full
+    for bad, msg in (({"name": "a", "wher": "x"}, "unknown key"), ({"name": "a", "one_per": "series"}, "one_per"),
+                     ({"name": "a", "copy_images": "symlink"}, "symlink"), ({"name": "a", "split": {"train": 0.5, "val": 0.1, "test": 0.1}}, "must be 1"),
+                     ({"name": "a", "sample": {"n": 3, "positive_where": "true"}}, "not both"), ({"where": "true"}, "name")):
+        with pytest.raises(ValueError, match=msg):
+            spec_from_dict(bad)
+
+
+def test_exported_rows_equal_an_independent_duckdb_query(dicom_ws, tmp_path):
+    _, ws, _ = dicom_ws
+    w = Workspace(ws)
+    med = float(run_query(w, "SELECT median(edema) m FROM images").m[0])
+    spec = CohortSpec(name="edema", where=f"edema >= {med} AND view_position IN ('PA', 'AP')", one_per="study",
+                      keep="edema DESC", order_by="edema DESC", limit=6, deidentify=False)
+    m = export_cohort(ws, spec, tmp_path / "out")
+    got = pd.read_parquet(tmp_path / "out" / "cohort.parquet")
+    ps = w.manifest["finding_columns"]["edema"]
+    con = duckdb.connect()
+    expected = con.execute(f"""
+        WITH cat AS (
+            SELECT * FROM read_parquet('{ws}/catalog/*.parquet')
+            QUALIFY row_number() OVER (PARTITION BY path ORDER BY image_id DESC) = 1
+        ), pred AS (
+            SELECT image_id, edema FROM read_parquet('{ws}/predictions/*.parquet', union_by_name = true)
+            WHERE member = 'ensemble' AND prompt_set = '{ps}'
+        ), j AS (
+            SELECT cat.*, pred.edema FROM cat JOIN pred USING (image_id)
+            WHERE pred.edema >= {med} AND view_position IN ('PA', 'AP')
+        )
+        SELECT image_id, path, study_instance_uid, edema FROM j
+        QUALIFY row_number() OVER (PARTITION BY study_instance_uid ORDER BY edema DESC, image_id) = 1
+        ORDER BY edema DESC, image_id LIMIT 6
+    """).df()
+    assert len(expected) == 6
+    assert got.image_id.tolist() == expected.image_id.tolist()
+    assert got.path.tolist() == expected.path.tolist()
+    np.testing.assert_array_equal(got.edema.to_numpy(), expected.edema.to_numpy())
+    csv = pd.read_csv(tmp_path / "out" / "cohort.csv")
+    assert csv.image_id.tolist() == expected.image_id.tolist()
+    assert m["counts"]["rows"] == 6 and m["sql"] == cohort_sql(spec, w)
+    # the manifest's SQL reruns as it is
+    assert run_query(w, m["sql"]).image_id.tolist() == expected.image_id.tolist()
+    assert count_cohort(ws, spec) == 6 == len(select_cohort(ws, spec))
+    assert not {"_patient", "_study"} & set(select_cohort(ws, spec).columns)
+
+
+def _all_text(out: Path) -> list[tuple[str, bytes]]:
+    """Every file's bytes, and the decoded cells and metadata of the Parquet file."""
+    blobs = []
+    for f in sorted(out.rglob("*")):
+        if f.is_file():
+            blobs.append((str(f), f.read_bytes()))
+            if f.suffix == ".parquet":
+                t = pq.read_table(f)
+                cells = t.to_pandas().astype(str).to_csv(index=False)
+                meta = json.dumps({k.decode(): v.decode(errors="replace") for k, v in (t.schema.metadata or {}).items()})
+                blobs.append((f"{f} (decoded)", (cells + meta).encode()))
+    return blobs
+
+
+def test_deidentified_export_holds_no_identifiers(dicom_ws, tmp_path):
+    arc, ws, files = dicom_ws
+    spec = CohortSpec(name="deid", where="patient_id <> 'PID-0009' AND edema > 0", split=SplitSpec(0.6, 0.2, 0.2),
+                      copy_images="copy", description="all but 'PID-0009'")
+    m = export_cohort(ws, spec, tmp_path / "out")
+    out = tmp_path / "out"
+    df = pd.read_parquet(out / "cohort.parquet")
+    n_expected = sum(f["patient_id"] != "PID-0009" for f in files)
+    assert len(df) == n_expected and m["deidentified"] is True
+    secrets = {str(arc), str(arc.resolve()), "Saint Example Hospital", "Doe^", "Patient1"}
+    for f in files:
+        secrets |= {f["patient_id"], f["study_instance_uid"], f["series_instance_uid"], f["sop_instance_uid"], f["path"],
+                    f["birth"], f"{f['birth'][:4]}-{f['birth'][4:6]}-{f['birth'][6:]}", f["study_date"],
+                    f"{f['study_date'][:4]}-{f['study_date'][4:6]}-{f['study_date'][6:]}"}
+    salt = (ws / ".deid_salt").read_text().strip()
+    secrets.add(salt)
+    blobs = _all_text(out)
+    assert any(name.endswith(".png") for name, _ in blobs)
+    for name, data in blobs:
+        for s in secrets:
+            assert s.encode() not in data, f"{s!r} found in {name}"
+    assert {"path", "patient_id", "study_instance_uid", "sop_instance_uid", "study_date", "institution_name", "content_hash"}.isdisjoint(df.columns)
+    assert {"patient_key", "study_key", "sop_key", "study_year", "split", "image_file", "edema"} <= set(df.columns)
+    assert df.patient_age.max() == 90  # 95 -> 90
+    assert df.patient_key.nunique() == 9 and df.patient_key.str.fullmatch("[0-9a-f]{24}").all()
+    assert "[redacted]" in m["spec"]["where"]
+    # no patient in two splits
+    assert (df.groupby("patient_key").split.nunique() == 1).all()
+    # the same salt: a second export gives the same keys
+    m2 = export_cohort(ws, spec, tmp_path / "out2")
+    df2 = pd.read_parquet(tmp_path / "out2" / "cohort.parquet")
+    assert df2.patient_key.tolist() == df.patient_key.tolist() and m2["counts"] == m["counts"]
+
+
+def test_split_is_patient_disjoint_and_follows_the_documented_hash(dicom_ws, tmp_path):
+    _, ws, files = dicom_ws
+    spec = CohortSpec(name="split", split=SplitSpec(0.5, 0.25, 0.25, seed=7), deidentify=False)
+    export_cohort(ws, spec, tmp_path / "o")
+    df = pd.read_parquet(tmp_path / "o" / "cohort.parquet")
+    assert len(df) == len(files)
+    assert (df.groupby("patient_id").split.nunique() == 1).all()
+    for pid, split in df.groupby("patient_id").split.first().items():
+        u = int(hashlib.md5(f"7:{pid}".encode()).hexdigest()[:13], 16) / 2**52
+        assert split == ("train" if u < 0.5 else "val" if u < 0.75 else "test")
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert sum(v["patients"] for v in m["counts"]["split"].values()) == m["counts"]["patients"] == 10
+
+
+def test_sampling_arms_are_seeded_and_follow_the_md5_rule(dicom_ws):
+    _, ws, _ = dicom_ws
+    w = Workspace(ws)
+    med = float(run_query(w, "SELECT median(edema) m FROM images").m[0])
+    spec = CohortSpec(name="s", sample=SampleSpec(n_positive=4, positive_where=f"edema >= {med}", n_negative=3, negative_where="true"), seed=5)
+    df = select_cohort(ws, spec)
+    assert df.cohort_arm.value_counts().to_dict() == {"positive": 4, "negative": 3}
+    allrows = run_query(w, "SELECT image_id, edema FROM images")
+    pos = allrows[allrows.edema >= med]
+    neg = allrows[allrows.edema < med]
+    key = lambda ids: sorted(ids, key=lambda i: (hashlib.md5(f"{i}:5".encode()).hexdigest(), i))
+    assert sorted(df[df.cohort_arm == "positive"].image_id) == sorted(key(pos.image_id)[:4])
+    assert sorted(df[df.cohort_arm == "negative"].image_id) == sorted(key(neg.image_id)[:3])
+    assert select_cohort(ws, spec).image_id.tolist() == df.image_id.tolist()
+    one = select_cohort(ws, CohortSpec(name="u", sample=SampleSpec(n=5), seed=1))
+    assert len(one) == 5
+
+
+def test_one_per_patient_keeps_the_first_row_and_user_sql_is_sandboxed(dicom_ws):
+    _, ws, _ = dicom_ws
+    df = select_cohort(ws, CohortSpec(name="p", one_per="patient", deidentify=False))
+    full = run_query(Workspace(ws), "SELECT patient_id, min(image_id) AS first FROM images GROUP BY patient_id")
+    assert sorted(df.image_id) == sorted(full["first"])
+    with pytest.raises(QueryError):
+        select_cohort(ws, CohortSpec(name="evil", where="true AND (SELECT count(*) FROM read_csv('/etc/passwd')) > 0"))
+    with pytest.raises(QueryError, match="one statement|does not parse"):
+        count_cohort(ws, CohortSpec(name="evil", where="true; SELECT 1"))
+
+
+def test_rerun_on_a_grown_archive_gives_a_superset(tmp_path, tiny_checkpoints):
+    arc, ws = tmp_path / "arc", tmp_path / "ws"
+    write_dicom_archive(arc, range(1, 4), seed=1)
+    embed(arc, ws, tiny_checkpoints[:1])
+    spec = CohortSpec(name="grow", where="view_position <> 'LATERAL'", one_per="study", split=SplitSpec())
+    export_cohort(ws, spec, tmp_path / "a")
+    before = pd.read_parquet(tmp_path / "a" / "cohort.parquet")
+    write_dicom_archive(arc / "more", range(3, 7), seed=2)  # patients 3 (new studies) to 6
+    embed(arc, ws, tiny_checkpoints[:1])
+    export_cohort(ws, spec, tmp_path / "b")
+    after = pd.read_parquet(tmp_path / "b" / "cohort.parquet")
+    assert len(after) > len(before)
+    assert set(before.image_id) <= set(after.image_id)
+    merged = before.merge(after, on="image_id", suffixes=("_a", "_b"))
+    assert (merged.split_a == merged.split_b).all() and (merged.patient_key_a == merged.patient_key_b).all()
+    assert (after.groupby("patient_key").split.nunique() == 1).all()  # a returning patient keeps their split
+    with pytest.raises(ValueError, match="not empty"):
+        export_cohort(ws, spec, tmp_path / "b")
+    export_cohort(ws, spec, tmp_path / "b", overwrite=True)
+
+
+def test_dataset_reads_copied_and_source_images_as_the_model_input(dicom_ws, tmp_path):
+    from curator.cohort_dataset import CohortDataset
+    from curator.preprocess import model_input
+    from curator.readers import ReadOptions, read_image
+
+    _, ws, _ = dicom_ws
+    export_cohort(ws, CohortSpec(name="d", limit=3, copy_images="copy", split=SplitSpec()), tmp_path / "deid")
+    export_cohort(ws, CohortSpec(name="d", limit=3, deidentify=False), tmp_path / "ident")
+    export_cohort(ws, CohortSpec(name="d", limit=3), tmp_path / "noimg")
+    src = run_query(Workspace(ws), "SELECT image_id, path FROM images ORDER BY image_id LIMIT 3")
+    a = CohortDataset(tmp_path / "deid")
+    b = CohortDataset(tmp_path / "ident", return_id=True)
+    assert len(a) == len(b) == 3 and a.target_columns == b.target_columns and "edema" in a.target_columns
+    for i in range(3):
+        want = model_input(read_image(src.path[i], ReadOptions(modalities=None)).image)
+        xa, ya = a[i]
+        xb, yb, iid = b[i]
+        assert iid == src.image_id[i]
+        torch.testing.assert_close(xa, want, rtol=0, atol=0)
+        torch.testing.assert_close(xb, want, rtol=0, atol=0)
+        assert ya.dtype == torch.float32 and torch.equal(ya, yb)
+    loader = torch.utils.data.DataLoader(a, batch_size=2)
+    x, y = next(iter(loader))
+    assert x.shape == (2, 3, 224, 224) and y.shape == (2, len(a.target_columns))
+    with pytest.raises(ValueError, match="without images"):
+        CohortDataset(tmp_path / "noimg")
+
+
+def test_cli_cohort(dicom_ws, tmp_path, capsys):
+    from curator.cli import main
+
+    _, ws, _ = dicom_ws
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "cli"\nwhere = "view_position = \'PA\'"\none_per = "patient"\n')
+    assert main(["cohort", "--workspace", str(ws), "--spec", str(spec), "--count"]) == 0
+    n = int(capsys.readouterr().out.split(":")[1].split()[0])
+    assert main(["cohort", "--workspace", str(ws), "--spec", str(spec), "--out", str(tmp_path / "o")]) == 0
+    assert "de-identified" in capsys.readouterr().out
+    assert len(pd.read_csv(tmp_path / "o" / "cohort.csv")) == n
+    assert main(["cohort", "--workspace", str(ws), "--spec", str(spec), "--sql"]) == 0
+    assert "QUALIFY row_number()" in capsys.readouterr().out
+    spec.write_text('name = "bad"\nwhere = "no_such_column > 1"\n')
+    assert main(["cohort", "--workspace", str(ws), "--spec", str(spec), "--count"]) == 2
+    assert "no_such_column" in capsys.readouterr().err
