@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
+import re
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +46,14 @@ def query_vector(ck: Checkpoint, text: str | None = None, image: str | Path | No
     return ck.encode_images(model_input(result.image).unsqueeze(0)).numpy()[0]
 
 
-def search(ws: Workspace, vector: np.ndarray, k: int = 20, index_and_info=None) -> pd.DataFrame:
-    """Top-k images for a normalised query vector, with their catalog fields and probabilities."""
+def search(ws: Workspace, vector: np.ndarray, k: int = 20, index_and_info=None, allowed_ids=None) -> pd.DataFrame:
+    """Top-k images for a normalised query vector, with their catalog fields and probabilities.
+
+    ``allowed_ids`` (image ids) restricts the search itself to those images: the top-k among
+    them, k of them whenever at least k are allowed and indexed.
+    """
     index, info = index_and_info or faiss_index.load_index(ws)
-    sims, ids = faiss_index.search_vectors(index, vector, k)
+    sims, ids = faiss_index.search_vectors(index, vector, k, allowed_ids=allowed_ids)
     hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0]
     con = connect(ws)
     try:
@@ -63,3 +71,321 @@ def search(ws: Workspace, vector: np.ndarray, k: int = 20, index_and_info=None) 
     finally:
         con.close()
     return df
+
+
+# ------------------------------------------------------------------------------------------
+# Filters: metadata and probability conditions, turned into a SQL predicate over `images`.
+
+class FilterError(ValueError):
+    """A filter or condition the user wrote that cannot be used (the message says why)."""
+
+
+_TOKEN = re.compile(r"\s*(?:(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<op>>=|<=|!=|<>|==|=|>|<)"
+                    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<paren>[()]))")
+_SQL_OP = {">": ">", ">=": ">=", "<": "<", "<=": "<=", "=": "=", "==": "=", "!=": "<>", "<>": "<>"}
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    out, pos, text = [], 0, text.strip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise FilterError(f"cannot read the condition at {text[pos:pos + 20]!r}")
+        kind = m.lastgroup
+        out.append((kind, m.group(kind)))
+        pos = m.end()
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    return out
+
+
+def parse_condition(text: str, columns, default_threshold: float = 0.5) -> str:
+    """A probability condition as a SQL predicate over ``images``.
+
+    Grammar: comparisons ``finding OP number`` (OP one of ``> >= < <= = !=``) combined with
+    ``and``, ``or``, ``not`` and parentheses; a bare finding means ``finding > default_threshold``.
+    ``edema > 0.7 and not cardiomegaly`` becomes
+    ``(("edema" > 0.7) AND (NOT ("cardiomegaly" > 0.5)))``. Only the given ``columns`` (the
+    workspace's finding columns, plus any numeric column the caller allows) may be named, and
+    numbers are re-printed, so the result is safe to put in SQL.
+    """
+    allowed = {str(c).lower(): str(c) for c in columns}
+    toks = _tokens(text)
+    if not toks:
+        return ""
+    pos = 0
+
+    def peek(kind=None, value=None):
+        if pos >= len(toks):
+            return False
+        k, v = toks[pos]
+        return (kind is None or k == kind) and (value is None or v.lower() == value)
+
+    def take():
+        nonlocal pos
+        pos += 1
+        return toks[pos - 1]
+
+    def column(name: str) -> str:
+        col = allowed.get(name.lower())
+        if col is None:
+            known = ", ".join(sorted(allowed)) or "(none: label the workspace first)"
+            raise FilterError(f"unknown finding {name!r}; known: {known}")
+        return '"' + col.replace('"', '""') + '"'
+
+    def number(v: str) -> str:
+        x = float(v)
+        if not np.isfinite(x):
+            raise FilterError(f"not a usable number: {v}")
+        return repr(x)
+
+    def expr():
+        parts = [term()]
+        while peek("name", "or"):
+            take()
+            parts.append(term())
+        return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
+
+    def term():
+        parts = [factor()]
+        while peek("name", "and"):
+            take()
+            parts.append(factor())
+        return parts[0] if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
+
+    def factor():
+        if peek("name", "not"):
+            take()
+            return f"(NOT {factor()})"
+        if peek("paren", "("):
+            take()
+            inner = expr()
+            if not peek("paren", ")"):
+                raise FilterError("a '(' is not closed")
+            take()
+            return inner
+        if peek("name"):
+            name = take()[1]
+            if name.lower() in ("and", "or", "not"):
+                raise FilterError(f"'{name}' needs a condition before and after it")
+            col = column(name)
+            if peek("op"):
+                op = _SQL_OP[take()[1]]
+                if not peek("num"):
+                    raise FilterError(f"expected a number after {name} {op}")
+                return f"({col} {op} {number(take()[1])})"
+            return f"({col} > {number(str(default_threshold))})"
+        if peek("num"):
+            raise FilterError("write conditions as 'finding > 0.7' (the finding first)")
+        raise FilterError("a condition is missing" if pos >= len(toks) else f"unexpected {toks[pos][1]!r}")
+
+    out = expr()
+    if pos != len(toks):
+        raise FilterError(f"unexpected {toks[pos][1]!r} in the condition")
+    return out
+
+
+def _sql_str(v: str) -> str:
+    return "'" + str(v).replace("'", "''") + "'"
+
+
+@dataclass
+class SearchFilter:
+    """Metadata and probability conditions on images; empty fields do not restrict.
+
+    ``None`` inside a value list stands for "not recorded" (SQL NULL). Ranges are inclusive.
+    """
+
+    view_positions: list = field(default_factory=list)
+    modalities: list = field(default_factory=list)
+    sexes: list = field(default_factory=list)
+    age_min: int | None = None
+    age_max: int | None = None
+    date_from: _dt.date | None = None
+    date_to: _dt.date | None = None
+    condition: str = ""  # probability condition, see parse_condition
+
+    def is_empty(self) -> bool:
+        return not (self.view_positions or self.modalities or self.sexes or self.age_min is not None
+                    or self.age_max is not None or self.date_from or self.date_to or self.condition.strip())
+
+    def to_sql(self, finding_columns=()) -> str:
+        """A SQL predicate over ``images`` (``"true"`` when empty); values are quoted, names checked."""
+        parts = []
+        for col, values in (("view_position", self.view_positions), ("modality", self.modalities), ("patient_sex", self.sexes)):
+            if not values:
+                continue
+            known = [v for v in values if v is not None]
+            alts = []
+            if known:
+                alts.append(f"{col} IN ({', '.join(_sql_str(v) for v in known)})")
+            if len(known) < len(values):
+                alts.append(f"{col} IS NULL")
+            parts.append("(" + " OR ".join(alts) + ")")
+        if self.age_min is not None:
+            parts.append(f"patient_age >= {int(self.age_min)}")
+        if self.age_max is not None:
+            parts.append(f"patient_age <= {int(self.age_max)}")
+        if self.date_from:
+            parts.append(f"study_date >= DATE '{_dt.date.fromisoformat(str(self.date_from)).isoformat()}'")
+        if self.date_to:
+            parts.append(f"study_date <= DATE '{_dt.date.fromisoformat(str(self.date_to)).isoformat()}'")
+        if self.condition.strip():
+            parts.append(parse_condition(self.condition, finding_columns))
+        return " AND ".join(parts) if parts else "true"
+
+
+# ------------------------------------------------------------------------------------------
+# A search service for long-lived processes (the app, benchmarks): index, model and a compact
+# table of the filterable columns are loaded once; every query after that is one text encode,
+# one SQL filter and one FAISS search.
+
+SEARCH_COLUMNS = ("view_position", "modality", "patient_sex", "patient_age", "study_date")
+
+
+def load_index_checkpoint(ws: Workspace, device: str | None = None, path: str | None = None) -> Checkpoint:
+    """Load only the checkpoint the index was built with (checking its sha256)."""
+    from curator.model import file_sha256, load_checkpoint
+
+    info = faiss_index.read_index_info(ws)
+    if info is None:
+        raise WorkspaceError(f"{ws.root}: no index yet; run `curator index --workspace {ws.root}`")
+    path = path or ws.manifest.get("checkpoints", {}).get(info.checkpoint, {}).get("path")
+    if not path:
+        raise WorkspaceError(f"the index's checkpoint {info.checkpoint[:12]} is not recorded in the workspace")
+    try:
+        actual = file_sha256(path)
+    except OSError:
+        raise WorkspaceError(f"checkpoint {info.checkpoint[:12]} is no longer at {path}") from None
+    if actual != info.checkpoint:
+        raise WorkspaceError(f"{path} has changed since the index was built (sha256 {actual[:12]}, expected {info.checkpoint[:12]})")
+    return load_checkpoint(path, device)
+
+
+def image_vector_from_bytes(ck: Checkpoint, data: bytes, read_options: ReadOptions | None = None) -> np.ndarray:
+    """The normalised embedding of an uploaded image file's content (DICOM, PNG or JPEG).
+
+    The bytes are written to a private temporary file under a fixed name; no name or path that
+    came with the upload is used.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="curator-upload-") as d:
+        tmp = Path(d) / "upload"
+        tmp.write_bytes(data)
+        result = read_image(tmp, read_options or ReadOptions(modalities=None))
+        return ck.encode_images(model_input(result.image).unsqueeze(0)).numpy()[0]
+
+
+class Searcher:
+    """Index + model + filter table of one workspace state, shared by threads.
+
+    Each thread gets its own DuckDB cursor on one sandboxed connection.
+    """
+
+    def __init__(self, ws: Workspace, device: str | None = None, checkpoint: Checkpoint | None = None,
+                 load_model: bool = True, threads: int | None = None):
+        self.ws = ws
+        self.index, self.info = faiss_index.load_index(ws)
+        self.finding_columns = sorted(ws.manifest.get("finding_columns", {}))
+        self.checkpoint = checkpoint
+        self.model_error: str | None = None
+        if checkpoint is None and load_model:
+            try:
+                self.checkpoint = load_index_checkpoint(ws, device)
+            except (WorkspaceError, OSError, ValueError) as exc:
+                self.model_error = str(exc)
+        self._con = connect(ws, threads=threads)
+        cols = ", ".join(["image_id", *SEARCH_COLUMNS, *[f'"{c}"' for c in self.finding_columns]])
+        self._con.execute(f"CREATE TABLE search_rows AS SELECT {cols} FROM images ORDER BY image_id")
+        self.images = int(self._con.execute("SELECT count(*) FROM search_rows").fetchall()[0][0])
+        self.stale = self.images != self.info.count
+        self._local = threading.local()
+        self._encode_lock = threading.Lock()
+
+    def cursor(self):
+        cur = getattr(self._local, "cursor", None)
+        if cur is None:
+            cur = self._local.cursor = self._con.cursor()
+        return cur
+
+    # -- query vectors --------------------------------------------------------------------
+    def _model(self) -> Checkpoint:
+        if self.checkpoint is None:
+            raise WorkspaceError(self.model_error or "no model loaded")
+        return self.checkpoint
+
+    def text_vector(self, text: str) -> np.ndarray:
+        if not text or not text.strip():
+            raise ValueError("the search text is empty")
+        ck = self._model()
+        with self._encode_lock:
+            return ck.encode_texts([text.strip()]).numpy()[0]
+
+    def image_vector(self, data: bytes) -> np.ndarray:
+        ck = self._model()
+        with self._encode_lock:
+            return image_vector_from_bytes(ck, data)
+
+    def vector_of(self, image_id: int) -> np.ndarray:
+        v = faiss_index.reconstruct(self.index, image_id)
+        if v is None:
+            raise WorkspaceError(f"image {image_id} is not in the index; run `curator index` to update it")
+        return v
+
+    # -- filtering and search -------------------------------------------------------------
+    def filter_sql(self, flt: SearchFilter | None) -> str:
+        return "true" if flt is None else flt.to_sql(self.finding_columns)
+
+    def allowed_ids(self, flt: SearchFilter | None) -> np.ndarray | None:
+        """Image ids passing ``flt`` (None when there is no filter)."""
+        if flt is None or flt.is_empty():
+            return None
+        where = self.filter_sql(flt)
+        got = self.cursor().execute(f"SELECT image_id FROM search_rows WHERE {where}").fetchnumpy()["image_id"]
+        return np.asarray(got, dtype=np.int64)
+
+    def count(self, flt: SearchFilter | None = None) -> int:
+        return int(self.cursor().execute(f"SELECT count(*) FROM search_rows WHERE {self.filter_sql(flt)}").fetchall()[0][0])
+
+    def search(self, vector: np.ndarray, k: int = 20, flt: SearchFilter | None = None, exclude=()) -> pd.DataFrame:
+        """Top-k images passing ``flt`` for a normalised query vector (``exclude``: ids to leave out).
+
+        Columns: rank, image_id, similarity, the filter columns and every finding's probability.
+        """
+        allowed = self.allowed_ids(flt)
+        exclude = {int(i) for i in exclude}
+        extra = 0
+        if exclude:
+            if allowed is not None:
+                allowed = allowed[~np.isin(allowed, list(exclude))]
+            else:
+                extra = len(exclude)
+        sims, ids = faiss_index.search_vectors_filtered(self.index, vector, int(k) + extra, allowed)
+        hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0 and int(i) not in exclude][: int(k)]
+        cols = ["rank", "image_id", "similarity", *SEARCH_COLUMNS, *self.finding_columns]
+        if not hits:
+            return pd.DataFrame(columns=cols)
+        hit_df = pd.DataFrame({"rank": np.arange(1, len(hits) + 1, dtype=np.int32),
+                               "image_id": np.array([h[0] for h in hits], np.int64),
+                               "similarity": np.array([h[1] for h in hits], np.float64)})
+        cur = self.cursor()
+        cur.register("hit_df", hit_df)
+        try:
+            df = cur.execute("SELECT h.rank, h.image_id, h.similarity, r.* EXCLUDE (image_id) FROM hit_df h "
+                             "JOIN search_rows r USING (image_id) ORDER BY h.rank").df()
+        finally:
+            cur.unregister("hit_df")
+        return df
+
+    def details(self, image_id: int) -> dict | None:
+        """All catalog fields and probabilities of one image (None when it is not catalogued)."""
+        cur = self.cursor()
+        row = cur.execute("SELECT * FROM catalog_raw WHERE image_id = ?", [int(image_id)]).df()
+        if row.empty:
+            return None
+        out = row.iloc[0].to_dict()
+        probs = cur.execute("SELECT * FROM search_rows WHERE image_id = ?", [int(image_id)]).df()
+        if not probs.empty:
+            out.update({c: probs.iloc[0][c] for c in self.finding_columns})
+        return out

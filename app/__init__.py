@@ -1,0 +1,1 @@
+"""The Streamlit app (installed as ``curator.app``); start it with ``curator app --workspace W``."""

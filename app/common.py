@@ -1,0 +1,278 @@
+"""What the app's pages share: which workspace, the resources loaded once per process, widgets.
+
+The app holds no logic of its own: searching is :class:`curator.search.Searcher`, thumbnails are
+:mod:`curator.thumbnails`, SQL is :func:`curator.query.connect` (sandboxed), cohorts are
+:mod:`curator.cohort`. This module only wires them to Streamlit.
+
+The workspace comes from ``--workspace W`` after ``--`` on the ``streamlit run`` line (``curator
+app`` passes it) or from the ``CURATOR_WORKSPACE`` environment variable.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from curator.index import read_index_info
+from curator.query import connect
+from curator.search import Searcher, SearchFilter
+from curator.thumbnails import get_thumbnails
+from curator.workspace import Workspace, WorkspaceError
+
+ENV_WORKSPACE = "CURATOR_WORKSPACE"
+ENV_DEVICE = "CURATOR_DEVICE"
+ENV_EXPORTS = "CURATOR_EXPORTS"
+
+# Never shown in the app's tables and detail views (the catalog holds no names or birth dates;
+# these are listed so that a future column of that kind stays hidden too).
+HIDDEN_COLUMNS = frozenset({
+    "patient_id", "patient_name", "patient_birth_date", "patient_birth_name", "other_patient_ids",
+    "other_patient_names", "patient_address", "patient_telephone_numbers", "patient_mother_birth_name",
+})
+NOT_RECORDED = "(not recorded)"
+GRID_COLUMNS = 5
+PREFERRED_FINDINGS = ("pleural_effusion", "edema", "cardiomegaly", "pneumothorax", "consolidation", "atelectasis")
+
+
+# -- which workspace ----------------------------------------------------------------------------
+def _argv_value(name: str) -> str | None:
+    args = sys.argv[1:]
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def workspace_root() -> str | None:
+    return _argv_value("--workspace") or os.environ.get(ENV_WORKSPACE) or None
+
+
+def device() -> str | None:
+    return _argv_value("--device") or os.environ.get(ENV_DEVICE) or None
+
+
+def workspace(require_images: bool = True) -> Workspace | None:
+    """The workspace (manifest re-read on every run), or None after telling the user what to do."""
+    root = workspace_root()
+    if not root:
+        st.info("No workspace given. Start the app with `curator app --workspace W` "
+                f"(or set {ENV_WORKSPACE}=W before `streamlit run`).")
+        return None
+    try:
+        ws = Workspace(root)
+    except WorkspaceError as exc:
+        st.error(str(exc))
+        return None
+    if not ws.exists:
+        st.info(f"`{ws.root}` is not a curator workspace yet (no manifest.json). Create it with "
+                f"`curator embed /path/to/archive --workspace {ws.root} --checkpoint CK.pt`.")
+        return None
+    if require_images and ws.row_count("catalog") == 0:
+        st.info(f"The workspace `{ws.root}` holds no images yet. Add some with "
+                f"`curator embed /path/to/archive --workspace {ws.root} --checkpoint CK.pt`.")
+        return None
+    return ws
+
+
+def generation(ws: Workspace) -> int:
+    return int(ws.manifest.get("generation", 0))
+
+
+def finding_columns(ws: Workspace) -> list[str]:
+    return sorted(ws.manifest.get("finding_columns", {}))
+
+
+def default_findings(ws: Workspace, n: int = 3) -> list[str]:
+    cols = finding_columns(ws)
+    preferred = [c for c in PREFERRED_FINDINGS if c in cols]
+    return (preferred + [c for c in cols if c not in preferred])[:n]
+
+
+# -- resources loaded once per process ----------------------------------------------------------
+@st.cache_resource(show_spinner="Opening the workspace…", max_entries=4)
+def _connection(root: str, gen: int):
+    """A sandboxed DuckDB connection with the workspace views (per manifest generation)."""
+    return connect(Workspace(root))
+
+
+_local = threading.local()
+
+
+def cursor(ws: Workspace):
+    """This thread's cursor on the process's sandboxed connection (DuckDB: one cursor per thread)."""
+    con = _connection(str(ws.root), generation(ws))
+    held = getattr(_local, "held", None)
+    if held is None or held[0] is not con:
+        held = _local.held = (con, con.cursor())
+    return held[1]
+
+
+@st.cache_resource(show_spinner="Loading the index and the model…", max_entries=1)
+def _searcher(root: str, gen: int, index_stamp: str, device_name: str | None):
+    return Searcher(Workspace(root), device=device_name)
+
+
+def searcher(ws: Workspace) -> Searcher | None:
+    """The workspace's search service, or None (after saying how to build an index)."""
+    info = read_index_info(ws)
+    if info is None:
+        st.warning(f"This workspace has no search index yet. Build it with `curator index --workspace {ws.root}`, "
+                   "then reload this page.")
+        return None
+    try:
+        return _searcher(str(ws.root), generation(ws), f"{info.built_at}/{info.file}", device())
+    except (WorkspaceError, OSError, RuntimeError) as exc:
+        st.error(f"Cannot load the search index: {exc}. Rebuild it with `curator index --workspace {ws.root}`.")
+        return None
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _distinct(root: str, gen: int, column: str) -> list:
+    cur = cursor(Workspace(root))
+    rows = cur.execute(f"SELECT DISTINCT {column} FROM catalog ORDER BY 1 NULLS LAST").fetchall()
+    return [r[0] for r in rows]
+
+
+def distinct_values(ws: Workspace, column: str) -> list:
+    assert column in ("view_position", "modality", "patient_sex")
+    return _distinct(str(ws.root), generation(ws), column)
+
+
+# -- widgets ------------------------------------------------------------------------------------
+def missing(v) -> bool:
+    """None, NaN or NaT."""
+    if v is None:
+        return True
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _fmt_value(v) -> str:
+    return NOT_RECORDED if missing(v) else str(v)
+
+
+def filter_widgets(ws: Workspace, key: str, with_condition: bool = True) -> SearchFilter:
+    """Metadata (and probability) filters; returns the :class:`SearchFilter` they describe."""
+    c1, c2, c3 = st.columns(3)
+    views = c1.multiselect("View position", distinct_values(ws, "view_position"), format_func=_fmt_value, key=f"{key}-view")
+    mods = c2.multiselect("Modality", distinct_values(ws, "modality"), format_func=_fmt_value, key=f"{key}-modality")
+    sexes = c3.multiselect("Sex", distinct_values(ws, "patient_sex"), format_func=_fmt_value, key=f"{key}-sex")
+    c1, c2, c3 = st.columns(3)
+    age = c1.slider("Age (years)", 0, 120, (0, 120), key=f"{key}-age")
+    date_from = c2.date_input("Study date from", value=None, min_value=dt.date(1900, 1, 1), key=f"{key}-from")
+    date_to = c3.date_input("Study date to", value=None, min_value=dt.date(1900, 1, 1), key=f"{key}-to")
+    condition = ""
+    if with_condition:
+        condition = st.text_input(
+            "Probability condition", key=f"{key}-cond", placeholder="e.g. edema > 0.7 and not cardiomegaly > 0.5",
+            help="Findings (columns of `images`) compared with numbers, combined with and / or / not and brackets. "
+                 "A finding alone means probability > 0.5. Findings: " + ", ".join(finding_columns(ws)),
+        )
+    return SearchFilter(
+        view_positions=list(views), modalities=list(mods), sexes=list(sexes),
+        age_min=age[0] if age[0] > 0 else None, age_max=age[1] if age[1] < 120 else None,
+        date_from=date_from, date_to=date_to, condition=condition or "",
+    )
+
+
+def thumbnails(ws: Workspace, ids, size: str = "small") -> tuple[dict[int, bytes], dict[int, str]]:
+    return get_thumbnails(ws.root, cursor(ws), ids, size)
+
+
+def _fmt_date(v) -> str:
+    if missing(v):
+        return "date —"
+    try:
+        return pd.Timestamp(v).date().isoformat()
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def image_grid(ws: Workspace, df: pd.DataFrame, findings: list[str], key: str, actions: bool = True,
+               on_details=None, on_similar=None) -> None:
+    """Thumbnails of ``df``'s images (rows with ``image_id``), with similarity and probabilities."""
+    if df.empty:
+        return
+    ids = [int(i) for i in df["image_id"]]
+    found, problems = thumbnails(ws, ids)
+    rows = df.to_dict("records")
+    for start in range(0, len(rows), GRID_COLUMNS):
+        cols = st.columns(GRID_COLUMNS)
+        for col, r in zip(cols, rows[start:start + GRID_COLUMNS]):
+            iid = int(r["image_id"])
+            with col.container(border=True):
+                if iid in found:
+                    st.image(found[iid], width="stretch")
+                else:
+                    st.caption(f"no preview: {problems.get(iid, 'unavailable')}")
+                lines = []
+                if "similarity" in r and not missing(r["similarity"]):
+                    lines.append(f"**#{r.get('rank', '')}** · similarity **{r['similarity']:.3f}**")
+                else:
+                    lines.append(f"image {iid}")
+                probs = [f"{f} {r[f]:.2f}" for f in findings if f in r and not missing(r[f])]
+                if probs:
+                    lines.append(" · ".join(probs))
+                view = r.get("view_position")
+                lines.append(f"view {'—' if missing(view) else view} · {_fmt_date(r.get('study_date'))}")
+                st.markdown("  \n".join(lines))
+                if actions:
+                    st.button("Details", key=f"{key}-det-{iid}", on_click=on_details, args=(iid,), width="stretch",
+                              icon=":material/zoom_in:", type="tertiary")
+                    st.button("More like this", key=f"{key}-mlt-{iid}", on_click=on_similar, args=(iid,), width="stretch",
+                              icon=":material/image_search:", type="tertiary")
+
+
+def visible_metadata(row: dict) -> dict:
+    """Catalog fields fit to show: no patient identifiers, no empty values."""
+    out = {}
+    for k, v in row.items():
+        if k in HIDDEN_COLUMNS or missing(v):
+            continue
+        out[k] = v.isoformat() if hasattr(v, "isoformat") else v
+    return out
+
+
+def json_bytes(obj) -> bytes:
+    return json.dumps(obj, indent=1, default=str).encode()
+
+
+def export_folder(name: str) -> Path:
+    """A new folder for one export: under ``--exports DIR`` (or $CURATOR_EXPORTS) when given, else a
+    fresh temporary folder. Never inside the workspace (exports may leave it; the workspace stays as built)."""
+    import re
+    import tempfile
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "cohort"
+    stamp = dt.datetime.now().strftime("%Y%m%dT%H%M%S")
+    base = _argv_value("--exports") or os.environ.get(ENV_EXPORTS)
+    parent = Path(base).expanduser() if base else Path(tempfile.mkdtemp(prefix="curator-export-"))
+    parent.mkdir(parents=True, exist_ok=True)
+    out = parent / f"{safe}-{stamp}"
+    n = 1
+    while out.exists():
+        n += 1
+        out = parent / f"{safe}-{stamp}-{n}"
+    return out
+
+
+def label_columns(ws: Workspace) -> list[str]:
+    """``<finding>_label`` columns of the ``labels`` view (present once the workspace is calibrated)."""
+    try:
+        rows = cursor(ws).execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'labels' AND column_name LIKE '%\\_label' ESCAPE '\\' "
+            "ORDER BY 1").fetchall()
+    except Exception:  # noqa: BLE001 - no labels view: not calibrated
+        return []
+    return [r[0] for r in rows]
