@@ -1,0 +1,65 @@
+"""Zero-shot quality of the bundled demo model on a held-out synthetic archive.
+
+Generates an archive with a seed used neither for training (101) nor for the thresholds (303),
+embeds it with the demo model, labels it with the demo prompt set (("{}", "no {}") templates),
+and prints per-finding ROC AUC against the synthetic ground truth, the mean over the eight
+findings, and the precision@20 of the text search "moderate pulmonary edema".
+Targets (issue 3): mean AUC >= 0.90, edema >= 0.95, precision@20 >= 0.9.
+
+    python benchmarks/demo_model_quality.py --studies 600 --seed 404
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--studies", type=int, default=600)
+    ap.add_argument("--seed", type=int, default=404)
+    ap.add_argument("--image-size", type=int, default=1024)
+    ap.add_argument("--archive", type=Path, default=None, help="reuse/generate the archive here (default: a temporary folder)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    from curator.demo_model import demo_checkpoint_path
+    from curator.index import build_index
+    from curator.pipelines.demo_model import FINDINGS, score_archive, thresholds_and_auc
+    from curator.search import index_checkpoint, query_vector, search
+    from curator.synth import generate_archive
+    from curator.workspace import Workspace
+
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = args.archive or Path(tmp) / "archive"
+        if not (archive / "ground_truth.csv").is_file():
+            generate_archive(archive, studies=args.studies, seed=args.seed, image_size=args.image_size, progress=False, workers=2, exist_ok=True)
+        ws_root = Path(tmp) / "ws"
+        merged = score_archive(demo_checkpoint_path(), archive, ws_root)
+        _, auc = thresholds_and_auc(merged)
+        ws = Workspace(ws_root)
+        with ws.writer():
+            build_index(ws)
+        hits = search(ws, query_vector(index_checkpoint(ws), text="moderate pulmonary edema"), k=20)
+        truth = merged.set_index("path")["edema_truth"]
+        p20 = float(truth.loc[hits.path].mean())
+    mean_auc = sum(auc.values()) / len(auc)
+    result = {"images": len(merged), "seed": args.seed, "auc": auc, "mean_auc": mean_auc, "precision_at_20_moderate_pulmonary_edema": p20}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"held-out synthetic archive: seed {args.seed}, {len(merged)} images")
+        for f in FINDINGS:
+            print(f"  {f:18s} AUC {auc[f]:.3f}")
+        print(f"  mean AUC (8 findings)      {mean_auc:.3f}   (target >= 0.90)")
+        print(f"  edema AUC                  {auc['edema']:.3f}   (target >= 0.95)")
+        print(f"  precision@20 'moderate pulmonary edema'  {p20:.2f}   (target >= 0.9)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""How the bundled demo model is made, end to end, and its model card.
+
+1. A training archive: ``curator synth TRAIN --studies 2500 --seed 101``.
+2. Training: the ``curator train`` command recorded in the card (``train_command``).
+3. Storage: the trained fp32 state dict with every floating-point matrix stored as float16 (as
+   OpenAI's and GPU-trained CheXzero checkpoints are), to keep the repository small; it loads
+   through the same path as published checkpoints, which casts back to float32.
+4. Thresholds: on a separate archive (``--studies 800 --seed 303``), embedded and labelled with
+   the demo prompt set, the threshold per finding that maximises F1 (curator.metrics).
+
+    python -m curator.pipelines.demo_model --trained demo.pt --train-archive TRAIN \
+        --threshold-archive THR --out curator/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+FINDINGS = ["cardiomegaly", "pleural_effusion", "edema", "pneumothorax", "consolidation", "atelectasis", "lung_lesion", "support_devices"]
+
+
+def store_half(trained: Path, out: Path) -> Path:
+    """The trained checkpoint with its floating-point matrices (ndim >= 2) stored as float16."""
+    sd = torch.load(trained, map_location="cpu", weights_only=True)
+    small = {k: (v.half() if v.is_floating_point() and v.ndim >= 2 else v) for k, v in sd.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(small, out)
+    return out
+
+
+def score_archive(checkpoint: Path, archive: Path, workspace: Path):
+    """Embed an archive, label it with the demo prompt set; return (truth, probabilities) frames joined on path."""
+    import pandas as pd
+
+    from curator.demo_model import demo_prompts_path
+    from curator.pipelines.embed import EmbedConfig, run_embed
+    from curator.pipelines.label import run_label
+    from curator.prompts import load_prompt_set
+    from curator.query import run_query
+    from curator.workspace import Workspace
+
+    run_embed(EmbedConfig(archives=[str(archive)], workspace=str(workspace), checkpoints=[str(checkpoint)], progress=False))
+    run_label(str(workspace), load_prompt_set(demo_prompts_path()), progress=False)
+    probs = run_query(Workspace(workspace), f"SELECT path, {', '.join(FINDINGS)} FROM images")
+    truth = pd.read_csv(archive / "ground_truth.csv")
+    truth["path"] = [str((archive / p).resolve()) for p in truth.path]
+    merged = truth[["path", *FINDINGS]].merge(probs, on="path", suffixes=("_truth", ""))
+    return merged
+
+
+def thresholds_and_auc(merged) -> tuple[dict, dict]:
+    from curator.metrics import choose_threshold, roc_auc
+
+    thr, auc = {}, {}
+    for f in FINDINGS:
+        y, s = merged[f + "_truth"].to_numpy(), merged[f].to_numpy()
+        thr[f] = choose_threshold(y, s, "f1")
+        auc[f] = roc_auc(y, s)
+    return thr, auc
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trained", required=True, type=Path, help="fp32 checkpoint written by curator train")
+    ap.add_argument("--threshold-archive", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path, help="folder for demo_model.pt and demo_model.json")
+    args = ap.parse_args(argv)
+    from curator.model import file_sha256
+
+    ck = store_half(args.trained, args.out / "demo_model.pt")
+    with tempfile.TemporaryDirectory() as tmp:
+        merged = score_archive(ck, args.threshold_archive, Path(tmp) / "ws")
+    thr, auc = thresholds_and_auc(merged)
+    train_card = json.loads(Path(str(args.trained) + ".json").read_text()) if Path(str(args.trained) + ".json").is_file() else {}
+    card = {
+        "sha256": file_sha256(ck),
+        "architecture": train_card.get("model"),
+        "train_command": train_card.get("command"),
+        "train_archive": "curator synth TRAIN --studies 2500 --seed 101",
+        "train_steps": train_card.get("step"),
+        "train_seconds": train_card.get("train_seconds"),
+        "train_final_loss": train_card.get("final_loss"),
+        "train_validation_auc": train_card.get("val_auc"),
+        "train_validation_history": train_card.get("val_history"),
+        "storage": "float16 matrices, float32 vectors (pipelines/demo_model.py store_half)",
+        "prompt_set": "curator/prompts/demo.toml",
+        "threshold_archive": f"curator synth THR --studies 800 --seed 303 ({len(merged)} images)",
+        "threshold_rule": "maximise F1",
+        "thresholds": thr,
+        "threshold_archive_auc": auc,
+    }
+    (args.out / "demo_model.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
+    print(json.dumps({"thresholds": thr, "auc": auc}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
