@@ -133,3 +133,22 @@ def test_odd_length_element_does_not_crash(tmp_path):
     assert item["ok"] or item["error"]["kind"]
     if item["ok"]:
         assert item["row"]["patient_id"].startswith("PID-000")
+
+
+def test_big_endian_explicit_vr_reads_like_little_endian(tmp_path):
+    from pydicom.filewriter import dcmwrite
+    from pydicom.uid import ExplicitVRBigEndian
+
+    from curator.readers import read_image
+    from tests.dicom_factory import make_dataset
+
+    px = (np.arange(64 * 48, dtype=np.uint16).reshape(64, 48) * 7) % 4096
+    le = write_dicom(tmp_path / "le.dcm", px, bits_stored=12)
+    ds = make_dataset(px, bits_stored=12)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    ds.PixelData = px.astype(">u2").tobytes()
+    ds.preamble = b"\0" * 128
+    dcmwrite(tmp_path / "be.dcm", ds, enforce_file_format=True)
+    a, b = read_image(le), read_image(tmp_path / "be.dcm")
+    assert b.meta["transfer_syntax_uid"] == str(ExplicitVRBigEndian)
+    np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
