@@ -24,8 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the curator command sets it (see curator/cli.py)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 
 def make_archive(folder: Path, n: int, fmt: str, width: int, height: int, seed: int = 0) -> list[Path]:

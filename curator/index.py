@@ -1,14 +1,41 @@
 """FAISS inner-product index over one checkpoint's normalised image embeddings.
 
 Ids are the catalog's ``image_id``; on normalised vectors the inner product is the cosine.
-Exact search (``IndexFlatIP`` in an ``IndexIDMap2``) is right below a few million images.
+
+Which index (:func:`choose_index`), by archive size N and a memory budget:
+
+- ``N <= EXACT_MAX``: exact search over flat codes in an ``IndexIDMap2``: ``flat``
+  (``IndexFlatIP``, float32), else ``fp16`` or ``sq8`` (``IndexScalarQuantizer``) when the float32
+  vectors do not fit the budget;
+- beyond: IVF, the first of ``ivf-flat``, ``ivf-sq8``, ``ivf-pq`` that fits. ``nlist ~ 4*sqrt(N)``
+  coarse centroids from spherical k-means on a sample; the vectors are added with their image ids
+  (no IDMap); ``nprobe`` is the smallest that reaches recall@10 >= 0.95 against exact search on
+  sample queries, and the recall reported is measured on a second, held-out half of them.
+
+Builds stream the embeddings Parquet parts chunk by chunk (the vectors are never one array) and
+give the index its storage once, at its final size (FAISS's own ``add`` grows its buffers by
+doubling, up to twice the index in memory). Appending (:func:`sync_index`) copies the old index
+into storage of the new size and adds only the new images: no retraining, no re-encoding.
+
+The heavy arithmetic of a build (k-means, assigning vectors to lists, exact ground truth) is plain
+matrix products in numpy, or FAISS GPU when present; the index itself always lives on the CPU (it
+is written with ``write_index`` and filtered search needs the CPU index). Large indexes are opened
+memory-mapped (read-only). See ``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
+import math
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +48,30 @@ log = logging.getLogger(__name__)
 INDEX_DIR = "index"
 INDEX_META = "index.json"
 
+EXACT_KINDS = ("flat", "fp16", "sq8")
+IVF_KINDS = ("ivf-flat", "ivf-sq8", "ivf-pq")
+KINDS = EXACT_KINDS + IVF_KINDS
+# Exact (flat) search up to this many vectors: one query scans every code, ~150 ms per million
+# 512-d float32 vectors on one core; beyond it IVF answers in milliseconds.
+EXACT_MAX = 1_000_000
+TARGET_RECALL = 0.95
+RECALL_K = 10
+RECALL_SAMPLE = 1000
+# indexes at least this large are opened memory-mapped by default
+MMAP_MIN_BYTES = 256 << 20
+# rows per chunk when streaming vectors, and at most per block (of ~128 MB of codes) when
+# filling inverted lists
+CHUNK_ROWS = 32768
+FILL_ROWS = 262_144
+KMEANS_ITER = 10
+TRAIN_MAX = 262_144
+_LEGACY_TYPES = {"IDMap2,FlatIP": "flat"}
+
+# memory per vector beyond its code: IndexIDMap2's id array and reverse hash map; IVF's stored
+# id and the hash-table direct map that lets reconstruct() find a vector by image id
+_IDMAP_BYTES = 56
+_IVF_ID_BYTES = 8 + 48
+
 
 def _faiss():
     import faiss
@@ -28,27 +79,869 @@ def _faiss():
     return faiss
 
 
+def _stash(index, name: str, value) -> None:
+    """Cache a value on a FAISS index object (FAISS refuses unknown attributes through setattr)."""
+    object.__setattr__(index, name, value)
+
+
 def use_gpu() -> bool:
+    """FAISS's GPU build is installed and sees a GPU."""
     faiss = _faiss()
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    try:
+        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    except Exception:  # noqa: BLE001 - a GPU build without a usable driver
+        return False
 
 
-def current_embeddings(ws: Workspace, checkpoint: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of the current catalog rows for one checkpoint, via DuckDB."""
+# device for the torch backend (tests set "cpu" to run its code without a GPU)
+_TORCH_DEVICE = "cuda"
+
+
+def _torch_cuda() -> bool:
+    """torch sees a CUDA GPU (torch is imported only where it already is, or a GPU exists)."""
+    import sys
+
+    if "torch" not in sys.modules and not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")):
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - a fallback path
+        return False
+
+
+def gpu_backend(gpu: bool | str | None = None) -> str | None:
+    """Where a build's k-means and list assignment run: "faiss" (FAISS GPU), "torch" (torch on
+    CUDA, when FAISS is the CPU build) or None (numpy on the CPU). ``gpu``: None = auto, False =
+    CPU, True = a GPU if there is one, or a backend name."""
+    if gpu is False:
+        return None
+    if isinstance(gpu, str):
+        return gpu
+    if use_gpu():
+        return "faiss"
+    if _torch_cuda():
+        return "torch"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Choosing the index
+
+
+@dataclass
+class IndexPlan:
+    """What to build: the kind and its parameters, with the memory estimate behind the choice."""
+
+    kind: str
+    n: int
+    dim: int
+    nlist: int = 0
+    pq_m: int = 0
+    pq_nbits: int = 8
+    train_size: int = 0
+    est_bytes: int = 0
+    budget_bytes: int = 0
+    requested: str = "auto"
+    reason: str = ""
+
+    @property
+    def is_ivf(self) -> bool:
+        return self.kind in IVF_KINDS
+
+    def describe(self) -> str:
+        """A FAISS index-factory-like description, e.g. ``IVF4000,SQ8``."""
+        return describe(self.kind, self.nlist, self.pq_m, self.pq_nbits)
+
+
+def describe(kind: str, nlist: int = 0, pq_m: int = 0, pq_nbits: int = 8) -> str:
+    return {
+        "flat": "IDMap2,Flat", "fp16": "IDMap2,SQfp16", "sq8": "IDMap2,SQ8",
+        "ivf-flat": f"IVF{nlist},Flat", "ivf-sq8": f"IVF{nlist},SQ8", "ivf-pq": f"IVF{nlist},PQ{pq_m}x{pq_nbits}",
+    }[kind]
+
+
+def code_bytes(kind: str, dim: int, pq_m: int = 0) -> int:
+    return {"flat": 4 * dim, "fp16": 2 * dim, "sq8": dim, "ivf-flat": 4 * dim, "ivf-sq8": dim, "ivf-pq": pq_m}[kind]
+
+
+def ivf_nlist(n: int) -> int:
+    """~4 sqrt(N) lists, but at least ~39 vectors per list to train on."""
+    return int(max(1, min(round(4 * math.sqrt(max(n, 1))), n // 39)))
+
+
+def train_size(kind: str, n: int, nlist: int) -> int:
+    if kind in IVF_KINDS:
+        return int(min(n, max(20_000, 32 * nlist), TRAIN_MAX))
+    if kind == "sq8":
+        return int(min(n, 65_536))
+    return 0
+
+
+def estimate_bytes(kind: str, n: int, dim: int, nlist: int = 0, pq_m: int = 0) -> int:
+    """Resident size of the index (codes, ids, id maps, centroids)."""
+    per = code_bytes(kind, dim, pq_m) + (_IDMAP_BYTES if kind in EXACT_KINDS else _IVF_ID_BYTES)
+    fixed = 4 * dim * nlist + (256 * 4 * dim if kind == "ivf-pq" else 0)
+    return int(n * per + fixed)
+
+
+def _build_transient_bytes(kind: str, n: int, dim: int, nlist: int) -> int:
+    """Memory a build needs besides the index: the training sample and the streaming buffers."""
+    return int(train_size(kind, n, nlist) * dim * 4 + 8 * min(n, CHUNK_ROWS) * dim * 4 + (64 << 20))
+
+
+def default_budget_bytes() -> int:
+    """Half of the machine's memory."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _pq_params(dim: int, budget: int | None, n: int, nlist: int) -> tuple[int, int]:
+    """(m, nbits) for IVF-PQ: the most bytes per vector (m <= dim/2, m divides dim) that fit: PQ
+    codes, not nprobe, limit its recall, so it gets all the memory the budget leaves."""
+    ms = [m for m in range(max(1, dim // 2), 0, -1) if dim % m == 0]
+    ntrain = train_size("ivf-pq", n, nlist)
+    nbits = 8 if ntrain >= 39 * 256 else int(max(4, min(8, math.floor(math.log2(max(ntrain, 16) / 39)))))
+    if budget is None:
+        return ms[0], nbits
+    for m in ms:
+        if estimate_bytes("ivf-pq", n, dim, nlist, m) + _build_transient_bytes("ivf-pq", n, dim, nlist) <= budget:
+            return m, nbits
+    return ms[-1], nbits
+
+
+def choose_index(n: int, dim: int, budget_gb: float | None = None, kind: str = "auto", exact_max: int | None = None) -> IndexPlan:
+    """The index to build for ``n`` vectors of ``dim`` within ``budget_gb`` (default: half the RAM).
+
+    ``kind="auto"``: exact (flat, then fp16, then sq8) up to ``exact_max`` vectors, else the first
+    of ivf-flat, ivf-sq8, ivf-pq whose estimated memory (index + build buffers) fits the budget.
+    A named ``kind`` is built as asked (the reason says when it exceeds the budget).
+    """
+    if n <= 0 or dim <= 0:
+        raise ValueError("nothing to index")
+    exact_max = EXACT_MAX if exact_max is None else exact_max
+    budget = int(budget_gb * (1 << 30)) if budget_gb is not None else default_budget_bytes()
+    gb = budget / (1 << 30)
+
+    def plan(k: str, reason: str) -> IndexPlan:
+        nlist = ivf_nlist(n) if k in IVF_KINDS else 0
+        m, nbits = _pq_params(dim, budget, n, nlist) if k == "ivf-pq" else (0, 8)
+        est = estimate_bytes(k, n, dim, nlist, m)
+        p = IndexPlan(kind=k, n=n, dim=dim, nlist=nlist, pq_m=m, pq_nbits=nbits, train_size=train_size(k, n, nlist),
+                      est_bytes=est, budget_bytes=budget, requested=kind, reason=reason)
+        return p
+
+    def fits(k: str) -> tuple[bool, float]:
+        nlist = ivf_nlist(n) if k in IVF_KINDS else 0
+        m = _pq_params(dim, budget, n, nlist)[0] if k == "ivf-pq" else 0
+        need = estimate_bytes(k, n, dim, nlist, m) + _build_transient_bytes(k, n, dim, nlist)
+        return need <= budget, need / (1 << 30)
+
+    if kind != "auto":
+        if kind not in KINDS:
+            raise ValueError(f"unknown index type {kind!r}; one of auto, {', '.join(KINDS)}")
+        ok, need = fits(kind)
+        return plan(kind, f"asked for {kind}" + ("" if ok else f" (needs ~{need:.1f} GB, over the {gb:.1f} GB budget)"))
+    skipped = []
+    if n <= exact_max:
+        for k in EXACT_KINDS:
+            ok, need = fits(k)
+            if ok:
+                why = f"{n:,} vectors <= {exact_max:,}: exact search"
+                if skipped:
+                    why += "; " + ", ".join(skipped)
+                return plan(k, why + f" (~{need:.2f} GB of {gb:.1f} GB budget)")
+            skipped.append(f"{k} needs ~{need:.1f} GB")
+    else:
+        skipped.append(f"{n:,} vectors > {exact_max:,}: IVF")
+    for k in ("ivf-flat", "ivf-sq8"):
+        ok, need = fits(k)
+        if ok:
+            return plan(k, "; ".join(skipped) + f"; {k} fits (~{need:.2f} GB of {gb:.1f} GB budget)")
+        skipped.append(f"{k} needs ~{need:.1f} GB")
+    ok, need = fits("ivf-pq")
+    p = plan("ivf-pq", "; ".join(skipped) + f"; ivf-pq with {_pq_params(dim, budget, n, ivf_nlist(n))[0]} bytes a vector"
+             + (f" (~{need:.2f} GB of {gb:.1f} GB budget)" if ok else f" needs ~{need:.2f} GB, over the {gb:.1f} GB budget"))
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# Where vectors come from: a source yields (ids, vectors) chunks, each id once.
+
+
+class VectorSource:
+    """Vectors to index, streamed. Subclasses set ``count`` and ``dim``."""
+
+    count: int
+    dim: int
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids int64, vectors float32 [n, dim]) chunks covering every vector once."""
+        raise NotImplementedError
+
+    def sample(self, n_train: int, n_query: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(training vectors, query vectors, query ids or None when the queries are not indexed)."""
+        raise NotImplementedError
+
+
+def _sorted_unique(ids) -> np.ndarray:
+    """``np.unique`` of int64 ids, without the sort when they already are (the usual case)."""
+    a = np.asarray(ids, dtype=np.int64)
+    if a.ndim == 1 and (len(a) < 2 or bool(np.all(a[1:] > a[:-1]))):
+        return a
+    return np.unique(a)
+
+
+def _isin_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    if len(sorted_set) == 0:
+        return np.zeros(len(values), dtype=bool)
+    pos = np.searchsorted(sorted_set, values)
+    pos[pos >= len(sorted_set)] = len(sorted_set) - 1
+    return sorted_set[pos] == values
+
+
+def current_ids(ws: Workspace, checkpoint: str) -> np.ndarray:
+    """Sorted image ids of the current catalog rows that have an embedding of ``checkpoint``."""
     from curator.query import connect
 
     con = connect(ws, sandbox=False)
     try:
-        tbl = con.sql(
-            "SELECT image_id, embedding FROM embeddings WHERE checkpoint = $ck ORDER BY image_id", params={"ck": checkpoint}
-        ).to_arrow_table()
+        got = con.execute("SELECT image_id FROM embeddings WHERE checkpoint = ?", [checkpoint]).fetchnumpy()["image_id"]
     finally:
         con.close()
-    ids = tbl.column("image_id").to_numpy().astype(np.int64)
-    if len(ids) == 0:
-        return ids, np.zeros((0, 0), np.float32)
-    flat = tbl.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return ids, np.ascontiguousarray(flat.reshape(len(ids), -1), dtype=np.float32)
+    return np.unique(np.asarray(got, dtype=np.int64))
+
+
+class WorkspaceVectors(VectorSource):
+    """One checkpoint's embeddings of the given image ids (default: the current catalog), read
+    part by part from the workspace's Parquet files (first occurrence of an id wins)."""
+
+    def __init__(self, ws: Workspace, checkpoint: str, ids: np.ndarray | None = None, chunk_rows: int = CHUNK_ROWS):
+        self.ws = ws
+        self.checkpoint = checkpoint
+        self.ids = current_ids(ws, checkpoint) if ids is None else np.unique(np.asarray(ids, dtype=np.int64))
+        self.count = len(self.ids)
+        self.chunk_rows = chunk_rows
+        self.dim = int(ws.manifest.get("checkpoints", {}).get(checkpoint, {}).get("embed_dim") or 0) or self._peek_dim()
+
+    def _peek_dim(self) -> int:
+        for _, vecs in self._batches(self.ids[:1] if len(self.ids) else self.ids):
+            return vecs.shape[1]
+        return 0
+
+    def _batches(self, wanted: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        seen = np.zeros(len(wanted), dtype=bool)
+        left = len(wanted)
+        for path in self.ws.part_paths("embeddings"):
+            if left == 0:
+                return
+            pf = pq.ParquetFile(path)
+            for batch in pf.iter_batches(batch_size=self.chunk_rows, columns=["image_id", "checkpoint", "embedding"]):
+                mask = pc.equal(batch.column(1), pa.scalar(self.checkpoint))
+                if not pc.any(mask).as_py():
+                    continue
+                batch = batch.filter(mask)
+                ids = batch.column(0).to_numpy().astype(np.int64)
+                pos = np.searchsorted(wanted, ids)
+                ok = pos < len(wanted)
+                ok[ok] = wanted[pos[ok]] == ids[ok]
+                ok[ok] = ~seen[pos[ok]]
+                if not ok.any():
+                    continue
+                rows = np.flatnonzero(ok)
+                _, first = np.unique(pos[rows], return_index=True)  # an id twice in one batch: keep one
+                rows = rows[first]
+                emb = batch.column(2)
+                lengths = pc.list_value_length(emb).to_numpy(zero_copy_only=False)
+                d = int(lengths[rows[0]])
+                if d == 0 or (lengths[rows] != d).any():
+                    raise WorkspaceError(f"{path.name}: embeddings of checkpoint {self.checkpoint[:12]} have differing lengths")
+                sub = emb.take(pa.array(rows))
+                vecs = pc.list_flatten(sub).to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(rows), d)
+                seen[pos[rows]] = True
+                left -= len(rows)
+                yield ids[rows], vecs
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        yield from _rechunk(self._batches(self.ids), self.chunk_rows)
+
+    def take(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of the given ids (sorted by id), read in one pass."""
+        wanted = np.unique(np.asarray(ids, dtype=np.int64))
+        got_ids, got = [], []
+        for i, v in self._batches(wanted):
+            got_ids.append(i)
+            got.append(v)
+        if not got:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        i, v = np.concatenate(got_ids), np.concatenate(got)
+        order = np.argsort(i, kind="stable")
+        return i[order], v[order]
+
+    def sample(self, n_train, n_query, rng):
+        n = self.count
+        n_query = min(n_query, n)
+        perm = rng.permutation(n)
+        q_pos = perm[:n_query]
+        rest = perm[n_query:]
+        # training vectors are held apart from the queries unless that would halve them
+        t_pos = rest[:n_train] if len(rest) >= n_train // 2 else perm[:n_train]
+        ids, vecs = self.take(self.ids[np.union1d(q_pos, t_pos)])
+        if len(ids) != len(np.union1d(q_pos, t_pos)):
+            raise WorkspaceError(f"{self.ws.root}: some embeddings of checkpoint {self.checkpoint[:12]} could not be read; run `curator verify`")
+        q_ids = np.sort(self.ids[q_pos])
+        t_ids = self.ids[np.sort(t_pos)]
+        queries = vecs[np.searchsorted(ids, q_ids)] if n_query else np.zeros((0, self.dim), np.float32)
+        train = vecs[np.searchsorted(ids, t_ids)] if n_train else np.zeros((0, self.dim), np.float32)
+        return np.ascontiguousarray(train), np.ascontiguousarray(queries), q_ids
+
+
+class ArrayVectors(VectorSource):
+    """An in-memory (ids, vectors) pair as a source (tests, small jobs)."""
+
+    def __init__(self, ids, vectors, chunk_rows: int = CHUNK_ROWS):
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if len(np.unique(self.ids)) != len(self.ids):
+            raise ValueError("ids must be unique")
+        self.count, self.dim = self.vectors.shape
+        self.chunk_rows = chunk_rows
+
+    def chunks(self):
+        for s in range(0, self.count, self.chunk_rows):
+            yield self.ids[s:s + self.chunk_rows], self.vectors[s:s + self.chunk_rows]
+
+    def sample(self, n_train, n_query, rng):
+        n_query = min(n_query, self.count)
+        perm = rng.permutation(self.count)
+        q = np.sort(perm[:n_query])
+        rest = perm[n_query:]
+        t = np.sort(rest[:n_train] if len(rest) >= n_train // 2 else perm[:n_train])
+        return self.vectors[t], self.vectors[q], self.ids[q]
+
+
+def _rechunk(batches: Iterable[tuple[np.ndarray, np.ndarray]], rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Join small batches into chunks of about ``rows`` rows."""
+    buf_i, buf_v, have = [], [], 0
+    for ids, vecs in batches:
+        buf_i.append(ids)
+        buf_v.append(vecs)
+        have += len(ids)
+        if have >= rows:
+            yield np.concatenate(buf_i), np.ascontiguousarray(np.concatenate(buf_v))
+            buf_i, buf_v, have = [], [], 0
+    if have:
+        yield np.concatenate(buf_i), np.ascontiguousarray(np.concatenate(buf_v))
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact top-k, k-means and list assignment in numpy (matrix products; FAISS GPU when present)
+
+
+class ExactTopK:
+    """Running exact top-k of fixed queries over streamed (ids, vectors) chunks (ground truth).
+
+    ``restrict`` (sorted ids) keeps only those ids, for filtered ground truth.
+    """
+
+    def __init__(self, queries: np.ndarray, k: int, restrict: np.ndarray | None = None, block: int | None = None):
+        self.q = np.ascontiguousarray(queries, dtype=np.float32)
+        self.k = k
+        self.restrict = restrict
+        self.block = block or max(256, (16 << 20) // (4 * max(1, len(self.q))))
+        self.sims = np.full((len(self.q), 0), -np.inf, np.float32)
+        self.ids = np.zeros((len(self.q), 0), np.int64)
+
+    def __call__(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        if len(self.q) == 0:
+            return
+        if self.restrict is not None:
+            m = _isin_sorted(ids, self.restrict)
+            ids, vecs = ids[m], vecs[m]
+        for s in range(0, len(ids), self.block):
+            bi = ids[s:s + self.block]
+            sims = self.q @ vecs[s:s + self.block].T
+            if sims.shape[1] > self.k:  # this block's own top k first: merging stays small
+                top = np.argpartition(sims, sims.shape[1] - self.k, axis=1)[:, -self.k:]
+                sims, bi = np.take_along_axis(sims, top, axis=1), bi[top]
+            else:
+                bi = np.broadcast_to(bi, sims.shape)
+            allsims = np.concatenate([self.sims, sims], axis=1)
+            allids = np.concatenate([self.ids, bi], axis=1)
+            if allsims.shape[1] > self.k:
+                top = np.argpartition(allsims, allsims.shape[1] - self.k, axis=1)[:, -self.k:]
+                allsims = np.take_along_axis(allsims, top, axis=1)
+                allids = np.take_along_axis(allids, top, axis=1)
+            self.sims, self.ids = allsims, allids
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sims, ids) sorted by decreasing similarity (ties: smaller id first)."""
+        order = np.lexsort((self.ids, -self.sims), axis=1) if self.sims.size else np.zeros(self.sims.shape, np.int64)
+        return np.take_along_axis(self.sims, order, axis=1), np.take_along_axis(self.ids, order, axis=1)
+
+
+class _Assigner:
+    """Nearest centroid (largest inner product) of each vector."""
+
+    def __init__(self, centroids: np.ndarray, backend: str | None = None):
+        self.c = np.ascontiguousarray(centroids, dtype=np.float32)
+        self.ct = np.ascontiguousarray(self.c.T)
+        self.rows = max(256, (64 << 20) // (4 * len(self.c)))
+        self.gpu_index = None
+        self.torch_c = None
+        if backend == "faiss":
+            try:
+                faiss = _faiss()
+                self._res = faiss.StandardGpuResources()
+                cpu = faiss.IndexFlatIP(self.c.shape[1])
+                cpu.add(self.c)
+                self.gpu_index = faiss.index_cpu_to_gpu(self._res, 0, cpu)
+            except Exception as exc:  # noqa: BLE001 - untested without FAISS GPU: fall back to the CPU
+                log.warning("FAISS GPU assignment unavailable (%s); using the CPU", exc)
+                self.gpu_index = None
+        elif backend == "torch":
+            try:
+                import torch
+
+                self.torch_c = torch.from_numpy(self.c).to(_TORCH_DEVICE)
+                self.torch_rows = max(1024, (512 << 20) // (4 * len(self.c)))
+            except Exception as exc:  # noqa: BLE001 - a fallback path
+                log.warning("torch GPU assignment unavailable (%s); using the CPU", exc)
+                self.torch_c = None
+
+    def __call__(self, x: np.ndarray, with_sims: bool = False):
+        if self.gpu_index is not None:
+            sims, labels = self.gpu_index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+            return (labels[:, 0].astype(np.int64), sims[:, 0]) if with_sims else labels[:, 0].astype(np.int64)
+        if self.torch_c is not None:
+            import torch
+
+            out = np.empty(len(x), np.int64)
+            best = np.empty(len(x), np.float32)
+            with torch.no_grad():
+                for s in range(0, len(x), self.torch_rows):
+                    xt = torch.from_numpy(np.ascontiguousarray(x[s:s + self.torch_rows], dtype=np.float32)).to(self.torch_c.device)
+                    b, a = (xt @ self.torch_c.T).max(dim=1)
+                    out[s:s + len(a)] = a.cpu().numpy()
+                    best[s:s + len(a)] = b.cpu().numpy()
+            return (out, best) if with_sims else out
+        out = np.empty(len(x), np.int64)
+        best = np.empty(len(x), np.float32) if with_sims else None
+        workers = _threads_for(len(x), self.rows)
+
+        def block(s: int) -> None:
+            scores = x[s:s + rows] @ self.ct
+            a = np.argmax(scores, axis=1)
+            out[s:s + rows] = a
+            if with_sims:
+                best[s:s + rows] = scores[np.arange(len(a)), a]
+
+        if workers > 1:
+            # one single-threaded product + argmax per worker: numpy's argmax runs on one core,
+            # which left a multi-threaded product waiting on it
+            from concurrent.futures import ThreadPoolExecutor
+
+            from threadpoolctl import threadpool_limits
+
+            rows = max(64, self.rows // 4)
+            with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+                list(pool.map(block, range(0, len(x), rows)))
+        else:
+            rows = self.rows
+            for s in range(0, len(x), rows):
+                block(s)
+        return (out, best) if with_sims else out
+
+
+def _threads_for(n: int, rows: int) -> int:
+    """Worker threads for ``n`` rows: FAISS's thread setting (what a benchmark limits), when
+    threadpoolctl can keep BLAS to one thread in each."""
+    threads = _faiss().omp_get_max_threads()
+    if threads <= 1 or n < 2 * rows:
+        return 1
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        return 1
+    return int(threads)
+
+
+def spherical_kmeans(x: np.ndarray, k: int, niter: int = KMEANS_ITER, seed: int = 0, gpu: str | None = None) -> np.ndarray:
+    """``k`` unit-norm centroids of the rows of ``x`` (k-means with the inner product)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    if k >= n:
+        c = np.concatenate([x, x[np.arange(k - n) % n]]) if k > n else x.copy()
+        return _normalise(c)
+    if gpu == "faiss":
+        try:
+            faiss = _faiss()
+            km = faiss.Kmeans(d, k, niter=niter, spherical=True, seed=seed, gpu=True, verbose=False)
+            km.train(x)
+            return _normalise(np.asarray(km.centroids, dtype=np.float32))
+        except Exception as exc:  # noqa: BLE001 - untested without a GPU: fall back to numpy
+            log.warning("FAISS GPU k-means unavailable (%s); using the CPU", exc)
+    rng = np.random.default_rng(seed)
+    c = _normalise(x[rng.choice(n, k, replace=False)].copy())
+    block = max(1024, (64 << 20) // (4 * k))
+    for _ in range(niter):
+        assign, best = _Assigner(c, gpu if gpu == "torch" else None)(x, with_sims=True)
+        sums = np.zeros((k, d), np.float64)
+        for s in range(0, n, block):
+            a = assign[s:s + block]
+            order = np.argsort(a, kind="stable")
+            labels, starts = np.unique(a[order], return_index=True)
+            sums[labels] += np.add.reduceat(x[s:s + block][order], starts, axis=0)
+        counts = np.bincount(assign, minlength=k)
+        empty = np.flatnonzero(counts == 0)
+        if len(empty):  # re-seed empty clusters with the points furthest from their centroid
+            far = np.argsort(best, kind="stable")[: len(empty)]
+            sums[empty] = x[far]
+        c = _normalise(sums.astype(np.float32))
+    return c
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    norms[norms == 0] = 1
+    return np.ascontiguousarray(x / norms, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building
+
+
+@dataclass
+class BuildReport:
+    plan: IndexPlan
+    nprobe: int = 0
+    recall_at_10: float | None = None
+    recall_queries: int = 0
+    tune_curve: list = dataclasses.field(default_factory=list)
+    train_s: float = 0.0
+    add_s: float = 0.0
+    tune_s: float = 0.0
+    build_s: float = 0.0
+    gpu: str | None = None  # backend of the k-means and assignment ("faiss", "torch") or None
+    radii: np.ndarray | None = None
+
+
+def _exact_base(kind: str, d: int):
+    faiss = _faiss()
+    if kind == "flat":
+        return faiss.IndexFlatIP(d)
+    qt = faiss.ScalarQuantizer.QT_fp16 if kind == "fp16" else faiss.ScalarQuantizer.QT_8bit
+    return faiss.IndexScalarQuantizer(d, qt, faiss.METRIC_INNER_PRODUCT)
+
+
+def _sq8_ranges(sq) -> None:
+    """IVF-SQ8: 8-bit codes of the residuals over mean +- 3 standard deviations of each dimension
+    rather than its min..max: finer steps where the values are (recall@10 0.974 instead of 0.958
+    on the benchmark's clustered 512-d vectors; outliers are clipped). Residuals are unimodal;
+    raw vectors (flat sq8) are not, and keep min..max."""
+    faiss = _faiss()
+    sq.rangestat = faiss.ScalarQuantizer.RS_meanstd
+    sq.rangestat_arg = 3.0
+
+
+def _empty_exact(plan: IndexPlan, train: np.ndarray):
+    base = _exact_base(plan.kind, plan.dim)
+    if not base.is_trained:
+        base.train(np.ascontiguousarray(train, dtype=np.float32))
+    return _faiss().IndexIDMap2(base)
+
+
+def _empty_ivf(plan: IndexPlan, train: np.ndarray, seed: int, gpu: str | None):
+    """An IVF index with trained centroids and encoder, no vectors."""
+    faiss = _faiss()
+    d, nlist = plan.dim, plan.nlist
+    centroids = spherical_kmeans(train, nlist, seed=seed, gpu=gpu)
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(centroids)
+    if plan.kind == "ivf-flat":
+        ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    elif plan.kind == "ivf-sq8":
+        ivf = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT, True)
+        _sq8_ranges(ivf.sq)
+    else:
+        ivf = faiss.IndexIVFPQ(quantizer, d, nlist, plan.pq_m, plan.pq_nbits, faiss.METRIC_INNER_PRODUCT)
+        ivf.pq.cp.niter = 15
+        ivf.pq.cp.max_points_per_centroid = 64  # 16k training points a sub-quantiser is plenty
+    if plan.kind != "ivf-flat":
+        enc = train[np.random.default_rng(seed + 1).permutation(len(train))[:65_536]] if len(train) > 65_536 else train
+        enc = np.ascontiguousarray(enc, dtype=np.float32)
+        assign = _Assigner(centroids, gpu)(enc)
+        ivf.train_encoder(len(enc), faiss.swig_ptr(enc), faiss.swig_ptr(assign))
+    ivf.is_trained = True
+    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    ivf.nprobe = max(1, min(nlist, 16))
+    _stash(ivf, "_curator_centroids", centroids)
+    return ivf
+
+
+class _Scratch:
+    """Encoded (list, id, code) records written to temporary files, read back in blocks."""
+
+    def __init__(self, folder: Path | None, code_size: int):
+        folder = Path(folder) if folder is not None else Path(tempfile.gettempdir())
+        stem = f".scratch-{uuid.uuid4().hex[:12]}"
+        self.paths = [folder / f"{stem}-{p}.tmp" for p in ("lists", "ids", "codes")]
+        self.files = [open(p, "wb+") for p in self.paths]  # noqa: SIM115 - closed (and removed) by close()
+        self.code_size = code_size
+        self.rows = 0
+
+    def write(self, lists: np.ndarray, ids: np.ndarray, codes: np.ndarray) -> None:
+        for f, a in zip(self.files, (lists.astype(np.int32), ids.astype(np.int64), codes)):
+            f.write(np.ascontiguousarray(a).tobytes())
+        self.rows += len(ids)
+
+    def blocks(self, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        for f in self.files:
+            f.flush()
+            f.seek(0)
+        for s in range(0, self.rows, rows):
+            m = min(rows, self.rows - s)
+            lists = np.fromfile(self.files[0], np.int32, m).astype(np.int64)
+            ids = np.fromfile(self.files[1], np.int64, m)
+            codes = np.fromfile(self.files[2], np.uint8, m * self.code_size).reshape(m, self.code_size)
+            yield lists, ids, codes
+
+    def close(self) -> None:
+        for f in self.files:
+            with contextlib.suppress(OSError):
+                f.close()
+        for p in self.paths:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _centroids(ivf) -> np.ndarray:
+    c = getattr(ivf, "_curator_centroids", None)
+    if c is None:
+        c = np.ascontiguousarray(ivf.quantizer.reconstruct_n(0, ivf.nlist), dtype=np.float32)
+        _stash(ivf, "_curator_centroids", c)
+    return c
+
+
+def _residual_norms(ivf, lists: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """|x^ - c_list| of the vectors x^ the codes stand for (what the index scores with)."""
+    faiss = _faiss()
+    codes = np.ascontiguousarray(codes)
+    out = np.empty((len(codes), ivf.d), np.float32)
+    ivf.decode_vectors(len(codes), faiss.swig_ptr(codes), faiss.swig_ptr(np.ascontiguousarray(lists, dtype=np.int64)), faiss.swig_ptr(out))
+    out -= _centroids(ivf)[lists]
+    return np.linalg.norm(out, axis=1)
+
+
+def _list_sizes(invlists, nlist: int) -> np.ndarray:
+    return np.array([invlists.list_size(i) for i in range(nlist)], dtype=np.int64)
+
+
+def _encode_ivf(ivf, chunks: Iterable[tuple[np.ndarray, np.ndarray]], assigner: _Assigner, scratch: _Scratch,
+                observers: list[Callable]) -> np.ndarray:
+    """Assign and encode every chunk into ``scratch``; the number of new vectors per list."""
+    faiss = _faiss()
+    sizes = np.zeros(ivf.nlist, np.int64)
+    for ids, x in chunks:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        for obs in observers:
+            obs(ids, x)
+        a = assigner(x)
+        codes = np.empty((len(x), ivf.code_size), np.uint8)
+        ivf.encode_vectors(len(x), faiss.swig_ptr(x), faiss.swig_ptr(a), faiss.swig_ptr(codes), False)
+        scratch.write(a, ids, codes)
+        sizes += np.bincount(a, minlength=ivf.nlist)
+    return sizes
+
+
+def _fill_ivf(ivf, base_sizes: np.ndarray, new_sizes: np.ndarray, scratch: _Scratch, radii: np.ndarray | None) -> np.ndarray:
+    """Give ``ivf`` lists of exactly their final size: its current entries (``base_sizes``, e.g.
+    a memory-mapped old index) first, then the scratch records. Returns the per-list radii."""
+    faiss = _faiss()
+    nlist, cs = ivf.nlist, ivf.code_size
+    total = base_sizes + new_sizes
+    old = ivf.invlists
+    il = faiss.ArrayInvertedLists(nlist, cs)
+    for lst in np.flatnonzero(total):
+        il.resize(int(lst), int(total[lst]))  # from empty: exactly this size, no doubling
+    for lst in np.flatnonzero(base_sizes):
+        lst = int(lst)
+        ids_p, codes_p = old.get_ids(lst), old.get_codes(lst)
+        il.update_entries(lst, 0, int(base_sizes[lst]), ids_p, codes_p)
+        old.release_ids(lst, ids_p)
+        old.release_codes(lst, codes_p)
+    radii = np.zeros(nlist, np.float32) if radii is None else radii.astype(np.float32).copy()
+    fill = base_sizes.copy()
+    # big blocks: each touches most lists, and every (block, list) pair is one call
+    for lists, ids, codes in scratch.blocks(max(CHUNK_ROWS, min(FILL_ROWS, (128 << 20) // max(1, cs)))):
+        order = np.argsort(lists, kind="stable")
+        lists, ids, codes = lists[order], np.ascontiguousarray(ids[order]), np.ascontiguousarray(codes[order])
+        labels, starts, counts = np.unique(lists, return_index=True, return_counts=True)
+        for lst, s, c in zip(labels.tolist(), starts.tolist(), counts.tolist()):
+            il.update_entries(lst, int(fill[lst]), c, faiss.swig_ptr(ids[s:s + c]), faiss.swig_ptr(codes[s:s + c]))
+            fill[lst] += c
+        for s in range(0, len(lists), CHUNK_ROWS):
+            sl = slice(s, s + CHUNK_ROWS)
+            np.maximum.at(radii, lists[sl], _residual_norms(ivf, lists[sl], codes[sl]))
+    if not np.array_equal(fill, total):
+        raise RuntimeError("internal error: inverted lists not filled as counted")
+    ivf.replace_invlists(il, True)
+    il.this.disown()  # owned by the index now
+    ivf.ntotal = int(total.sum())
+    ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return radii
+
+
+def _fill_exact(index, total: int, chunks: Iterable[tuple[np.ndarray, np.ndarray]], observers: list[Callable], copy_from=None):
+    """Fill an empty IndexIDMap2 over flat codes with ``total`` vectors, storage allocated once:
+    ``copy_from`` (an IndexIDMap2 of the same kind) first, then the chunks."""
+    faiss = _faiss()
+    base = faiss.downcast_index(index.index)
+    cs = base.code_size
+    old_n = 0 if copy_from is None else int(copy_from.ntotal)
+    base.codes.resize(total * cs)
+    index.id_map.resize(total)
+    codes = faiss.rev_swig_ptr(base.codes.data(), total * cs) if total else np.zeros(0, np.uint8)
+    idmap = faiss.rev_swig_ptr(index.id_map.data(), total) if total else np.zeros(0, np.int64)
+    if old_n:
+        old_base = faiss.downcast_index(copy_from.index)
+        codes[: old_n * cs] = faiss.rev_swig_ptr(old_base.codes.data(), old_n * cs)
+        idmap[:old_n] = faiss.rev_swig_ptr(copy_from.id_map.data(), old_n)
+    at = old_n
+    for ids, x in chunks:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        for obs in observers:
+            obs(ids, x)
+        m = len(ids)
+        if at + m > total:
+            raise RuntimeError("internal error: more vectors than counted")
+        codes[at * cs:(at + m) * cs] = base.sa_encode(x).reshape(-1)
+        idmap[at:at + m] = ids
+        at += m
+    if at != total:
+        raise RuntimeError(f"internal error: {at} vectors read, {total} expected")
+    base.ntotal = total
+    index.ntotal = total
+    index.construct_rev_map()
+    return index
+
+
+def _search_ids(index, queries: np.ndarray, k: int, nprobe: int | None = None) -> np.ndarray:
+    faiss = _faiss()
+    if nprobe is None:
+        return index.search(queries, k)[1]
+    return index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=int(nprobe)))[1]
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int = RECALL_K, self_ids: np.ndarray | None = None) -> float | None:
+    """Mean share of each query's exact top-k (``truth``) that ``found`` holds in its top-k.
+
+    With ``self_ids`` (queries that are indexed vectors) the query's own id is left out of both.
+    """
+    scores = []
+    for i in range(len(truth)):
+        t, f = truth[i], found[i]
+        f = f[f >= 0]
+        if self_ids is not None:
+            t, f = t[t != self_ids[i]], f[f != self_ids[i]]
+        t, f = t[:k], f[:k]
+        if len(t):
+            scores.append(len(np.intersect1d(t, f)) / len(t))
+    return float(np.mean(scores)) if scores else None
+
+
+def _tune_nprobe(index, queries, truth, self_ids, target: float) -> tuple[int, list]:
+    """Smallest power-of-two nprobe whose recall@10 on the queries reaches ``target`` (+0.01 to
+    spare); if none does, the smallest that gets within 0.002 of the best."""
+    nlist = index.nlist
+    cands = sorted({min(nlist, 1 << i) for i in range(31) if (1 << i) < 2 * nlist})
+    curve: list[tuple[int, float]] = []
+    for p in cands:
+        r = recall_at_k(_search_ids(index, queries, RECALL_K + 1, p), truth, RECALL_K, self_ids) or 0.0
+        curve.append((p, r))
+        if r >= min(1.0, target + 0.01):
+            break
+        if len(curve) >= 3 and r - curve[-3][1] < 0.002 and p >= 8:
+            break  # plateau: more probes no longer help (the codes, not the probes, limit recall)
+    ok = [p for p, r in curve if r >= target]
+    if ok:
+        return ok[0], curve
+    best = max(r for _, r in curve)
+    return next(p for p, r in curve if r >= best - 0.002), curve
+
+
+def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: int = RECALL_SAMPLE, seed: int = 0,
+                      gpu: bool | str | None = None, on_chunk: list[Callable] | None = None, scratch_dir: Path | None = None,
+                      target_recall: float = TARGET_RECALL):
+    """Build the planned index from ``source`` (streamed) and measure its recall@10.
+
+    Returns ``(index, BuildReport)``. ``on_chunk`` callables see every (ids, vectors) chunk once,
+    as it is added (benchmarks compute their own ground truth there).
+    """
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    rep = BuildReport(plan=plan, gpu=gpu_backend(gpu) if plan.is_ivf else None)
+    n_query = min(recall_sample, source.count) if recall_sample > 0 else 0
+    train, queries, q_ids = source.sample(plan.train_size, n_query, rng)
+    log.info("index build: %s (%s) over %d vectors; %d training vectors, %d recall queries sampled in %.1f s",
+             plan.kind, plan.describe(), source.count, len(train), len(queries), time.perf_counter() - t0)
+    truth = ExactTopK(queries, RECALL_K + 1)
+    observers = [truth, *(on_chunk or [])]
+    t1 = time.perf_counter()
+    if plan.is_ivf:
+        index = _empty_ivf(plan, train, seed, rep.gpu)
+        del train
+        rep.train_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        scratch = _Scratch(scratch_dir, index.code_size)
+        try:
+            sizes = _encode_ivf(index, source.chunks(), _Assigner(_centroids(index), rep.gpu), scratch, observers)
+            rep.radii = _fill_ivf(index, np.zeros(index.nlist, np.int64), sizes, scratch, None)
+        finally:
+            scratch.close()
+    else:
+        index = _empty_exact(plan, train)
+        del train
+        rep.train_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        _fill_exact(index, source.count, source.chunks(), observers)
+    rep.add_s = time.perf_counter() - t2
+    log.info("index build: trained in %.1f s, vectors added in %.1f s", rep.train_s, rep.add_s)
+    t3 = time.perf_counter()
+    _, gt = truth.result()
+    if plan.is_ivf:
+        half = n_query // 2
+        if half >= 1:
+            rep.nprobe, rep.tune_curve = _tune_nprobe(index, queries[:half], gt[:half], None if q_ids is None else q_ids[:half], target_recall)
+            ev = slice(half, n_query)
+        else:
+            rep.nprobe = max(1, min(index.nlist, 16))
+            ev = slice(0, n_query)
+        index.nprobe = rep.nprobe
+    else:
+        ev = slice(0, n_query)
+    if n_query and ev.stop > ev.start:
+        found = _search_ids(index, queries[ev], RECALL_K + 1)
+        rep.recall_at_10 = recall_at_k(found, gt[ev], RECALL_K, q_ids[ev] if q_ids is not None else None)
+        rep.recall_queries = ev.stop - ev.start
+    rep.tune_s = time.perf_counter() - t3
+    rep.build_s = time.perf_counter() - t0
+    log.info("index build: nprobe %d, recall@10 %s on %d queries (tuning %.1f s; nprobe/recall %s)", rep.nprobe,
+             "n/a" if rep.recall_at_10 is None else f"{rep.recall_at_10:.4f}", rep.recall_queries, rep.tune_s, rep.tune_curve)
+    return index, rep
+
+
+# ------------------------------------------------------------------------------------------------
+# The workspace's index: build, append, save, load
 
 
 @dataclass
@@ -56,36 +949,31 @@ class IndexInfo:
     checkpoint: str
     count: int
     dim: int
-    index_type: str
-    built_at: str
+    index_type: str  # one of KINDS
+    built_at: str  # when this file was written (a build or an append)
     generation: int
     file: str
+    trained_at: str | None = None  # when the index was last built from scratch
+    description: str = ""  # FAISS-style, e.g. "IVF4000,SQ8"
+    nlist: int = 0
+    nprobe: int = 0
+    pq_m: int = 0
+    pq_nbits: int = 0
+    recall_at_10: float | None = None
+    recall_queries: int = 0
+    recall_count: int = 0  # vectors in the index when the recall was measured
+    built_count: int = 0  # vectors the index was built (trained) with
+    requested: str = "auto"
+    budget_gb: float | None = None
+    est_gb: float = 0.0
+    reason: str = ""
+    build_s: float = 0.0
+    gpu: str | None = None  # GPU backend of the build's k-means and assignment, if any
+    appended_at: str | None = None
+    radii_file: str | None = None
 
 
-def sync_index(ws: Workspace) -> IndexInfo | None:
-    """Bring an existing index up to date with the catalog: append new images (no rebuild), or
-    rebuild when images left it. Returns None when the workspace has no index. Needs the lock."""
-    info = read_index_info(ws)
-    if info is None:
-        return None
-    try:
-        index, info = load_index(ws)
-        have = index_ids(index)
-    except Exception:
-        return build_index(ws, info.checkpoint)
-    ids, vecs = current_embeddings(ws, info.checkpoint)
-    have_set = set(have.tolist())
-    if not have_set.issubset(set(ids.tolist())):
-        return build_index(ws, info.checkpoint)
-    new = np.array([i not in have_set for i in ids.tolist()], dtype=bool)
-    if not new.any():
-        return info
-    index.add_with_ids(vecs[new], ids[new])
-    return _save(ws, index, info.checkpoint, vecs.shape[1], info.index_type)
-
-
-def build_index(ws: Workspace, checkpoint: str | None = None) -> IndexInfo:
-    faiss = _faiss()
+def _resolve_checkpoint(ws: Workspace, checkpoint: str | None) -> str:
     ensemble = ws.manifest.get("ensemble") or []
     if not ensemble:
         raise WorkspaceError(f"{ws.root}: nothing embedded yet; run `curator embed` first")
@@ -93,31 +981,134 @@ def build_index(ws: Workspace, checkpoint: str | None = None) -> IndexInfo:
     matches = [s for s in ensemble if s.startswith(checkpoint)]
     if len(matches) != 1:
         raise WorkspaceError(f"checkpoint {checkpoint!r} is not one of the workspace's: {', '.join(s[:12] for s in ensemble)}")
-    checkpoint = matches[0]
-    ids, vecs = current_embeddings(ws, checkpoint)
-    if len(ids) == 0:
+    return matches[0]
+
+
+def build_index(ws: Workspace, checkpoint: str | None = None, *, budget_gb: float | None = None, kind: str = "auto",
+                recall_sample: int = RECALL_SAMPLE, seed: int = 0, gpu: bool | str | None = None, exact_max: int | None = None) -> IndexInfo:
+    """Build the workspace's index from scratch (needs the writer lock)."""
+    checkpoint = _resolve_checkpoint(ws, checkpoint)
+    source = WorkspaceVectors(ws, checkpoint)
+    if source.count == 0:
         raise WorkspaceError(f"{ws.root}: no embeddings to index yet")
-    dim = vecs.shape[1]
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    index.add_with_ids(vecs, ids)
-    return _save(ws, index, checkpoint, dim, "IDMap2,FlatIP")
+    plan = choose_index(source.count, source.dim, budget_gb, kind, exact_max)
+    log.debug("index: %s (%s): %s", plan.kind, plan.describe(), plan.reason)
+    index, rep = build_from_source(source, plan, recall_sample=recall_sample, seed=seed, gpu=gpu, scratch_dir=_index_dir(ws))
+    info = IndexInfo(
+        checkpoint=checkpoint, count=int(index.ntotal), dim=source.dim, index_type=plan.kind, built_at="", generation=0, file="",
+        description=plan.describe(), nlist=plan.nlist, nprobe=rep.nprobe, pq_m=plan.pq_m, pq_nbits=plan.pq_nbits if plan.kind == "ivf-pq" else 0,
+        recall_at_10=rep.recall_at_10, recall_queries=rep.recall_queries, recall_count=int(index.ntotal), built_count=int(index.ntotal),
+        requested=kind, budget_gb=budget_gb, est_gb=round(plan.est_bytes / (1 << 30), 3), reason=plan.reason,
+        build_s=round(rep.build_s, 2), gpu=rep.gpu,
+    )
+    return _save(ws, index, info, rep.radii)
 
 
-def _save(ws: Workspace, index, checkpoint: str, dim: int, index_type: str) -> IndexInfo:
-    """Write the index file, then its JSON description, each atomically."""
+def rebuild_index(ws: Workspace, info: IndexInfo) -> IndexInfo:
+    """Build again with the settings an earlier build was asked for."""
+    return build_index(ws, info.checkpoint, budget_gb=info.budget_gb, kind=info.requested or "auto")
+
+
+def _needs_rebuild(info: IndexInfo, n: int) -> str | None:
+    if info.requested in (None, "", "auto"):
+        plan = choose_index(n, info.dim, info.budget_gb, "auto")
+        if plan.kind != info.index_type:
+            return f"at {n:,} vectors the index to use is {plan.kind}, not {info.index_type}"
+    if info.index_type in IVF_KINDS and info.built_count and n > 4 * info.built_count:
+        return f"the IVF lists were trained on {info.built_count:,} vectors and would hold {n:,}"
+    return None
+
+
+def sync_index(ws: Workspace) -> IndexInfo | None:
+    """Bring an existing index up to date with the catalog: append new images (no retraining, no
+    re-encoding of the old ones), or rebuild when images left it, the chosen type changes with the
+    size, or an IVF index outgrew its training. Returns None when the workspace has no index.
+    Needs the lock."""
+    info = read_index_info(ws)
+    if info is None:
+        return None
+    try:
+        old, info = load_index(ws, mmap=True)
+        have = np.sort(index_ids(old))
+    except Exception as exc:  # noqa: BLE001 - a fallback path
+        log.info("index unreadable (%s): rebuilding", exc)
+        return rebuild_index(ws, info)
+    ids = current_ids(ws, info.checkpoint)
+    if not _isin_sorted(have, ids).all():
+        return rebuild_index(ws, info)
+    new = ids[~_isin_sorted(ids, have)]
+    if len(new) == 0:
+        return info
+    reason = _needs_rebuild(info, len(ids))
+    if reason:
+        log.info("rebuilding the index: %s", reason)
+        del old
+        return rebuild_index(ws, info)
+    source = WorkspaceVectors(ws, info.checkpoint, new)
     faiss = _faiss()
+    radii = None
+    if info.index_type in IVF_KINDS:
+        ivf = _ivf_of(old)
+        base_sizes = _list_sizes(ivf.invlists, ivf.nlist)
+        old_radii = _radii(ivf)
+        scratch = _Scratch(_index_dir(ws), ivf.code_size)
+        try:
+            sizes = _encode_ivf(ivf, source.chunks(), _Assigner(_centroids(ivf), gpu_backend()), scratch, [])
+            radii = _fill_ivf(ivf, base_sizes, sizes, scratch, old_radii)
+        finally:
+            scratch.close()
+        index = ivf
+    else:
+        base_old = faiss.downcast_index(old.index)
+        base = _exact_base(info.index_type, info.dim)
+        if info.index_type != "flat":
+            base.sq = base_old.sq
+            base.is_trained = True
+        index = faiss.IndexIDMap2(base)
+        _fill_exact(index, int(old.ntotal) + source.count, source.chunks(), [], copy_from=old)
+    info.count = int(index.ntotal)
+    info.appended_at = dt.datetime.now(dt.UTC).isoformat()
+    out = _save(ws, index, info, radii, appended=True)
+    del old
+    return out
+
+
+def _index_dir(ws: Workspace) -> Path:
     folder = ws.root / INDEX_DIR
     folder.mkdir(exist_ok=True)
-    name = f"{checkpoint[:12]}.flat.faiss"
+    return folder
+
+
+def _save(ws: Workspace, index, info: IndexInfo, radii: np.ndarray | None = None, appended: bool = False) -> IndexInfo:
+    """Write the index file (and an IVF's list radii), then its JSON description, each atomically."""
+    faiss = _faiss()
+    folder = _index_dir(ws)
+    name = f"{info.checkpoint[:12]}.{info.index_type}.faiss"
     tmp = folder / f".{name}.tmp"
     faiss.write_index(index, str(tmp))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     tmp.replace(folder / name)
-    info = IndexInfo(
-        checkpoint=checkpoint, count=int(index.ntotal), dim=dim, index_type=index_type,
-        built_at=dt.datetime.now(dt.timezone.utc).isoformat(), generation=int(ws.manifest.get("generation", 0)),
-        file=f"{INDEX_DIR}/{name}",
-    )
-    atomic_write_bytes(folder / INDEX_META, json.dumps(info.__dict__, indent=1).encode())
+    info.radii_file = None
+    if radii is not None:
+        rname = f"{info.checkpoint[:12]}.{info.index_type}.radii.npz"
+        rtmp = folder / f".{rname}.tmp"
+        with open(rtmp, "wb") as f:
+            np.savez(f, radii=np.asarray(radii, np.float32), ntotal=np.int64(index.ntotal))
+        rtmp.replace(folder / rname)
+        info.radii_file = f"{INDEX_DIR}/{rname}"
+    info.count = int(index.ntotal)
+    info.file = f"{INDEX_DIR}/{name}"
+    info.built_at = dt.datetime.now(dt.UTC).isoformat()
+    if not appended or not info.trained_at:
+        info.trained_at = info.built_at
+    info.generation = int(ws.manifest.get("generation", 0))
+    atomic_write_bytes(folder / INDEX_META, json.dumps(dataclasses.asdict(info), indent=1).encode())
+    keep = {Path(info.file).name, Path(info.radii_file).name if info.radii_file else None}
+    for p in folder.glob(f"{info.checkpoint[:12]}.*"):
+        if p.name not in keep and (p.suffix in (".faiss", ".npz")):
+            with contextlib.suppress(OSError):
+                p.unlink()
     return info
 
 
@@ -125,15 +1116,65 @@ def read_index_info(ws: Workspace) -> IndexInfo | None:
     path = ws.root / INDEX_DIR / INDEX_META
     if not path.is_file():
         return None
-    return IndexInfo(**json.loads(path.read_text()))
+    data = json.loads(path.read_text())
+    known = {f.name for f in dataclasses.fields(IndexInfo)}
+    info = IndexInfo(**{k: v for k, v in data.items() if k in known})
+    info.index_type = _LEGACY_TYPES.get(info.index_type, info.index_type)
+    return info
 
 
-def load_index(ws: Workspace):
+def read_index_file(path: str | Path, kind: str | None = None, mmap: bool | None = None):
+    """Read an index file; memory-mapped (read-only) when ``mmap`` (default: files of at least
+    ``MMAP_MIN_BYTES``) and the type supports it, else into memory.
+
+    IVF types are mapped with ``IO_FLAG_MMAP`` (inverted lists on disk; adding raises), flat
+    codes with ``IO_FLAG_MMAP_IFC``. Never add to a mapped index: :func:`sync_index` copies it.
+    """
+    faiss = _faiss()
+    path = Path(path)
+    want = mmap if mmap is not None else path.stat().st_size >= MMAP_MIN_BYTES
+    if want:
+        flag = faiss.IO_FLAG_MMAP if kind in IVF_KINDS else getattr(faiss, "IO_FLAG_MMAP_IFC", None)
+        if flag is not None:
+            try:
+                index = faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY)
+                _stash(index, "_curator_mmapped", True)
+                return index
+            except Exception as exc:  # noqa: BLE001 - this FAISS cannot map the type: read it
+                log.info("cannot memory-map %s (%s); reading it", path.name, exc)
+    index = faiss.read_index(str(path))
+    _stash(index, "_curator_mmapped", False)
+    return index
+
+
+def load_index(ws: Workspace, mmap: bool | None = None):
+    """(index, info) of the workspace; see :func:`read_index_file` for ``mmap``."""
     info = read_index_info(ws)
     if info is None:
         raise WorkspaceError(f"{ws.root}: no index yet; run `curator index --workspace {ws.root}`")
-    index = _faiss().read_index(str(ws.root / info.file))
+    index = read_index_file(ws.root / info.file, info.index_type, mmap)
+    ivf = _ivf_of(index)
+    if ivf is not None:
+        if info.nprobe:
+            ivf.nprobe = int(info.nprobe)
+        if info.radii_file:
+            with contextlib.suppress(OSError, KeyError, ValueError), np.load(ws.root / info.radii_file) as z:
+                if int(z["ntotal"]) == int(index.ntotal) and len(z["radii"]) == ivf.nlist:
+                    _stash(ivf, "_curator_radii", np.asarray(z["radii"], np.float32))
     return index, info
+
+
+# ------------------------------------------------------------------------------------------------
+# Searching
+
+
+def _ivf_of(index):
+    """The IVF index itself (the tool builds bare IVF indexes, so cached attributes stick to the
+    object callers hold), or the IVF inside a wrapper, or None."""
+    faiss = _faiss()
+    if isinstance(index, faiss.IndexIVF):
+        return index
+    return faiss.try_extract_index_ivf(index)
 
 
 def search_vectors(index, queries: np.ndarray, k: int, allowed_ids=None) -> tuple[np.ndarray, np.ndarray]:
@@ -145,6 +1186,9 @@ def search_vectors(index, queries: np.ndarray, k: int, allowed_ids=None) -> tupl
         return search_vectors_filtered(index, queries, k, allowed_ids)
     q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     k = max(1, min(int(k), int(index.ntotal)))
+    ivf = _ivf_of(index)
+    if ivf is not None:
+        return _ivf_search(index, ivf, q, k, None, None)
     return index.search(q, k)
 
 
@@ -152,6 +1196,12 @@ def search_vectors(index, queries: np.ndarray, k: int, allowed_ids=None) -> tupl
 # Below this many allowed ids a hash set (IDSelectorBatch) is built; above it a bitmap over the
 # id range (IDSelectorBitmap), which is faster to make for large sets.
 _BATCH_SELECTOR_MAX = 65536
+# IVF: with a fraction s of the images allowed, probe min(1/s, this) times as many lists (checking
+# an id against the selector costs far less than scoring a vector)
+FILTER_NPROBE_BOOST = 16
+# IVF: small allowed sets (up to ~sqrt(N)/2 images, never more than this) are scored exactly
+# from their stored codes
+EXACT_FILTER_MAX = 20_000
 
 
 def id_selector(allowed_ids):
@@ -161,44 +1211,215 @@ def id_selector(allowed_ids):
     must outlive the search, so callers keep ``keepalive`` referenced until then.
     """
     faiss = _faiss()
-    ids = np.unique(np.asarray(allowed_ids, dtype=np.int64))
+    ids = _sorted_unique(allowed_ids)
     if len(ids) and ids[0] < 0:
         raise ValueError("image ids are never negative")
     if len(ids) <= _BATCH_SELECTOR_MAX:
         return faiss.IDSelectorBatch(ids), ids
-    mask = np.zeros(int(ids[-1]) + 1, dtype=bool)
-    mask[ids] = True
-    bitmap = np.packbits(mask, bitorder="little")
+    return _bitmap_selector(ids)
+
+
+def _bitmap_selector(ids: np.ndarray):
+    """IDSelectorBitmap over sorted unique non-negative ids: one bit per id up to the largest."""
+    faiss = _faiss()
+    bitmap = np.zeros((int(ids[-1]) >> 3) + 1 if len(ids) else 1, dtype=np.uint8)
+    np.bitwise_or.at(bitmap, ids >> 3, np.left_shift(1, ids & 7).astype(np.uint8))
     # n counts bytes: FAISS admits id i when i >> 3 < n and bit (i & 7) of byte i >> 3 is set.
     return faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap)), bitmap
+
+
+def _compact_selector(allowed: np.ndarray):
+    """For IVF searches: a bitmap whenever it is small (<= 1 MB, or <= 64 bytes an allowed id),
+    which is made in microseconds where a hash set of 10,000 ids takes about a millisecond."""
+    ids = _sorted_unique(allowed)
+    if len(ids) and ids[0] >= 0 and ((int(ids[-1]) >> 3) + 1) <= max(1 << 20, 64 * len(ids)):
+        return _bitmap_selector(ids)
+    return id_selector(ids)
 
 
 def search_vectors_filtered(index, queries: np.ndarray, k: int, allowed_ids=None) -> tuple[np.ndarray, np.ndarray]:
     """Like :func:`search_vectors`, restricted to ``allowed_ids`` (None = every image).
 
     The restriction is applied inside the search (FAISS ``SearchParameters(sel=...)`` on the CPU
-    index), so the exact top-k among the allowed images comes back, k of them whenever at least k
-    are allowed and indexed. Without a filter an all-pass selector is used: on a flat index FAISS
-    then spreads one query over all its threads, which its plain path does not.
+    index), so k results come back whenever at least k allowed images are indexed. Flat types
+    return the exact top-k among the allowed images. IVF types probe more lists the more
+    selective the filter is, probe again with more lists for queries still short of k, and score
+    small allowed sets exactly from their stored codes. Without a filter, a flat index uses an
+    all-pass selector: FAISS then spreads one query over all its threads, which its plain path
+    does not.
     """
     faiss = _faiss()
     q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    ivf = _ivf_of(index)
     if allowed_ids is None:
-        selector, keep = faiss.IDSelectorAll(), None
         k = max(1, min(int(k), int(index.ntotal)))
+        if ivf is not None:
+            return _ivf_search(index, ivf, q, k, None, None)
+        selector, keep = faiss.IDSelectorAll(), None
     else:
-        allowed = np.unique(np.asarray(allowed_ids, dtype=np.int64))
+        allowed = _sorted_unique(allowed_ids)
         if len(allowed) == 0 or index.ntotal == 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-        selector, keep = id_selector(allowed)
         k = max(1, min(int(k), int(index.ntotal), len(allowed)))
+        if ivf is not None:
+            return _ivf_search(index, ivf, q, k, allowed, None)
+        selector, keep = id_selector(allowed)
     sims, ids = index.search(q, k, params=faiss.SearchParameters(sel=selector))
     del keep  # the selector may point into it: keep it alive until here
     return sims, ids
 
 
+def _ivf_search(index, ivf, q: np.ndarray, k: int, allowed: np.ndarray | None, nprobe: int | None):
+    """IVF top-k, probing more lists for queries that come back with fewer than k results."""
+    faiss = _faiss()
+    nlist, ntotal = ivf.nlist, max(1, int(ivf.ntotal))
+    nprobe = int(nprobe or ivf.nprobe)
+    keep = None
+    if allowed is not None:
+        # probe min(1/s, FILTER_NPROBE_BOOST) times the lists (s: the share allowed), and at least
+        # enough lists to expect 4k allowed candidates. Checking an id costs a few ns, scoring a
+        # vector from its codes ~1 us: scoring the allowed set itself is cheaper only while it
+        # is smaller than about sqrt(N) / 2.
+        boost = min(ntotal / len(allowed), FILTER_NPROBE_BOOST)
+        need = math.ceil(4 * k * nlist / len(allowed))
+        nprobe = int(min(nlist, max(math.ceil(nprobe * max(1.0, boost)), need)))
+        if len(allowed) <= min(EXACT_FILTER_MAX, max(256, math.sqrt(ntotal) / 2)):
+            got = _exact_among(index, q, k, allowed)
+            if got is not None:
+                return got
+        selector, keep = _compact_selector(allowed)
+    want = min(k, ntotal if allowed is None else len(allowed))
+    params = faiss.SearchParametersIVF(nprobe=nprobe) if allowed is None else faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+    sims, ids = index.search(q, k, params=params)
+    short = np.flatnonzero((ids >= 0).sum(axis=1) < want)
+    while len(short) and nprobe < nlist:
+        nprobe = min(nlist, nprobe * 4)
+        params.nprobe = nprobe
+        s2, i2 = index.search(np.ascontiguousarray(q[short]), k, params=params)
+        sims[short], ids[short] = s2, i2
+        short = short[(i2 >= 0).sum(axis=1) < want]
+    del keep
+    return sims, ids
+
+
+def _exact_among(index, q: np.ndarray, k: int, allowed: np.ndarray, block: int = 4096):
+    """Exact top-k among ``allowed`` from the stored codes (None when they cannot be read)."""
+    try:
+        vecs = _reconstruct_many(index, allowed, block)
+    except RuntimeError:
+        return None
+    ids, vecs = vecs
+    kk = min(k, len(ids))
+    out_s = np.full((len(q), k), -np.inf, np.float32)
+    out_i = np.full((len(q), k), -1, np.int64)
+    if kk == 0:
+        return out_s, out_i
+    sims = q @ vecs.T
+    order = np.lexsort((np.broadcast_to(ids, sims.shape), -sims), axis=1)[:, :kk]
+    out_s[:, :kk] = np.take_along_axis(sims, order, axis=1)
+    out_i[:, :kk] = ids[order]
+    return out_s, out_i
+
+
+def _reconstruct_many(index, ids: np.ndarray, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(ids present in the index, their stored vectors)."""
+    out_ids, out = [], []
+    for s in range(0, len(ids), block):
+        b = np.ascontiguousarray(ids[s:s + block])
+        try:
+            v = index.reconstruct_batch(b)
+        except RuntimeError:
+            b = b[_isin_sorted(b, _sorted_ids(index))]
+            v = index.reconstruct_batch(b) if len(b) else np.zeros((0, index.d), np.float32)
+        out_ids.append(b)
+        out.append(np.asarray(v, dtype=np.float32).reshape(len(b), index.d))
+    if not out:
+        return np.zeros(0, np.int64), np.zeros((0, index.d), np.float32)
+    return np.concatenate(out_ids), np.concatenate(out)
+
+
+def _sorted_ids(index) -> np.ndarray:
+    got = getattr(index, "_curator_sorted_ids", None)
+    if got is None or len(got) != index.ntotal:
+        got = np.sort(index_ids(index))
+        _stash(index, "_curator_sorted_ids", got)
+    return got
+
+
+# -- range search -------------------------------------------------------------------------------
+
+
+def _radii(ivf) -> np.ndarray:
+    """Per list, the largest |x^ - centroid| of its stored vectors (cached on the index)."""
+    r = getattr(ivf, "_curator_radii", None)
+    if r is not None and len(r) == ivf.nlist:
+        return r
+    faiss = _faiss()
+    r = np.zeros(ivf.nlist, np.float32)
+    il = ivf.invlists
+    for lst in range(ivf.nlist):
+        n = il.list_size(lst)
+        if n == 0:
+            continue
+        p = il.get_codes(lst)
+        codes = faiss.rev_swig_ptr(p, n * ivf.code_size).reshape(n, ivf.code_size).copy()
+        il.release_codes(lst, p)
+        r[lst] = _residual_norms(ivf, np.full(n, lst, np.int64), codes).max()
+    _stash(ivf, "_curator_radii", r)
+    return r
+
+
+def range_search(index, query: np.ndarray, threshold: float, allowed_ids=None) -> tuple[np.ndarray, np.ndarray]:
+    """Every indexed image whose similarity to ``query`` is above ``threshold``: ``(ids, sims)``,
+    most similar first (ties: smaller id first). ``allowed_ids`` restricts it to those images.
+
+    Exact with respect to the stored codes for every type: an IVF index scans exactly the lists
+    that can hold such a vector (centroid similarity + the list's radius times |query| above the
+    threshold), not just ``nprobe`` of them. For cohorts defined by a text query.
+    """
+    faiss = _faiss()
+    q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(1, -1))
+    thr = float(threshold)
+    keep = None
+    sel = None
+    if allowed_ids is not None:
+        allowed = _sorted_unique(allowed_ids)
+        if len(allowed) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        sel, keep = _compact_selector(allowed)
+    if index.ntotal == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    ivf = _ivf_of(index)
+    if ivf is None:
+        params = faiss.SearchParameters(sel=sel) if sel is not None else None
+        lims, sims, ids = index.range_search(q, thr, params=params)
+    else:
+        cq = (_centroids(ivf) @ q[0]).astype(np.float32)
+        reach = cq + _radii(ivf) * float(np.linalg.norm(q[0])) + 1e-4
+        lists = np.flatnonzero(reach > thr)
+        if len(lists) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        lists = lists[np.argsort(-cq[lists], kind="stable")]
+        keys = np.ascontiguousarray(lists.astype(np.int64)[None, :])
+        coarse = np.ascontiguousarray(cq[lists][None, :])
+        params = faiss.SearchParametersIVF(nprobe=len(lists)) if sel is None else faiss.SearchParametersIVF(sel=sel, nprobe=len(lists))
+        res = faiss.RangeSearchResult(1)
+        ivf.range_search_preassigned_c(1, faiss.swig_ptr(q), thr, faiss.swig_ptr(keys), faiss.swig_ptr(coarse), res, False, params)
+        lims = faiss.rev_swig_ptr(res.lims, 2).copy()
+        nres = int(lims[1])
+        sims = faiss.rev_swig_ptr(res.distances, nres).copy() if nres else np.zeros(0, np.float32)
+        ids = faiss.rev_swig_ptr(res.labels, nres).copy() if nres else np.zeros(0, np.int64)
+    del keep
+    sims, ids = np.asarray(sims, np.float32), np.asarray(ids, np.int64)
+    m = sims > thr
+    sims, ids = sims[m], ids[m]
+    order = np.lexsort((ids, -sims))
+    return ids[order], sims[order]
+
+
 def reconstruct(index, image_id: int) -> np.ndarray | None:
-    """The stored vector of ``image_id`` (None when the index does not hold it)."""
+    """The stored vector of ``image_id`` (None when the index does not hold it). Quantised types
+    (fp16, sq8, ivf-sq8, ivf-pq) give the vector their codes stand for."""
     try:
         return np.asarray(index.reconstruct(int(image_id)), dtype=np.float32)
     except RuntimeError:
@@ -206,6 +1427,29 @@ def reconstruct(index, image_id: int) -> np.ndarray | None:
 
 
 def index_ids(index) -> np.ndarray:
-    """The ids an IndexIDMap / IndexIDMap2 holds."""
+    """The image ids an index holds (IndexIDMap / IndexIDMap2, or IVF with its own ids), unordered."""
     faiss = _faiss()
-    return faiss.vector_to_array(index.id_map).astype(np.int64)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) or hasattr(index, "id_map"):
+        n = int(index.ntotal)
+        return faiss.rev_swig_ptr(index.id_map.data(), n).astype(np.int64) if n else np.zeros(0, np.int64)
+    ivf = _ivf_of(index)
+    if ivf is None:
+        raise TypeError(f"{type(index).__name__} has no image ids")
+    il = ivf.invlists
+    out = []
+    for lst in range(ivf.nlist):
+        n = il.list_size(lst)
+        if n:
+            p = il.get_ids(lst)
+            out.append(faiss.rev_swig_ptr(p, n).astype(np.int64))
+            il.release_ids(lst, p)
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def current_embeddings(ws: Workspace, checkpoint: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of the current catalog rows for one checkpoint, in memory (small workspaces;
+    index builds stream instead: :class:`WorkspaceVectors`)."""
+    src = WorkspaceVectors(ws, checkpoint)
+    if src.count == 0:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    return src.take(src.ids)

@@ -378,6 +378,26 @@ class Searcher:
             cur.unregister("hit_df")
         return df
 
+    def above(self, vector: np.ndarray, threshold: float, flt: SearchFilter | None = None) -> pd.DataFrame:
+        """Every image passing ``flt`` whose similarity to ``vector`` is above ``threshold``, most
+        similar first: a cohort defined by a text (or image) query. Same columns as :meth:`search`.
+
+        Exact with respect to the stored vectors for every index type (see
+        :func:`curator.index.range_search`).
+        """
+        ids, sims = faiss_index.range_search(self.index, vector, threshold, self.allowed_ids(flt))
+        cols = ["rank", "image_id", "similarity", *SEARCH_COLUMNS, *self.finding_columns]
+        if len(ids) == 0:
+            return pd.DataFrame(columns=cols)
+        hit_df = pd.DataFrame({"rank": np.arange(1, len(ids) + 1, dtype=np.int64), "image_id": ids, "similarity": sims.astype(np.float64)})
+        cur = self.cursor()
+        cur.register("hit_df", hit_df)
+        try:
+            return cur.execute("SELECT h.rank, h.image_id, h.similarity, r.* EXCLUDE (image_id) FROM hit_df h "
+                               "JOIN search_rows r USING (image_id) ORDER BY h.rank").df()
+        finally:
+            cur.unregister("hit_df")
+
     def details(self, image_id: int) -> dict | None:
         """All catalog fields and probabilities of one image (None when it is not catalogued)."""
         cur = self.cursor()

@@ -119,6 +119,8 @@ def _check(ws: Workspace, rep: VerifyReport, repair: bool) -> None:
 
 
 def _check_index(ws: Workspace, rep: VerifyReport, repair: bool, con) -> None:
+    import numpy as np
+
     from curator import index as faiss_index
 
     info = faiss_index.read_index_info(ws)
@@ -127,20 +129,27 @@ def _check_index(ws: Workspace, rep: VerifyReport, repair: bool, con) -> None:
         return
     try:
         index, info = faiss_index.load_index(ws)
-        ids = set(faiss_index.index_ids(index).tolist())
+        ids = np.sort(faiss_index.index_ids(index))
     except Exception as exc:
         problem = f"index {info.file} is unreadable ({type(exc).__name__})"
         ids = None
     else:
-        want = {r[0] for r in con.execute("SELECT image_id FROM embeddings WHERE checkpoint = ?", [info.checkpoint]).fetchall()}
+        got = con.execute("SELECT image_id FROM embeddings WHERE checkpoint = ?", [info.checkpoint]).fetchnumpy()["image_id"]
+        want = np.unique(np.asarray(got, dtype=np.int64))
         problem = None
-        if ids != want:
-            problem = f"index is stale: {len(want - ids)} image(s) missing, {len(ids - want)} not in the catalog"
+        if not np.array_equal(ids, want):
+            missing = len(np.setdiff1d(want, ids))
+            extra = len(np.setdiff1d(ids, want))
+            dups = len(ids) - len(np.unique(ids))
+            problem = f"index is stale: {missing} image(s) missing, {extra} not in the catalog" + (f", {dups} held twice" if dups else "")
+        elif int(index.ntotal) != info.count:
+            problem = f"index holds {int(index.ntotal)} vectors but index.json says {info.count}"
+        del index
     rep.stats["index"] = f"{info.count} vectors" if problem is None else "stale"
     if problem is None:
         return
     if repair:
-        new = faiss_index.build_index(ws, info.checkpoint)
+        new = faiss_index.rebuild_index(ws, info)
         rep.repaired.append(f"rebuilt the index ({new.count} vectors)")
     else:
         rep.problems.append(problem + " (`curator index` or `curator verify --repair` rebuilds it)")

@@ -1,0 +1,350 @@
+"""The FAISS index at any size: choice by budget, recall, ids, append, filters, range, mmap, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from curator import index as ci
+from curator.workspace import CATALOG_SCHEMA, EMBEDDINGS_SCHEMA, Workspace
+
+D = 48
+CK = "c" * 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_faiss_thread():
+    """Small indexes gain nothing from threads, and OpenMP waits badly on a busy machine."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def clustered(n: int, d: int = D, seed: int = 0, clusters: int = 60) -> np.ndarray:
+    """Unit vectors from a mixture of Gaussians on the sphere."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    a = rng.integers(0, clusters, n)
+    x = centres[a] + rng.uniform(0.3, 0.6, clusters)[a, None] * rng.standard_normal((n, d)) / np.sqrt(d)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32)
+
+
+N = 12_000
+X = clustered(N + 200)
+X, Q = X[:N], X[N:]  # Q: held-out queries from the same mixture
+IDS = (np.random.default_rng(1).permutation(N) * 5 + 11).astype(np.int64)  # image ids: sparse, unordered
+
+
+def brute_top(vecs, ids, q, k, allowed=None):
+    m = np.ones(len(ids), bool) if allowed is None else np.isin(ids, allowed)
+    s = q @ vecs[m].T
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return ids[m][order]
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Every index type over the same vectors, built once."""
+    out = {}
+    for kind in ci.KINDS:
+        plan = ci.choose_index(N, D, 1.0, kind)
+        out[kind] = ci.build_from_source(ci.ArrayVectors(IDS, X, chunk_rows=2500), plan, recall_sample=400, seed=0)
+    return out
+
+
+def test_choice_by_size_and_budget():
+    c = ci.choose_index
+    assert c(500_000, 512, 8).kind == "flat"
+    assert c(500_000, 512, 1.3).kind == "fp16"
+    assert c(500_000, 512, 1.0).kind == "sq8"
+    big = c(3_000_000, 512, 100)
+    assert big.kind == "ivf-flat" and big.nlist == round(4 * np.sqrt(3e6)) and "IVF" in big.describe()
+    assert c(3_000_000, 512, 4).kind == "ivf-sq8"
+    p = c(10_000_000, 512, 8)
+    assert (p.kind, p.nlist) == ("ivf-sq8", 12649) and p.est_bytes < 8 * 2**30
+    pq = c(10_000_000, 512, 3)
+    assert pq.kind == "ivf-pq" and 512 % pq.pq_m == 0 and pq.est_bytes < 3 * 2**30 and pq.pq_m >= 64
+    tiny = c(10_000_000, 512, 0.2)
+    assert tiny.kind == "ivf-pq" and "over" in tiny.reason
+    assert c(1_000, 512, 8, kind="ivf-pq").kind == "ivf-pq"
+    assert "over" in c(3_000_000, 512, 1, kind="flat").reason
+    assert c(2000, 512, 8, exact_max=1000).kind == "ivf-flat"
+    with pytest.raises(ValueError):
+        c(10, 8, 1, kind="hnsw")
+
+
+def test_recall_at_10_against_exact_search(built):
+    truth = brute_top(X, IDS, Q, 10)
+    for kind, (index, rep) in built.items():
+        found = ci.search_vectors(index, Q, 10)[1]
+        independent = ci.recall_at_k(found, truth, 10)
+        assert rep.recall_queries > 0 and rep.recall_at_10 is not None
+        if kind == "flat":
+            assert rep.recall_at_10 == 1.0 and independent == 1.0
+        elif kind == "ivf-pq":  # PQ codes limit recall; it is measured and reported, not promised
+            assert independent > 0.5 and abs(independent - rep.recall_at_10) < 0.15
+        else:
+            assert rep.recall_at_10 >= 0.95 and independent >= 0.95, (kind, rep.recall_at_10, independent, rep.tune_curve)
+        if kind in ci.IVF_KINDS:
+            assert index.nlist == ci.ivf_nlist(N) and 1 <= rep.nprobe <= index.nlist and index.nprobe == rep.nprobe
+
+
+def test_ids_are_image_ids(built):
+    for kind, (index, _) in built.items():
+        got = ci.index_ids(index)
+        assert len(got) == N and np.array_equal(np.sort(got), np.sort(IDS)), kind
+        tol = {"flat": 0, "ivf-flat": 0, "fp16": 1e-3, "sq8": 0.05, "ivf-sq8": 0.05, "ivf-pq": 0.6}[kind]
+        for i in (0, 17, N - 1):
+            v = ci.reconstruct(index, IDS[i])
+            assert v is not None and np.abs(v - X[i]).max() <= tol, kind
+        assert ci.reconstruct(index, 3) is None  # not an image id
+        _, top = ci.search_vectors(index, X[:20], 1)
+        assert (top[:, 0] == IDS[:20]).mean() >= (0.9 if kind == "ivf-pq" else 1.0), kind
+
+
+@pytest.mark.parametrize("share", [0.01, 0.1])
+def test_filtered_search_returns_k_that_pass_for_every_type(built, share, monkeypatch):
+    allowed = np.sort(np.random.default_rng(2).choice(IDS, int(N * share), replace=False))
+    truth = brute_top(X, IDS, Q, 10, allowed)
+    for exact_max in (ci.EXACT_FILTER_MAX, 0):  # 0: IVF never scores the allowed set exactly
+        monkeypatch.setattr(ci, "EXACT_FILTER_MAX", exact_max)
+        for kind, (index, _) in built.items():
+            sims, got = ci.search_vectors_filtered(index, Q, 10, allowed)
+            assert got.shape == (len(Q), 10) and np.isin(got, allowed).all(), (kind, share, exact_max)
+            assert np.all(np.diff(sims, axis=1) <= 1e-6)
+            if kind == "flat":
+                assert np.array_equal(got, truth)
+            else:
+                assert ci.recall_at_k(got, truth) >= (0.6 if kind == "ivf-pq" else 0.9), (kind, share)
+    # an allowed set smaller than k: all of it comes back
+    few = IDS[[3, 99, 1234]]
+    for kind, (index, _) in built.items():
+        _, got = ci.search_vectors_filtered(index, Q[:2], 10, few)
+        assert sorted(got[0][got[0] >= 0].tolist()) == sorted(few.tolist()), kind
+
+
+def test_range_search_equals_brute_force(built):
+    allowed = np.sort(IDS[::7])
+    for kind, (index, _) in built.items():
+        stored = np.asarray(index.reconstruct_batch(IDS), np.float32)  # what the codes stand for
+        for qi in range(3):
+            q = Q[qi]
+            s = stored @ q
+            srt = np.sort(s)[::-1]
+            # a threshold in a clear gap between two stored similarities, ~50 results in
+            j = int(np.argmax(srt[40:80] - srt[41:81])) + 40
+            thr = float((srt[j] + srt[j + 1]) / 2)
+            ids, sims = ci.range_search(index, q, thr)
+            assert set(ids.tolist()) == set(IDS[s > thr].tolist()), kind
+            assert np.all(np.diff(sims) <= 0) and np.all(sims > thr)
+            ids_f, _ = ci.range_search(index, q, thr, allowed_ids=allowed)
+            assert set(ids_f.tolist()) == set(IDS[(s > thr) & np.isin(IDS, allowed)].tolist()), kind
+        assert len(ci.range_search(index, Q[0], 1.5)[0]) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Workspace-level: build, append, mmap, CLI
+
+
+def _add_images(ws: Workspace, ids: np.ndarray, vecs: np.ndarray) -> None:
+    m = len(ids)
+    cols = {f.name: pa.nulls(m, f.type) for f in CATALOG_SCHEMA}
+    cols["image_id"] = pa.array(ids, pa.int64())
+    cols["path"] = pa.array([f"/archive/{i}.png" for i in ids])
+    catalog = pa.table(cols, schema=CATALOG_SCHEMA)
+    offsets = pa.array(np.arange(0, (m + 1) * vecs.shape[1], vecs.shape[1], dtype=np.int32))
+    emb = pa.ListArray.from_arrays(offsets, pa.array(vecs.reshape(-1), pa.float32()))
+    embeddings = pa.table({"image_id": pa.array(ids, pa.int64()), "checkpoint": pa.array([CK] * m), "embedding": emb}, schema=EMBEDDINGS_SCHEMA)
+    parts = [ws.write_part("catalog", catalog), ws.write_part("embeddings", embeddings)]
+    ws.commit(add=parts, next_image_id=int(max(ids.max() + 1, ws.manifest.get("next_image_id", 1))),
+              checkpoints={CK: {"path": "/nowhere/ck.pt", "embed_dim": vecs.shape[1]}}, ensemble=[CK])
+
+
+def _workspace(path, n):
+    ws = Workspace(path)
+    with ws.writer():
+        for s in range(0, n, 1000):  # several parts
+            _add_images(ws, IDS[s:min(n, s + 1000)], X[s:min(n, s + 1000)])
+    return ws
+
+
+@pytest.mark.parametrize("kind", ["flat", "sq8", "ivf-sq8", "ivf-pq"])
+def test_append_adds_only_new_images_without_rebuild(tmp_path, kind, monkeypatch):
+    n0, n1 = 3000, 3600
+    ws = _workspace(tmp_path / "ws", n0)
+    with ws.writer():
+        info0 = ci.build_index(ws, kind=kind, budget_gb=1, recall_sample=200)
+        old, _ = ci.load_index(ws, mmap=False)
+        before = old.reconstruct_batch(IDS[:50])
+        _add_images(ws, IDS[n0:n1], X[n0:n1])
+        streamed = []
+        chunks = ci.WorkspaceVectors.chunks
+
+        def counting(self):
+            for ids, v in chunks(self):
+                streamed.append(len(ids))
+                yield ids, v
+
+        monkeypatch.setattr(ci.WorkspaceVectors, "chunks", counting)
+        info = ci.sync_index(ws)
+    assert sum(streamed) == n1 - n0  # only the new vectors were read and encoded
+    assert info.count == n1 and info.trained_at == info0.trained_at and info.appended_at and info.index_type == kind
+    assert info.built_at != info0.built_at  # the file changed (the app reloads on it)
+    index, info = ci.load_index(ws)
+    got = ci.index_ids(index)
+    assert len(got) == n1 and np.array_equal(np.sort(got), np.sort(IDS[:n1]))
+    np.testing.assert_array_equal(index.reconstruct_batch(IDS[:50]), before)  # old codes copied, not re-encoded
+    if kind in ci.IVF_KINDS:
+        np.testing.assert_array_equal(ci._centroids(index), ci._centroids(old))  # not retrained
+        assert index.nprobe == info0.nprobe
+    # same results as a fresh build of all the images
+    with ws.writer():
+        fresh_info = ci.build_index(ws, kind=kind, budget_gb=1, recall_sample=200)
+    fresh, _ = ci.load_index(ws)
+    _, a = ci.search_vectors(index, Q, 10)
+    _, b = ci.search_vectors(fresh, Q, 10)
+    if kind == "flat":
+        assert np.array_equal(a, b)
+    else:
+        truth = brute_top(X[:n1], IDS[:n1], Q, 10)
+        floor = 0.6 if kind == "ivf-pq" else 0.93
+        assert ci.recall_at_k(a, truth) >= floor and ci.recall_at_k(b, truth) >= floor
+        assert ci.recall_at_k(a, b) >= (0.4 if kind == "ivf-pq" else 0.9)
+    assert fresh_info.trained_at != info0.trained_at
+
+
+def test_sync_rebuilds_when_the_size_changes_the_choice(tmp_path, monkeypatch):
+    ws = _workspace(tmp_path / "ws", 2000)
+    monkeypatch.setattr(ci, "EXACT_MAX", 2200)
+    with ws.writer():
+        assert ci.build_index(ws, budget_gb=1).index_type == "flat"
+        _add_images(ws, IDS[2000:2500], X[2000:2500])
+        info = ci.sync_index(ws)
+    assert info.index_type == "ivf-flat" and info.count == 2500 and info.appended_at is None
+    assert [p.name for p in (ws.root / "index").glob("*.faiss")] == [f"{CK[:12]}.ivf-flat.faiss"]
+
+
+@pytest.mark.parametrize("kind", ["flat", "sq8", "ivf-flat", "ivf-sq8"])
+def test_memory_mapped_loading_gives_the_same_results(tmp_path, kind):
+    ws = _workspace(tmp_path / "ws", 4000)
+    with ws.writer():
+        ci.build_index(ws, kind=kind, budget_gb=1, recall_sample=200)
+    mem, _ = ci.load_index(ws, mmap=False)
+    mapped, _ = ci.load_index(ws, mmap=True)
+    assert mapped._curator_mmapped and not mem._curator_mmapped
+    allowed = IDS[:4000:50]
+    np.testing.assert_array_equal(ci.search_vectors(mem, Q, 10)[1], ci.search_vectors(mapped, Q, 10)[1])
+    np.testing.assert_array_equal(ci.search_vectors_filtered(mem, Q, 10, allowed)[1], ci.search_vectors_filtered(mapped, Q, 10, allowed)[1])
+    np.testing.assert_array_equal(ci.range_search(mem, Q[0], 0.5)[0], ci.range_search(mapped, Q[0], 0.5)[0])
+    np.testing.assert_array_equal(ci.reconstruct(mem, IDS[5]), ci.reconstruct(mapped, IDS[5]))
+    assert np.array_equal(np.sort(ci.index_ids(mapped)), np.sort(IDS[:4000]))
+    meta = json.loads((ws.root / "index" / "index.json").read_text())
+    for key in ("index_type", "nlist", "nprobe", "recall_at_10", "built_at", "count", "description"):
+        assert key in meta
+    assert meta["index_type"] == kind and (meta["nlist"] > 0) == (kind in ci.IVF_KINDS)
+
+
+def _cli(*args, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "curator.cli", *map(str, args)], capture_output=True, text=True, env=env, check=False)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def test_cli_index_with_budget_end_to_end(tmp_path, tiny_checkpoints):
+    from curator.pipelines.embed import EmbedConfig, run_embed
+
+    from tests.conftest import write_raster_archive
+
+    arc, ws = tmp_path / "arc", tmp_path / "ws"
+    write_raster_archive(arc, 12)
+
+    def embed():
+        run_embed(EmbedConfig(archives=[str(arc)], workspace=str(ws), checkpoints=[str(tiny_checkpoints[0])], device="cpu",
+                              workers=0, batch_size=4, progress=False))
+
+    embed()
+    r = _cli("index", "--workspace", ws, "--budget-gb", "1")
+    assert "chose flat (IDMap2,Flat" in r.stdout and "recall@10 1.000 against exact search on 12 held-out queries" in r.stdout
+    assert "indexed 12 images" in r.stdout
+    r = _cli("index", "--workspace", ws, "--budget-gb", "0.5", "--type", "ivf-flat", "--recall-sample", "12")
+    assert "chose ivf-flat (IVF1,Flat" in r.stdout and "recall@10" in r.stdout and "nprobe 1 of 1 lists" in r.stdout
+    meta = json.loads((ws / "index" / "index.json").read_text())
+    assert meta["index_type"] == "ivf-flat" and meta["recall_at_10"] == 1.0 and meta["budget_gb"] == 0.5
+    assert "OK: all invariants hold" in _cli("verify", "--workspace", ws).stdout
+    write_raster_archive(arc, 3, seed=9, start=40)
+    embed()  # appends to the IVF index
+    meta = json.loads((ws / "index" / "index.json").read_text())
+    assert meta["count"] == 15 and meta["appended_at"] and meta["index_type"] == "ivf-flat"
+    assert "index: 15 vectors" in _cli("verify", "--workspace", ws).stdout
+    r = _cli("search", "--workspace", ws, "--image", arc / "s0" / "img000.jpg", "-k", "3", "--json")
+    assert json.loads(r.stdout)["results"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    r = _cli("index", "--workspace", ws, "--budget-gb", "-1", check=False)
+    assert r.returncode == 2
+
+
+def test_bench_index_contract(capsys):
+    from curator.cli import main
+
+    assert main(["bench", "index", "--n", "3000", "--dim", "32", "--json", "--queries", "20", "--seed", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("index_type", "build_s", "p50_ms", "p95_ms", "recall_at_10", "filtered_k_returned_fraction", "peak_rss_mb", "filtered_p50_ms"):
+        assert key in out, key
+    assert out["index_type"] == "flat" and out["recall_at_10"] == 1.0 and out["filtered_k_returned_fraction"] == 1.0
+    assert main(["bench", "index", "--n", "3000", "--dim", "32", "--json", "--queries", "20", "--type", "ivf-sq8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["index_type"] == "ivf-sq8" and out["nlist"] > 1 and out["filtered_k_returned_fraction"] == 1.0
+
+
+def test_synthetic_vectors_do_not_depend_on_threads():
+    from curator.bench import SyntheticVectors
+
+    a = np.concatenate([v for _, v in SyntheticVectors(5000, 16, seed=4, chunk_rows=1000).chunks()])
+    b = np.concatenate([v for _, v in SyntheticVectors(5000, 16, seed=4, chunk_rows=1000, threads=3).chunks()])
+    np.testing.assert_array_equal(a, b)
+    assert np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+
+
+def test_searcher_cohort_above_a_similarity(tmp_path):
+    from curator.search import Searcher
+
+    ws = _workspace(tmp_path / "ws", 3000)
+    with ws.writer():
+        ci.build_index(ws, kind="ivf-sq8", budget_gb=1, recall_sample=100)
+    s = Searcher(Workspace(ws.root), load_model=False)
+    index, _ = ci.load_index(ws)
+    stored = index.reconstruct_batch(IDS[:3000]) @ Q[0]
+    srt = np.sort(stored)[::-1]
+    thr = float((srt[29] + srt[30]) / 2)
+    df = s.above(Q[0], thr)
+    assert sorted(df.image_id.tolist()) == sorted(IDS[:3000][stored > thr].tolist())
+    assert df.similarity.is_monotonic_decreasing and list(df["rank"]) == list(range(1, len(df) + 1))
+    assert s.above(Q[0], 1.5).empty
+    top = s.search(Q[0], k=5)
+    assert top.image_id.tolist() == df.image_id.tolist()[:5]
+
+
+def test_torch_backend_assigns_like_numpy(monkeypatch):
+    """The GPU path through torch (used when FAISS is the CPU build), run on the CPU here."""
+    pytest.importorskip("torch")
+    monkeypatch.setattr(ci, "_TORCH_DEVICE", "cpu")
+    c = ci.spherical_kmeans(X[:3000], 50, seed=1)
+    np.testing.assert_array_equal(ci._Assigner(c, "torch")(X), ci._Assigner(c)(X))
+    plan = ci.choose_index(N, D, 1.0, "ivf-sq8")
+    _, rep = ci.build_from_source(ci.ArrayVectors(IDS, X), plan, recall_sample=400, gpu="torch")
+    assert rep.gpu == "torch" and rep.recall_at_10 >= 0.95
+    assert ci.gpu_backend(False) is None and ci.gpu_backend("torch") == "torch"
+    if not ci.use_gpu() and not ci._torch_cuda():
+        assert ci.gpu_backend() is None
