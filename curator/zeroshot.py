@@ -26,8 +26,18 @@ def class_embedding(encode_texts: TextEncoder, texts: Sequence[str]) -> torch.Te
 
 
 def template_weights(encode_texts: TextEncoder, prompts: PromptSet, template: str) -> torch.Tensor:
-    """(D, F) matrix: one column per finding, its phrases formatted with ``template``."""
-    cols = [class_embedding(encode_texts, [template.format(p) for p in f.phrases]) for f in prompts.findings]
+    """(D, F) matrix: one column per finding, its phrases formatted with ``template``.
+
+    All texts are encoded in one batch; each finding's column is then :func:`class_embedding`'s
+    mean of its normalised phrase vectors, normalised again.
+    """
+    texts = [template.format(p) for f in prompts.findings for p in f.phrases]
+    emb = F.normalize(encode_texts(texts).float(), dim=-1)
+    cols, i = [], 0
+    for f in prompts.findings:
+        n = len(f.phrases)
+        cols.append(F.normalize(emb[i : i + n].mean(dim=0), dim=-1))
+        i += n
     return torch.stack(cols, dim=1)
 
 

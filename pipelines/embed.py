@@ -204,7 +204,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             unreadable.append({"path": p, "stage": "discover", "kind": "unreadable", "error": reason, "exception": "OSError", "size": None, "mtime_ns": None})
         if unreadable:
             writer.add([], None, unreadable)
-        mapper = Mapper(checkpoints, prompt_sets)
+        mapper = None  # made once the readers have started, so text encoding overlaps decoding
         status = "completed"
         t_model = 0.0
         try:
@@ -215,6 +215,8 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                     mapped = None
                     if batch["tensors"] is not None:
                         t0 = time.perf_counter()
+                        if mapper is None:
+                            mapper = Mapper(checkpoints, prompt_sets)
                         mapped = mapper(batch["tensors"])
                         t_model += time.perf_counter() - t0
                         faults.reached("mapped")

@@ -98,7 +98,7 @@ def test_index_agrees_after_a_killed_rerun(tmp_path, tiny_checkpoints):
 
 def test_reader_never_sees_counts_go_down_or_unscored_rows(tmp_path, tiny_checkpoints):
     arc = tmp_path / "arc"
-    write_raster_archive(arc, 24)
+    write_raster_archive(arc, 40)  # 20 commits: enough for a slow reader to see several
     ws = tmp_path / "ws"
     proc = subprocess.Popen(_embed_cmd(arc, ws, tiny_checkpoints[0], flush=2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen = []
@@ -119,7 +119,7 @@ def test_reader_never_sees_counts_go_down_or_unscored_rows(tmp_path, tiny_checkp
         proc.kill()
         proc.wait()
     assert proc.returncode == 0
-    assert seen == sorted(seen) and seen[-1] == 24
+    assert seen == sorted(seen) and seen[-1] == 40
     assert len(set(seen)) >= 3  # the reader really watched intermediate commits
 
 
