@@ -136,9 +136,10 @@ def calibrate(ws, truth, rule: str = "youden", positive: str | None = None, nega
               n_boot: int = 1000, seed: int = 0) -> tuple[dict, dict]:
     """Choose the thresholds; returns ``({column: entry}, {column: reason skipped})`` (nothing stored)."""
     from curator import metrics as M
-    from curator.evaluate import _clean, _workspace, truth_scores, units
+    from curator.evaluate import _clean, truth_scores, units
+    from curator.workspace import open_workspace
 
-    ws = _workspace(ws)
+    ws = open_workspace(ws)
     for r in (rule, positive, negative):
         if r:
             M.parse_rule(r)
@@ -199,9 +200,9 @@ def _truth_file(ws, truth) -> str:
 
 def store_calibration(ws, truth, entries: dict) -> None:
     """Merge ``entries`` into ``manifest["calibration"]`` (atomic commit under the writer lock)."""
-    from curator.evaluate import _workspace
+    from curator.workspace import open_workspace
 
-    ws = _workspace(ws)
+    ws = open_workspace(ws)
     if not entries:
         return
     with ws.writer():
@@ -216,9 +217,9 @@ def store_calibration(ws, truth, entries: dict) -> None:
 
 def remove_calibration(ws, columns: list[str] | None = None) -> int:
     """Drop the active calibration of ``columns`` (all when None); returns how many were removed."""
-    from curator.evaluate import _workspace
+    from curator.workspace import open_workspace
 
-    ws = _workspace(ws)
+    ws = open_workspace(ws)
     with ws.writer():
         cal = json.loads(json.dumps(ws.manifest.get("calibration") or {}))
         active = active_calibration(ws)

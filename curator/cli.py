@@ -270,10 +270,9 @@ def cmd_verify(args) -> int:
 
 
 def _require_workspace(ws) -> None:
-    from curator.workspace import WorkspaceError
+    from curator.workspace import open_workspace
 
-    if not ws.exists:
-        raise WorkspaceError(f"{ws.root}: not a curator workspace (no manifest.json); run `curator embed ... --workspace {ws.root}` first")
+    open_workspace(ws)
 
 
 # ------------------------------------------------------------------------------------------

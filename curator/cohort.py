@@ -63,6 +63,9 @@ import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from curator.fileutil import file_sha256
+from curator.workspace import open_workspace
+
 COPY_MODES = ("none", "copy", "symlink")
 ONE_PER = {"study": "study", "patient": "patient"}
 INTERNAL = ("_patient", "_study")
@@ -345,16 +348,6 @@ def cohort_sql(spec: CohortSpec, ws=None, labels: bool | None = None) -> str:
     return sql
 
 
-def _workspace(ws):
-    from curator.workspace import Workspace, WorkspaceError
-
-    if not isinstance(ws, Workspace):
-        ws = Workspace(ws)
-    if not ws.exists:
-        raise WorkspaceError(f"{ws.root}: not a curator workspace (no manifest.json); run `curator embed` first")
-    return ws
-
-
 def _check_single_statement(sql: str, name: str) -> None:
     import duckdb
 
@@ -393,7 +386,7 @@ def _run(ws, sql: str, name: str, params: list | None = None):
 
 
 def _select(ws, spec: CohortSpec):
-    ws = _workspace(ws)
+    ws = open_workspace(ws)
     return _run(ws, cohort_sql(spec, ws), spec.name)
 
 
@@ -405,7 +398,7 @@ def select_cohort(ws, spec: CohortSpec):
 
 def count_cohort(ws, spec: CohortSpec) -> int:
     """Number of rows the spec selects (runs ``count(*)`` over :func:`cohort_sql`)."""
-    ws = _workspace(ws)
+    ws = open_workspace(ws)
     df = _run(ws, f"SELECT count(*) AS n FROM (\n{cohort_sql(spec, ws)}\n)", spec.name)
     return int(df["n"].iloc[0])
 
@@ -431,7 +424,7 @@ def cohort_estimates(ws, spec: CohortSpec, level: float = 0.95) -> dict:
     from curator.calibrate import active_calibration
     from curator.metrics import wilson_interval
 
-    ws = _workspace(ws)
+    ws = open_workspace(ws)
     cal = active_calibration(ws)
     if not cal:
         return {}
@@ -544,14 +537,6 @@ def _redact(obj, secrets: set[str]):
     return obj
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _copy_one(row: dict, images_dir: Path, mode: str, deidentify: bool) -> tuple[int, str | None, str | None]:
     """Copy / convert / link one image; returns (image_id, relative file, error)."""
     import numpy as np
@@ -648,7 +633,7 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
     from curator.calibrate import active_calibration
     from curator.deid import deidentify_frame, workspace_salt
 
-    ws = _workspace(ws)
+    ws = open_workspace(ws)
     validate_spec(spec)
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir == ws.root or ws.root in out_dir.parents:
@@ -737,7 +722,7 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
             "label_values": {"1": "positive", "0": "negative", "-1": "uncertain (between the two thresholds)"} if label_cols else None,
             "images": image_info,
             "workspace": {"generation": ws.manifest.get("generation"), **({"root": str(ws.root)} if not spec.deidentify else {})},
-            "files": {n: _file_sha256(tmp / n) for n in ("cohort.csv", "cohort.parquet")},
+            "files": {n: file_sha256(tmp / n) for n in ("cohort.csv", "cohort.parquet")},
         }
         manifest = _redact(manifest, secrets)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str) + "\n")
@@ -787,7 +772,7 @@ def _cli_cohort(args) -> int:
     if args.no_deidentify:
         spec.deidentify = False
     validate_spec(spec)
-    ws = _workspace(args.workspace)
+    ws = open_workspace(args.workspace)
     if args.sql:
         print(cohort_sql(spec, ws))
         return 0

@@ -36,12 +36,14 @@ Wilson score interval.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from curator.fileutil import file_sha256
+from curator.workspace import open_workspace
 
 KEYS = ("path", "sop_instance_uid", "study_instance_uid")
 UNCERTAIN_POLICIES = ("exclude", "positive", "negative")
@@ -110,24 +112,6 @@ class Truth:
         }
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _workspace(ws):
-    from curator.workspace import Workspace, WorkspaceError
-
-    if not isinstance(ws, Workspace):
-        ws = Workspace(ws)
-    if not ws.exists:
-        raise WorkspaceError(f"{ws.root}: not a curator workspace (no manifest.json); run `curator embed` first")
-    return ws
-
-
 def parse_values(col: str, values) -> tuple[object, dict]:
     """Raw CSV cells -> float series of 1 / 0 / -1 / NaN (blank), and counts of each."""
     import numpy as np
@@ -166,7 +150,7 @@ def load_truth(ws, csv_path: str | Path, policy: TruthPolicy | None = None, key:
     from curator.prompts import snake_case
     from curator.query import connect
 
-    ws = _workspace(ws)
+    ws = open_workspace(ws)
     policy = policy or TruthPolicy()
     csv_path = Path(csv_path).expanduser()
     if not csv_path.is_file():
@@ -257,7 +241,7 @@ def load_truth(ws, csv_path: str | Path, policy: TruthPolicy | None = None, key:
                 "CheXpert-v1.0)" if key == "path" else f"no catalogued image has one of these {key} values")
         raise ValueError(f"{csv_path}: none of its {len(raw)} rows matches a workspace image ({hint})")
     return Truth(
-        source=str(csv_path.resolve()), sha256=_file_sha256(csv_path), key=key, policy=policy, findings=fcols, frame=frame,
+        source=str(csv_path.resolve()), sha256=file_sha256(csv_path), key=key, policy=policy, findings=fcols, frame=frame,
         rows=len(raw), matched_rows=matched, unmatched_rows=len(raw) - matched, ignored_columns=ignored, raw_counts=counts,
     )
 
@@ -266,7 +250,7 @@ def truth_scores(ws, truth: Truth, columns: list[str]):
     """``truth.frame`` joined with the images view's probabilities (``<col>__score``)."""
     from curator.query import connect
 
-    ws = _workspace(ws)
+    ws = open_workspace(ws)
     have = set(ws.manifest.get("finding_columns", {}))
     cols = [c for c in columns if c in have]
     con = connect(ws, sandbox=False)
@@ -362,7 +346,7 @@ def evaluate(ws, truth: Truth, out_dir: str | Path | None = None, findings: list
     from curator import metrics as M
     from curator.calibrate import active_calibration
 
-    ws = _workspace(ws)
+    ws = open_workspace(ws)
     M.parse_rule(threshold_rule)
     level = level or truth.level
     if truth.level == "study" and level == "image":

@@ -6,13 +6,11 @@ import json
 
 from curator.index import read_index_info
 from curator.query import connect
-from curator.workspace import Workspace, WorkspaceError
+from curator.workspace import open_workspace
 
 
 def workspace_info(root: str) -> dict:
-    ws = Workspace(root)
-    if not ws.exists:
-        raise WorkspaceError(f"{ws.root}: not a curator workspace (no manifest.json)")
+    ws = open_workspace(root)
     m = ws.manifest
     con = connect(ws)
     try:

@@ -9,7 +9,6 @@ open_clip's builder rounds the weights to float16 on the way.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from curator.fileutil import file_sha256  # noqa: F401  (re-exported: curator.model.file_sha256)
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,6 @@ _NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 class CheckpointError(ValueError):
     """A file that is not a CheXzero (OpenAI CLIP ViT) checkpoint."""
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -79,12 +79,13 @@ def compare_prompts(ws, truth, finding: str, phrases: list[str] | None = None, t
 
     from curator import metrics as M
     from curator import zeroshot
-    from curator.evaluate import _clean, _workspace, units
+    from curator.evaluate import _clean, units
+    from curator.workspace import open_workspace
     from curator.pipelines.label import workspace_checkpoints
     from curator.prompts import Finding, PromptSet, snake_case
     from curator.query import connect
 
-    ws = _workspace(ws)
+    ws = open_workspace(ws)
     column = snake_case(finding)
     if column not in truth.findings:
         raise ValueError(f"the truth CSV has no column for {finding!r} ({column})")
@@ -174,7 +175,8 @@ def add_cli(subparsers) -> None:
 
 
 def _cli_compare(args) -> int:
-    from curator.evaluate import _workspace, truth_from_args
+    from curator.evaluate import truth_from_args
+    from curator.workspace import open_workspace
     from curator.pipelines.label import workspace_checkpoints
     from curator.prompts import snake_case
 
@@ -184,7 +186,7 @@ def _cli_compare(args) -> int:
     if args.checkpoint:
         from curator.cli import resolve_checkpoint_arg
 
-        cks = workspace_checkpoints(_workspace(args.workspace), args.device, [resolve_checkpoint_arg(x) for x in args.checkpoint])
+        cks = workspace_checkpoints(open_workspace(args.workspace), args.device, [resolve_checkpoint_arg(x) for x in args.checkpoint])
     res = compare_prompts(args.workspace, truth, args.finding, phrases=args.phrases, templates=templates, combined=not args.no_combined,
                           level=args.level, aggregate=args.aggregate, n_boot=args.resamples, seed=args.seed, device=args.device, checkpoints=cks)
     if args.out:

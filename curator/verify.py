@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from curator.constants import ENSEMBLE_MEMBER
-from curator.workspace import DATASETS, Workspace, WorkspaceError
+from curator.workspace import DATASETS, Workspace, open_workspace
 
 
 @dataclass
@@ -37,9 +37,7 @@ class VerifyReport:
 
 
 def verify(root: str, repair: bool = False) -> VerifyReport:
-    ws = Workspace(root)
-    if not ws.exists:
-        raise WorkspaceError(f"{ws.root}: not a curator workspace (no manifest.json)")
+    ws = open_workspace(root)
     rep = VerifyReport()
     if repair:
         orphans = ws.orphans()

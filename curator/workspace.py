@@ -350,3 +350,12 @@ class Workspace:
                 trash = self.root / TRASH
                 trash.mkdir(exist_ok=True)
                 os.replace(src, trash / f"{int(time.time())}-{src.name}")
+
+
+def open_workspace(ws: "Workspace | str | Path") -> Workspace:
+    """An existing workspace (a :class:`Workspace` or its folder), or a one-line WorkspaceError."""
+    if not isinstance(ws, Workspace):
+        ws = Workspace(ws)
+    if not ws.exists:
+        raise WorkspaceError(f"{ws.root}: not a curator workspace (no manifest.json); run `curator embed ... --workspace {ws.root}` first")
+    return ws

@@ -20,7 +20,7 @@ from curator import zeroshot
 from curator.constants import ENSEMBLE_MEMBER
 from curator.model import Checkpoint, file_sha256, load_checkpoint
 from curator.prompts import PromptSet, PromptSetError
-from curator.workspace import CATALOG_SCHEMA, Workspace, WorkspaceError
+from curator.workspace import CATALOG_SCHEMA, Workspace, WorkspaceError, open_workspace
 
 from .embed import register_prompt_set
 from .stages import predictions_table, run_record, utcnow
@@ -66,9 +66,7 @@ def workspace_checkpoints(ws: Workspace, device: str | None = None, overrides: l
 def run_label(ws_root: str, prompts: PromptSet, device: str | None = None, checkpoints: list[Checkpoint] | None = None, progress: bool = True) -> LabelSummary:
     t0 = time.perf_counter()
     started = utcnow()
-    ws = Workspace(ws_root)
-    if not ws.exists:
-        raise WorkspaceError(f"{ws.root}: not a curator workspace (no manifest.json); run `curator embed` first")
+    ws = open_workspace(ws_root)
     clash = [c for c in prompts.columns if c in CATALOG_SCHEMA.names]
     if clash:
         raise PromptSetError(f"finding column(s) {', '.join(clash)} clash with catalog columns; rename the finding(s)")
