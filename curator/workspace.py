@@ -250,8 +250,9 @@ class Workspace:
             for d in (*DATASETS, "index"):
                 (self.root / d).mkdir(exist_ok=True)
             self.reload()
-            if not self.exists:
-                self.commit()
+            # No empty manifest is published here: a workspace appears with its first real
+            # commit (embed's records its checkpoints and prompt set), so a reader never sees a
+            # workspace without the columns of its default prompt set.
             self.remove_orphans()
             yield self
         finally:

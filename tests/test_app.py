@@ -346,8 +346,8 @@ def test_workspace_without_index(ws_path, tmp_path, monkeypatch):
 
 def test_empty_and_missing_workspaces(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
-    with Workspace(empty).writer():
-        pass
+    with Workspace(empty).writer() as w:
+        w.commit()  # a committed workspace holding no images (as after an embed that found none)
     _, msgs = _all_pages(monkeypatch, empty)
     assert "no images yet" in msgs["pages/search.py"] and "no images yet" in msgs["pages/cohort.py"].lower()
     _, msgs = _all_pages(monkeypatch, tmp_path / "nothing-here")
