@@ -118,7 +118,11 @@ def cmd_embed(args) -> int:
         read_options=ReadOptions(dicom_conversion=args.dicom_conversion, modalities=args.modality),
         flush_rows=args.flush_rows,
         progress=not args.quiet,
+        engine=args.engine,
+        ray_address=args.address,
     )
+    if args.address and args.engine != "ray":
+        raise CliError("--address is for --engine ray")
     summary = run_embed(cfg)
     for line in summary.lines():
         print(line)
@@ -307,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", type=_modalities, default=frozenset({"CR", "DX"}),
                    help="DICOM modalities to accept, comma-separated, or 'any' (default CR,DX); others are recorded as filtered")
     p.add_argument("--flush-rows", type=_positive_int, default=4096, help="commit to the workspace every N files (default 4096)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="'local': decode worker processes + models on this machine (default); 'ray': the same stages on Ray Data "
+                   "(decode tasks on the cluster's CPUs, one model actor per GPU), needs pip install 'curator-cxr[ray]'")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --engine ray: the cluster to join (e.g. ray://head:10001 or 'auto'); default: start a local one. "
+                   "Archive and checkpoints must be at the same paths on every node")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("label", help="(re)compute probabilities for a prompt set from stored embeddings",

@@ -44,6 +44,8 @@ class EmbedConfig:
     flush_rows: int = 4096
     progress: bool = True
     limit: int | None = None  # process at most this many new files (for trials)
+    engine: str = "local"  # "local" (DataLoader workers) or "ray" (Ray Data)
+    ray_address: str | None = None  # Ray cluster to join; None: the running one or a new local one
 
 
 @dataclass
@@ -155,11 +157,14 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
     run_id = started.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.engine not in ("local", "ray"):
+        raise ValueError(f"unknown engine {cfg.engine!r}; expected 'local' or 'ray'")
     if checkpoints is None:
-        checkpoints = load_checkpoints(cfg.checkpoints, cfg.device)
+        # With Ray the models run in the cluster's actors; the driver only needs their identity.
+        checkpoints = load_checkpoints(cfg.checkpoints, "cpu" if cfg.engine == "ray" else cfg.device)
     if not checkpoints:
         raise ValueError("at least one --checkpoint is needed")
-    summary = EmbedSummary(run_id=run_id, device=str(checkpoints[0].device))
+    summary = EmbedSummary(run_id=run_id, device="ray cluster" if cfg.engine == "ray" else str(checkpoints[0].device))
     ws = Workspace(cfg.workspace)
     with ws.writer():
         check_ensemble(ws, checkpoints)
@@ -203,24 +208,20 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             unreadable.append({"path": p, "stage": "discover", "kind": "unreadable", "error": reason, "exception": "OSError", "size": None, "mtime_ns": None})
         if unreadable:
             writer.add([], None, unreadable)
-        mapper = None  # made once the readers have started, so text encoding overlaps decoding
         status = "completed"
-        t_model = 0.0
+        timing = {"model_s": 0.0}
         try:
             if todo:
                 bar = _progress(len(todo), cfg.progress)
-                for batch in batches(todo, cfg, checkpoints[0].device.type == "cuda"):
-                    faults.reached("batch")
-                    mapped = None
-                    if batch["tensors"] is not None:
-                        t0 = time.perf_counter()
-                        if mapper is None:
-                            mapper = Mapper(checkpoints, prompt_sets)
-                        mapped = mapper(batch["tensors"])
-                        t_model += time.perf_counter() - t0
-                        faults.reached("mapped")
-                    writer.add(batch["rows"], mapped, batch["errors"])
-                    bar.update(len(batch["rows"]) + len(batch["errors"]))
+                if cfg.engine == "ray":
+                    from .ray_engine import mapped_batches
+
+                    source = mapped_batches(todo, cfg, checkpoints, prompt_sets)
+                else:
+                    source = local_mapped_batches(todo, cfg, checkpoints, prompt_sets, timing)
+                for rows, mapped, errors in source:
+                    writer.add(rows, mapped, errors)
+                    bar.update(len(rows) + len(errors))
                 bar.close()
             writer.flush()
             from curator.index import sync_index
@@ -250,13 +251,33 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                 run_id, "embed", status, started,
                 [{"sha256": c.sha256, "path": c.path} for c in checkpoints],
                 [p.id for p in prompt_sets], counts,
-                {"total_s": summary.seconds, "model_s": t_model},
-                {"archives": cfg.archives, "device": summary.device, "batch_size": cfg.batch_size,
+                {"total_s": summary.seconds, "model_s": timing["model_s"] if cfg.engine == "local" else None},
+                {"archives": cfg.archives, "device": summary.device, "batch_size": cfg.batch_size, "engine": cfg.engine,
                  "dicom_conversion": cfg.read_options.dicom_conversion,
                  "modalities": sorted(cfg.read_options.modalities) if cfg.read_options.modalities else None},
             )
             ws.commit(add=[ws.write_part("runs", record)])
     return summary
+
+
+def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: list[Checkpoint], prompt_sets: list[PromptSet], timing: dict):
+    """Local engine: ``(catalog rows, mapped, error rows)`` per model batch.
+
+    The mapper (and its text encoding) is made once the decode workers have started, so text
+    encoding overlaps the first reads.
+    """
+    mapper = None
+    for batch in batches(todo, cfg, checkpoints[0].device.type == "cuda"):
+        faults.reached("batch")
+        mapped = None
+        if batch["tensors"] is not None:
+            t0 = time.perf_counter()
+            if mapper is None:
+                mapper = Mapper(checkpoints, prompt_sets)
+            mapped = mapper(batch["tensors"])
+            timing["model_s"] += time.perf_counter() - t0
+            faults.reached("mapped")
+        yield batch["rows"], mapped, batch["errors"]
 
 
 def batches(todo: list[FileEntry], cfg: EmbedConfig, pin: bool = False):
