@@ -40,15 +40,21 @@ def walk(roots: Iterable[str | Path], report: WalkReport | None = None) -> Itera
     counted in ``report.ignored``.
     """
     report = report if report is not None else WalkReport()
-    seen: set[str] = set()
+    roots = list(roots)
+    # One folder's walk yields each path once; remembering paths (memory that grows with the
+    # archive) is only needed when the roots overlap.
+    resolved = [Path(r).expanduser().resolve() for r in roots]
+    overlap = any(a == b or a in b.parents for i, a in enumerate(resolved) for j, b in enumerate(resolved) if i != j)
+    seen: set[str] | None = set() if overlap else None
     for root in roots:
         root = Path(root).expanduser()
         if not root.exists() and not root.is_symlink():
             raise FileNotFoundError(f"{root}: no such file or folder")
         if root.is_file():
             entry = _entry(root.resolve(), report)
-            if entry and entry.path not in seen:
-                seen.add(entry.path)
+            if entry and (seen is None or entry.path not in seen):
+                if seen is not None:
+                    seen.add(entry.path)
                 yield entry
             continue
         for dirpath, dirnames, filenames in os.walk(root.resolve(), followlinks=False, onerror=lambda e: report.unreadable.append((getattr(e, "filename", "?"), str(e)))):
@@ -61,8 +67,9 @@ def walk(roots: Iterable[str | Path], report: WalkReport | None = None) -> Itera
                     report.ignored[f"{Path(name).suffix.lower()} file"] += 1
                     continue
                 entry = _entry(Path(dirpath) / name, report)
-                if entry and entry.path not in seen:
-                    seen.add(entry.path)
+                if entry and (seen is None or entry.path not in seen):
+                    if seen is not None:
+                        seen.add(entry.path)
                     yield entry
 
 

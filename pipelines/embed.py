@@ -25,6 +25,7 @@ from curator.prompts import PromptSet, default_prompt_set
 from curator.readers import ReadOptions
 from curator.workspace import Workspace, WorkspaceError
 
+from .known import KnownFiles
 from .stages import Mapper, WorkspaceWriter, collate, read_item, run_record, utcnow
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class EmbedConfig:
     flush_rows: int = 4096
     progress: bool = True
     limit: int | None = None  # process at most this many new files (for trials)
+    chunk_files: int | None = None  # files discovered per chunk; None: 100k (local), 1M (ray)
     engine: str = "local"  # "local" (DataLoader workers) or "ray" (Ray Data)
     ray_address: str | None = None  # Ray cluster to join; None: the running one or a new local one
 
@@ -99,22 +101,6 @@ class FileDataset(Dataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
-
-
-def known_files(ws: Workspace, retry_filtered: bool = False) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
-    """(path -> (size, mtime_ns)) of catalogued files and of files that failed before.
-
-    Files rejected by the modality filter count as known only while the filter is unchanged.
-    """
-    cat = ws.read_table("catalog", columns=["path", "size", "mtime_ns"])
-    err = ws.read_table("errors", columns=["path", "size", "mtime_ns", "stage"])
-    seen = {p: (s, m) for p, s, m in zip(cat["path"].to_pylist(), cat["size"].to_pylist(), cat["mtime_ns"].to_pylist())}
-    bad = {
-        p: (s, m)
-        for p, s, m, st in zip(err["path"].to_pylist(), err["size"].to_pylist(), err["mtime_ns"].to_pylist(), err["stage"].to_pylist())
-        if not (retry_filtered and st == "filter")
-    }
-    return seen, bad
 
 
 def active_prompt_sets(ws: Workspace) -> list[PromptSet]:
@@ -181,48 +167,53 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
         ws.commit(checkpoints=ck_meta, ensemble=[c.sha256 for c in checkpoints], prompt_sets=sets, finding_columns=cols, modality_filter=modalities)
         prompt_sets = active_prompt_sets(ws)
 
-        # discover
-        report = WalkReport()
-        seen, bad = known_files(ws, retry_filtered)
-        todo: list[FileEntry] = []
-        for entry in walk(cfg.archives, report):
-            summary.discovered += 1
-            key = (entry.size, entry.mtime_ns)
-            if seen.get(entry.path) == key:
-                summary.unchanged += 1
-            elif bad.get(entry.path) == key:
-                summary.known_errors += 1
-            else:
-                todo.append(entry)
-        if cfg.limit is not None:
-            todo = todo[: cfg.limit]
-        summary.ignored = report.ignored
-        log.info("%d files found, %d to embed, %d unchanged, %d known bad", summary.discovered, len(todo), summary.unchanged, summary.known_errors)
-
+        for root in cfg.archives:  # fail before any work on a mistyped folder
+            if not os.path.lexists(os.path.expanduser(root)):
+                raise FileNotFoundError(f"{root}: no such file or folder")
+        known = KnownFiles(ws, retry_filtered)
         writer = WorkspaceWriter(ws, run_id, prompt_sets, [c.sha256 for c in checkpoints], flush_rows=cfg.flush_rows)
-        unreadable = []
-        for p, reason in report.unreadable:
-            if bad.get(p) == (None, None):  # recorded by an earlier run, still unreadable
-                summary.known_errors += 1
-                continue
-            unreadable.append({"path": p, "stage": "discover", "kind": "unreadable", "error": reason, "exception": "OSError", "size": None, "mtime_ns": None})
-        if unreadable:
-            writer.add([], None, unreadable)
+        report = WalkReport()
         status = "completed"
         timing = {"model_s": 0.0}
+        state: dict = {}  # engine state kept across chunks (the local engine's mapper)
         try:
-            if todo:
-                bar = _progress(len(todo), cfg.progress)
+            # Discover and embed chunk by chunk, so memory does not grow with the archive.
+            bar = _progress(None, cfg.progress)
+            left = cfg.limit
+            chunk_files = cfg.chunk_files or (1_000_000 if cfg.engine == "ray" else 100_000)
+            for chunk in _chunked(walk(cfg.archives, report), chunk_files):
+                summary.discovered += len(chunk)
+                unchanged, bad = known.classify([e.path for e in chunk], [e.size for e in chunk], [e.mtime_ns for e in chunk])
+                summary.unchanged += int(unchanged.sum())
+                summary.known_errors += int(bad.sum())
+                todo = [e for e, skip in zip(chunk, unchanged | bad) if not skip]
+                if left is not None:
+                    todo, left = todo[:left], max(0, left - len(todo))
+                log.info("%d files found so far: %d to embed in this chunk, %d unchanged, %d known bad",
+                         summary.discovered, len(todo), summary.unchanged, summary.known_errors)
+                if not todo:
+                    continue
+                bar.total = (bar.total or 0) + len(todo)
+                bar.refresh()
                 if cfg.engine == "ray":
                     from .ray_engine import mapped_batches
 
                     source = mapped_batches(todo, cfg, checkpoints, prompt_sets)
                 else:
-                    source = local_mapped_batches(todo, cfg, checkpoints, prompt_sets, timing)
+                    source = local_mapped_batches(todo, cfg, checkpoints, prompt_sets, timing, state)
                 for rows, mapped, errors in source:
                     writer.add(rows, mapped, errors)
                     bar.update(len(rows) + len(errors))
-                bar.close()
+            bar.close()
+            summary.ignored = report.ignored
+            unreadable = []
+            for p, reason in report.unreadable:
+                if known.unreadable_before(p):  # recorded by an earlier run, still unreadable
+                    summary.known_errors += 1
+                    continue
+                unreadable.append({"path": p, "stage": "discover", "kind": "unreadable", "error": reason, "exception": "OSError", "size": None, "mtime_ns": None})
+            if unreadable:
+                writer.add([], None, unreadable)
             writer.flush()
             from curator.index import sync_index
 
@@ -232,6 +223,9 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
         except KeyboardInterrupt:
             status = "interrupted"
             writer.flush()
+            raise
+        except Exception:
+            status = "failed"
             raise
         finally:
             summary.processed = writer.stats.processed
@@ -260,21 +254,21 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
     return summary
 
 
-def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: list[Checkpoint], prompt_sets: list[PromptSet], timing: dict):
+def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: list[Checkpoint], prompt_sets: list[PromptSet], timing: dict, state: dict | None = None):
     """Local engine: ``(catalog rows, mapped, error rows)`` per model batch.
 
     The mapper (and its text encoding) is made once the decode workers have started, so text
-    encoding overlaps the first reads.
+    encoding overlaps the first reads; it is kept in ``state`` for the next chunk of files.
     """
-    mapper = None
+    state = {} if state is None else state
     for batch in batches(todo, cfg, checkpoints[0].device.type == "cuda"):
         faults.reached("batch")
         mapped = None
         if batch["tensors"] is not None:
             t0 = time.perf_counter()
-            if mapper is None:
-                mapper = Mapper(checkpoints, prompt_sets)
-            mapped = mapper(batch["tensors"])
+            if "mapper" not in state:
+                state["mapper"] = Mapper(checkpoints, prompt_sets)
+            mapped = state["mapper"](batch["tensors"])
             timing["model_s"] += time.perf_counter() - t0
             faults.reached("mapped")
         yield batch["rows"], mapped, batch["errors"]
@@ -311,7 +305,18 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, pin: bool = False):
         yield {"tensors": torch.cat(tensors) if tensors else None, "rows": rows, "errors": errors}
 
 
-def _progress(total: int, enabled: bool):
+def _chunked(entries, n: int):
+    chunk = []
+    for e in entries:
+        chunk.append(e)
+        if len(chunk) >= n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _progress(total: int | None, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img", desc="embed", disable=not enabled, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)

@@ -146,7 +146,7 @@ def mapped_batches(
     device = "cuda" if use_gpu else "cpu"
     log.info("ray: %d CPU, %d GPU in the cluster; %d model actor(s) on %s", int(resources.get("CPU", 0)), gpus, actors, device)
 
-    chunk = max(1, min(16, cfg.batch_size // 2))
+    chunk = max(1, min(4, cfg.batch_size))
     ds = ray.data.from_items(
         [{"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns} for e in todo],
         override_num_blocks=max(1, min(len(todo) // chunk + 1, 10_000)),
