@@ -105,6 +105,7 @@ def resolve_checkpoint_arg(value: str) -> str:
 # ------------------------------------------------------------------------------------------
 def cmd_embed(args) -> int:
     from curator.pipelines.embed import EmbedConfig, run_embed
+    from curator import constants as C
     from curator.readers import ReadOptions
 
     cfg = EmbedConfig(
@@ -115,7 +116,8 @@ def cmd_embed(args) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         threads=args.threads,
-        read_options=ReadOptions(dicom_conversion=args.dicom_conversion, modalities=args.modality),
+        read_options=ReadOptions(dicom_conversion=args.dicom_conversion, modalities=args.modality,
+                                 jpeg_draft_min_side=C.CANVAS_SIZE if args.fast_jpeg else None),
         flush_rows=args.flush_rows,
         progress=not args.quiet,
         engine=args.engine,
@@ -311,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", type=_modalities, default=frozenset({"CR", "DX"}),
                    help="DICOM modalities to accept, comma-separated, or 'any' (default CR,DX); others are recorded as filtered")
     p.add_argument("--flush-rows", type=_positive_int, default=4096, help="commit to the workspace every N files (default 4096)")
+    p.add_argument("--fast-jpeg", action="store_true",
+                   help="decode JPEG files at 1/2, 1/4 or 1/8 scale in the DCT domain (both sides stay >= 320 px): several times "
+                   "faster on full-size films, but not CheXzero-exact (probabilities move slightly; see benchmarks/README.md). "
+                   "Rows read this way have conversion 'raster+dct/N' in the catalog. Default: exact decode")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="'local': decode worker processes + models on this machine (default); 'ray': the same stages on Ray Data "
                    "(decode tasks on the cluster's CPUs, one model actor per GPU), needs pip install 'curator-cxr[ray]'")

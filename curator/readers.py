@@ -49,6 +49,11 @@ class ReadOptions:
     # Enforced with SIGALRM in the reading process's main thread (a decoder stuck inside C code
     # is interrupted when it returns to Python). None: no limit.
     decode_timeout_s: float | None = 60.0
+    # Opt-in fast path for JPEG files: let libjpeg decode at 1/2, 1/4 or 1/8 scale in the DCT
+    # domain (PIL's draft mode), the largest reduction that still leaves both sides >= this many
+    # pixels (the 320 letterbox canvas). Much faster on full-size films; NOT CheXzero-exact (the
+    # probabilities move slightly, see benchmarks/README.md). None: exact decode (default).
+    jpeg_draft_min_side: int | None = None
 
 
 @dataclass
@@ -105,12 +110,17 @@ def raster_to_chexzero(im: Image.Image) -> Image.Image:
     raise ReadError("unsupported_image", f"unsupported image mode {mode!r}")
 
 
-def read_raster(path: str | Path, file_format: str, data: bytes | None = None) -> ReadResult:
+def read_raster(path: str | Path, file_format: str, data: bytes | None = None, draft_min_side: int | None = None) -> ReadResult:
+    conversion = RASTER_CONVERSION
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as im:
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise ReadError("too_large", f"{w}x{h} pixels exceeds the limit of {MAX_PIXELS}")
+            if draft_min_side and file_format == "jpeg" and min(w, h) >= 2 * draft_min_side:
+                im.draft(im.mode, (draft_min_side, draft_min_side))
+                if im.size != (w, h):
+                    conversion = f"{RASTER_CONVERSION}+dct/{round(w / im.size[0])}"
             im.load()
             image = raster_to_chexzero(im)
     except ReadError:
@@ -119,8 +129,8 @@ def read_raster(path: str | Path, file_format: str, data: bytes | None = None) -
         raise ReadError("too_large", str(exc)) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ReadError("corrupt_image", f"{type(exc).__name__}: {exc}") from None
-    meta = {"rows": image.size[1], "columns": image.size[0]}
-    return ReadResult(image=image, conversion=RASTER_CONVERSION, file_format=file_format, meta=meta)
+    meta = {"rows": h, "columns": w}  # the file's size, also when decoded reduced
+    return ReadResult(image=image, conversion=conversion, file_format=file_format, meta=meta)
 
 
 def read_image(path: str | Path, options: ReadOptions | None = None, data: bytes | None = None) -> ReadResult:
@@ -149,7 +159,7 @@ def read_image(path: str | Path, options: ReadOptions | None = None, data: bytes
 
         return dicom.read_dicom(p, options, data=data)
     if kind in ("png", "jpeg"):
-        return read_raster(p, kind, data)
+        return read_raster(p, kind, data, options.jpeg_draft_min_side)
     raise ReadError("not_an_image", "not a DICOM, PNG or JPEG file (unrecognised content)")
 
 
