@@ -304,7 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workspace(p)
     p.add_argument("--checkpoint", "-c", action="append", required=True, metavar="CK",
                    help="CheXzero checkpoint (.pt state dict); repeat for an ensemble; 'demo' = the bundled demo model")
-    _add_device(p)
+    p.add_argument("--device", default=None,
+                   help="where the models run, one replica per device: cuda = every visible GPU (the default when there is one), "
+                   "cuda:1 = that GPU, cuda:0,cuda:2 = those GPUs, cpu (the default without a GPU); --batch-size is split "
+                   "across the replicas")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per model batch (default 32)")
     p.add_argument("--workers", type=_nonneg_int, default=None, help="decode worker processes (default: one per CPU core, at most 8; 0 = decode in the main process)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads in the main process (default: torch's)")

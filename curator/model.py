@@ -89,6 +89,18 @@ def resolve_device(name: str | None) -> torch.device:
     return dev
 
 
+def resolve_devices(name: str | None) -> list[torch.device]:
+    """Devices for one model replica each: ``None``/"auto" and "cuda" -> every visible GPU (else the
+    CPU), "cuda:1" -> that GPU, "cuda:0,cuda:2" -> those; asking for CUDA without one is an error."""
+    if name in (None, "auto", "cuda"):
+        if torch.cuda.is_available():
+            return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        if name == "cuda":
+            raise RuntimeError("--device cuda was asked for, but CUDA is not available on this machine")
+        return [torch.device("cpu")]
+    return [resolve_device(part.strip()) for part in str(name).split(",") if part.strip()]
+
+
 @dataclass
 class Checkpoint:
     """One loaded checkpoint: its identity and its model."""
@@ -114,6 +126,13 @@ class Checkpoint:
     @property
     def short_id(self) -> str:
         return self.sha256[:12]
+
+    def replicate(self, device: torch.device) -> "Checkpoint":
+        """The same checkpoint, a copy of its model on ``device`` (for one replica per GPU)."""
+        import copy
+
+        model = copy.deepcopy(self.model).to(device)
+        return Checkpoint(path=self.path, sha256=self.sha256, model=model, device=torch.device(device))
 
     def _autocast(self):
         if self.device.type == "cuda":

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from curator import faults
 from curator.discover import FileEntry, WalkReport, walk
-from curator.model import Checkpoint, load_checkpoints
+from curator.model import Checkpoint, load_checkpoints, resolve_devices
 from curator.preprocess import DEFAULT_CFG, PreprocessCfg
 from curator.prompts import PromptSet, default_prompt_set
 from curator.readers import ReadOptions
@@ -145,12 +145,15 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
         torch.set_num_threads(cfg.threads)
     if cfg.engine not in ("local", "ray"):
         raise ValueError(f"unknown engine {cfg.engine!r}; expected 'local' or 'ray'")
+    devices = [torch.device("cpu")] if cfg.engine == "ray" else resolve_devices(cfg.device)
     if checkpoints is None:
         # With Ray the models run in the cluster's actors; the driver only needs their identity.
-        checkpoints = load_checkpoints(cfg.checkpoints, "cpu" if cfg.engine == "ray" else cfg.device)
+        checkpoints = load_checkpoints(cfg.checkpoints, devices[0])
     if not checkpoints:
         raise ValueError("at least one --checkpoint is needed")
-    summary = EmbedSummary(run_id=run_id, device="ray cluster" if cfg.engine == "ray" else str(checkpoints[0].device))
+    if len(devices) > 1 and any(ck.device != devices[0] for ck in checkpoints):
+        devices = [checkpoints[0].device]  # checkpoints handed in already placed: no replicas
+    summary = EmbedSummary(run_id=run_id, device="ray cluster" if cfg.engine == "ray" else ", ".join(str(d) for d in devices))
     ws = Workspace(cfg.workspace)
     with ws.writer():
         check_ensemble(ws, checkpoints)
@@ -200,7 +203,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
 
                     source = mapped_batches(todo, cfg, checkpoints, prompt_sets)
                 else:
-                    source = local_mapped_batches(todo, cfg, checkpoints, prompt_sets, timing, state)
+                    source = local_mapped_batches(todo, cfg, checkpoints, prompt_sets, timing, state, devices)
                 for rows, mapped, errors in source:
                     writer.add(rows, mapped, errors)
                     bar.update(len(rows) + len(errors))
@@ -254,7 +257,8 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
     return summary
 
 
-def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: list[Checkpoint], prompt_sets: list[PromptSet], timing: dict, state: dict | None = None):
+def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: list[Checkpoint], prompt_sets: list[PromptSet],
+                         timing: dict, state: dict | None = None, devices: list[torch.device] | None = None):
     """Local engine: ``(catalog rows, mapped, error rows)`` per model batch.
 
     The mapper (and its text encoding) is made once the decode workers have started, so text
@@ -267,7 +271,7 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
         if batch["tensors"] is not None:
             t0 = time.perf_counter()
             if "mapper" not in state:
-                state["mapper"] = Mapper(checkpoints, prompt_sets)
+                state["mapper"] = Mapper(checkpoints, prompt_sets, devices)
             mapped = state["mapper"](batch["tensors"])
             timing["model_s"] += time.perf_counter() - t0
             faults.reached("mapped")

@@ -102,16 +102,37 @@ def collate(items: list[dict]) -> dict:
 # mapper: a batch of tensors -> embeddings per checkpoint and probabilities per prompt set
 # ---------------------------------------------------------------------------------------------
 class Mapper:
-    """Holds the checkpoints and the text weights of every prompt set to score."""
+    """Holds the checkpoints and the text weights of every prompt set to score.
 
-    def __init__(self, checkpoints: list[Checkpoint], prompt_sets: list[PromptSet]):
+    With ``devices`` (more than one), each checkpoint gets a replica per device and every batch is
+    split into one shard per replica, run concurrently (PyTorch releases the GIL in its kernels);
+    shards come back in order, so the output equals the single-device one.
+    """
+
+    def __init__(self, checkpoints: list[Checkpoint], prompt_sets: list[PromptSet], devices: list[torch.device] | None = None):
         self.checkpoints = checkpoints
         self.prompt_sets = prompt_sets
         self.weights = {
             (ck.sha256, ps.id): zeroshot.prompt_weights(ck.encode_texts, ps) for ck in checkpoints for ps in prompt_sets
         }
+        extra = list(devices or [])[1:]
+        self.replicas = {ck.sha256: [ck, *(ck.replicate(d) for d in extra)] for ck in checkpoints}
+        self._pool = None
+        if extra:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=len(extra) + 1, thread_name_prefix="replica")
+            log.info("model replicas on %s", ", ".join(str(c.device) for c in self.replicas[checkpoints[0].sha256]))
 
     def encode(self, ck: Checkpoint, tensors: torch.Tensor) -> np.ndarray:
+        """Embeddings of a batch, sharded over the checkpoint's replicas."""
+        reps = self.replicas.get(ck.sha256, [ck])
+        if len(reps) == 1 or len(tensors) < 2:
+            return self._encode_one(ck, tensors)
+        shards = [s for s in torch.tensor_split(tensors, min(len(reps), len(tensors))) if len(s)]
+        return np.concatenate(list(self._pool.map(self._encode_one, reps[: len(shards)], shards)))
+
+    def _encode_one(self, ck: Checkpoint, tensors: torch.Tensor) -> np.ndarray:
         """Embeddings of a batch; on GPU out-of-memory the batch is split in halves and retried."""
         try:
             return ck.encode_images(tensors).numpy()
@@ -122,7 +143,7 @@ class Mapper:
                 torch.cuda.empty_cache()
             half = len(tensors) // 2
             log.warning("out of GPU memory on a batch of %d images; splitting it into %d + %d (lower --batch-size)", len(tensors), half, len(tensors) - half)
-            return np.concatenate([self.encode(ck, tensors[:half]), self.encode(ck, tensors[half:])])
+            return np.concatenate([self._encode_one(ck, tensors[:half]), self._encode_one(ck, tensors[half:])])
 
     def __call__(self, tensors: torch.Tensor) -> dict:
         embeddings = {ck.sha256: self.encode(ck, tensors) for ck in self.checkpoints}
