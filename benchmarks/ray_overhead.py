@@ -13,6 +13,7 @@ the repeats; their ratios; and the largest probability difference between the tw
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,7 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "curator.cli", "-q", "synth", str(arc), "--studies", str(args.studies),
                         "--seed", "11", "--format", "png", "--no-broken"], check=True)
         t0 = time.perf_counter()
+        os.environ.setdefault("RAY_worker_niceness", "0")  # as curator's own local cluster (Ray's default is 15)
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         startup = time.perf_counter() - t0
         times: dict[tuple[str, str], list[float]] = {}

@@ -13,6 +13,7 @@ the same paths on every node: a shared file system, or an object store mounted a
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 from collections.abc import Iterator
 
@@ -46,6 +47,11 @@ def connect(address: str | None) -> None:
         if address:
             log.info("ray: already connected; --address %s ignored", address)
         return
+    if not address:
+        # A local cluster's workers do the decoding, as the local engine's worker processes do:
+        # give them the same priority (Ray's default renices workers to 15, which starves them on
+        # a shared machine). Set RAY_worker_niceness yourself to keep Ray's default.
+        os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
 
 
