@@ -297,8 +297,6 @@ class Generator:
 def build(root: Path, n: int, dim: int, part_rows: int, commit_every: int, ck_path: Path, sha: str, seed: int,
           keep_cols: list[str], n_samples: int = 8) -> dict:
     """Build the workspace; return what the checks need (kept arrays, sample embeddings, timings)."""
-    import pyarrow as pa
-
     from curator.pipelines.embed import register_prompt_set
     from curator.pipelines.stages import embeddings_table, predictions_table, run_record
     from curator.prompts import default_prompt_set
@@ -496,6 +494,18 @@ def check_label(root: Path, model, toml: Path, samples: dict[int, np.ndarray], s
             "ok": shown and max(diffs.values()) < 1e-5, "example": {int(ids[0]): {c: round(float(v), 6) for c, v in zip(cols[:3], exp[0][:3])}}}
 
 
+def _code_state() -> str:
+    """The commit measured, and whether the working tree differs from it (the product's own files)."""
+    here = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "curator", "pipelines", "sql"], cwd=here, capture_output=True, text=True).stdout.split("\n")
+        dirty = [ln[3:] for ln in dirty if ln.strip()]
+    except OSError:
+        return "unknown"
+    return head + (f" + uncommitted changes to {', '.join(dirty)}" if dirty else "")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000, help="images (default 1,000,000)")
@@ -523,8 +533,9 @@ def main() -> int:
     toml = base / "rephrased14.toml"
     toml.write_text(LABEL_TOML)
     res: dict = {"n": args.n, "dim": args.dim, "part_rows": args.part_rows, "commit_every": args.commit_every,
-                 "threads": args.threads, "date": dt.date.today().isoformat(), "cpus": os.cpu_count()}
+                 "threads": args.threads, "date": dt.date.today().isoformat(), "cpus": os.cpu_count(), "code": _code_state()}
     try:
+        print(f"code: {res['code']}", flush=True)
         sha, model = make_checkpoint(ck_path, args.dim, args.seed)
         print(f"checkpoint {ck_path} sha256 {sha[:12]}; building {args.n:,} images into {root}", flush=True)
         built = build(root, args.n, args.dim, args.part_rows, args.commit_every, ck_path, sha, args.seed,

@@ -79,6 +79,11 @@ def test_text_and_image_embeddings_match(tiny_checkpoints, varied_images):
     model = ref.reference_model(torch.load(tiny_checkpoints[0], weights_only=True), TINY)
     texts = ["pleural effusion", "no pleural effusion", "Small LEFT apical pneumothorax", "free air under the diaphragm"]
     np.testing.assert_allclose(ck.encode_texts(texts).numpy(), ref.text_features(model, texts), atol=1e-5)
+    # curator runs the causal text transformer only up to the longest prompt's end-of-text token;
+    # a prompt that fills the 77-token context (truncated) and mixed lengths must not change a thing
+    long = ["very " * 120 + "enlarged heart", "edema", "no acute cardiopulmonary process on this portable film"]
+    np.testing.assert_allclose(ck.encode_texts(long).numpy(), ref.text_features(model, long), atol=1e-5)
+    np.testing.assert_allclose(ck.encode_texts(long[1:]).numpy(), ref.text_features(model, long[1:]), atol=1e-5)
     batch = torch.stack([ref.reference_input(p) for p in varied_images[:4]])
     np.testing.assert_allclose(ck.encode_images(batch).numpy(), ref.image_features(model, batch), atol=1e-5)
 
