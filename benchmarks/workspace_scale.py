@@ -335,8 +335,9 @@ def build(root: Path, n: int, dim: int, part_rows: int, commit_every: int, ck_pa
                     samples[int(ch["ids"][i - done])] = ch["emb"][i - done].copy()
             pending.append(ws.write_part("catalog", ch["catalog"]))
             pending.append(ws.write_part("embeddings", embeddings_table(ch["ids"], sha, ch["emb"])))
+            # one row group per member, as curator embed writes them
             pending.append(ws.write_part("predictions", predictions_table(ch["ids"], ps, {sha: ch["probs"], "ensemble": ch["probs"]}),
-                                         prompt_set=ps.id))
+                                         row_group_size=m, prompt_set=ps.id))
             done += m
             n_parts += 1
             if n_parts % commit_every == 0 or done == n:
@@ -518,6 +519,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", default=None, metavar="DIR", help="build in DIR and keep it (default: a temporary folder, deleted)")
     ap.add_argument("--json", action="store_true", help="also print all figures as one JSON line")
+    ap.add_argument("--skip-label", action="store_true", help="measure the cohort query only")
     args = ap.parse_args()
 
     import torch
@@ -556,6 +558,8 @@ def main() -> int:
               f"{q['plain_duckdb_rows']:,} ({q['plain_duckdb_s']:.2f} s): {'MATCH' if q['match'] else 'MISMATCH'}", flush=True)
         print(f"    target < 1 s: {'met' if q['median_s'] < 1 else 'NOT met'}", flush=True)
 
+        if args.skip_label:
+            return 0
         print("(b) curator label, 14 rephrased findings, all stored embeddings ...", flush=True)
         lab = label(root, toml, args.threads)
         chk = check_label(root, model, toml, built["samples"], sha)

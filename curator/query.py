@@ -89,9 +89,13 @@ def images_view_sql(ws: Workspace) -> str:
 
 
 def create_views(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
-    for d in ("catalog", "embeddings", "errors", "runs"):
+    for d in ("catalog", "embeddings", "errors", "runs", "superseded"):
         con.execute(f"CREATE OR REPLACE VIEW {d}_raw AS {_parquet_relation(ws.part_paths(d), SCHEMAS[d])}")
     con.execute(sql_text("views.sql"))
+    if ws.manifest.get("catalog_versions") == "superseded":
+        # every replaced row is listed in superseded: no need to rank all rows per path
+        con.execute("CREATE OR REPLACE VIEW catalog AS SELECT c.* FROM catalog_raw AS c "
+                    "ANTI JOIN superseded_raw AS s ON s.image_id = c.image_id")
     from curator.workspace import PREDICTION_KEY_SCHEMA
 
     for ps_id in ws.manifest.get("prompt_sets", {}):

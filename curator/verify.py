@@ -84,6 +84,13 @@ def _check(ws: Workspace, rep: VerifyReport, repair: bool) -> None:
             rep.problems.append(f"catalog has {n_raw - n_ids} duplicate image_id(s)")
         if max_id is not None and max_id >= ws.manifest["next_image_id"]:
             rep.problems.append(f"image_id {max_id} is not below the manifest's next_image_id {ws.manifest['next_image_id']}")
+        if ws.manifest.get("catalog_versions") == "superseded":
+            twice = q("SELECT count(*) - count(DISTINCT path) FROM catalog")[0][0]
+            if twice:
+                rep.problems.append(f"{twice} file(s) with more than one current catalog row (a replaced row missing from superseded)")
+            dangling = q("SELECT count(*) FROM superseded_raw s ANTI JOIN catalog_raw c USING (image_id)")[0][0]
+            if dangling:
+                rep.problems.append(f"{dangling} superseded row(s) naming images not in the catalog")
         dup_versions = q("SELECT count(*) FROM (SELECT path, size, mtime_ns FROM catalog_raw GROUP BY ALL HAVING count(*) > 1)")[0][0]
         if dup_versions:
             rep.problems.append(f"{dup_versions} file version(s) catalogued more than once")

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from curator import faults
 
 FORMAT_VERSION = 1
-DATASETS = ("catalog", "embeddings", "predictions", "errors", "runs")
+DATASETS = ("catalog", "embeddings", "predictions", "errors", "runs", "superseded")
 MANIFEST = "manifest.json"
 TRASH = ".trash"
 
@@ -119,6 +119,12 @@ RUNS_SCHEMA = pa.schema(
     ]
 )
 
+# Catalog rows replaced by a newer version of the same file (the file changed and was embedded
+# again): the `catalog` view leaves them out with a cheap anti-join instead of ranking every row.
+SUPERSEDED_SCHEMA = pa.schema(
+    [("image_id", pa.int64()), ("path", pa.string()), ("superseded_by", pa.int64()), ("run_id", pa.string())]
+)
+
 PREDICTION_KEY_SCHEMA = pa.schema([("image_id", pa.int64()), ("prompt_set", pa.string()), ("member", pa.string())])
 
 
@@ -126,7 +132,7 @@ def predictions_schema(columns: list[str]) -> pa.Schema:
     return pa.schema([*PREDICTION_KEY_SCHEMA, *[(c, pa.float32()) for c in columns]])
 
 
-SCHEMAS = {"catalog": CATALOG_SCHEMA, "embeddings": EMBEDDINGS_SCHEMA, "errors": ERRORS_SCHEMA, "runs": RUNS_SCHEMA}
+SCHEMAS = {"catalog": CATALOG_SCHEMA, "embeddings": EMBEDDINGS_SCHEMA, "errors": ERRORS_SCHEMA, "runs": RUNS_SCHEMA, "superseded": SUPERSEDED_SCHEMA}
 
 
 class WorkspaceError(RuntimeError):
@@ -142,6 +148,9 @@ def _empty_manifest() -> dict:
         "ensemble": [],  # sha256 of the checkpoints every image is embedded with, in order
         "prompt_sets": {},  # id -> prompt set dict + {"columns", "labelled_at"}
         "finding_columns": {},  # column -> prompt-set id whose probabilities the images view shows
+        # how the current version of each file is found: "superseded" = every replaced catalog row
+        # is listed in the superseded dataset (workspaces from before have no key: newest per path)
+        "catalog_versions": "superseded",
         "generation": 0,
     }
 
@@ -205,6 +214,8 @@ class Workspace:
             raise WorkspaceError(f"{path}: unreadable manifest ({exc})") from None
         if data.get("format") != FORMAT_VERSION:
             raise WorkspaceError(f"{path}: workspace format {data.get('format')!r}, this curator reads {FORMAT_VERSION}")
+        for d in DATASETS:  # datasets added since the workspace was made start empty
+            data.setdefault("parts", {}).setdefault(d, [])
         return data
 
     def reload(self) -> None:
@@ -295,8 +306,12 @@ class Workspace:
                         p.unlink()
         return n
 
-    def write_part(self, dataset: str, table: pa.Table, **extra) -> Part:
-        """Write ``table`` as a new part file (not yet committed)."""
+    def write_part(self, dataset: str, table: pa.Table, row_group_size: int | None = None, **extra) -> Part:
+        """Write ``table`` as a new part file (not yet committed).
+
+        ``row_group_size``: rows per Parquet row group (predictions use one per ensemble member,
+        so a query for one member skips the others' row groups by their statistics).
+        """
         if dataset not in DATASETS:
             raise ValueError(dataset)
         name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
@@ -305,7 +320,7 @@ class Workspace:
         final = folder / name
         tmp = folder / f".{name}.tmp"
         try:
-            pq.write_table(table, tmp, compression="zstd")
+            pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size or None)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, final)

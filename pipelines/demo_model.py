@@ -1,7 +1,9 @@
 """How the bundled demo model is made, end to end, and its model card.
 
-1. A training archive: ``curator synth TRAIN --studies 2500 --seed 101``.
-2. Training: the ``curator train`` command recorded in the card (``train_command``).
+1. Training archives: ``curator synth TRAIN --studies 2500 --seed 101`` for the first stage,
+   ``curator synth TRAIN2 --studies 8000 --seed 102 --no-broken`` for the second.
+2. Training, in stages (the card's ``training`` list, oldest first, each with its exact
+   ``curator train`` command): from scratch on TRAIN, then fine-tuned (``--init``) on TRAIN2.
 3. Storage: the trained fp32 state dict with every floating-point matrix stored as float16 (as
    OpenAI's and GPU-trained CheXzero checkpoints are), to keep the repository small; it loads
    through the same path as published checkpoints, which casts back to float32.
@@ -9,7 +11,9 @@
    the demo prompt set, the threshold per finding that maximises F1 (curator.metrics).
 
     python -m curator.pipelines.demo_model --trained demo.pt --train-archive TRAIN \
-        --threshold-archive THR --out curator/data
+        --threshold-archive THR --out curator/data \
+        --train-archive "curator synth TRAIN2 --studies 8000 --seed 102 --no-broken" \
+        --previous-card curator/data/demo_model.json   # carries the earlier stages over
 """
 
 from __future__ import annotations
@@ -65,29 +69,54 @@ def thresholds_and_auc(merged) -> tuple[dict, dict]:
     return thr, auc
 
 
+def stages_of(card: dict) -> list[dict]:
+    """A card's training stages, oldest first (cards from before stages were recorded: one stage)."""
+    if "training" in card:
+        return list(card["training"])
+    return [{
+        "archive": card.get("train_archive"),
+        "command": card.get("train_command"),
+        "steps": card.get("train_steps"),
+        "seconds": card.get("train_seconds"),
+        "final_loss": card.get("train_final_loss"),
+        "validation_auc": card.get("train_validation_auc"),
+        "validation_history": card.get("train_validation_history"),
+        "note": card.get("train_note"),
+        "architecture": card.get("architecture"),
+    }]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trained", required=True, type=Path, help="fp32 checkpoint written by curator train")
     ap.add_argument("--threshold-archive", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path, help="folder for demo_model.pt and demo_model.json")
+    ap.add_argument("--train-archive", default="curator synth TRAIN --studies 2500 --seed 101",
+                    help="the `curator synth` command that made this stage's training archive")
+    ap.add_argument("--previous-card", type=Path, default=None,
+                    help="card of the checkpoint this stage fine-tuned (--init): its stages are kept in the lineage")
     args = ap.parse_args(argv)
     from curator.model import file_sha256
 
+    earlier = stages_of(json.loads(args.previous_card.read_text())) if args.previous_card else []
     ck = store_half(args.trained, args.out / "demo_model.pt")
     with tempfile.TemporaryDirectory() as tmp:
         merged = score_archive(ck, args.threshold_archive, Path(tmp) / "ws")
     thr, auc = thresholds_and_auc(merged)
     train_card = json.loads(Path(str(args.trained) + ".json").read_text()) if Path(str(args.trained) + ".json").is_file() else {}
+    stage = {
+        "archive": args.train_archive,
+        "command": train_card.get("command"),
+        "steps": train_card.get("step"),
+        "seconds": train_card.get("train_seconds"),
+        "final_loss": train_card.get("final_loss"),
+        "validation_auc": train_card.get("val_auc"),
+        "validation_history": train_card.get("val_history"),
+    }
     card = {
         "sha256": file_sha256(ck),
-        "architecture": train_card.get("model"),
-        "train_command": train_card.get("command"),
-        "train_archive": "curator synth TRAIN --studies 2500 --seed 101",
-        "train_steps": train_card.get("step"),
-        "train_seconds": train_card.get("train_seconds"),
-        "train_final_loss": train_card.get("final_loss"),
-        "train_validation_auc": train_card.get("val_auc"),
-        "train_validation_history": train_card.get("val_history"),
+        "architecture": train_card.get("model") or (earlier[0].get("architecture") if earlier else None),
+        "training": [*earlier, stage],
         "storage": "float16 matrices, float32 vectors (pipelines/demo_model.py store_half)",
         "prompt_set": "curator/prompts/demo.toml",
         "threshold_archive": f"curator synth THR --studies 800 --seed 303 ({len(merged)} images)",

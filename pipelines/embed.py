@@ -186,10 +186,13 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             chunk_files = cfg.chunk_files or (1_000_000 if cfg.engine == "ray" else 100_000)
             for chunk in _chunked(walk(cfg.archives, report), chunk_files):
                 summary.discovered += len(chunk)
-                unchanged, bad = known.classify([e.path for e in chunk], [e.size for e in chunk], [e.mtime_ns for e in chunk])
+                unchanged, bad, previous = known.classify([e.path for e in chunk], [e.size for e in chunk], [e.mtime_ns for e in chunk])
                 summary.unchanged += int(unchanged.sum())
                 summary.known_errors += int(bad.sum())
                 todo = [e for e, skip in zip(chunk, unchanged | bad) if not skip]
+                for e, prev, skip in zip(chunk, previous.tolist(), unchanged | bad):
+                    if prev >= 0 and not skip:  # a changed file: its new row will replace this one
+                        writer.previous[e.path] = prev
                 if left is not None:
                     todo, left = todo[:left], max(0, left - len(todo))
                 log.info("%d files found so far: %d to embed in this chunk, %d unchanged, %d known bad",

@@ -85,7 +85,7 @@ def run_label(ws_root: str, prompts: PromptSet, device: str | None = None, check
             if ids is None:
                 continue
             members[ENSEMBLE_MEMBER] = zeroshot.ensemble([members[c.sha256] for c in cks])
-            parts.append(ws.write_part("predictions", predictions_table(ids, prompts, members), prompt_set=prompts.id))
+            parts.append(ws.write_part("predictions", predictions_table(ids, prompts, members), row_group_size=len(ids), prompt_set=prompts.id))
             n_images += len(ids)
         sets, cols = register_prompt_set(ws.manifest.get("prompt_sets", {}), ws.manifest.get("finding_columns", {}), prompts, started.isoformat())
         run_id = started.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]

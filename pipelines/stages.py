@@ -21,7 +21,7 @@ from curator.discover import FileEntry
 from curator.model import Checkpoint
 from curator.prompts import PromptSet
 from curator.readers import DecodeTimeout, ReadError, ReadOptions, read_image, time_limit
-from curator.workspace import CATALOG_SCHEMA, DICOM_COLUMNS, EMBEDDINGS_SCHEMA, ERRORS_SCHEMA, Part, Workspace, predictions_schema
+from curator.workspace import CATALOG_SCHEMA, DICOM_COLUMNS, EMBEDDINGS_SCHEMA, ERRORS_SCHEMA, SUPERSEDED_SCHEMA, Part, Workspace, predictions_schema
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +189,8 @@ class WorkspaceWriter:
             ps.id: {m: [] for m in [*checkpoints, ENSEMBLE_MEMBER]} for ps in prompt_sets
         }
         self._errors: list[dict] = []
+        # path -> image_id of the catalog row a changed file's new row replaces (set by the caller)
+        self.previous: dict[str, int] = {}
 
     @property
     def pending(self) -> int:
@@ -231,7 +233,13 @@ class WorkspaceWriter:
             parts.append(self.ws.write_part("embeddings", pa.concat_tables(emb_tables)))
             for ps in self.prompt_sets:
                 members = {m: np.concatenate(v) for m, v in self._probs[ps.id].items()}
-                parts.append(self.ws.write_part("predictions", predictions_table(ids, ps, members), prompt_set=ps.id))
+                parts.append(self.ws.write_part("predictions", predictions_table(ids, ps, members), row_group_size=n, prompt_set=ps.id))
+            replaced = [(self.previous.pop(r["path"]), r["path"], int(i)) for r, i in zip(self._rows, ids) if r["path"] in self.previous]
+            if replaced:
+                old, paths, new = zip(*replaced)
+                table = pa.table({"image_id": list(old), "path": list(paths), "superseded_by": list(new), "run_id": [self.run_id] * len(old)},
+                                 schema=SUPERSEDED_SCHEMA)
+                parts.append(self.ws.write_part("superseded", table))
         if self._errors:
             errs = [{**e, "run_id": self.run_id, "time": now} for e in self._errors]
             table = pa.Table.from_pylist(errs, schema=ERRORS_SCHEMA)

@@ -1,12 +1,15 @@
 -- Views over a curator workspace, for DuckDB.
 --
--- curator creates the relations catalog_raw, embeddings_raw, errors_raw and runs_raw from the
+-- curator creates the relations catalog_raw, embeddings_raw, errors_raw, runs_raw and superseded_raw from the
 -- Parquet parts that manifest.json lists (and predictions_<prompt set> per labelled prompt set)
 -- before it runs this file; the `images` view is generated from the manifest (one column per
 -- finding labelled so far). Without curator, the same data is at W/<dataset>/*.parquet:
 --   SELECT * FROM read_parquet('W/catalog/*.parquet');
 
--- One row per source file: the newest version of each path.
+-- One row per source file: the newest version of each path. (Workspaces made by this version
+-- list every replaced row in superseded_raw, and curator defines catalog as
+--   SELECT c.* FROM catalog_raw AS c ANTI JOIN superseded_raw AS s ON s.image_id = c.image_id
+-- which gives the same rows without ranking all of them; this ranking is the general form.)
 CREATE OR REPLACE VIEW catalog AS
 SELECT * EXCLUDE (_rank)
 FROM (

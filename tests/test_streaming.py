@@ -70,7 +70,7 @@ def test_known_files_agree_with_the_catalog_and_errors_tables(tmp_path, tiny_che
     seen = {r["path"]: (r["size"], r["mtime_ns"]) for r in cat}  # later rows overwrite earlier ones
     bad = {r["path"]: (r["size"], r["mtime_ns"]) for r in err}
     entries = list(walk([str(arc)]))
-    unchanged, known_bad = KnownFiles(ws).classify([e.path for e in entries], [e.size for e in entries], [e.mtime_ns for e in entries])
+    unchanged, known_bad, _ = KnownFiles(ws).classify([e.path for e in entries], [e.size for e in entries], [e.mtime_ns for e in entries])
     expect_unchanged = [seen.get(e.path) == (e.size, e.mtime_ns) for e in entries]
     expect_bad = [not u and bad.get(e.path) == (e.size, e.mtime_ns) for e, u in zip(entries, expect_unchanged)]
     assert unchanged.tolist() == expect_unchanged
@@ -89,3 +89,47 @@ def test_overlapping_roots_yield_each_file_once(tmp_path):
     assert sorted(both) == sorted(single) and len(set(single)) == len(single) == 6
     apart = [e.path for e in walk([arc / "s0", arc / "s1"])]
     assert len(apart) == len(set(apart)) == sum(1 for e in single if "/s0/" in e or "/s1/" in e)
+
+
+def test_changed_files_supersede_their_old_rows(tmp_path, tiny_checkpoints):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from curator.query import run_query
+    from curator.verify import verify
+
+    arc = tmp_path / "arc"
+    paths = write_raster_archive(arc, 5, seed=9)
+    run_embed(_cfg(arc, tmp_path / "ws", tiny_checkpoints[:2]))
+    for p in paths[:2]:  # two files change
+        os.utime(p, ns=(5 * 10**18, 5 * 10**18))
+    run_embed(_cfg(arc, tmp_path / "ws", tiny_checkpoints[:2]))
+    os.utime(paths[0], ns=(6 * 10**18, 6 * 10**18))  # one of them changes again
+    run_embed(_cfg(arc, tmp_path / "ws", tiny_checkpoints[:2]))
+
+    ws = Workspace(tmp_path / "ws")
+    assert ws.manifest["catalog_versions"] == "superseded"
+    raw = ws.read_table("catalog").to_pandas()
+    assert len(raw) == 8  # 5 + 2 + 1 versions
+    newest = raw.sort_values("image_id").groupby("path").tail(1)  # independent: newest row per path
+    got = run_query(ws, "SELECT image_id, path FROM catalog ORDER BY image_id")
+    assert got["image_id"].tolist() == sorted(newest["image_id"].tolist())
+    sup = ws.read_table("superseded").to_pandas()
+    assert len(sup) == 3 and set(sup["path"]) == {str(paths[0]), str(paths[1])}
+    assert set(sup["image_id"]) == set(raw["image_id"]) - set(newest["image_id"])
+    images = run_query(ws, "SELECT count(*) AS n, count(DISTINCT path) AS d FROM images")
+    assert images.loc[0, "n"] == images.loc[0, "d"] == 5
+    assert verify(str(tmp_path / "ws")).ok
+
+    # predictions: one row group per ensemble member, so a member filter skips the others
+    part = ws.part_paths("predictions")[0]
+    meta = pq.ParquetFile(part).metadata
+    assert meta.num_row_groups == 3  # two checkpoints + the ensemble
+
+    # a workspace from before superseded tracking keeps the ranking view and the same answer
+    m = json.loads((ws.root / "manifest.json").read_text())
+    del m["catalog_versions"]
+    (ws.root / "manifest.json").write_text(json.dumps(m))
+    old = run_query(Workspace(tmp_path / "ws"), "SELECT image_id FROM catalog ORDER BY image_id")
+    assert old["image_id"].tolist() == got["image_id"].tolist()
