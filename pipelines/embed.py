@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -126,7 +127,36 @@ def register_prompt_set(manifest_sets: dict, finding_columns: dict, ps: PromptSe
     return sets, cols
 
 
-def check_ensemble(ws: Workspace, checkpoints: list[Checkpoint]) -> None:
+@dataclass
+class CheckpointRef:
+    """A checkpoint's identity without its model (what the manifest and the Ray driver need)."""
+
+    path: str
+    sha256: str
+    embed_dim: int | None  # None: not known to the workspace yet (the file must be loaded)
+
+
+def checkpoint_refs(paths: list[str], recorded: dict) -> list[CheckpointRef]:
+    """Identify checkpoint files, reusing the workspace's record of a file with the same path,
+    size and mtime instead of hashing it again (hundreds of MB each for CheXzero's ensemble)."""
+    from curator.model import file_sha256, read_state_dict
+
+    by_path = {m.get("path"): (sha, m) for sha, m in recorded.items()}
+    out = []
+    for p in paths:
+        path = str(Path(p).expanduser().resolve())
+        if not os.path.isfile(path):
+            read_state_dict(path)  # raises the one-line "no such checkpoint file" error
+        st = os.stat(path)
+        sha, m = by_path.get(path, (None, {}))
+        if sha and m.get("size") == st.st_size and m.get("mtime_ns") == st.st_mtime_ns and m.get("embed_dim"):
+            out.append(CheckpointRef(path, sha, int(m["embed_dim"])))
+        else:
+            out.append(CheckpointRef(path, file_sha256(path), None))
+    return out
+
+
+def check_ensemble(ws: Workspace, checkpoints) -> None:
     have = ws.manifest.get("ensemble") or []
     want = [c.sha256 for c in checkpoints]
     if have and sorted(have) != sorted(want):
@@ -146,35 +176,46 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
     if cfg.engine not in ("local", "ray"):
         raise ValueError(f"unknown engine {cfg.engine!r}; expected 'local' or 'ray'")
     devices = [torch.device("cpu")] if cfg.engine == "ray" else resolve_devices(cfg.device)
-    if checkpoints is None:
-        # With Ray the models run in the cluster's actors; the driver only needs their identity.
-        checkpoints = load_checkpoints(cfg.checkpoints, devices[0])
-    if not checkpoints:
+    if checkpoints is not None:
+        if not checkpoints:
+            raise ValueError("at least one --checkpoint is needed")
+        if len(devices) > 1 and any(ck.device != devices[0] for ck in checkpoints):
+            devices = [checkpoints[0].device]  # checkpoints handed in already placed: no replicas
+    elif not cfg.checkpoints:
         raise ValueError("at least one --checkpoint is needed")
-    if len(devices) > 1 and any(ck.device != devices[0] for ck in checkpoints):
-        devices = [checkpoints[0].device]  # checkpoints handed in already placed: no replicas
     summary = EmbedSummary(run_id=run_id, device="ray cluster" if cfg.engine == "ray" else ", ".join(str(d) for d in devices))
     ws = Workspace(cfg.workspace)
     with ws.writer():
-        check_ensemble(ws, checkpoints)
+        refs = checkpoints
+        if refs is None:
+            # Checkpoints this workspace recorded before (same path, size and mtime) are identified
+            # without reading them, and loaded only once there is something to embed; a new one is
+            # loaded (and so validated) before anything is written.
+            refs = checkpoint_refs(cfg.checkpoints, ws.manifest.get("checkpoints", {}))
+            if cfg.engine == "local" and any(r.embed_dim is None for r in refs):
+                checkpoints = refs = load_checkpoints(cfg.checkpoints, devices[0])
+            elif any(r.embed_dim is None for r in refs):
+                refs = [CheckpointRef(c.path, c.sha256, c.embed_dim) for c in load_checkpoints(cfg.checkpoints, "cpu")]
+        check_ensemble(ws, refs)
         # Checkpoints and default prompt set are recorded first, so `label` can find them.
         ck_meta = dict(ws.manifest.get("checkpoints", {}))
-        for ck in checkpoints:
+        for ck in refs:
+            st = os.stat(ck.path)
             ck_meta.setdefault(ck.sha256, {"path": ck.path, "embed_dim": ck.embed_dim, "added": started.isoformat()})
-            ck_meta[ck.sha256]["path"] = ck.path
+            ck_meta[ck.sha256].update(path=ck.path, size=st.st_size, mtime_ns=st.st_mtime_ns)
         sets, cols = ws.manifest.get("prompt_sets", {}), ws.manifest.get("finding_columns", {})
         if not cols:
             sets, cols = register_prompt_set(sets, cols, default_prompt_set(), started.isoformat())
         modalities = sorted(cfg.read_options.modalities) if cfg.read_options.modalities is not None else None
         retry_filtered = ws.manifest.get("modality_filter", "unset") != modalities
-        ws.commit(checkpoints=ck_meta, ensemble=[c.sha256 for c in checkpoints], prompt_sets=sets, finding_columns=cols, modality_filter=modalities)
+        ws.commit(checkpoints=ck_meta, ensemble=[c.sha256 for c in refs], prompt_sets=sets, finding_columns=cols, modality_filter=modalities)
         prompt_sets = active_prompt_sets(ws)
 
         for root in cfg.archives:  # fail before any work on a mistyped folder
             if not os.path.lexists(os.path.expanduser(root)):
                 raise FileNotFoundError(f"{root}: no such file or folder")
         known = KnownFiles(ws, retry_filtered)
-        writer = WorkspaceWriter(ws, run_id, prompt_sets, [c.sha256 for c in checkpoints], flush_rows=cfg.flush_rows)
+        writer = WorkspaceWriter(ws, run_id, prompt_sets, [c.sha256 for c in refs], flush_rows=cfg.flush_rows)
         report = WalkReport()
         status = "completed"
         timing = {"model_s": 0.0}
@@ -204,8 +245,12 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                 if cfg.engine == "ray":
                     from .ray_engine import mapped_batches
 
-                    source = mapped_batches(todo, cfg, checkpoints, prompt_sets)
+                    source = mapped_batches(todo, cfg, refs, prompt_sets)
                 else:
+                    if checkpoints is None:
+                        checkpoints = load_checkpoints(cfg.checkpoints, devices[0])
+                        if [c.sha256 for c in checkpoints] != [r.sha256 for r in refs]:
+                            raise WorkspaceError("a checkpoint file changed while this run started; rerun")
                     source = local_mapped_batches(todo, cfg, checkpoints, prompt_sets, timing, state, devices)
                 for rows, mapped, errors in source:
                     writer.add(rows, mapped, errors)
@@ -249,7 +294,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             }
             record = run_record(
                 run_id, "embed", status, started,
-                [{"sha256": c.sha256, "path": c.path} for c in checkpoints],
+                [{"sha256": c.sha256, "path": c.path} for c in refs],
                 [p.id for p in prompt_sets], counts,
                 {"total_s": summary.seconds, "model_s": timing["model_s"] if cfg.engine == "local" else None},
                 {"archives": cfg.archives, "device": summary.device, "batch_size": cfg.batch_size, "engine": cfg.engine,

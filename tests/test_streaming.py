@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from curator.discover import walk
 from curator.pipelines.embed import EmbedConfig, run_embed
 from curator.pipelines.known import KnownFiles
-from curator.workspace import Workspace
+from curator.workspace import Workspace, WorkspaceError
 from tests.conftest import write_raster_archive
 
 
@@ -133,3 +134,32 @@ def test_changed_files_supersede_their_old_rows(tmp_path, tiny_checkpoints):
     (ws.root / "manifest.json").write_text(json.dumps(m))
     old = run_query(Workspace(tmp_path / "ws"), "SELECT image_id FROM catalog ORDER BY image_id")
     assert old["image_id"].tolist() == got["image_id"].tolist()
+
+
+def test_unchanged_rerun_does_not_load_known_checkpoints(tmp_path, tiny_checkpoints, monkeypatch):
+    import shutil
+
+    from curator.pipelines import embed as embed_mod
+
+    arc = tmp_path / "arc"
+    write_raster_archive(arc, 3, seed=6)
+    ck = tmp_path / "ck.pt"
+    shutil.copy(tiny_checkpoints[0], ck)
+    first = run_embed(_cfg(arc, tmp_path / "ws", [ck]))
+    assert first.processed == 3
+    meta = next(iter(Workspace(tmp_path / "ws").manifest["checkpoints"].values()))
+    assert meta["size"] == ck.stat().st_size and meta["mtime_ns"] == ck.stat().st_mtime_ns
+
+    loads = []
+    real = embed_mod.load_checkpoints
+    monkeypatch.setattr(embed_mod, "load_checkpoints", lambda *a, **k: loads.append(a) or real(*a, **k))
+    again = run_embed(_cfg(arc, tmp_path / "ws", [ck]))
+    assert again.unchanged == 3 and again.processed == 0 and loads == []  # identified from the record, never loaded
+    write_raster_archive(arc, 1, seed=7, start=3)
+    more = run_embed(_cfg(arc, tmp_path / "ws", [ck]))
+    assert more.processed == 1 and len(loads) == 1  # loaded once there was something to embed
+
+    # a checkpoint file replaced in place (new mtime) is hashed again: a different file is refused
+    shutil.copy(tiny_checkpoints[1], ck)
+    with pytest.raises(WorkspaceError, match="different set of checkpoints"):
+        run_embed(_cfg(arc, tmp_path / "ws", [ck]))
