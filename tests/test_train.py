@@ -131,9 +131,14 @@ def test_checkpoint_reloads_with_identical_outputs(trained):
         img = F.normalize(model.encode_image(x), dim=-1)
         from open_clip.tokenizer import tokenize
 
-        txt = F.normalize(model.encode_text(tokenize(texts)), dim=-1)
+        from curator.model import encode_text_to_eot
+
+        # the same computation as curator's text path (up to the end-of-text token): bit-identical
+        txt = F.normalize(encode_text_to_eot(model, tokenize(texts)), dim=-1)
+        full = F.normalize(model.encode_text(tokenize(texts)), dim=-1)  # open_clip's full context
     assert torch.equal(ck.encode_images(x), img)
     assert torch.equal(ck.encode_texts(texts), txt)
+    torch.testing.assert_close(ck.encode_texts(texts), full, atol=1e-6, rtol=0)
     assert torch.equal(ck.model.logit_scale, model.logit_scale.detach())
     assert float(model.logit_scale.detach()) <= math.log(100) + 1e-6
 
