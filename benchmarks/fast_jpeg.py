@@ -26,6 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from ray_overhead import probabilities  # noqa: E402  (sibling benchmark script; imports no Ray at module level)
 
 
 def jpeg_archive(folder: Path, studies: int, size: int) -> list[Path]:
@@ -62,16 +63,6 @@ def embed(archive: Path, ws: Path, ck: str, options, workers: int, threads: int)
     s = run_embed(EmbedConfig(archives=[str(archive)], workspace=str(ws), checkpoints=[ck], device="cpu", progress=False,
                               workers=workers, threads=threads, read_options=options))
     return s.processed / s.seconds
-
-
-def probabilities(ws: Path) -> dict:
-    from curator.query import run_query
-    from curator.workspace import Workspace
-
-    df = run_query(Workspace(ws), "SELECT * FROM images ORDER BY path")
-    skip = {"image_id", "size", "mtime_ns", "width", "height", "patient_age", "rows", "columns"}
-    cols = [c for c in df.columns if c not in skip and df[c].dtype.kind == "f"]
-    return {p: df.loc[i, cols].to_numpy(np.float64) for i, p in enumerate(df["path"])}
 
 
 def main() -> int:

@@ -25,11 +25,13 @@ import numpy as np
 
 
 def probabilities(ws_root: Path) -> dict:
+    """path -> the `images` view's probabilities (every finding column the workspace shows)."""
     from curator.query import run_query
     from curator.workspace import Workspace
 
-    df = run_query(Workspace(ws_root), "SELECT * FROM images ORDER BY path")
-    cols = [c for c in df.columns if df[c].dtype.kind == "f" and c not in ("patient_age",)]
+    ws = Workspace(ws_root)
+    cols = sorted(ws.manifest["finding_columns"])
+    df = run_query(ws, f"SELECT path, {', '.join(cols)} FROM images ORDER BY path")
     return {p: df.loc[i, cols].to_numpy(np.float64) for i, p in enumerate(df["path"])}
 
 

@@ -40,7 +40,6 @@ import re
 import shutil
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from workspace_scale import code_state, make_checkpoint, timed_subprocess  # noqa: E402  (sibling benchmark script)
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -85,17 +85,6 @@ def write_archive(root: Path, n: int, rng: np.random.Generator, side: int = 16, 
             study += 1
         patient += 1
     return out
-
-
-def make_checkpoint(path: Path, dim: int, seed: int) -> str:
-    import torch
-
-    from curator.model import file_sha256, new_clip
-
-    torch.manual_seed(seed)
-    model = new_clip(embed_dim=dim, vision_width=64, vision_layers=1, patch_size=32, image_size=224, text_width=64, text_layers=1)
-    torch.save(model.state_dict(), path)
-    return file_sha256(path)
 
 
 def simulate_first_run(ws_root: Path, archive: Path, contents: dict[str, bytes], ck_path: Path, sha: str, dim: int,
@@ -155,20 +144,9 @@ def simulate_first_run(ws_root: Path, archive: Path, contents: dict[str, bytes],
 def run_embed(archive: Path, ws_root: Path, ck_path: Path, threads: int) -> dict:
     cmd = [sys.executable, "-m", "curator.cli", "-q", "embed", str(archive), "--workspace", str(ws_root), "--checkpoint", str(ck_path), "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
-    full = ["/usr/bin/time", "-v", *cmd] if Path("/usr/bin/time").exists() else cmd
-    t = time.perf_counter()
-    r = subprocess.run(full, capture_output=True, text=True, env=env, check=False)
-    wall = time.perf_counter() - t
-    if r.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
-    if m:
-        peak = int(m.group(1)) / 1024
-    else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    grab = lambda label: int(re.search(rf"{re.escape(label)}\s+(\d+)", r.stdout).group(1))  # noqa: E731
+    r = timed_subprocess(cmd, env)
+    wall, peak, stdout = r["wall_s"], r["peak_rss_mb"], r["stdout"]
+    grab = lambda label: int(re.search(rf"{re.escape(label)}\s+(\d+)", stdout).group(1))  # noqa: E731
     # the run's own record in W/runs/
     from curator.query import run_query
     from curator.workspace import Workspace
@@ -176,8 +154,8 @@ def run_embed(archive: Path, ws_root: Path, ck_path: Path, threads: int) -> dict
     last = run_query(Workspace(ws_root), "SELECT counts, timings FROM runs WHERE command = 'embed' ORDER BY started DESC LIMIT 1", sandbox=False)
     counts = json.loads(last["counts"][0])
     return {"wall_s": wall, "peak_rss_mb": peak, "embedded": grab("embedded:"), "unchanged": grab("skipped (unchanged):"),
-            "failed": grab("failed:"), "found": int(re.search(r"(\d+) files found", r.stdout).group(1)),
-            "run_counts": counts, "run_total_s": json.loads(last["timings"][0]).get("total_s"), "stdout": r.stdout.strip(),
+            "failed": grab("failed:"), "found": int(re.search(r"(\d+) files found", stdout).group(1)),
+            "run_counts": counts, "run_total_s": json.loads(last["timings"][0]).get("total_s"), "stdout": stdout.strip(),
             "cmd": " ".join(cmd)}
 
 
@@ -198,7 +176,7 @@ def breakdown(archive: Path, ws_root: Path) -> dict:
         out["known_files_s"] = time.perf_counter() - t
         out["known_files_rows"] = len(known.catalog)
         t = time.perf_counter()
-        unchanged, _ = known.classify([e.path for e in entries], [e.size for e in entries], [e.mtime_ns for e in entries])
+        unchanged, _, _ = known.classify([e.path for e in entries], [e.size for e in entries], [e.mtime_ns for e in entries])
         out["classify_s"] = time.perf_counter() - t
         out["skip_table"] = "KnownFiles"
     except ImportError:
@@ -213,18 +191,6 @@ def breakdown(archive: Path, ws_root: Path) -> dict:
         out["classify_s"] = time.perf_counter() - t
         out["skip_table"] = "known_files dict"
     return out
-
-
-def _code_state() -> str:
-    """The commit measured, and whether the working tree differs from it (the product's own files)."""
-    here = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "curator", "pipelines"], cwd=here, capture_output=True, text=True).stdout.split("\n")
-        dirty = [ln[3:] for ln in dirty if ln.strip()]
-    except OSError:
-        return "unknown"
-    return head + (f" + uncommitted changes to {', '.join(dirty)}" if dirty else "")
 
 
 def main() -> int:
@@ -249,7 +215,7 @@ def main() -> int:
     if archive.exists() or ws_root.exists():
         raise SystemExit(f"{base} already holds an archive or workspace; give another --keep folder")
     res: dict = {"files": args.files, "date": dt.date.today().isoformat(), "cpus": os.cpu_count(), "threads": args.threads,
-                 "code": _code_state(),
+                 "code": code_state(),
                  "first_run": "simulated (catalog written directly, no image embedded)"}
     rng = np.random.default_rng(args.seed)
     try:
@@ -259,7 +225,7 @@ def main() -> int:
         n_dirs = sum(1 for _ in archive.rglob("s*") if _.is_dir())
         print(f"code: {res['code']}", flush=True)
         print(f"wrote {len(written):,} PNG files (16x16) in {n_dirs:,} study folders in {res['write_archive_s']:.1f} s -> {archive}", flush=True)
-        sha = make_checkpoint(ck_path, args.dim, args.seed)
+        sha, _ = make_checkpoint(ck_path, args.dim, args.seed)
         res["simulate_s"] = simulate_first_run(ws_root, archive, dict(written), ck_path, sha, args.dim, args.part_rows, args.seed)
         print(f"SIMULATED first run: catalog + embeddings + predictions of all {args.files:,} files written directly with the "
               f"Workspace API in {res['simulate_s']:.1f} s (checkpoint {sha[:12]})", flush=True)

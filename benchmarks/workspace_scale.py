@@ -495,7 +495,7 @@ def check_label(root: Path, model, toml: Path, samples: dict[int, np.ndarray], s
             "ok": shown and max(diffs.values()) < 1e-5, "example": {int(ids[0]): {c: round(float(v), 6) for c, v in zip(cols[:3], exp[0][:3])}}}
 
 
-def _code_state() -> str:
+def code_state() -> str:
     """The commit measured, and whether the working tree differs from it (the product's own files)."""
     here = Path(__file__).resolve().parents[1]
     try:
@@ -535,7 +535,7 @@ def main() -> int:
     toml = base / "rephrased14.toml"
     toml.write_text(LABEL_TOML)
     res: dict = {"n": args.n, "dim": args.dim, "part_rows": args.part_rows, "commit_every": args.commit_every,
-                 "threads": args.threads, "date": dt.date.today().isoformat(), "cpus": os.cpu_count(), "code": _code_state()}
+                 "threads": args.threads, "date": dt.date.today().isoformat(), "cpus": os.cpu_count(), "code": code_state()}
     try:
         print(f"code: {res['code']}", flush=True)
         sha, model = make_checkpoint(ck_path, args.dim, args.seed)

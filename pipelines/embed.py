@@ -192,10 +192,8 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             # without reading them, and loaded only once there is something to embed; a new one is
             # loaded (and so validated) before anything is written.
             refs = checkpoint_refs(cfg.checkpoints, ws.manifest.get("checkpoints", {}))
-            if cfg.engine == "local" and any(r.embed_dim is None for r in refs):
+            if any(r.embed_dim is None for r in refs):  # (with Ray, devices[0] is the driver's CPU)
                 checkpoints = refs = load_checkpoints(cfg.checkpoints, devices[0])
-            elif any(r.embed_dim is None for r in refs):
-                refs = [CheckpointRef(c.path, c.sha256, c.embed_dim) for c in load_checkpoints(cfg.checkpoints, "cpu")]
         check_ensemble(ws, refs)
         # Checkpoints and default prompt set are recorded first, so `label` can find them.
         ck_meta = dict(ws.manifest.get("checkpoints", {}))

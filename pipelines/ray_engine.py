@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from curator.constants import ENSEMBLE_MEMBER
 from curator.discover import FileEntry
 from curator.model import Checkpoint
 from curator.prompts import PromptSet, parse_prompt_set
@@ -114,13 +115,9 @@ class EmbedActor:
                 p = np.zeros((n, nf), dtype=np.float32)
                 if mapped is not None:
                     members = mapped["probabilities"][ps_id]
-                    p[ok] = members[member] if member is not None else members[_ensemble_key(members, self.sha256s)]
+                    p[ok] = members[member if member is not None else ENSEMBLE_MEMBER]
                 out[f"prob_{j}_{k}"] = p
         return out
-
-
-def _ensemble_key(members: dict, sha256s: list[str]) -> str:
-    return next(m for m in members if m not in sha256s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,8 +130,6 @@ def mapped_batches(
     prompt_sets: list[PromptSet],
 ) -> Iterator[tuple[list[dict], dict | None, list[dict]]]:
     """Yield ``(catalog rows, mapped, error rows)`` as :meth:`WorkspaceWriter.add` takes them."""
-    from curator.constants import ENSEMBLE_MEMBER
-
     ray = _import_ray()
     connect(cfg.ray_address)
     ctx = ray.data.DataContext.get_current()
