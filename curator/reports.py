@@ -83,3 +83,17 @@ def extract_impression(report: str | None) -> str:
     if not report or not isinstance(report, str):
         return ""
     return _section(report, _IMPRESSION) or _section(report, _FINDINGS) or normalize_whitespace(report)
+
+
+# A sentence ends at ".", "!" or "?" followed by white space and a capital letter or digit;
+# "1.5 cm" and "T4." followed by lower case do not end one.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])")
+# List numbering of an impression ("1. ... 2. ..."), dropped from the sentences.
+_ENUMERATOR = re.compile(r"^\d{1,2}[.)]\s*")
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of an impression, in order, without list numbering; never an empty list."""
+    parts = [_ENUMERATOR.sub("", p.strip()) for p in _SENTENCE_END.split(normalize_whitespace(text))]
+    parts = [p for p in parts if p]
+    return parts or [normalize_whitespace(text)]

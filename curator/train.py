@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from curator import constants as C
 from curator.preprocess import PreprocessCfg, letterbox, normalize, resize_to_input
-from curator.reports import extract_impression
+from curator.reports import extract_impression, split_sentences
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,9 @@ class TrainConfig:
     grad_clip: float | None = None
     same_text_positives: bool = False  # treat identical impressions in a batch as positives
     augment: bool = False
+    # Text of each pair: a random non-empty subset of the impression's sentences (in order), drawn
+    # per image and step, instead of the whole impression.
+    sentence_sampling: bool = False
     seed: int = 0
     # Data.
     dicom_conversion: str = "mimic"
@@ -181,6 +184,10 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def _default_config() -> TrainConfig:
+    return TrainConfig(images="", reports="", out="")
+
+
 def model_dims(cfg: TrainConfig) -> dict[str, int]:
     """The architecture of a fresh model: ``arch``'s preset with any explicit dims on top."""
     dims = dict(ARCHS[cfg.arch])
@@ -217,6 +224,8 @@ def reproduce_command(cfg: TrainConfig, dims: dict[str, int] | None = None) -> s
         a += ["--same-text-positives"]
     if cfg.augment:
         a += ["--augment"]
+    if cfg.sentence_sampling:
+        a += ["--sentence-sampling"]
     if cfg.dicom_conversion != "mimic":
         a += ["--dicom-conversion", cfg.dicom_conversion]
     if cfg.val_truth:
@@ -650,6 +659,8 @@ class Trainer:
 
     def _check_resume_config(self, saved: dict) -> None:
         now = _training_fields(self.cfg)
+        # A field added after the run was saved has its default there.
+        saved = {**_training_fields(_default_config()), **saved}
         diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
         if diffs:
             raise TrainError("--resume with a different configuration than the saved run: " + "; ".join(diffs))
@@ -763,6 +774,7 @@ class Trainer:
         text_index = {t: i for i, t in enumerate(texts)}
         self.texts = texts
         self.tokens = tokenize(texts, context_length=self.context_length)
+        self.sentences = [split_sentences(t) for t in texts] if cfg.sentence_sampling else None
         self.train_refs = train_refs
         self.train_rows = np.array([row[r.path] for r in train_refs], dtype=np.int64)
         self.train_text = torch.tensor([text_index[impressions[r.study_key]] for r in train_refs], dtype=torch.long)
@@ -826,7 +838,35 @@ class Trainer:
         idx = self.batch_indices(step)
         images = self.images_for_rows(self.train_rows[idx], step if self.cfg.augment else None)
         tid = self.train_text[idx]
+        if self.sentences is not None:
+            tokens, tid = self.sampled_texts(tid.tolist(), step)
+            return images, tokens.to(self.device), tid.to(self.device)
         return images, self.tokens[tid].to(self.device), tid.to(self.device)
+
+    def batch_texts(self, text_rows: Sequence[int], step: int) -> list[str]:
+        """The texts of one batch under sentence sampling: a pure function of (seed, step, rows).
+
+        Each sentence of an image's impression is kept with probability 1/2 (at least one is
+        kept), in its original order.
+        """
+        rng = np.random.default_rng([self.cfg.seed, step, 0x5E17])
+        out = []
+        for t in text_rows:
+            sents = self.sentences[t]
+            keep = rng.random(len(sents)) < 0.5
+            if not keep.any():
+                keep[rng.integers(len(sents))] = True
+            out.append(" ".join(s for s, k in zip(sents, keep) if k))
+        return out
+
+    def sampled_texts(self, text_rows: Sequence[int], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens of one batch's sampled texts, and ids that are equal exactly where the texts are."""
+        from open_clip.tokenizer import tokenize
+
+        texts = self.batch_texts(text_rows, step)
+        distinct = list(dict.fromkeys(texts))
+        ids = torch.tensor([distinct.index(t) for t in texts], dtype=torch.long)
+        return tokenize(distinct, context_length=self.context_length)[ids], ids
 
     def _autocast(self):
         import contextlib
@@ -1155,6 +1195,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     o.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (default off)")
     o.add_argument("--same-text-positives", action="store_true", default=None, help="identical impressions in a batch count as positives")
     o.add_argument("--augment", action="store_true", default=None, help="light affine / brightness / contrast augmentation")
+    o.add_argument("--sentence-sampling", action="store_true", default=None,
+                   help="pair each image, at each step, with a random non-empty subset of its impression's sentences "
+                        "(each kept with probability 1/2) instead of the whole impression")
     o.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     r = p.add_argument_group("run")
     r.add_argument("--eval-every", type=int, default=None, help="validation AUC every N steps (default: at the end only)")

@@ -274,3 +274,60 @@ def test_loss_and_schedule():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[4] == 1.0
     assert all(a >= b for a, b in itertools.pairwise(lrs[4:])) and lrs[-1] < 0.01
     assert T.finding_text("pleural_effusion") == "pleural effusion"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Moderate cardiomegaly. No pleural effusion or pneumothorax.", ["Moderate cardiomegaly.", "No pleural effusion or pneumothorax."]),
+        ("1. Nodule measuring 1.5 cm in the RUL. 2) No effusion. 3. ETT 4 cm above the carina.",
+         ["Nodule measuring 1.5 cm in the RUL.", "No effusion.", "ETT 4 cm above the carina."]),
+        ("Is there edema? No.  Heart   size normal!", ["Is there edema?", "No.", "Heart size normal!"]),
+        ("No acute process", ["No acute process"]),
+    ],
+)
+def test_split_sentences(text, expected):
+    from curator.reports import split_sentences
+
+    assert split_sentences(text) == expected
+
+
+def test_sentence_sampling(archive, tmp_path):
+    from open_clip.tokenizer import tokenize
+
+    # Reports with two or three sentences per impression.
+    gt, rep = archive
+    reports = pd.read_csv(rep, dtype=str)
+    extra = ["No effusion.", "Heart size is normal. No pneumothorax.", "2. Lines and tubes unchanged.", ""]
+    reports["report"] = [r.rstrip() + " " + extra[i % 4] + "\n" for i, r in enumerate(reports["report"])]
+    rep2 = tmp_path / "reports.csv"
+    reports.to_csv(rep2, index=False)
+    trainer = T.Trainer(tiny_cfg((gt, rep2), tmp_path / "s.pt", sentence_sampling=True, same_text_positives=True, steps=6))
+    impression = {k: extract_impression(r) for k, r in zip(reports["study_key"], reports["report"])}
+    counts: dict[tuple[int, int], int] = {}
+    for step in range(40):
+        idx = trainer.batch_indices(step)
+        rows = trainer.train_text[idx].tolist()
+        texts = trainer.batch_texts(rows, step)
+        assert texts == trainer.batch_texts(rows, step)  # a pure function of (seed, step, rows)
+        for i, t in zip(idx, texts):
+            full = impression[trainer.train_refs[i].study_key]
+            # Sentences of the full impression, split independently of curator.reports.
+            want = [s.strip() for s in full.replace("2. Lines", "Lines").split(". ")]
+            want = [s if s.endswith(".") else s + "." for s in want]
+            got = [s if s.endswith(".") else s + "." for s in t.split(". ")]
+            assert got and all(g in want for g in got) and got == sorted(got, key=want.index), (t, full)
+            counts[(len(want), len(got))] = counts.get((len(want), len(got)), 0) + 1
+        tokens, ids = trainer.sampled_texts(rows, step)
+        assert torch.equal(tokens, tokenize(texts, context_length=trainer.context_length))
+        same = np.equal.outer(np.array(texts, dtype=object), np.array(texts, dtype=object))
+        assert np.array_equal(same, (ids[:, None] == ids[None, :]).numpy())
+    # Two-sentence impressions: both sentences kept with probability 1/4 (each kept with 1/2; an
+    # empty draw becomes one sentence), one sentence 3/4.
+    two = {k[1]: v for k, v in counts.items() if k[0] == 2}
+    n2 = sum(two.values())
+    assert n2 > 100 and abs(two[2] / n2 - 1 / 4) < 0.1 and abs(two[1] / n2 - 3 / 4) < 0.1
+    assert trainer.batch_texts(rows, 0) != trainer.batch_texts(rows, 1)
+    summary = trainer.run()
+    assert summary["finished"] and all(math.isfinite(v) for v in summary["losses"])
+    assert "--sentence-sampling" in json.loads((tmp_path / "s.pt.json").read_text())["command"]
