@@ -31,7 +31,7 @@ typical session:
 # Modules that register further subcommands with ``add_cli(subparsers)``. Each keeps heavy
 # imports (torch, streamlit, ...) inside its handlers so that ``curator --help`` stays fast.
 EXTRA_COMMAND_MODULES = (
-    "curator.train",
+    "curator.train_cli",
     "curator.demo",
     "curator.appserver",
     "curator.cohort",

@@ -38,3 +38,12 @@ CHEXPERT_FINDINGS = (
 
 # Name of the ensemble "member" in the predictions table (the mean over checkpoints).
 ENSEMBLE_MEMBER = "ensemble"
+
+# Architectures of CheXzero's family. "tiny" is the test size; "small" a CPU-trainable demo size;
+# "vit-b-32" the published CheXzero model.
+ARCHS: dict[str, dict[str, int]] = {
+    "tiny": dict(embed_dim=32, vision_width=64, vision_layers=2, patch_size=32, image_size=224, text_width=64, text_layers=2),
+    "small": dict(embed_dim=256, vision_width=384, vision_layers=6, patch_size=32, image_size=224, text_width=256, text_layers=4),
+    "vit-b-32": dict(embed_dim=512, vision_width=768, vision_layers=12, patch_size=32, image_size=224, text_width=512, text_layers=12),
+}
+DIM_KEYS = ("embed_dim", "vision_width", "vision_layers", "patch_size", "image_size", "text_width", "text_layers")

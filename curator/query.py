@@ -124,6 +124,9 @@ def connect(ws: Workspace, sandbox: bool = True, threads: int | None = None) -> 
     locked, so user SQL such as ``read_csv('/etc/passwd')`` fails.
     """
     con = duckdb.connect(":memory:")
+    # Each view over the parts is bound several times while the views are created (catalog under
+    # embeddings, errors and images); cache the Parquet footers so each file's is read once.
+    con.execute("SET parquet_metadata_cache = true")
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     create_views(con, ws)

@@ -27,6 +27,14 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"curator {__version__}"
 
 
+def test_help_and_version_do_not_import_torch():
+    # Building the whole parser (every subcommand) must stay light: torch alone takes seconds.
+    code = ("import sys; from curator.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'open_clip', 'streamlit', 'faiss') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
