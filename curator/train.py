@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from curator import constants as C
+from curator.model import encode_text_to_eot
 from curator.preprocess import PreprocessCfg, letterbox, normalize, resize_to_input
 from curator.reports import extract_impression, split_sentences
 
@@ -871,7 +872,9 @@ class Trainer:
     def loss(self, images: torch.Tensor, tokens: torch.Tensor, text_ids: torch.Tensor | None = None) -> torch.Tensor:
         with self._autocast():
             img = self.model.encode_image(images)
-            txt = self.model.encode_text(tokens)
+            # The causal text tower pools at the end-of-text token: running it only that far is
+            # the same computation, gradients included, for a fraction of the 77-token context.
+            txt = encode_text_to_eot(self.model, tokens)
         return clip_loss(img, txt, self.model.logit_scale, text_ids if self.cfg.same_text_positives else None)
 
     # ---- evaluation ------------------------------------------------------------------------

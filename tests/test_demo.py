@@ -61,3 +61,20 @@ def test_demo_checkpoint_loads_like_a_published_one():
     card = demo_card()
     assert card["sha256"] == ck.sha256
     assert set(card["thresholds"]) >= {"edema", "cardiomegaly", "pleural_effusion", "pneumothorax"}
+
+
+def test_chosen_phrases_make_a_loadable_prompt_set(tmp_path):
+    from curator.pipelines.demo_model import CANDIDATE_PHRASES, prompt_set_toml
+    from curator.prompts import load_prompt_set
+
+    chosen = {"Edema": ["interstitial edema", "edema"], "Lung Lesion": ['nodule "1 cm"'], "Support Devices": ["endotracheal tube"]}
+    path = tmp_path / "demo.toml"
+    path.write_text(prompt_set_toml(chosen, "chosen on seed 303\n\nsecond paragraph"))
+    ps = load_prompt_set(path)
+    assert [(f.name, list(f.phrases)) for f in ps.findings] == list(chosen.items())
+    assert (ps.positive, ps.negative) == ("{}", "no {}")
+    assert path.read_text().startswith("# chosen on seed 303\n#\n# second paragraph\n")
+    # every finding of the synthetic ground truth has candidates, CheXpert's own name among them
+    assert [f.lower().replace(" ", "_") for f in CANDIDATE_PHRASES] == ["cardiomegaly", "pleural_effusion", "edema", "pneumothorax",
+                                                                      "consolidation", "atelectasis", "lung_lesion", "support_devices"]
+    assert all(f.lower() in phrases for f, phrases in CANDIDATE_PHRASES.items())
