@@ -60,9 +60,11 @@ import torch
 import torch.nn.functional as F
 
 from curator import constants as C
+from curator.constants import ARCHS, DIM_KEYS
 from curator.model import encode_text_to_eot
 from curator.preprocess import PreprocessCfg, letterbox, normalize, resize_to_input
 from curator.reports import extract_impression, split_sentences
+from curator.train_cli import add_cli  # noqa: F401  (the parser lives there, free of torch)
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,6 @@ STATE_SUFFIX = ".train-state"
 JSON_SUFFIX = ".json"
 CACHE_SUFFIX = ".cache"
 CACHE_VERSION = 1
-
-from curator.constants import ARCHS, DIM_KEYS  # noqa: E402  (kept here for callers of curator.train)
 
 DEFAULT_LR_SCRATCH = 5e-4
 DEFAULT_LR_FINETUNE = 1e-5
@@ -1151,10 +1151,7 @@ def _versions() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Command line
-
-
-from curator.train_cli import add_cli  # noqa: E402,F401  (the parser lives there, without torch)
+# Command line (the parser is curator.train_cli.add_cli)
 
 
 _CLI_TO_CFG = {f.name for f in dataclasses.fields(TrainConfig)} - {"argv", "resume", "overwrite"}

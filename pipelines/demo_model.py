@@ -146,6 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="folder for demo_model.pt and demo_model.json")
     ap.add_argument("--train-archive", default="curator synth TRAIN --studies 2500 --seed 101",
                     help="the `curator synth` command that made this stage's training archive")
+    ap.add_argument("--threshold-synth", default="curator synth THR --studies 600 --seed 303",
+                    help="the `curator synth` command that made the threshold archive (for the card)")
     ap.add_argument("--choose-phrases", type=Path, default=None, metavar="TOML",
                     help="first choose each finding's phrasing on the threshold archive and write the prompt set here "
                          "(e.g. curator/prompts/demo.toml); thresholds then use it")
@@ -188,7 +190,7 @@ def main(argv=None) -> int:
         "training": [*earlier, stage],
         "storage": "float16 matrices, float32 vectors (pipelines/demo_model.py store_half)",
         "prompt_set": "curator/prompts/demo.toml",
-        "threshold_archive": f"curator synth THR --studies 800 --seed 303 ({len(merged)} images)",
+        "threshold_archive": f"{args.threshold_synth} ({len(merged)} images)",
         "threshold_rule": "maximise F1",
         "thresholds": thr,
         "threshold_archive_auc": auc,
