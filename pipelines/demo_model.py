@@ -1,19 +1,25 @@
 """How the bundled demo model is made, end to end, and its model card.
 
 1. Training archives: ``curator synth TRAIN --studies 2500 --seed 101`` for the first stage,
-   ``curator synth TRAIN2 --studies 8000 --seed 102 --no-broken`` for the second.
+   ``curator synth TRAIN2 --studies 8000 --seed 102 --no-broken`` for the second and
+   ``curator synth TRAIN3 --studies 8000 --seed 103 --no-broken`` for the third.
 2. Training, in stages (the card's ``training`` list, oldest first, each with its exact
-   ``curator train`` command): from scratch on TRAIN, then fine-tuned (``--init``) on TRAIN2.
+   ``curator train`` command): from scratch on TRAIN, then fine-tuned (``--init``) on TRAIN2, then
+   on TRAIN3 with ``--sentence-sampling``.
 3. Storage: the trained fp32 state dict with every floating-point matrix stored as float16 (as
    OpenAI's and GPU-trained CheXzero checkpoints are), to keep the repository small; it loads
    through the same path as published checkpoints, which casts back to float32.
-4. Thresholds: on a separate archive (``--studies 800 --seed 303``), embedded and labelled with
-   the demo prompt set, the threshold per finding that maximises F1 (curator.metrics).
+4. Phrasing (``--choose-phrases``): on a separate archive (``curator synth THR --studies 600 --seed
+   303``), embedded once, each finding's candidate phrasings (:data:`CANDIDATE_PHRASES`) are scored
+   from the stored embeddings, alone and the best two or three averaged; the best goes into the
+   demo prompt set.
+5. Thresholds: on the same archive, labelled with the demo prompt set, the threshold per finding
+   that maximises F1 (curator.metrics).
 
-    python -m curator.pipelines.demo_model --trained demo.pt --train-archive TRAIN \
-        --threshold-archive THR --out curator/data \
-        --train-archive "curator synth TRAIN2 --studies 8000 --seed 102 --no-broken" \
-        --previous-card curator/data/demo_model.json   # carries the earlier stages over
+    python -m curator.pipelines.demo_model --trained demo3.pt --threshold-archive THR --out curator/data \
+        --train-archive "curator synth TRAIN3 --studies 8000 --seed 103 --no-broken" \
+        --previous-card curator/data/demo_model.json \
+        --choose-phrases curator/prompts/demo.toml   # --previous-card carries the earlier stages over
 """
 
 from __future__ import annotations
