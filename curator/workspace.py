@@ -39,6 +39,21 @@ DATASETS = ("catalog", "embeddings", "predictions", "errors", "runs", "supersede
 MANIFEST = "manifest.json"
 TRASH = ".trash"
 
+# Writer-lock descriptors this process holds. A forked child (a DataLoader decode worker) shares the
+# lock's open file description, so a worker orphaned by a killed run would keep the workspace
+# locked until it noticed; children close their copies at once, and the lock dies with the writer.
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD_LOCK_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
 # Catalog columns filled from DICOM headers (None for PNG/JPEG).
 DICOM_COLUMNS: dict[str, pa.DataType] = {
     "patient_id": pa.string(),
@@ -258,6 +273,7 @@ class Workspace:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise WorkspaceError(f"{self.root}: another curator run is writing this workspace") from None
+            _HELD_LOCK_FDS.add(fd)
             for d in (*DATASETS, "index"):
                 (self.root / d).mkdir(exist_ok=True)
             self.reload()
@@ -267,6 +283,7 @@ class Workspace:
             self.remove_orphans()
             yield self
         finally:
+            _HELD_LOCK_FDS.discard(fd)
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -69,6 +70,37 @@ def crash_trials(tmp_path, ck, trials: int, seed: int):
 def test_killed_runs_resume_without_loss_or_duplicates(tmp_path, tiny_checkpoints):
     killed = crash_trials(tmp_path, tiny_checkpoints[0], trials=int(os.environ.get("CURATOR_CRASH_TRIALS", 6)), seed=1234)
     assert killed >= 3  # the faults really fired
+
+
+_HOLD_LOCK_AND_FORK = """
+import multiprocessing, sys, time
+from curator.workspace import Workspace
+with Workspace(sys.argv[1]).writer():
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,), daemon=False)
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_killed_writer_frees_the_workspace_even_while_its_forked_workers_live(tmp_path):
+    """DataLoader workers are forked while the lock is held; killing the writer must free it at once."""
+    ws = tmp_path / "ws"
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK_AND_FORK, str(ws)], stdout=subprocess.PIPE, text=True)
+    child_pid = int(proc.stdout.readline())
+    try:
+        with pytest.raises(WorkspaceError, match="another curator run"):
+            with Workspace(ws).writer():
+                pass
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        os.kill(child_pid, 0)  # the orphaned child is still alive...
+        with Workspace(ws).writer():  # ...and the workspace is free all the same
+            pass
+    finally:
+        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child_pid, signal.SIGKILL)
 
 
 def test_index_agrees_after_a_killed_rerun(tmp_path, tiny_checkpoints):
