@@ -77,8 +77,11 @@ def choose_phrases(workspace: Path, truth_csv: Path, candidates: dict[str, list[
     chosen, auc = {}, {}
     for finding, phrases in candidates.items():
         def scored(ph):
+            # The workspace's current phrasing comes back too: kept when it is one of the tried
+            # phrasings (it may be the best), dropped otherwise.
             res = compare_prompts(workspace, truth, finding, phrases=list(ph), combined=len(ph) > 1, n_boot=resamples)
-            return [(a["auc"], a["phrases"]) for a in res["alternatives"] if not a["current"] and a["auc"] is not None]
+            return [(a["auc"], a["phrases"]) for a in res["alternatives"]
+                    if a["auc"] is not None and set(a["phrases"]) <= set(ph) and (a["positive"], a["negative"]) == ("{}", "no {}")]
         singles = sorted(scored(phrases), key=lambda a: -a[0])
         singles = [a for a in singles if len(a[1]) == 1]
         top = [a[1][0] for a in singles[:3]]

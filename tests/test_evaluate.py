@@ -195,3 +195,23 @@ def test_prompts_compare_scores_alternatives_from_stored_embeddings(png_ws, tmp_
         assert res2["column"] == "pneumoperitoneum" and len(res2["alternatives"]) == 1 and res2["alternatives"][0]["auc"] is not None
     finally:
         moved.rename(arc)
+
+
+def test_choose_phrases_can_keep_the_phrasing_already_in_use(tmp_path, tiny_checkpoints):
+    """The demo pipeline's phrase choice: the best candidate wins even when it is the workspace's current phrasing."""
+    from curator.pipelines.demo_model import choose_phrases
+    from curator.pipelines.label import run_label
+    from curator.prompts import load_prompt_set
+
+    arc, ws = tmp_path / "arc", tmp_path / "ws"
+    write_raster_archive(arc, 24, seed=5)
+    _embed(arc, ws, tiny_checkpoints[:1])
+    toml = tmp_path / "p.toml"
+    toml.write_text('[[finding]]\nname = "Edema"\nphrases = ["pulmonary edema"]\n')
+    run_label(str(ws), load_prompt_set(toml), progress=False)
+    df = run_query(Workspace(ws), "SELECT path, edema FROM images")
+    # truth that "pulmonary edema" ranks perfectly, and no other candidate is likely to
+    csv = tmp_path / "t.csv"
+    pd.DataFrame({"path": df.path, "Edema": (df.edema > df.edema.median()).astype(int)}).to_csv(csv, index=False)
+    chosen, auc = choose_phrases(ws, csv, {"Edema": ["edema", "pulmonary edema", "fluid overload"]}, resamples=10)
+    assert chosen == {"Edema": ["pulmonary edema"]} and auc["Edema"] == pytest.approx(1.0)
