@@ -173,13 +173,18 @@ def cmd_search(args) -> int:
     if (args.text is None) == (args.image is None):
         raise CliError("give a search TEXT or --image PATH (one of them)")
     ck = index_checkpoint(ws, args.device, [resolve_checkpoint_arg(c) for c in args.checkpoint] if args.checkpoint else None)
-    vec = query_vector(ck, text=args.text, image=args.image)
+    if args.contrast is not None and args.image is not None:
+        raise CliError("--contrast applies to a text search, not to --image")
+    try:
+        vec = query_vector(ck, text=args.text, image=args.image, contrast=args.contrast)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     df = search(ws, vec, k=args.k)
     finding_cols = sorted(ws.manifest.get("finding_columns", {}))
     if args.json:
         keep = ["rank", "image_id", "similarity", "path", "view_position", "study_date", *finding_cols]
         records = json.loads(df[[c for c in keep if c in df.columns]].to_json(orient="records", date_format="iso"))
-        print(json.dumps({"query": args.text or str(args.image), "k": args.k, "results": records}, default=str, indent=1))
+        print(json.dumps({"query": args.text or str(args.image), "contrast": args.contrast, "k": args.k, "results": records}, default=str, indent=1))
         return 0
     if df.empty:
         print("no results")
@@ -356,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="?", default=None, help='free text, e.g. "small left pleural effusion"')
     p.add_argument("-k", type=_positive_int, default=20, help="number of results (default 20)")
     p.add_argument("--image", default=None, metavar="PATH", help="search with this image (DICOM/PNG/JPEG) instead of text")
+    p.add_argument("--contrast", nargs="?", const="no {}", default=None, metavar="TEMPLATE",
+                   help='rank by TEXT against its negation (default template "no {}"): the zero-shot contrast of CheXzero, '
+                        "with the query as the finding; the similarity printed is then to the difference vector")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--checkpoint", "-c", action="append", metavar="CK", help="checkpoint files, if they moved since `embed`")
     _add_device(p)

@@ -35,13 +35,40 @@ def index_checkpoint(ws: Workspace, device: str | None = None, override: list[st
     raise WorkspaceError(f"the index was built with checkpoint {info.checkpoint[:12]}, which the workspace no longer lists; rebuild it")
 
 
-def query_vector(ck: Checkpoint, text: str | None = None, image: str | Path | None = None, read_options: ReadOptions | None = None) -> np.ndarray:
+NEGATION = "no {}"
+
+
+def text_query_vector(ck: Checkpoint, text: str, contrast: str | None = None) -> np.ndarray:
+    """The search vector for a text: its normalised embedding, or with ``contrast`` (a negative
+    template such as ``"no {}"``) the normalised difference between the text's embedding and its
+    negation's.
+
+    Ranking images by inner product with the contrast vector is ranking them by the zero-shot
+    probability of the text against its negation (CheXzero's method with the query as the
+    finding), which cancels what the two texts share; a small model that ranks by wording as much
+    as by finding needs it.
+    """
+    if not text or not text.strip():
+        raise ValueError("the search text is empty")
+    text = text.strip()
+    if contrast is None:
+        return ck.encode_texts([text]).numpy()[0]
+    if "{}" not in contrast:
+        raise ValueError(f"the contrast template {contrast!r} has no {{}} for the search text")
+    pos, neg = ck.encode_texts([text, contrast.format(text)]).double().numpy()
+    diff = pos / np.linalg.norm(pos) - neg / np.linalg.norm(neg)
+    norm = np.linalg.norm(diff)
+    if norm == 0:
+        raise ValueError(f"{text!r} and {contrast.format(text)!r} have the same embedding; nothing to contrast")
+    return (diff / norm).astype(np.float32)
+
+
+def query_vector(ck: Checkpoint, text: str | None = None, image: str | Path | None = None, read_options: ReadOptions | None = None,
+                 contrast: str | None = None) -> np.ndarray:
     if (text is None) == (image is None):
         raise ValueError("give a text or an image to search with (not both)")
     if text is not None:
-        if not text.strip():
-            raise ValueError("the search text is empty")
-        return ck.encode_texts([text]).numpy()[0]
+        return text_query_vector(ck, text, contrast)
     result = read_image(image, read_options or ReadOptions(modalities=None))
     return ck.encode_images(model_input(result.image).unsqueeze(0)).numpy()[0]
 
@@ -315,12 +342,12 @@ class Searcher:
             raise WorkspaceError(self.model_error or "no model loaded")
         return self.checkpoint
 
-    def text_vector(self, text: str) -> np.ndarray:
+    def text_vector(self, text: str, contrast: str | None = None) -> np.ndarray:
         if not text or not text.strip():
             raise ValueError("the search text is empty")
         ck = self._model()
         with self._encode_lock:
-            return ck.encode_texts([text.strip()]).numpy()[0]
+            return text_query_vector(ck, text, contrast)
 
     def image_vector(self, data: bytes) -> np.ndarray:
         ck = self._model()

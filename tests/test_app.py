@@ -136,6 +136,21 @@ def test_text_search_returns_the_expected_top_hits(app, ws_path):
     assert len(app.get("image")) == 20
 
 
+def test_contrast_search_ranks_by_the_text_against_its_negation(app, ws_path):
+    app.text_input[0].input("pleural effusion").run()
+    plain = result_ids(app)
+    app.toggle(key="search_contrast").set_value(True).run()
+    assert not app.exception
+    got = result_ids(app)
+    # independent: the zero-shot logit difference of "pleural effusion" vs "no pleural effusion" per image
+    pos, neg = text_vector(ws_path, "pleural effusion"), text_vector(ws_path, "no pleural effusion")
+    direction = pos / np.linalg.norm(pos) - neg / np.linalg.norm(neg)
+    expected = brute_force(ws_path, direction)
+    assert got == expected[: len(got)] and len(got) == 20
+    assert got != plain  # a different ranking from plain text search on this workspace
+    assert any("against “no …”" in s.value for s in app.subheader)
+
+
 def test_filters_restrict_the_search_itself(app, ws_path):
     table = images_table(ws_path)
     women = set(table.image_id[table.patient_sex == "F"])

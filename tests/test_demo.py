@@ -46,7 +46,14 @@ def test_demo_runs_and_its_edema_figures_are_true(tmp_path):
     if len(found):
         assert float(precision) == pytest.approx(found.truth.sum() / len(found), abs=1e-3)
     assert float(recall) == pytest.approx(found.truth.sum() / truth.edema.sum(), abs=1e-3)
-    assert "text search 'moderate pulmonary edema', top 10" in out
+    assert "text search 'moderate pulmonary edema', top 10, ranked against 'no moderate pulmonary edema'" in out
+    # each listed hit's truth mark is the generator's, and similarities come in descending order
+    hits = re.findall(r"^ +\d+\. ([-0-9.]+)  (\S+)  \(truth: (edema|no edema)\)$", out, flags=re.M)
+    assert len(hits) == 10
+    by_rel = pd.read_csv(arc / "ground_truth.csv").set_index("path")["edema"]
+    assert [m == "edema" for _, _, m in hits] == [bool(by_rel[rel]) for _, rel, _ in hits]
+    sims = [float(v) for v, _, _ in hits]
+    assert sims == sorted(sims, reverse=True)
     # a second run reuses the archive and embeds nothing
     r2 = subprocess.run([sys.executable, "-m", "curator.cli", "-q", "demo", "--no-app", "--studies", "60", "--image-size", "512",
                          "--workspace", str(ws), "--archive", str(arc), "--seed", "11"], capture_output=True, text=True, timeout=900)

@@ -159,6 +159,17 @@ def test_search_image_finds_itself_and_text_ranking_is_brute_force(built, tiny_c
     sims = np.stack(e.embedding.to_numpy()).astype(np.float64) @ q
     expected = e.image_id.to_numpy()[np.argsort(-sims, kind="stable")]
     assert got == expected.tolist()
+    # --contrast: ranked by the text against its negation, i.e. by the reference model's zero-shot margin
+    r = _cli("search", "--workspace", ws, "small left pleural effusion", "-k", "12", "--json", "--contrast")
+    out = json.loads(r.stdout)
+    pos, neg = ref.text_features(model, ["small left pleural effusion", "no small left pleural effusion"])
+    direction = (pos - neg) / np.linalg.norm(pos - neg)
+    margin = np.stack(e.embedding.to_numpy()).astype(np.float64) @ direction
+    order = np.argsort(-margin, kind="stable")
+    assert out["contrast"] == "no {}" and [x["image_id"] for x in out["results"]] == e.image_id.to_numpy()[order].tolist()
+    assert [x["similarity"] for x in out["results"]] == pytest.approx(margin[order].tolist(), abs=1e-5)
+    r = _cli("search", "--workspace", ws, "--image", target, "--contrast", check=False)
+    assert r.returncode != 0 and "--contrast applies to a text search" in r.stderr
 
 
 def test_sql_formats_views_and_cohort_file(built):

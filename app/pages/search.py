@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 from curator.app import common
 
-from curator.search import FilterError
+from curator.search import NEGATION, FilterError
 from curator.workspace import WorkspaceError
 
 S = st.session_state
@@ -60,6 +60,10 @@ findings = common.finding_columns(ws)
 c1, c2 = st.columns([1, 4])
 k = int(c1.number_input("Results", min_value=1, max_value=500, value=20, step=10, key="search_k"))
 shown = c2.multiselect("Probabilities to show", findings, default=common.default_findings(ws), key="search_findings")
+contrast = st.toggle("Rank against the negation (“no …”)", key="search_contrast",
+                     help="Rank images by the text against “no” + the text: CheXzero's zero-shot contrast with the query as the "
+                          "finding. It cancels what the two texts share, which helps a model that ranks by wording; "
+                          "the similarity shown is then to the difference of the two text vectors.")
 
 with st.expander("Filters (they restrict the search itself)", expanded=False):
     flt = common.filter_widgets(ws, "search-filter")
@@ -104,7 +108,7 @@ elif query.strip():
     if searcher.model_error:
         st.stop()
     vector = None
-    label, key = f"“{query.strip()}”", ("text", query.strip())
+    label, key = f"“{query.strip()}”" + (" against “no …”" if contrast else ""), ("text", query.strip(), contrast)
 else:
     st.info("Type what you are looking for and press Enter, or upload an image.")
     st.stop()
@@ -112,7 +116,7 @@ else:
 cache_key = (id(searcher), key, k, where)
 if S.get("search_cache_key") != cache_key:
     if vector is None:
-        vector = searcher.text_vector(query)
+        vector = searcher.text_vector(query, contrast=NEGATION if contrast else None)
     S.search_results = searcher.search(vector, k, flt, exclude=exclude)
     S.search_cache_key = cache_key
 results: pd.DataFrame = S.search_results
