@@ -33,7 +33,8 @@ def main() -> int:
     from curator.demo_model import demo_checkpoint_path
     from curator.index import build_index
     from curator.pipelines.demo_model import FINDINGS, score_archive, thresholds_and_auc
-    from curator.search import NEGATION, index_checkpoint, query_vector, search
+    from curator.constants import NEGATIVE_TEMPLATE
+    from curator.search import index_checkpoint, query_vector, search
     from curator.synth import generate_archive
     from curator.workspace import Workspace
 
@@ -49,7 +50,7 @@ def main() -> int:
             build_index(ws)
         ck = index_checkpoint(ws)
         truth = merged.set_index("path")["edema_truth"]
-        p20, p20c = (float(truth.loc[search(ws, query_vector(ck, text=QUERY, contrast=c), k=20).path].mean()) for c in (None, NEGATION))
+        p20, p20c = (float(truth.loc[search(ws, query_vector(ck, text=QUERY, contrast=c), k=20).path].mean()) for c in (None, NEGATIVE_TEMPLATE))
     mean_auc = sum(auc.values()) / len(auc)
     result = {"images": len(merged), "seed": args.seed, "auc": auc, "mean_auc": mean_auc, "precision_at_20_moderate_pulmonary_edema": p20,
               "precision_at_20_moderate_pulmonary_edema_contrast": p20c}

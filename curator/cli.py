@@ -15,6 +15,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from curator import __version__
+from curator import constants as C
 
 log = logging.getLogger("curator")
 
@@ -105,7 +106,6 @@ def resolve_checkpoint_arg(value: str) -> str:
 # ------------------------------------------------------------------------------------------
 def cmd_embed(args) -> int:
     from curator.pipelines.embed import EmbedConfig, run_embed
-    from curator import constants as C
     from curator.readers import ReadOptions
 
     cfg = EmbedConfig(
@@ -172,9 +172,9 @@ def cmd_search(args) -> int:
     _require_workspace(ws)
     if (args.text is None) == (args.image is None):
         raise CliError("give a search TEXT or --image PATH (one of them)")
-    ck = index_checkpoint(ws, args.device, [resolve_checkpoint_arg(c) for c in args.checkpoint] if args.checkpoint else None)
     if args.contrast is not None and args.image is not None:
         raise CliError("--contrast applies to a text search, not to --image")
+    ck = index_checkpoint(ws, args.device, [resolve_checkpoint_arg(c) for c in args.checkpoint] if args.checkpoint else None)
     try:
         vec = query_vector(ck, text=args.text, image=args.image, contrast=args.contrast)
     except ValueError as exc:
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="?", default=None, help='free text, e.g. "small left pleural effusion"')
     p.add_argument("-k", type=_positive_int, default=20, help="number of results (default 20)")
     p.add_argument("--image", default=None, metavar="PATH", help="search with this image (DICOM/PNG/JPEG) instead of text")
-    p.add_argument("--contrast", nargs="?", const="no {}", default=None, metavar="TEMPLATE",
+    p.add_argument("--contrast", nargs="?", const=C.NEGATIVE_TEMPLATE, default=None, metavar="TEMPLATE",
                    help='rank by TEXT against its negation (default template "no {}"): the zero-shot contrast of CheXzero, '
                         "with the query as the finding; the similarity printed is then to the difference vector")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -51,7 +51,8 @@ def cmd_demo(args) -> int:
     from curator.pipelines.label import run_label
     from curator.prompts import load_prompt_set
     from curator.query import run_query
-    from curator.search import NEGATION, index_checkpoint, query_vector, search
+    from curator.constants import NEGATIVE_TEMPLATE
+    from curator.search import index_checkpoint, query_vector, search
     from curator.workspace import Workspace
 
     quiet = getattr(args, "quiet", False)
@@ -109,9 +110,9 @@ def cmd_demo(args) -> int:
     print(f"      the same in SQL: curator sql --workspace {workspace} \"SELECT path, edema FROM images WHERE edema >= {threshold:.4f} ORDER BY edema DESC\"")
 
     ck = index_checkpoint(ws)
-    hits = search(ws, query_vector(ck, text=SEARCH_EXAMPLE, contrast=NEGATION), k=10)
+    hits = search(ws, query_vector(ck, text=SEARCH_EXAMPLE, contrast=NEGATIVE_TEMPLATE), k=10)
     hits = hits.merge(truth[["path", "edema"]].rename(columns={"edema": "truth_edema"}), on="path", how="left")
-    print(f"      text search {SEARCH_EXAMPLE!r}, top {len(hits)}, ranked against {NEGATION.format(SEARCH_EXAMPLE)!r}")
+    print(f"      text search {SEARCH_EXAMPLE!r}, top {len(hits)}, ranked against {NEGATIVE_TEMPLATE.format(SEARCH_EXAMPLE)!r}")
     print(f"      (curator search --workspace {workspace} --contrast {SEARCH_EXAMPLE!r}; without --contrast: plain CLIP similarity):")
     for r in hits.itertuples():
         mark = "edema" if r.truth_edema == 1 else "no edema"

@@ -35,12 +35,9 @@ def index_checkpoint(ws: Workspace, device: str | None = None, override: list[st
     raise WorkspaceError(f"the index was built with checkpoint {info.checkpoint[:12]}, which the workspace no longer lists; rebuild it")
 
 
-NEGATION = "no {}"
-
-
 def text_query_vector(ck: Checkpoint, text: str, contrast: str | None = None) -> np.ndarray:
     """The search vector for a text: its normalised embedding, or with ``contrast`` (a negative
-    template such as ``"no {}"``) the normalised difference between the text's embedding and its
+    template such as CheXzero's ``"no {}"``) the normalised difference between the text's embedding and its
     negation's.
 
     Ranking images by inner product with the contrast vector is ranking them by the zero-shot

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from curator import constants as C
+
 FINDINGS = ["cardiomegaly", "pleural_effusion", "edema", "pneumothorax", "consolidation", "atelectasis", "lung_lesion", "support_devices"]
 
 # Phrasings tried for each finding of the demo prompt set (--choose-phrases), in the wording of
@@ -82,7 +84,7 @@ def choose_phrases(workspace: Path, truth_csv: Path, candidates: dict[str, list[
             # phrasings (it may be the best), dropped otherwise.
             res = compare_prompts(workspace, truth, finding, phrases=list(ph), combined=len(ph) > 1, n_boot=resamples)
             return [(a["auc"], a["phrases"]) for a in res["alternatives"]
-                    if a["auc"] is not None and set(a["phrases"]) <= set(ph) and (a["positive"], a["negative"]) == ("{}", "no {}")]
+                    if a["auc"] is not None and set(a["phrases"]) <= set(ph) and (a["positive"], a["negative"]) == (C.POSITIVE_TEMPLATE, C.NEGATIVE_TEMPLATE)]
         singles = sorted(scored(phrases), key=lambda a: -a[0])
         singles = [a for a in singles if len(a[1]) == 1]
         top = [a[1][0] for a in singles[:3]]

@@ -6,7 +6,8 @@ import pandas as pd
 import streamlit as st
 from curator.app import common
 
-from curator.search import NEGATION, FilterError
+from curator.constants import NEGATIVE_TEMPLATE
+from curator.search import FilterError
 from curator.workspace import WorkspaceError
 
 S = st.session_state
@@ -116,7 +117,7 @@ else:
 cache_key = (id(searcher), key, k, where)
 if S.get("search_cache_key") != cache_key:
     if vector is None:
-        vector = searcher.text_vector(query, contrast=NEGATION if contrast else None)
+        vector = searcher.text_vector(query, contrast=NEGATIVE_TEMPLATE if contrast else None)
     S.search_results = searcher.search(vector, k, flt, exclude=exclude)
     S.search_cache_key = cache_key
 results: pd.DataFrame = S.search_results
