@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from curator import query_cache
 from curator.index import read_index_info
 from curator.query import connect
 from curator.search import Searcher, SearchFilter
@@ -99,9 +100,17 @@ def default_findings(ws: Workspace, n: int = 3) -> list[str]:
 
 # -- resources loaded once per process ----------------------------------------------------------
 @st.cache_resource(show_spinner="Opening the workspace…", max_entries=4)
-def _connection(root: str, gen: int):
-    """A sandboxed DuckDB connection with the workspace views (per manifest generation)."""
+def _connection(root: str, gen: int, cache_stamp: int):
+    """A sandboxed DuckDB connection with the workspace views (per manifest generation and query
+    cache file: a writer rebuilds the cache just after its commit)."""
     return connect(Workspace(root))
+
+
+def _cache_stamp(ws: Workspace) -> int:
+    try:
+        return query_cache.cache_path(ws).stat().st_mtime_ns
+    except OSError:
+        return 0
 
 
 _local = threading.local()
@@ -109,7 +118,7 @@ _local = threading.local()
 
 def cursor(ws: Workspace):
     """This thread's cursor on the process's sandboxed connection (DuckDB: one cursor per thread)."""
-    con = _connection(str(ws.root), generation(ws))
+    con = _connection(str(ws.root), generation(ws), _cache_stamp(ws))
     held = getattr(_local, "held", None)
     if held is None or held[0] is not con:
         held = _local.held = (con, con.cursor())

@@ -94,6 +94,15 @@ def _nonneg_int(value: str) -> int:
     return n
 
 
+def _memory_size(value: str) -> str:
+    import re
+
+    v = value.strip()
+    if not re.fullmatch(r"\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)", v, flags=re.IGNORECASE):
+        raise argparse.ArgumentTypeError(f"expected a size such as 512MB or 2GB, got {value!r}")
+    return v
+
+
 def resolve_checkpoint_arg(value: str) -> str:
     """``demo`` names the bundled demo model; anything else is a path."""
     if value == "demo":
@@ -246,6 +255,28 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from curator import query_cache
+    from curator.workspace import open_workspace
+
+    ws = open_workspace(args.workspace)
+    if args.status:
+        print(query_cache.describe(query_cache.status(ws)))
+        return 0
+    with ws.writer():
+        if args.off:
+            had = query_cache.drop(ws)
+            ws.commit(query_cache="off")
+            print(("removed " + str(query_cache.cache_path(ws)) if had else "no query cache to remove")
+                  + "; embed and label will not build one (`curator cache` turns it back on)")
+            return 0
+        st = query_cache.refresh(ws, force=args.rebuild, memory_limit=args.memory)
+        if query_cache.mode(ws) != "on":
+            ws.commit(query_cache="on")
+    print(query_cache.describe(st))
+    return 0
+
+
 def cmd_preview(args) -> int:
     from curator.preview import write_preview
     from curator.readers import ReadOptions
@@ -384,6 +415,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("cache", help="build (or remove) the query cache that speeds up SQL on large workspaces",
+                       description="Materialise the `images` view (catalog + probabilities) in W/cache/images.duckdb, so cohort queries "
+                       "on millions of images read DuckDB's own storage instead of joining Parquet parts. The cache is used only while it "
+                       "matches the workspace (queries fall back to the Parquet parts otherwise) and `curator embed` / `curator label` "
+                       f"rebuild it after each change; workspaces of {1_000_000:,} images or more get it without asking. Deleting it loses nothing.")
+    _add_workspace(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--status", action="store_true", help="only say whether there is a cache and whether it is current")
+    g.add_argument("--off", action="store_true", help="remove the cache and stop embed/label from building one")
+    g.add_argument("--rebuild", action="store_true", help="rebuild even if the cache is current")
+    p.add_argument("--memory", default="1GB", type=_memory_size, metavar="SIZE", help="memory DuckDB may use while building; it spills to disk beyond (default 1GB)")
+    p.set_defaults(func=cmd_cache)
+
     p = sub.add_parser("preview", help="write the 8-bit image the pipeline makes of a file (and the model input)",
                        description="Write FILE converted exactly as the pipeline converts it (before the 320 letterbox), and optionally the 224x224 model input.")
     p.add_argument("file")
@@ -436,14 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
-    from curator.model import CheckpointError
     from curator.prompts import PromptSetError
     from curator.query import QueryError
     from curator.workspace import WorkspaceError
 
     try:
         return int(args.func(args) or 0)
-    except (CliError, CheckpointError, PromptSetError, QueryError, WorkspaceError, FileNotFoundError, ValueError) as exc:
+    # (curator.model.CheckpointError is a ValueError: caught here without importing torch)
+    except (CliError, PromptSetError, QueryError, WorkspaceError, FileNotFoundError, ValueError) as exc:
         print(f"curator {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:

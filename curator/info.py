@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from curator import query_cache
 from curator.index import read_index_info
 from curator.query import connect
 from curator.workspace import open_workspace
@@ -24,6 +25,7 @@ def workspace_info(root: str) -> dict:
     finally:
         con.close()
     idx = read_index_info(ws)
+    cache = query_cache.status(ws)
     return {
         "workspace": str(ws.root),
         "images": images,
@@ -44,6 +46,7 @@ def workspace_info(root: str) -> dict:
             for r in runs
         ],
         "index": None if idx is None else {**idx.__dict__, "stale": idx.count != images},
+        "query_cache": {**cache.__dict__, "path": str(cache.path), "describe": query_cache.describe(cache)},
     }
 
 
@@ -68,6 +71,7 @@ def format_info(info: dict) -> str:
         lines.append("index: none (run `curator index`)")
     else:
         lines.append(f"index: {idx['count']} images, {idx['index_type']}, checkpoint {idx['checkpoint'][:12]}" + (" (STALE: run `curator index`)" if idx["stale"] else ""))
+    lines.append(info["query_cache"]["describe"])
     lines.append(f"runs (latest {len(info['runs'])}):")
     for r in info["runs"]:
         c = r["counts"]

@@ -116,8 +116,11 @@ def create_views(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
         con.execute(labels)
 
 
-def connect(ws: Workspace, sandbox: bool = True, threads: int | None = None) -> duckdb.DuckDBPyConnection:
+def connect(ws: Workspace, sandbox: bool = True, threads: int | None = None, use_cache: bool = True) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the workspace views.
+
+    With ``use_cache`` (the default) ``images`` reads the workspace's query cache
+    (:mod:`curator.query_cache`) when that matches the manifest, else the Parquet parts.
 
     With ``sandbox`` (the default) the connection then cannot touch files outside the workspace:
     ``allowed_directories`` is the workspace, external access is off and the configuration is
@@ -130,11 +133,23 @@ def connect(ws: Workspace, sandbox: bool = True, threads: int | None = None) -> 
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     create_views(con, ws)
+    if use_cache:
+        from curator import query_cache
+
+        query_cache.attach(con, ws)
     if sandbox:
         con.execute(f"SET allowed_directories = [{_quote(str(ws.root) + '/')}]")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
+
+
+def reads_query_cache(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether this connection's ``images`` view reads the query cache (not the Parquet parts)."""
+    from curator.query_cache import CACHE_ALIAS
+
+    row = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'images' AND NOT internal").fetchone()
+    return row is not None and f"{CACHE_ALIAS}." in row[0]
 
 
 def run_query(ws: Workspace, query: str, params: dict | None = None, sandbox: bool = True, attempts: int = 3):

@@ -15,7 +15,7 @@ import pandas as pd
 from curator import index as faiss_index
 from curator.model import Checkpoint
 from curator.preprocess import model_input
-from curator.query import connect
+from curator.query import connect, reads_query_cache
 from curator.readers import ReadOptions, read_image
 from curator.workspace import Workspace, WorkspaceError
 
@@ -321,7 +321,11 @@ class Searcher:
                 self.model_error = str(exc)
         self._con = connect(ws, threads=threads)
         cols = ", ".join(["image_id", *SEARCH_COLUMNS, *[f'"{c}"' for c in self.finding_columns]])
-        self._con.execute(f"CREATE TABLE search_rows AS SELECT {cols} FROM images ORDER BY image_id")
+        # The filter table: a copy in memory, or, where the query cache holds `images` (large
+        # workspaces; already sorted by image_id, on disk), a view of it.
+        kind = "VIEW" if reads_query_cache(self._con) else "TABLE"
+        order = "" if kind == "VIEW" else " ORDER BY image_id"
+        self._con.execute(f"CREATE {kind} search_rows AS SELECT {cols} FROM images{order}")
         self.images = int(self._con.execute("SELECT count(*) FROM search_rows").fetchall()[0][0])
         self.stale = self.images != self.info.count
         self._local = threading.local()

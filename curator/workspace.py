@@ -9,6 +9,7 @@ Layout::
     W/errors/*.parquet     files that could not be used, with the reason
     W/runs/*.parquet       one row per run
     W/index/               FAISS index files and what built them
+    W/cache/images.duckdb  optional: the ``images`` view materialised (curator.query_cache)
 
 A part is written to a temporary name, flushed and renamed; it becomes visible only when the
 manifest that lists it replaces the old one (``os.replace``), so a reader sees the old or the new
@@ -305,6 +306,10 @@ class Workspace:
         index_dir = self.root / "index"
         if index_dir.is_dir():
             out += [p for p in index_dir.glob(".*.tmp")]
+        cache_dir = self.root / "cache"  # curator.query_cache: a killed build's file and spill
+        if cache_dir.is_dir():
+            out += [p for p in cache_dir.glob(".*.tmp*") if p.is_file()]
+            out += [p for p in cache_dir.glob("spill/*") if p.is_file()]
         return out
 
     def remove_orphans(self, trash_age_s: float = 600.0) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from curator import faults
+from curator import faults, query_cache
 from curator.discover import FileEntry, WalkReport, walk
 from curator.model import Checkpoint, load_checkpoints, resolve_devices
 from curator.preprocess import DEFAULT_CFG, PreprocessCfg
@@ -300,6 +300,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                  "modalities": sorted(cfg.read_options.modalities) if cfg.read_options.modalities else None},
             )
             ws.commit(add=[ws.write_part("runs", record)])
+        query_cache.after_write(ws)  # only reached when the run completed
     return summary
 
 

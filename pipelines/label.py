@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curator import zeroshot
+from curator import query_cache, zeroshot
 from curator.constants import ENSEMBLE_MEMBER
 from curator.model import Checkpoint, file_sha256, load_checkpoint
 from curator.prompts import PromptSet, PromptSetError
@@ -97,6 +97,7 @@ def run_label(ws_root: str, prompts: PromptSet, device: str | None = None, check
         )
         parts.append(ws.write_part("runs", record))
         ws.commit(add=parts, remove=old, prompt_sets=sets, finding_columns=cols)
+        query_cache.after_write(ws)
     return LabelSummary(prompt_set=prompts.id, columns=prompts.columns, images=n_images, seconds=time.perf_counter() - t0)
 
 
