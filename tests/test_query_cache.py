@@ -117,7 +117,7 @@ def test_a_stale_cache_is_never_read(tmp_path, tiny_checkpoints, monkeypatch):
 
 def test_writers_keep_a_wanted_cache_current_and_off_means_off(tmp_path, tiny_checkpoints, monkeypatch, capsys):
     arc = tmp_path / "arc"
-    write_raster_archive(arc, 3, seed=6)
+    old_files = write_raster_archive(arc, 3, seed=6)
     monkeypatch.setattr(query_cache, "AUTO_ROWS", 3)  # "large" from three images
     run_embed(_cfg(arc, tmp_path / "ws", tiny_checkpoints[:1]))
     ws = Workspace(tmp_path / "ws")
@@ -125,14 +125,32 @@ def test_writers_keep_a_wanted_cache_current_and_off_means_off(tmp_path, tiny_ch
     assert st.fresh and st.rows == 3 and st.mode == "auto"  # built by embed without being asked
 
     write_raster_archive(arc, 2, seed=7, start=10)
+    os.utime(old_files[0], ns=(5 * 10**18, 5 * 10**18))  # and one file changes: its old row must leave the cache
     run_embed(_cfg(arc, ws.root, tiny_checkpoints[:1]))
     ws.reload()
-    assert query_cache.status(ws).rows == 5 and _reads_cache(ws)
+    st = query_cache.status(ws)
+    assert st.rows == 5 and st.how == "incremental" and _reads_cache(ws)  # embed only added parts: updated in place
+    pd.testing.assert_frame_equal(_images(ws, True), _images(ws, False))
+    assert len(ws.read_table("superseded")) == 1
+
+    # an update whose row count disagrees with the catalog is thrown away for a full build
+    import duckdb
+
+    con = duckdb.connect(str(query_cache.cache_path(ws)))
+    con.execute("UPDATE cache_info SET next_image_id = 0")  # would re-insert every row
+    con.close()
+    write_raster_archive(arc, 1, seed=9, start=30)
+    run_embed(_cfg(arc, ws.root, tiny_checkpoints[:1]))
+    ws.reload()
+    st = query_cache.status(ws)
+    assert st.fresh and st.rows == 6 and st.how == "full"
+    pd.testing.assert_frame_equal(_images(ws, True), _images(ws, False))
     toml = tmp_path / "extra.toml"
     toml.write_text('name = "extra"\npositive = "{}"\nnegative = "no {}"\n[[finding]]\nname = "Edema"\nphrases = ["interstitial edema"]\n')
     run_label(str(ws.root), load_prompt_set(toml), device="cpu", progress=False)
     ws.reload()
-    assert query_cache.status(ws).fresh and _reads_cache(ws)
+    st = query_cache.status(ws)
+    assert st.fresh and st.how == "full" and _reads_cache(ws)  # a relabel replaces parts: built whole
     pd.testing.assert_frame_equal(_images(ws, True), _images(ws, False))  # edema now from the new prompt set
 
     assert main(["cache", "--workspace", str(ws.root), "--off"]) == 0
