@@ -1,9 +1,10 @@
 """What the workspace already holds, for skipping unchanged files: compact, sorted, streamed in.
 
-Every catalogued file and every file that failed before is kept as a 16-byte hash of its path plus
-its size and mtime (32 bytes a file: 320 MB for ten million files, where a dict of paths would
-take gigabytes). The parts are read one at a time, a few columns each. Lookups are vectorised
-binary searches over a chunk of discovered files.
+Every catalogued file and every file that failed before is kept as a 16-byte hash (MD5) of its
+path plus its size and mtime (32 bytes a file: 320 MB for ten million files, where a dict of
+paths would take gigabytes). DuckDB reads the parts' few columns and hashes the paths, streaming
+batches of rows; discovered paths are hashed with hashlib to the same digest. Lookups are
+vectorised binary searches over a chunk of discovered files.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from curator.workspace import Workspace
 
@@ -19,8 +19,54 @@ MISSING = np.int64(-1)  # size / mtime of an error row without them (unreadable 
 
 
 def path_keys(paths: list[str]) -> np.ndarray:
-    """16-byte blake2b digests of the paths, as a fixed-width bytes array (sortable)."""
-    return np.array([hashlib.blake2b(p.encode("utf-8", "surrogateescape"), digest_size=16).digest() for p in paths], dtype="S16")
+    """16-byte MD5 digests of the paths' UTF-8 bytes, as a fixed-width bytes array (sortable).
+
+    The same digest as DuckDB's ``unhex(md5(path))``, which computes the workspace side (see
+    :func:`_stored_keys`). MD5 is a fingerprint here, not a security measure.
+    """
+    return np.array([hashlib.md5(p.encode("utf-8", "surrogateescape"), usedforsecurity=False).digest() for p in paths], dtype="S16")
+
+
+def _binary16(col) -> np.ndarray:
+    """An Arrow binary column of 16-byte values as an ``S16`` array (no per-value Python objects)."""
+    import pyarrow as pa
+
+    col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+    if len(col) == 0:
+        return np.zeros(0, "S16")
+    if col.null_count:
+        raise ValueError("a path without a value")
+    _, offsets, data = col.buffers()
+    off = np.frombuffer(offsets, dtype=np.int64 if col.type == pa.large_binary() else np.int32)[col.offset: col.offset + len(col) + 1]
+    if not (np.diff(off) == 16).all():
+        raise ValueError("expected 16-byte digests")
+    return np.frombuffer(data, dtype="S16", count=len(col), offset=int(off[0])).copy()
+
+
+def _stored_keys(files: list[str], errors: bool, retry_filtered: bool, batch_rows: int = 1 << 20):
+    """(keys, sizes, mtimes, ids) of the parts' rows, in part order, hashed by DuckDB in batches.
+
+    DuckDB reads the parts and computes the digests in C++ on every core (a Python loop over ten
+    million paths took ~20 s); the rows stream in batches, so memory stays at 32 bytes a file.
+    """
+    import duckdb
+
+    id_col = "-1::BIGINT" if errors else "image_id"
+    where = "WHERE coalesce(stage, '') <> 'filter'" if errors and retry_filtered else ""
+    con = duckdb.connect(":memory:")
+    try:
+        # (insertion order is preserved: a later part's row for a path still comes later)
+        reader = con.sql(
+            f"SELECT unhex(md5(path)) AS k, coalesce(size, {int(MISSING)}) AS s, coalesce(mtime_ns, {int(MISSING)}) AS m, "
+            f"coalesce({id_col}, {int(MISSING)}) AS i FROM read_parquet($files, union_by_name = true) {where}", params={"files": files}).to_arrow_reader(batch_rows)
+        out: tuple[list, list, list, list] = ([], [], [], [])
+        for batch in reader:
+            out[0].append(_binary16(batch.column(0)))
+            for j in (1, 2, 3):
+                out[j].append(np.asarray(batch.column(j).to_numpy(zero_copy_only=False), dtype=np.int64))
+        return out
+    finally:
+        con.close()
 
 
 class _Table:
@@ -55,10 +101,6 @@ class _Table:
         return found & (self.sizes[i] == sizes) & (self.mtimes[i] == mtimes)
 
 
-def _int_column(table, name: str) -> np.ndarray:
-    return np.asarray(table.column(name).fill_null(MISSING).to_numpy(zero_copy_only=False), dtype=np.int64)
-
-
 class KnownFiles:
     """Catalogued files and files that failed before (``catalog`` and ``errors`` parts).
 
@@ -67,21 +109,12 @@ class KnownFiles:
     """
 
     def __init__(self, ws: Workspace, retry_filtered: bool = False):
-        cols: dict[str, tuple[list, list, list, list]] = {"catalog": ([], [], [], []), "errors": ([], [], [], [])}
-        for dataset in cols:
-            keys, sizes, mtimes, ids = cols[dataset]
-            for path in ws.part_paths(dataset):
-                names = ["path", "size", "mtime_ns"] + (["stage"] if dataset == "errors" else ["image_id"])
-                t = pq.read_table(path, columns=names)
-                if dataset == "errors" and retry_filtered:
-                    keep = np.asarray(t.column("stage").to_numpy(zero_copy_only=False)) != "filter"
-                    t = t.filter(keep)
-                keys.append(path_keys(t.column("path").to_pylist()))
-                sizes.append(_int_column(t, "size"))
-                mtimes.append(_int_column(t, "mtime_ns"))
-                ids.append(_int_column(t, "image_id") if dataset == "catalog" else np.full(t.num_rows, MISSING))
-        self.catalog = _Table(*cols["catalog"])
-        self.errors = _Table(*cols["errors"])
+        tables = {}
+        for dataset in ("catalog", "errors"):
+            files = [str(p) for p in ws.part_paths(dataset)]
+            tables[dataset] = _Table(*_stored_keys(files, dataset == "errors", retry_filtered)) if files else _Table([], [], [], [])
+        self.catalog = tables["catalog"]
+        self.errors = tables["errors"]
 
     def classify(self, paths: list[str], sizes: list[int], mtimes: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(unchanged: catalogued with this size and mtime, known_bad: failed before with them,

@@ -163,3 +163,33 @@ def test_unchanged_rerun_does_not_load_known_checkpoints(tmp_path, tiny_checkpoi
     shutil.copy(tiny_checkpoints[1], ck)
     with pytest.raises(WorkspaceError, match="different set of checkpoints"):
         run_embed(_cfg(arc, tmp_path / "ws", [ck]))
+
+
+def test_known_files_digests_agree_for_non_ascii_paths(tmp_path, tiny_checkpoints):
+    """The workspace side is hashed by DuckDB, discovered paths by hashlib: the two must agree."""
+    import hashlib
+    import shutil
+
+    import duckdb
+
+    from curator.pipelines.known import path_keys
+
+    names = ["Müller_Ünal", "日本語 フォルダ", "naïve façade", "plain"]
+    arc = tmp_path / "arc"
+    for i, name in enumerate(names):
+        src = write_raster_archive(tmp_path / f"src{i}", 1, seed=20 + i)[0]
+        (arc / name).mkdir(parents=True)
+        shutil.copy(src, arc / name / f"é{i}{src.suffix}")
+    first = run_embed(_cfg(arc, tmp_path / "ws", tiny_checkpoints[:1]))
+    assert first.processed == 4
+    again = run_embed(_cfg(arc, tmp_path / "ws", tiny_checkpoints[:1]))
+    assert again.unchanged == 4 and again.processed == 0  # found by digest, so nothing is embedded twice
+
+    paths = [e.path for e in walk([str(arc)])]
+    ours = path_keys(paths)
+    con = duckdb.connect()
+    theirs = [bytes(con.execute("SELECT unhex(md5(?))", [p]).fetchone()[0]) for p in paths]
+    independent = [hashlib.md5(p.encode("utf-8")).digest() for p in paths]
+    assert list(ours) == theirs == independent
+    known = KnownFiles(Workspace(tmp_path / "ws"))
+    assert sorted(known.catalog.keys.tolist()) == sorted(independent)
