@@ -359,6 +359,28 @@ def test_workspace_without_index(ws_path, tmp_path, monkeypatch):
     assert at.metric[0].value == "20"
 
 
+def test_app_on_a_workspace_with_a_query_cache(ws_path, tmp_path, monkeypatch):
+    """Large workspaces have W/cache/images.duckdb: every page works on it and filtered search agrees."""
+    from curator import query_cache
+    from curator.cli import main as cli_main
+
+    copy = tmp_path / "cached"
+    shutil.copytree(ws_path, copy, ignore=shutil.ignore_patterns("thumbnails"))
+    assert cli_main(["-q", "cache", "--workspace", str(copy)]) == 0
+    assert query_cache.status(Workspace(copy)).fresh
+    at, _ = _all_pages(monkeypatch, copy)
+    at.switch_page("pages/cohort.py").run()
+    assert at.metric[0].value == "20"
+    at.switch_page("pages/search.py").run()
+    table = images_table(copy)
+    women = set(table.image_id[table.patient_sex == "F"])
+    at.text_input[0].input("cardiomegaly").run()
+    at.number_input(key="search_k").set_value(5).run()
+    at.multiselect(key="search-filter-sex").select("F").run()
+    assert not at.exception
+    assert result_ids(at) == brute_force(copy, text_vector(copy, "cardiomegaly"), allowed=women)[:5]
+
+
 def test_empty_and_missing_workspaces(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     with Workspace(empty).writer() as w:
