@@ -372,6 +372,11 @@ def pctl(xs: list[float], q: float) -> float:
     return float(np.percentile(np.array(xs), q))
 
 
+def timing_line(q: dict) -> str:
+    return (f"warm-up {q['warmup_s']:.2f} s; median {q['median_s']:.3f} s, p95 {q['p95_s']:.3f} s "
+            f"(runs: {', '.join(f'{t:.2f}' for t in q['times_s'])})")
+
+
 def cohort(root: Path, built: dict, repeats: int) -> dict:
     import duckdb
 
@@ -565,8 +570,7 @@ def main() -> int:
         print(f"(a) cohort query, run_query on `images`, 1 warm-up + {args.repeats} runs ...", flush=True)
         q = cohort(root, built, args.repeats)
         res["cohort"] = q
-        print(f"    warm-up {q['warmup_s']:.2f} s; median {q['median_s']:.3f} s, p95 {q['p95_s']:.3f} s "
-              f"(runs: {', '.join(f'{t:.2f}' for t in q['times_s'])})", flush=True)
+        print(f"    {timing_line(q)}", flush=True)
         print(f"    {q['rows']:,} rows (one per study; {q['images_matching']:,} images match); numpy {q['numpy_rows']:,}, plain DuckDB "
               f"{q['plain_duckdb_rows']:,} ({q['plain_duckdb_s']:.2f} s): {'MATCH' if q['match'] else 'MISMATCH'}", flush=True)
         print(f"    target < 1 s: {'met' if q['median_s'] < 1 else 'NOT met'} (Parquet parts, no query cache)", flush=True)
@@ -581,12 +585,13 @@ def main() -> int:
         print(f"    wall {cb['wall_s']:.1f} s (process), peak RSS {cb['peak_rss_mb']:,.0f} MB", flush=True)
         qc = cohort(root, built, args.repeats)
         res["cohort_cached"] = qc
-        print(f"    cohort query with the cache: warm-up {qc['warmup_s']:.2f} s; median {qc['median_s']:.3f} s, p95 {qc['p95_s']:.3f} s "
-              f"(runs: {', '.join(f'{t:.2f}' for t in qc['times_s'])}); read the cache: {qc['query_cache']}", flush=True)
+        print(f"    cohort query with the cache: {timing_line(qc)}; read the cache: {qc['query_cache']}", flush=True)
         print(f"    {qc['rows']:,} rows; numpy {qc['numpy_rows']:,}: {'MATCH' if qc['match'] else 'MISMATCH'}; "
               f"target < 1 s: {'met' if qc['median_s'] < 1 and qc['match'] and qc['query_cache'] else 'NOT met'}", flush=True)
 
         if args.skip_label:
+            if args.json:  # (the JSON line below is not reached from here)
+                print(json.dumps(res, default=str))
             return 0
         print("(b) curator label, 14 rephrased findings, all stored embeddings ...", flush=True)
         lab = label(root, toml, args.threads)

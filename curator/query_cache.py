@@ -103,9 +103,9 @@ def _key(src: dict) -> str:
 
 def _only_added(old: dict, new: dict) -> bool:
     """True when ``new`` differs from ``old`` only by added parts (what `embed` does)."""
-    same = all(old.get(k) == new.get(k) for k in ("format", "duckdb", "views", "images", "catalog_versions"))
-    return same and all(set(old.get(k) or []) <= set(new[k]) for k in ("catalog", "superseded", "predictions")) \
-        and old.get("catalog") is not None
+    if any(old.get(k) != new.get(k) for k in ("format", "duckdb", "views", "images", "catalog_versions")):
+        return False
+    return all(k in old and set(old[k]) <= set(new[k]) for k in ("catalog", "superseded", "predictions"))
 
 
 def catalog_rows(ws: Workspace) -> int:
@@ -185,15 +185,15 @@ def refresh(ws: Workspace, force: bool = False, memory_limit: str = BUILD_MEMORY
     made under a temporary name and renamed into place: readers see the old file, the new one
     or none, and fall back to Parquet whenever the key does not match.
     """
-    current = status(ws)
-    if current.fresh and not force:
-        return current
+    src = sources(ws)
+    prev = _previous_info(ws) if cache_path(ws).is_file() else None
+    if prev and prev["format"] == FORMAT and prev["source_key"] == _key(src) and not force:
+        return status(ws)
     folder = ws.root / CACHE_DIR
     folder.mkdir(exist_ok=True)
     clean(ws)
-    src = sources(ws)
-    prev = _previous_info(ws) if current.exists and not force else None
-    if prev and prev.get("sources") and prev.get("next_image_id") is not None and _only_added(json.loads(prev["sources"]), src):
+    if prev and not force and prev.get("sources") and prev.get("next_image_id") is not None \
+            and _only_added(json.loads(prev["sources"]), src):
         if _build(ws, src, memory_limit, chunk_ids, base=prev):
             return status(ws)
         log.info("query cache: the incremental update did not match the catalog; building it whole")
