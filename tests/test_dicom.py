@@ -239,6 +239,58 @@ def test_read_mimic_modality_lut_sequence(tmp_path):
     np.testing.assert_array_equal(image_array(dicom.read_dicom(path, ReadOptions())), ref_mimic(lut[pixels]))
 
 
+TABLE_CASES = {
+    "sparse_values": dict(pixels=(chest_like(hi=400, seed=13) * 97).astype(np.uint16), bits_stored=16),
+    "uint16_extremes": dict(pixels=np.array([[0, 65535], [65535, 7]], dtype=np.uint16), bits_stored=16),
+    "int16_full_range": dict(pixels=np.array([[-32768, 32767], [0, -1]], dtype=np.int16), bits_stored=16),
+    "constant": dict(pixels=np.full((40, 30), 777, dtype=np.uint16), bits_stored=12),
+    "constant_mono1": dict(pixels=np.full((40, 30), 5, dtype=np.uint8), photometric="MONOCHROME1"),
+    "one_odd_pixel": dict(pixels=np.where(np.arange(1200).reshape(40, 30) == 3, 4000, 9).astype(np.uint16), bits_stored=12),
+    # Extremes of the LUT over lo..hi fall on (odd) values the image does not hold: min and max
+    # must be the held values' (1000 and 1598), not the table's (0 and 60000).
+    "lut_not_monotonic": dict(
+        pixels=np.tile(np.arange(0, 600, 2, dtype=np.uint16), (6, 1)), bits_stored=12,
+        modality_lut=(0, 16, [1000 + i if i % 2 == 0 else (0 if i % 4 == 1 else 60000) for i in range(600)]),
+    ),
+    "lut_clips_both_ends": dict(pixels=chest_like(hi=1500, seed=14), bits_stored=12, modality_lut=(100, 16, np.arange(1000) * 50)),
+    **MIMIC_CASES,
+}
+
+
+@pytest.mark.parametrize("case", sorted(TABLE_CASES))
+def test_mimic_table_path_equals_the_per_pixel_chain(tmp_path, case):
+    # mimic_to_uint8 converts integer images through a table over their stored values; the
+    # per-pixel chain it replaces and the independent reference must both agree byte for byte.
+    kw = dict(TABLE_CASES[case])
+    pixels = kw.pop("pixels")
+    ds = pydicom.dcmread(write_dicom(tmp_path / "x.dcm", pixels, **kw))
+    stored = ds.pixel_array
+    photometric = str(ds.PhotometricInterpretation)
+    per_pixel = dicom.equalize_hist(dicom.mimic_normalize(dicom.modality_lut(stored, ds), photometric))
+    got = dicom.mimic_to_uint8(stored, ds)
+    assert got.dtype == np.uint8 and got.shape == stored.shape
+    np.testing.assert_array_equal(got, per_pixel)
+    # Independent of curator: pydicom's LUT / rescale, then the reference conversion.
+    if "modality_lut" in kw:
+        first, _, lut = kw["modality_lut"]
+        values = np.asarray(lut)[np.clip(stored.astype(np.int64) - first, 0, len(lut) - 1)]
+    else:
+        values = stored.astype(np.float64) * kw.get("rescale_slope", 1.0) + kw.get("rescale_intercept", 0.0)
+    np.testing.assert_array_equal(got, ref_mimic(values, monochrome1=photometric == "MONOCHROME1"))
+
+
+@pytest.mark.parametrize("stored", [
+    np.array([[-(1 << 20), 0], [5, 1 << 20]], dtype=np.int32),  # too wide for a table
+    np.array([[0, 70000], [5, 3]], dtype=np.uint32),
+    np.array([[2, 9], [5, 3]], dtype=np.uint64),
+    np.array([[-7, 9], [5, -128]], dtype=np.int8),
+])
+def test_mimic_other_integer_types(stored):
+    ds = pydicom.Dataset()
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    np.testing.assert_array_equal(dicom.mimic_to_uint8(stored, ds), ref_mimic(stored))
+
+
 def test_deflated_and_preamble_less_files(tmp_path):
     pixels = chest_like(seed=13)
     path = write_dicom(
