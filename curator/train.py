@@ -121,6 +121,9 @@ class TrainConfig:
     # Text of each pair: a random non-empty subset of the impression's sentences (in order), drawn
     # per image and step, instead of the whole impression.
     sentence_sampling: bool = False
+    # Probability, per text and step, that the text's sentences lose their closing full stops, so
+    # that text typed the way search queries are ("moderate pulmonary edema") is trained on too.
+    query_style: float = 0.0
     seed: int = 0
     # Data.
     dicom_conversion: str = "mimic"
@@ -163,6 +166,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise TrainError(f"batch size must be >= 2 for a contrastive loss, got {cfg.batch_size}")
     if cfg.arch not in ARCHS and cfg.init is None:
         raise TrainError(f"unknown arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    if not 0.0 <= cfg.query_style <= 1.0:
+        raise TrainError(f"query_style is a probability in [0, 1], got {cfg.query_style}")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise TrainError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.lr is None:
@@ -220,6 +225,8 @@ def reproduce_command(cfg: TrainConfig, dims: dict[str, int] | None = None) -> s
         a += ["--augment"]
     if cfg.sentence_sampling:
         a += ["--sentence-sampling"]
+    if cfg.query_style:
+        a += ["--query-style", repr(cfg.query_style)]
     if cfg.dicom_conversion != "mimic":
         a += ["--dicom-conversion", cfg.dicom_conversion]
     if cfg.val_truth:
@@ -768,7 +775,8 @@ class Trainer:
         text_index = {t: i for i, t in enumerate(texts)}
         self.texts = texts
         self.tokens = tokenize(texts, context_length=self.context_length)
-        self.sentences = [split_sentences(t) for t in texts] if cfg.sentence_sampling else None
+        per_step = cfg.sentence_sampling or cfg.query_style > 0
+        self.sentences = [split_sentences(t) for t in texts] if per_step else None
         self.train_refs = train_refs
         self.train_rows = np.array([row[r.path] for r in train_refs], dtype=np.int64)
         self.train_text = torch.tensor([text_index[impressions[r.study_key]] for r in train_refs], dtype=torch.long)
@@ -838,29 +846,48 @@ class Trainer:
         return images, self.tokens[tid].to(self.device), tid.to(self.device)
 
     def batch_texts(self, text_rows: Sequence[int], step: int) -> list[str]:
-        """The texts of one batch under sentence sampling: a pure function of (seed, step, rows).
+        """The texts of one batch drawn per step: a pure function of (seed, step, rows).
 
-        Each sentence of an image's impression is kept with probability 1/2 (at least one is
-        kept), in its original order.
+        Under sentence sampling each sentence of an image's impression is kept with probability 1/2
+        (at least one is kept), in its original order; otherwise all are kept. With ``query_style``
+        p, each text then loses its sentences' closing full stops with probability p.
         """
+        return [text for text, _ in self._draw_texts(text_rows, step)]
+
+    def _draw_texts(self, text_rows: Sequence[int], step: int) -> list[tuple[str, str]]:
+        """(text, key) per row: texts with equal keys are the same text (full stops aside)."""
         rng = np.random.default_rng([self.cfg.seed, step, 0x5E17])
+        # Drawn from a stream of its own, so that adding query style leaves the sentence draws as they were.
+        qrng = np.random.default_rng([self.cfg.seed, step, 0xA5E])
         out = []
         for t in text_rows:
             sents = self.sentences[t]
-            keep = rng.random(len(sents)) < 0.5
-            if not keep.any():
-                keep[rng.integers(len(sents))] = True
-            out.append(" ".join(s for s, k in zip(sents, keep) if k))
+            if self.cfg.sentence_sampling:
+                keep = rng.random(len(sents)) < 0.5
+                if not keep.any():
+                    keep[rng.integers(len(sents))] = True
+                sents = [s for s, k in zip(sents, keep) if k]
+            text = " ".join(sents)
+            if self.cfg.query_style:
+                bare = " ".join(s[:-1] if s.endswith(".") else s for s in sents)
+                out.append((bare if qrng.random() < self.cfg.query_style else text, bare))
+            else:
+                out.append((text, text))
         return out
 
     def sampled_texts(self, text_rows: Sequence[int], step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens of one batch's sampled texts, and ids that are equal exactly where the texts are."""
+        """Tokens of one batch's drawn texts, and ids that are equal exactly where the texts are
+        (with query style: where they are but for full stops, so "Small effusion." and "Small
+        effusion" are positives of each other, not negatives)."""
         from open_clip.tokenizer import tokenize
 
-        texts = self.batch_texts(text_rows, step)
+        drawn = self._draw_texts(text_rows, step)
+        texts = [t for t, _ in drawn]
         distinct = list(dict.fromkeys(texts))
-        ids = torch.tensor([distinct.index(t) for t in texts], dtype=torch.long)
-        return tokenize(distinct, context_length=self.context_length)[ids], ids
+        tokens = tokenize(distinct, context_length=self.context_length)[[distinct.index(t) for t in texts]]
+        keys = list(dict.fromkeys(k for _, k in drawn))
+        ids = torch.tensor([keys.index(k) for _, k in drawn], dtype=torch.long)
+        return tokens, ids
 
     def _autocast(self):
         import contextlib

@@ -50,6 +50,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     o.add_argument("--sentence-sampling", action="store_true", default=None,
                    help="pair each image, at each step, with a random non-empty subset of its impression's sentences "
                         "(each kept with probability 1/2) instead of the whole impression")
+    o.add_argument("--query-style", type=float, default=None, metavar="P",
+                   help="with probability P per text and step, drop its sentences' closing full stops, so that text "
+                        "typed like a search query ('moderate pulmonary edema') is trained on as well (default 0)")
     o.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     r = p.add_argument_group("run")
     r.add_argument("--eval-every", type=int, default=None, help="validation AUC every N steps (default: at the end only)")

@@ -331,3 +331,54 @@ def test_sentence_sampling(archive, tmp_path):
     summary = trainer.run()
     assert summary["finished"] and all(math.isfinite(v) for v in summary["losses"])
     assert "--sentence-sampling" in json.loads((tmp_path / "s.pt.json").read_text())["command"]
+
+
+def test_query_style_drops_full_stops(archive, tmp_path):
+    gt, rep = archive
+    reports = pd.read_csv(rep, dtype=str)
+    reports["report"] = [r.rstrip() + " Heart size is normal. No pneumothorax.\n" for r in reports["report"]]
+    rep2 = tmp_path / "reports.csv"
+    reports.to_csv(rep2, index=False)
+    impression = {k: extract_impression(r) for k, r in zip(reports["study_key"], reports["report"])}
+
+    # Whole impressions (no sentence sampling), every text in query style: no sentence keeps its full stop.
+    always = T.Trainer(tiny_cfg((gt, rep2), tmp_path / "q1.pt", query_style=1.0))
+    for step in range(5):
+        idx = always.batch_indices(step)
+        texts = always.batch_texts(always.train_text[idx].tolist(), step)
+        for i, t in zip(idx, texts):
+            full = impression[always.train_refs[i].study_key]
+            assert "." not in t and t == full.replace(".", ""), (t, full)
+
+    # With sentence sampling, query style changes only the full stops: the sentences drawn are
+    # those of the same run without it, and about half the texts lose their stops.
+    cfg = dict(sentence_sampling=True, same_text_positives=True, steps=4)
+    plain = T.Trainer(tiny_cfg((gt, rep2), tmp_path / "p.pt", **cfg))
+    half = T.Trainer(tiny_cfg((gt, rep2), tmp_path / "q.pt", query_style=0.5, **cfg))
+    n = dropped = 0
+    for step in range(40):
+        rows = plain.train_text[plain.batch_indices(step)].tolist()
+        a, b = plain.batch_texts(rows, step), half.batch_texts(rows, step)
+        for x, y in zip(a, b):
+            assert x.endswith(".") and y.replace(".", "") == x.replace(".", "")
+            n += 1
+            dropped += "." not in y
+    assert n > 200 and abs(dropped / n - 0.5) < 0.1
+    # A text and its copy without full stops are one text for the loss (positives of each other).
+    from open_clip.tokenizer import tokenize
+
+    mixed = 0
+    for step in range(10):
+        rows = half.train_text[half.batch_indices(step)].tolist()
+        texts = half.batch_texts(rows, step)
+        tokens, ids = half.sampled_texts(rows, step)
+        assert torch.equal(tokens, tokenize(texts, context_length=half.context_length))
+        bare = np.array([t.replace(".", "") for t in texts], dtype=object)
+        assert np.array_equal(np.equal.outer(bare, bare), (ids[:, None] == ids[None, :]).numpy())
+        mixed += sum(1 for i in range(len(texts)) for j in range(len(texts)) if bare[i] == bare[j] and texts[i] != texts[j])
+    assert mixed > 0
+    summary = half.run()
+    assert summary["finished"] and all(math.isfinite(v) for v in summary["losses"])
+    assert "--query-style 0.5" in json.loads((tmp_path / "q.pt.json").read_text())["command"]
+    with pytest.raises(T.TrainError, match="query_style"):
+        T.Trainer(tiny_cfg((gt, rep2), tmp_path / "bad.pt", query_style=1.5))
