@@ -19,6 +19,17 @@ import tempfile
 from pathlib import Path
 
 QUERY = "moderate pulmonary edema"
+# Further text searches, one per finding, typed the way a user would (no full stop); reported, no target.
+MORE_QUERIES = {
+    "cardiomegaly": "enlarged heart",
+    "pleural_effusion": "large left pleural effusion",
+    "edema": "pulmonary edema",
+    "pneumothorax": "large right pneumothorax",
+    "consolidation": "right lower lobe consolidation",
+    "atelectasis": "bibasilar atelectasis",
+    "lung_lesion": "pulmonary nodule",
+    "support_devices": "endotracheal tube",
+}
 
 
 def main() -> int:
@@ -27,6 +38,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=404)
     ap.add_argument("--image-size", type=int, default=1024)
     ap.add_argument("--archive", type=Path, default=None, help="reuse/generate the archive here (default: a temporary folder)")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="a candidate checkpoint instead of the bundled demo model")
+    ap.add_argument("--prompts", type=Path, default=None, help="prompt set for the labels (default: the demo prompt set)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -43,17 +56,19 @@ def main() -> int:
         if not (archive / "ground_truth.csv").is_file():
             generate_archive(archive, studies=args.studies, seed=args.seed, image_size=args.image_size, progress=False, workers=2, exist_ok=True)
         ws_root = Path(tmp) / "ws"
-        merged = score_archive(demo_checkpoint_path(), archive, ws_root)
+        merged = score_archive(args.checkpoint or demo_checkpoint_path(), archive, ws_root, args.prompts)
         _, auc = thresholds_and_auc(merged)
         ws = Workspace(ws_root)
         with ws.writer():
             build_index(ws)
         ck = index_checkpoint(ws)
-        truth = merged.set_index("path")["edema_truth"]
-        p20, p20c = (float(truth.loc[search(ws, query_vector(ck, text=QUERY, contrast=c), k=20).path].mean()) for c in (None, NEGATIVE_TEMPLATE))
+        truth = merged.set_index("path")
+        p20, p20c = (float(truth.loc[search(ws, query_vector(ck, text=QUERY, contrast=c), k=20).path, "edema_truth"].mean())
+                     for c in (None, NEGATIVE_TEMPLATE))
+        more = {q: float(truth.loc[search(ws, query_vector(ck, text=q), k=20).path, f + "_truth"].mean()) for f, q in MORE_QUERIES.items()}
     mean_auc = sum(auc.values()) / len(auc)
     result = {"images": len(merged), "seed": args.seed, "auc": auc, "mean_auc": mean_auc, "precision_at_20_moderate_pulmonary_edema": p20,
-              "precision_at_20_moderate_pulmonary_edema_contrast": p20c}
+              "precision_at_20_moderate_pulmonary_edema_contrast": p20c, "precision_at_20_more_queries": more}
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -64,6 +79,8 @@ def main() -> int:
         print(f"  edema AUC                  {auc['edema']:.3f}   (target >= 0.95)")
         print(f"  precision@20 'moderate pulmonary edema'  {p20:.2f} plain similarity, {p20c:.2f} against 'no ...' (--contrast)"
               "   (target >= 0.9)")
+        for f, q in MORE_QUERIES.items():
+            print(f"  precision@20 {q!r:34s} {more[q]:.2f} (truth: {f})")
     return 0
 
 

@@ -110,10 +110,11 @@ def cmd_demo(args) -> int:
     print(f"      the same in SQL: curator sql --workspace {workspace} \"SELECT path, edema FROM images WHERE edema >= {threshold:.4f} ORDER BY edema DESC\"")
 
     ck = index_checkpoint(ws)
-    hits = search(ws, query_vector(ck, text=SEARCH_EXAMPLE, contrast=NEGATIVE_TEMPLATE), k=10)
+    hits = search(ws, query_vector(ck, text=SEARCH_EXAMPLE), k=10)
     hits = hits.merge(truth[["path", "edema"]].rename(columns={"edema": "truth_edema"}), on="path", how="left")
-    print(f"      text search {SEARCH_EXAMPLE!r}, top {len(hits)}, ranked against {NEGATIVE_TEMPLATE.format(SEARCH_EXAMPLE)!r}")
-    print(f"      (curator search --workspace {workspace} --contrast {SEARCH_EXAMPLE!r}; without --contrast: plain CLIP similarity):")
+    print(f"      text search {SEARCH_EXAMPLE!r}, top {len(hits)} by CLIP similarity")
+    print(f"      (curator search --workspace {workspace} {SEARCH_EXAMPLE!r}; --contrast ranks it against "
+          f"{NEGATIVE_TEMPLATE.format(SEARCH_EXAMPLE)!r}):")
     for r in hits.itertuples():
         mark = "edema" if r.truth_edema == 1 else "no edema"
         print(f"        {r.rank:2d}. {r.similarity:.3f}  {Path(r.path).relative_to(archive.resolve())}  (truth: {mark})")

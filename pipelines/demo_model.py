@@ -6,7 +6,8 @@
 2. Training, in stages (the card's ``training`` list, oldest first, each with its exact
    ``curator train`` command): from scratch on TRAIN, then fine-tuned (``--init``) on TRAIN2, then
    on TRAIN3 with ``--sentence-sampling`` (3,600 steps at peak lr 3e-4, then 1,500 more from that
-   result at 1e-4 with another sampling seed).
+   result at 1e-4 with another sampling seed, then 1,200 more at 1e-4 adding ``--query-style 0.5``
+   so that searches typed without full stops find what the report sentences do).
 3. Storage: the trained fp32 state dict with every floating-point matrix stored as float16 (as
    OpenAI's and GPU-trained CheXzero checkpoints are), to keep the repository small; it loads
    through the same path as published checkpoints, which casts back to float32.

@@ -46,7 +46,7 @@ def test_demo_runs_and_its_edema_figures_are_true(tmp_path):
     if len(found):
         assert float(precision) == pytest.approx(found.truth.sum() / len(found), abs=1e-3)
     assert float(recall) == pytest.approx(found.truth.sum() / truth.edema.sum(), abs=1e-3)
-    assert "text search 'moderate pulmonary edema', top 10, ranked against 'no moderate pulmonary edema'" in out
+    assert "text search 'moderate pulmonary edema', top 10 by CLIP similarity" in out
     # each listed hit's truth mark is the generator's, and similarities come in descending order
     hits = re.findall(r"^ +\d+\. ([-0-9.]+)  (\S+)  \(truth: (edema|no edema)\)$", out, flags=re.M)
     assert len(hits) == 10
