@@ -728,16 +728,26 @@ def mimic_to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     of per pixel, the same bytes out (tested against the per-pixel chain).
     """
     photometric = _as_str(_element_value(ds, "PhotometricInterpretation"))
+    table = _value_table(arr)
+    if table is None:
+        return equalize_hist(mimic_normalize(modality_lut(arr, ds), photometric))
+    return _mimic_through_table(np.asarray(arr), *table, ds, photometric)
+
+
+def _value_table(arr: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """``(index, base)`` for converting an integer image through a table whose row ``i`` is the
+    stored value ``base + i`` (``index = arr.ravel() - base``, non-negative); None when the image
+    is not integer or its values span too wide a range for a table."""
     arr = np.asarray(arr)
-    if arr.size and arr.dtype in (np.uint8, np.uint16):
-        # The histogram of stored values indexes the table directly: no min/max passes, no copy.
-        return _mimic_through_table(arr, arr.ravel(), 0, ds, photometric)
-    if arr.size and arr.dtype.kind in "iu" and arr.dtype.itemsize <= 4:
+    if not arr.size:
+        return None
+    if arr.dtype in (np.uint8, np.uint16):
+        return arr.ravel(), 0  # indexes the table directly: no min/max passes, no copy
+    if arr.dtype.kind in "iu" and arr.dtype.itemsize <= 4:
         lo, hi = int(arr.min()), int(arr.max())
         if hi - lo < _TABLE_MAX_SPAN:
-            index = np.subtract(arr.ravel(), lo, dtype=np.int64)
-            return _mimic_through_table(arr, index, lo, ds, photometric)
-    return equalize_hist(mimic_normalize(modality_lut(arr, ds), photometric))
+            return np.subtract(arr.ravel(), lo, dtype=np.int64), lo
+    return None
 
 
 def _mimic_through_table(arr: np.ndarray, index: np.ndarray, base: int, ds: Dataset, photometric: str | None) -> np.ndarray:
@@ -885,7 +895,22 @@ def voi_to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     3. The output range mapped linearly onto 0..255, rounded half up (``floor(v + 0.5)``).
     4. (0028,0004) *Photometric Interpretation* MONOCHROME1: ``255 - x`` (pydicom's LUT
        functions do not invert).
+
+    Each step maps a stored value on its own given the image's extremes, so an integer image is
+    converted as the 1-D array of its distinct values, then one table lookup per pixel.
     """
+    table = _value_table(arr)
+    if table is None:
+        return _voi_per_value(arr, ds)
+    index, base = table
+    present = np.bincount(index) > 0
+    out = np.zeros(len(present), dtype=np.uint8)
+    out[present] = _voi_per_value(np.arange(base, base + len(present), dtype=np.asarray(arr).dtype)[present], ds)
+    return out[index].reshape(np.shape(arr))
+
+
+def _voi_per_value(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """:func:`voi_to_uint8` computed element by element (any shape)."""
     values = modality_lut(arr, ds)
     out: np.ndarray | None = None
     table = voi_lut_table(ds)

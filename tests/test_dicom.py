@@ -433,6 +433,53 @@ def test_voi_invalid_window_falls_back_to_min_max(tmp_path):
     np.testing.assert_array_equal(image_array(dicom.read_dicom(path, VOI)), ref_minmax(pixels))
 
 
+VOI_TABLE_CASES = {
+    # min-max over an image that holds neither 0 nor the top of its range
+    "min_max_inner_range": dict(pixels=chest_like(lo=1000, hi=3000, seed=30), bits_stored=12),
+    "min_max_signed_mono1": dict(pixels=chest_like(lo=-700, hi=900, seed=31, dtype=np.int16), bits_stored=16,
+                                 photometric="MONOCHROME1"),
+    "window_after_rescale": dict(pixels=chest_like(seed=32), bits_stored=12, rescale_slope=0.5, rescale_intercept=-100,
+                                 window_center=700, window_width=900),
+    "sigmoid_window": dict(pixels=chest_like(seed=33), bits_stored=12, window_center=2000, window_width=1500,
+                           voi_lut_function="SIGMOID"),
+    "lut": dict(pixels=chest_like(hi=1500, seed=34), bits_stored=12, voi_lut=(200, 16, (np.arange(1000) * 37) % 65536)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VOI_TABLE_CASES))
+def test_voi_table_path_equals_the_per_value_chain(tmp_path, case):
+    kw = dict(VOI_TABLE_CASES[case])
+    pixels = kw.pop("pixels")
+    ds = pydicom.dcmread(write_dicom(tmp_path / "x.dcm", pixels, **kw))
+    stored = ds.pixel_array
+    got = dicom.voi_to_uint8(stored, ds)
+    assert got.dtype == np.uint8 and got.shape == stored.shape
+    np.testing.assert_array_equal(got, dicom._voi_per_value(stored, ds))
+    if case.startswith("min_max"):  # independent reference
+        np.testing.assert_array_equal(got, ref_minmax(stored, monochrome1=kw.get("photometric") == "MONOCHROME1"))
+
+
+def test_voi_table_path_signed_image_with_an_unsigned_first_mapped_value():
+    # The first mapped value 65036 reads as -500 only because the image holds negative values:
+    # the table path must decide that on the image's values, as the per-pixel chain does.
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.LUTDescriptor = [1000, 65536 - 500, 16]
+    item.LUTData = [int(v) for v in (np.arange(1000) * 60) % 65536]
+    ds = Dataset()
+    ds.VOILUTSequence = [item]
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsStored, ds.PixelRepresentation = 16, 1
+    for lo in (-600, 100):
+        stored = chest_like(lo=lo, hi=lo + 1000, seed=35, dtype=np.int16)
+        got = dicom.voi_to_uint8(stored, ds)
+        np.testing.assert_array_equal(got, dicom._voi_per_value(stored, ds))
+        first = -500 if lo < 0 else 65536 - 500
+        y = np.asarray(item.LUTData)[np.clip(stored.astype(np.int64) - first, 0, 999)]
+        np.testing.assert_array_equal(got, np.clip(np.floor(y / 65535 * 255 + 0.5), 0, 255).astype(np.uint8))
+
+
 def test_window_output_range_documented_cases():
     ds = make_dataset(np.zeros((2, 2), np.uint16), bits_stored=12)
     assert dicom.window_output_range(ds) == (0, 4095)
