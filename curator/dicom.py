@@ -755,20 +755,21 @@ def _mimic_through_table(arr: np.ndarray, index: np.ndarray, base: int, ds: Data
     ``index`` is ``arr.ravel() - base`` (non-negative)."""
     counts = np.bincount(index)
     present = counts > 0
-    # The stored values base..max in the image's own dtype, through the modality LUT exactly as
-    # the pixels would be (pydicom's function, element-wise).
-    values = modality_lut(np.arange(base, base + len(counts), dtype=arr.dtype), ds)
-    x = np.asarray(values, dtype=np.float64)
-    # mimic_normalize, with the minimum and maximum over the values the image holds.
-    x = x - x[present].min()
-    peak = x[present].max()
+    # The stored values the image holds, in its own dtype, through the modality LUT exactly as its
+    # pixels would be (pydicom's function, element-wise; values it lacks are never computed).
+    held = np.arange(base, base + len(counts), dtype=arr.dtype)[present]
+    x = np.asarray(modality_lut(held, ds), dtype=np.float64)
+    # mimic_normalize over those values: same minimum, maximum and arithmetic as over the pixels.
+    x = x - x.min()
+    peak = x.max()
     if peak > 0:
         x = x / peak
-    x = np.where(present, x, 0.0)  # values the image lacks: never looked up; keep the cast quiet
-    table = np.trunc(x * 255.0).astype(np.uint8)
+    held_out = np.trunc(x * 255.0).astype(np.uint8)
     if photometric is not None and str(photometric).strip().upper() == "MONOCHROME1":
-        table = 255 - table
-    hist = np.bincount(table, weights=counts, minlength=256).astype(np.int64)
+        held_out = 255 - held_out
+    table = np.zeros(len(counts), dtype=np.uint8)
+    table[present] = held_out
+    hist = np.bincount(held_out, weights=counts[present], minlength=256).astype(np.int64)
     return _equalize_table(hist)[table][index].reshape(arr.shape)
 
 

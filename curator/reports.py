@@ -89,7 +89,8 @@ def extract_impression(report: str | None) -> str:
 # "1.5 cm" and "T4." followed by lower case do not end one.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])")
 # List numbering of an impression ("1. ... 2. ..."), dropped from the sentences.
-_ENUMERATOR = re.compile(r"^\d{1,2}[.)]\s*")
+# It needs white space (or the end) after it: "2.5 cm mass." is a sentence, not item 2 "5 cm mass.".
+_ENUMERATOR = re.compile(r"^\d{1,2}[.)](?:\s+|$)")
 
 
 def split_sentences(text: str) -> list[str]:

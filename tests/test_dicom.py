@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import cv2  # test dependency only: the reference for histogram equalisation
@@ -279,6 +280,70 @@ def test_mimic_table_path_equals_the_per_pixel_chain(tmp_path, case):
     np.testing.assert_array_equal(got, ref_mimic(values, monochrome1=photometric == "MONOCHROME1"))
 
 
+def _in_memory_ds(photometric="MONOCHROME2", **elements):
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.PhotometricInterpretation = photometric
+    for k, v in elements.items():
+        setattr(ds, k, v)
+    return ds
+
+
+@pytest.mark.parametrize("slope, intercept, values", [
+    (1e305, 0.0, np.array([[0, 65535], [7, 9]], np.uint16)),      # finite at 0, inf at 65535
+    (float("inf"), 0.0, np.array([[3, 4], [5, 6]], np.uint16)),     # inf everywhere
+    (float("inf"), 0.0, np.array([[0, 0], [0, 0]], np.uint16)),     # 0 * inf: nan
+    (1e300, -1e300, np.array([[1, 1], [1, 2]], np.uint16)),         # finite: 0 and 1e300
+])
+def test_mimic_invalid_rescale_raised_by_both_paths_alike(slope, intercept, values):
+    ds = _in_memory_ds(RescaleSlope=slope, RescaleIntercept=intercept)
+    outcomes = []
+    with np.errstate(over="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # pydicom's own multiply overflows too
+        _compare_outcomes(values, ds, outcomes)
+        held = values.astype(np.float64) * slope + intercept
+    assert outcomes[0] == outcomes[1]
+    assert (outcomes[0] == "invalid_rescale") == (not np.isfinite(held).all())
+
+
+def _compare_outcomes(values, ds, outcomes):
+    for convert in (dicom.mimic_to_uint8,
+                    lambda a, d: dicom.equalize_hist(dicom.mimic_normalize(dicom.modality_lut(a, d), "MONOCHROME2"))):
+        try:
+            outcomes.append(convert(values, ds).tolist())
+        except ReadError as err:
+            outcomes.append(err.kind)
+
+
+def test_mimic_table_never_maps_values_the_image_lacks():
+    # A signed image and a Modality LUT whose data is shorter than its descriptor says: values the
+    # image does not hold would index past the data (pydicom wraps int16 arithmetic), and must
+    # not be looked up at all.
+    item = _in_memory_ds(LUTDescriptor=[0, -1000, 16], LUTData=list(range(0, 3000, 2)))
+    del item.PhotometricInterpretation
+    ds = _in_memory_ds(BitsStored=16, PixelRepresentation=1, ModalityLUTSequence=[item])
+    stored = np.array([[0, 32000], [5, 32000]], dtype=np.int16)
+    per_pixel = dicom.equalize_hist(dicom.mimic_normalize(dicom.modality_lut(stored, ds), "MONOCHROME2"))
+    np.testing.assert_array_equal(dicom.mimic_to_uint8(stored, ds), per_pixel)
+
+
+@pytest.mark.parametrize("stored", [
+    np.array([[127, -128], [0, 5]], dtype=np.int8),
+    np.array([[32767, -32768], [0, 5]], dtype=np.int16),
+    np.array([[255, 0], [3, 3]], dtype=np.uint8),
+    np.array([[65535, 65534], [65535, 1]], dtype=np.uint16),
+    np.array([[2**31 - 1, 2**31 - 5], [2**31 - 2, 2**31 - 1]], dtype=np.int32),
+    np.array([[2**32 - 1, 2**32 - 3]], dtype=np.uint32),
+])
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_mimic_and_voi_at_the_ends_of_each_integer_type(stored, photometric):
+    ds = _in_memory_ds(photometric)
+    mono1 = photometric == "MONOCHROME1"
+    np.testing.assert_array_equal(dicom.mimic_to_uint8(stored, ds), ref_mimic(stored, monochrome1=mono1))
+    np.testing.assert_array_equal(dicom.voi_to_uint8(stored, ds), ref_minmax(stored, monochrome1=mono1))
+
+
 @pytest.mark.parametrize("stored", [
     np.array([[-(1 << 20), 0], [5, 1 << 20]], dtype=np.int32),  # too wide for a table
     np.array([[0, 70000], [5, 3]], dtype=np.uint32),
@@ -443,6 +508,11 @@ VOI_TABLE_CASES = {
     "sigmoid_window": dict(pixels=chest_like(seed=33), bits_stored=12, window_center=2000, window_width=1500,
                            voi_lut_function="SIGMOID"),
     "lut": dict(pixels=chest_like(hi=1500, seed=34), bits_stored=12, voi_lut=(200, 16, (np.arange(1000) * 37) % 65536)),
+    "lut_after_rescale_mono1": dict(pixels=chest_like(hi=1500, seed=36), bits_stored=12, rescale_slope=0.5, rescale_intercept=100,
+                                    voi_lut=(150, 16, (np.arange(800) * 81) % 65536), photometric="MONOCHROME1"),
+    "linear_exact_window": dict(pixels=chest_like(seed=37), bits_stored=12, window_center=1800, window_width=1200,
+                                voi_lut_function="LINEAR_EXACT"),
+    "window_mono1": dict(pixels=chest_like(seed=38), bits_stored=12, window_center=2100, window_width=2500, photometric="MONOCHROME1"),
 }
 
 

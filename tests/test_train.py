@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import shlex
 
 import numpy as np
@@ -284,6 +285,10 @@ def test_loss_and_schedule():
          ["Nodule measuring 1.5 cm in the RUL.", "No effusion.", "ETT 4 cm above the carina."]),
         ("Is there edema? No.  Heart   size normal!", ["Is there edema?", "No.", "Heart size normal!"]),
         ("No acute process", ["No acute process"]),
+        # a sentence that starts with a decimal is not list item 2 of "5 cm mass."
+        ("No effusion. 2.5 cm mass in the left upper lobe. 1.5 cm nodule.",
+         ["No effusion.", "2.5 cm mass in the left upper lobe.", "1.5 cm nodule."]),
+        ("1.Small effusion. 12) No pneumothorax.", ["1.Small effusion.", "No pneumothorax."]),
     ],
 )
 def test_split_sentences(text, expected):
@@ -336,19 +341,30 @@ def test_sentence_sampling(archive, tmp_path):
 def test_query_style_drops_full_stops(archive, tmp_path):
     gt, rep = archive
     reports = pd.read_csv(rep, dtype=str)
-    reports["report"] = [r.rstrip() + " Heart size is normal. No pneumothorax.\n" for r in reports["report"]]
+    # Impressions with a decimal ("2.5 cm") and, every other one, list numbering.
+    reports["report"] = [
+        (r.rstrip() + " Heart size is normal. 2.5 cm mass in the left upper lobe.\n") if i % 2
+        else r.replace("IMPRESSION:\n", "IMPRESSION:\n1. ").rstrip() + " 2. No pneumothorax.\n"
+        for i, r in enumerate(reports["report"])
+    ]
     rep2 = tmp_path / "reports.csv"
     reports.to_csv(rep2, index=False)
     impression = {k: extract_impression(r) for k, r in zip(reports["study_key"], reports["report"])}
 
-    # Whole impressions (no sentence sampling), every text in query style: no sentence keeps its full stop.
+    # Whole impressions (no sentence sampling), every text in query style: no sentence keeps its
+    # full stop, the decimal and the words are kept, the list numbering goes.
     always = T.Trainer(tiny_cfg((gt, rep2), tmp_path / "q1.pt", query_style=1.0))
+    seen = set()
     for step in range(5):
         idx = always.batch_indices(step)
         texts = always.batch_texts(always.train_text[idx].tolist(), step)
         for i, t in zip(idx, texts):
             full = impression[always.train_refs[i].study_key]
-            assert "." not in t and t == full.replace(".", ""), (t, full)
+            want = re.sub(r"\.(\s|$)", r"\1", re.sub(r"(^|(?<=\. ))\d\. ", "", full)).strip()
+            assert t == want, (t, full)
+            assert ("2.5 cm mass in the left upper lobe" in t) != ("No pneumothorax" in t), t
+            seen.add("2.5 cm" in t)
+    assert seen == {True, False}
 
     # With sentence sampling, query style changes only the full stops: the sentences drawn are
     # those of the same run without it, and about half the texts lose their stops.
@@ -362,7 +378,7 @@ def test_query_style_drops_full_stops(archive, tmp_path):
         for x, y in zip(a, b):
             assert x.endswith(".") and y.replace(".", "") == x.replace(".", "")
             n += 1
-            dropped += "." not in y
+            dropped += not y.endswith(".")
     assert n > 200 and abs(dropped / n - 0.5) < 0.1
     # A text and its copy without full stops are one text for the loss (positives of each other).
     from open_clip.tokenizer import tokenize
@@ -373,7 +389,7 @@ def test_query_style_drops_full_stops(archive, tmp_path):
         texts = half.batch_texts(rows, step)
         tokens, ids = half.sampled_texts(rows, step)
         assert torch.equal(tokens, tokenize(texts, context_length=half.context_length))
-        bare = np.array([t.replace(".", "") for t in texts], dtype=object)
+        bare = np.array([re.sub(r"\.(\s|$)", r"\1", t) for t in texts], dtype=object)
         assert np.array_equal(np.equal.outer(bare, bare), (ids[:, None] == ids[None, :]).numpy())
         mixed += sum(1 for i in range(len(texts)) for j in range(len(texts)) if bare[i] == bare[j] and texts[i] != texts[j])
     assert mixed > 0
