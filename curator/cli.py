@@ -353,9 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DICOM modalities to accept, comma-separated, or 'any' (default CR,DX); others are recorded as filtered")
     p.add_argument("--flush-rows", type=_positive_int, default=4096, help="commit to the workspace every N files (default 4096)")
     p.add_argument("--fast-jpeg", action="store_true",
-                   help="decode JPEG files at 1/2, 1/4 or 1/8 scale in the DCT domain (both sides stay >= 320 px): several times "
-                   "faster on full-size films, but not CheXzero-exact (probabilities move slightly; see benchmarks/README.md). "
-                   "Rows read this way have conversion 'raster+dct/N' in the catalog. Default: exact decode")
+                   help="decode JPEG files and JPEG baseline DICOMs at 1/2, 1/4 or 1/8 scale in the DCT domain, and JPEG 2000 "
+                   "DICOMs from a lower resolution level of the codestream (both sides stay >= 320 px): several times faster on "
+                   "full-size films (JPEG 2000 about 10x), but not CheXzero-exact (probabilities move slightly; see "
+                   "benchmarks/README.md). Rows read this way have conversion 'raster+dct/N', 'mimic+dct/N' or 'mimic+j2k/N' in "
+                   "the catalog. Default: exact decode")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="'local': decode worker processes + models on this machine (default); 'ray': the same stages on Ray Data "
                    "(decode tasks on the cluster's CPUs, one model actor per GPU), needs pip install 'curator-cxr[ray]'")

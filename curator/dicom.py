@@ -988,9 +988,100 @@ def read_dicom(path: str | Path, options: ReadOptions | None = None, data: bytes
 
     ds, warned = _dcmread(path, stop_before_pixels=False, data=data)
     _check_pixel_data(ds, warned, _file_size(path, data))
-    frame = decode_first_frame(ds)
+    reduced = reduced_first_frame(ds, options.jpeg_draft_min_side) if options.jpeg_draft_min_side else None
+    if reduced is not None:
+        frame, how = reduced
+        label = f"{conversion}+{how}"
+    else:
+        frame, label = decode_first_frame(ds), conversion
     pixels = convert_to_uint8(frame, ds, conversion)
     image = Image.fromarray(np.ascontiguousarray(pixels))  # uint8 2-D -> mode "L"
     meta["number_of_frames"] = _number_of_frames(ds)
     meta["frame_used"] = 0
-    return ReadResult(image=image, conversion=conversion, file_format="dicom", meta=meta)
+    return ReadResult(image=image, conversion=label, file_format="dicom", meta=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Opt-in reduced decoding (ReadOptions.jpeg_draft_min_side, `curator embed --fast-jpeg`)
+# --------------------------------------------------------------------------------------------
+
+_J2K_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})  # JPEG 2000 lossless / lossy
+_JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+
+
+def _j2k_main_header(codestream: bytes) -> tuple[int, bool, int, int] | None:
+    """``(components, signed, precision, decomposition levels)`` from a JPEG 2000 codestream's
+    SIZ and COD markers (ISO/IEC 15444-1 A.5.1, A.6.1); None when it is not a bare codestream."""
+    if codestream[:4] != b"\xff\x4f\xff\x51" or len(codestream) < 45:
+        return None
+    components = struct.unpack(">H", codestream[40:42])[0]
+    ssiz = codestream[42]
+    pos = 4 + struct.unpack(">H", codestream[4:6])[0]  # past SIZ
+    while pos + 4 <= len(codestream) and codestream[pos] == 0xFF:
+        marker = codestream[pos + 1]
+        length = struct.unpack(">H", codestream[pos + 2 : pos + 4])[0]
+        if marker == 0x52:  # COD: Lcod, Scod, SGcod (4 bytes), then the number of decomposition levels
+            if pos + 9 >= len(codestream):
+                return None
+            return components, bool(ssiz & 0x80), (ssiz & 0x7F) + 1, codestream[pos + 9]
+        if marker == 0x90:  # first tile-part: no COD in the main header
+            return None
+        pos += 2 + length
+    return None
+
+
+def reduced_first_frame(ds: Dataset, min_side: int) -> tuple[np.ndarray, str] | None:
+    """The first frame decoded at a reduced size, for a JPEG 2000 or JPEG baseline compressed
+    grayscale image whose shorter side is at least ``2 * min_side``; else None (decode exactly).
+
+    JPEG 2000: the codestream's lower resolution levels only (its wavelet low-pass image at
+    1/2**r), with the largest ``r`` that keeps both sides >= ``min_side``; JPEG baseline: the
+    DCT-domain scaling of ``--fast-jpeg`` files. Both through Pillow (OpenJPEG, libjpeg). The
+    stored values keep their range, so the modality LUT and the 8-bit conversion apply as usual.
+    Not CheXzero-exact; anything unexpected (signed or colour data, a JP2 wrapper, a decoder
+    error) gives None and the exact path.
+    """
+    try:
+        ts = str(_transfer_syntax(ds) or "")
+        if ts not in _J2K_SYNTAXES and ts != _JPEG_BASELINE:
+            return None
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        if int(ds.get("SamplesPerPixel", 1) or 1) != 1 or int(ds.get("PixelRepresentation", 0) or 0) != 0:
+            return None
+        if min(rows, cols) < 2 * min_side:
+            return None
+        from pydicom.encaps import generate_frames
+
+        frame = next(generate_frames(ds.PixelData, number_of_frames=_number_of_frames(ds)))
+        if ts in _J2K_SYNTAXES:
+            header = _j2k_main_header(frame)
+            if header is None:
+                return None
+            components, signed, precision, levels = header
+            if components != 1 or signed or precision > 16:
+                return None
+            r = 0
+            while r < levels and min((rows + (1 << r)) >> (r + 1), (cols + (1 << r)) >> (r + 1)) >= min_side:
+                r += 1
+            if r == 0:
+                return None
+            with Image.open(io.BytesIO(frame)) as im:
+                im.reduce = r
+                im.load()
+                arr = np.asarray(im)
+            if arr.dtype == np.uint16 and precision < 16:
+                arr = arr >> (16 - precision)  # Pillow widens to 16 bits; back to the stored range
+            how = f"j2k/{1 << r}"
+        else:
+            with Image.open(io.BytesIO(frame)) as im:
+                if im.mode != "L":
+                    return None
+                im.draft("L", (min_side, min_side))
+                im.load()
+                arr = np.asarray(im)
+            how = f"dct/{round(cols / arr.shape[1])}"
+        if arr.ndim != 2 or min(arr.shape) < min_side or arr.shape == (rows, cols):
+            return None
+        return arr, how
+    except Exception:  # noqa: BLE001 - any surprise: the exact path decodes (and reports errors)
+        return None

@@ -49,10 +49,12 @@ class ReadOptions:
     # Enforced with SIGALRM in the reading process's main thread (a decoder stuck inside C code
     # is interrupted when it returns to Python). None: no limit.
     decode_timeout_s: float | None = 60.0
-    # Opt-in fast path for JPEG files: let libjpeg decode at 1/2, 1/4 or 1/8 scale in the DCT
-    # domain (PIL's draft mode), the largest reduction that still leaves both sides >= this many
-    # pixels (the 320 letterbox canvas). Much faster on full-size films; NOT CheXzero-exact (the
-    # probabilities move slightly, see benchmarks/README.md). None: exact decode (default).
+    # Opt-in fast path for JPEG files and JPEG baseline DICOMs: let libjpeg decode at 1/2, 1/4 or
+    # 1/8 scale in the DCT domain (PIL's draft mode); for JPEG 2000 DICOMs, decode only the
+    # codestream's lower resolution levels (curator.dicom.reduced_first_frame). Each the largest
+    # reduction that still leaves both sides >= this many pixels (the 320 letterbox canvas). Much
+    # faster on full-size films; NOT CheXzero-exact (the probabilities move slightly, see
+    # benchmarks/README.md). None: exact decode (default).
     jpeg_draft_min_side: int | None = None
 
 

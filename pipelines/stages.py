@@ -44,7 +44,7 @@ def read_item(entry: FileEntry, options: ReadOptions, cfg: preprocess.Preprocess
             result = read_image(entry.path, options, data=data)
             tensor = preprocess.model_input(result.image, cfg)
         w, h = result.image.size
-        if "+dct/" in result.conversion:  # decoded reduced: record the file's own size
+        if "+dct/" in result.conversion or "+j2k/" in result.conversion:  # decoded reduced: record the file's own size
             w, h = result.meta["columns"], result.meta["rows"]
         row = {
             "path": entry.path,

@@ -62,3 +62,114 @@ def test_embed_with_fast_jpeg_marks_rows_and_keeps_file_size(tmp_path, tiny_chec
     for path, r in cat_f.items():
         assert r["conversion"] == "raster+dct/4" and cat_e[path]["conversion"] == "raster"
         assert (r["width"], r["height"]) == (cat_e[path]["width"], cat_e[path]["height"]) == (1300, r["height"])
+
+
+# ---- compressed DICOMs: JPEG 2000 at a lower resolution level, JPEG baseline in the DCT domain ----
+
+
+def _dicom(tmp_path, name, pixels, syntax, **kw):
+    from tests.dicom_factory import write_dicom
+
+    return write_dicom(tmp_path / name, pixels, transfer_syntax=syntax, **kw)
+
+
+def _stored_film(h, w, bits=12, seed=0):
+    return (_film(h, w, seed).astype(np.uint32) * ((1 << bits) - 1) // 255).astype(np.uint16)
+
+
+def test_jpeg2000_dicom_decoded_at_a_lower_resolution_level(tmp_path):
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless
+
+    from curator import dicom
+
+    stored = _stored_film(700, 820, bits=12)
+    path = _dicom(tmp_path, "j2k.dcm", stored, JPEG2000Lossless, bits_stored=12)
+    ds = pydicom.dcmread(path)
+    frame, how = dicom.reduced_first_frame(ds, 320)
+    # one level down keeps both sides >= 320 (350 x 410); two would not (175 x 205)
+    assert how == "j2k/2" and frame.shape == (350, 410)
+    # the reversible wavelet's low-pass image: close to 2x2 block means of the stored values, in
+    # the stored range (Pillow's widening to 16 bits undone)
+    ref = stored.astype(np.float64).reshape(350, 2, 410, 2).mean(axis=(1, 3))
+    diff = np.abs(frame.astype(np.float64) - ref)
+    assert frame.max() <= 4095 and diff.mean() < 0.01 * 4095 and np.percentile(diff, 99) < 0.04 * 4095, diff.mean()
+
+    exact, fast = read_image(path), read_image(path, FAST)
+    assert exact.conversion == "mimic" and fast.conversion == "mimic+j2k/2"
+    assert fast.image.size == (410, 350) and (fast.meta["rows"], fast.meta["columns"]) == (700, 820)
+    # after the MIMIC conversion (equalisation is non-linear, so averaging before and after differ):
+    # 2.8 levels mean, 10.8 at the 99th percentile here
+    ref8 = np.asarray(exact.image, np.float64).reshape(350, 2, 410, 2).mean(axis=(1, 3))
+    diff8 = np.abs(np.asarray(fast.image, np.float64) - ref8)
+    assert diff8.mean() < 4 and np.percentile(diff8, 99) < 16, (diff8.mean(), np.percentile(diff8, 99))
+
+
+def test_jpeg_baseline_dicom_decoded_in_the_dct_domain(tmp_path):
+    from pydicom.uid import JPEGBaseline8Bit
+
+    pixels = _film(1400, 1300)
+    path = _dicom(tmp_path, "jpeg.dcm", pixels, JPEGBaseline8Bit, jpeg_quality=95)
+    exact, fast = read_image(path), read_image(path, FAST)
+    assert fast.conversion == "mimic+dct/4" and fast.image.size == (325, 350)
+    ref8 = np.asarray(exact.image, np.float64).reshape(350, 4, 325, 4).mean(axis=(1, 3))
+    diff8 = np.abs(np.asarray(fast.image, np.float64) - ref8)
+    assert diff8.mean() < 3 and np.percentile(diff8, 99) < 12, (diff8.mean(), np.percentile(diff8, 99))
+
+
+def test_dicoms_the_fast_path_leaves_exact(tmp_path):
+    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+    cases = {
+        "small_j2k": (_stored_film(600, 700), JPEG2000Lossless, dict(bits_stored=12)),  # short side < 640
+        "signed_j2k": (_stored_film(700, 700).astype(np.int16) - 2048, JPEG2000Lossless, dict(bits_stored=12)),
+        "rle": (_stored_film(700, 700), RLELossless, dict(bits_stored=12)),
+        "jpeg_ls": (_stored_film(700, 700), JPEGLSLossless, dict(bits_stored=12)),
+    }
+    for name, (pixels, syntax, kw) in cases.items():
+        path = _dicom(tmp_path, name + ".dcm", pixels, syntax, **kw)
+        a, b = read_image(path), read_image(path, FAST)
+        assert a.conversion == b.conversion == "mimic", name
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image)), name
+
+
+def test_embed_with_fast_path_on_jpeg2000_dicoms_keeps_their_size(tmp_path, tiny_checkpoints):
+    from pydicom.uid import JPEG2000Lossless
+
+    arc = tmp_path / "arc"
+    arc.mkdir()
+    for i in range(2):
+        _dicom(arc, f"f{i}.dcm", _stored_film(700 + 20 * i, 800, seed=i), JPEG2000Lossless, bits_stored=12)
+    common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, workers=0, threads=1)
+    run_embed(EmbedConfig(workspace=str(tmp_path / "exact"), **common))
+    run_embed(EmbedConfig(workspace=str(tmp_path / "fast"), read_options=FAST, **common))
+    cat_e = {r["path"]: r for r in Workspace(tmp_path / "exact").read_table("catalog").to_pylist()}
+    cat_f = {r["path"]: r for r in Workspace(tmp_path / "fast").read_table("catalog").to_pylist()}
+    assert cat_e.keys() == cat_f.keys() and len(cat_f) == 2
+    for path, r in cat_f.items():
+        assert r["conversion"] == "mimic+j2k/2" and cat_e[path]["conversion"] == "mimic"
+        assert (r["width"], r["height"]) == (cat_e[path]["width"], cat_e[path]["height"]) == (800, r["height"])
+
+
+def test_truncated_compressed_dicoms_fail_on_the_fast_path_too(tmp_path):
+    from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
+
+    from curator.readers import ReadError
+
+    opts = ReadOptions(jpeg_draft_min_side=320, modalities=None)
+    cases = [(_stored_film(700, 820), JPEG2000Lossless, dict(bits_stored=12)), (_film(1400, 1300), JPEGBaseline8Bit, {})]
+    for i, (pixels, syntax, kw) in enumerate(cases):
+        path = _dicom(tmp_path, f"x{i}.dcm", pixels, syntax, **kw)
+        whole = read_image(path, opts)
+        assert "+" in whole.conversion
+        data = path.read_bytes()
+        cut = tmp_path / f"cut{i}.dcm"
+        for n in sorted(set(np.linspace(400, len(data) - 1, 25).astype(int)) | {len(data) - 1, len(data) - 9}):
+            cut.write_bytes(data[:n])
+            try:
+                result = read_image(cut, opts)
+            except ReadError as err:
+                assert err.kind in ("truncated", "corrupt_header"), (syntax, n, err.kind, str(err))
+                continue
+            # only a cut inside the trailing sequence delimiter leaves the image whole
+            assert np.array_equal(np.asarray(result.image), np.asarray(whole.image)), (syntax, n)
