@@ -631,6 +631,19 @@ def test_lossy_syntaxes_decode_close(tmp_path, case):
     assert np.abs(mimic - ref_mimic(pixels).astype(int)).mean() < 4
 
 
+@pytest.mark.parametrize("shape, quality", [((ROWS, COLS), 95), ((333, 251), 75), ((64, 1000), 50)])
+def test_jpeg_baseline_through_pillow_equals_gdcm(tmp_path, shape, quality):
+    # Grayscale JPEG baseline frames go to Pillow (libjpeg-turbo) before pydicom's default GDCM:
+    # the pixels must be GDCM's, bit for bit.
+    pixels = chest_like(*shape, lo=0, hi=255, seed=sum(shape), dtype=np.uint8)
+    ds = pydicom.dcmread(write_dicom(tmp_path / "x.dcm", pixels, transfer_syntax=JPEGBaseline8Bit, jpeg_quality=quality))
+    via_pillow = dicom._jpeg_baseline_through_pillow(ds)
+    assert via_pillow is not None
+    gdcm = pydicom.pixels.pixel_array(ds, index=0, decoding_plugin="gdcm")
+    np.testing.assert_array_equal(via_pillow, gdcm)
+    np.testing.assert_array_equal(dicom.decode_first_frame(ds), gdcm)
+
+
 def test_default_install_decodes_every_syntax_without_gpl_libjpeg(tmp_path):
     """In a fresh interpreter where pylibjpeg-libjpeg (GPL) cannot be imported, every syntax decodes."""
     cases = dict(LOSSLESS)
