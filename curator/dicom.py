@@ -605,16 +605,45 @@ def _check_pixel_data(ds: Dataset, warned: list[str], file_size: int) -> None:
 def _jpeg_baseline_through_pillow(ds: Dataset) -> np.ndarray | None:
     """The first frame of a grayscale JPEG baseline image decoded by pydicom's Pillow plugin, or None.
 
-    pydicom tries GDCM first; Pillow's libjpeg-turbo gives the same pixels (its integer inverse DCT
-    is IJG libjpeg's, bit for bit; grayscale has no upsampling) about four times faster. Anything
-    Pillow cannot decode goes to pydicom's default choice, as before.
+    pydicom tries GDCM first; Pillow's libjpeg-turbo gives the same pixels for a valid baseline
+    (SOF0) or extended sequential (SOF1) stream (its integer inverse DCT is IJG libjpeg's, bit for
+    bit; grayscale has no upsampling), about four times faster. Progressive streams (not allowed
+    under this transfer syntax) and anything Pillow cannot decode go to pydicom's default choice,
+    as before. (On a corrupt scan both decoders return garbage without an error, and not the same
+    garbage: the SIMD inverse DCT saturates out-of-range coefficients its own way.)
     """
     if str(_transfer_syntax(ds) or "") != _JPEG_BASELINE or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         return None
     try:
+        from pydicom.encaps import generate_frames
+
+        frame = next(generate_frames(ds.PixelData, number_of_frames=_number_of_frames(ds)))
+        if _jpeg_frame_type(frame) not in (0xC0, 0xC1):
+            return None
         return _pixel_array(ds, index=0, decoding_plugin="pillow")
     except Exception:  # noqa: BLE001 - not available or not decodable by Pillow: the default path
         return None
+
+
+def _jpeg_frame_type(stream: bytes) -> int | None:
+    """The second byte of a JPEG stream's start-of-frame marker (0xC0 baseline, 0xC1 extended,
+    0xC2 progressive...), found by walking the marker segments before it; None if there is none."""
+    if stream[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(stream):
+        if stream[pos] != 0xFF:
+            return None
+        marker = stream[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        pos += 2 + struct.unpack(">H", stream[pos + 2 : pos + 4])[0]
+    return None
 
 
 def decode_first_frame(ds: Dataset) -> np.ndarray:
@@ -1026,25 +1055,42 @@ _J2K_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}) 
 _JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 
 
-def _j2k_main_header(codestream: bytes) -> tuple[int, bool, int, int] | None:
-    """``(components, signed, precision, decomposition levels)`` from a JPEG 2000 codestream's
-    SIZ and COD markers (ISO/IEC 15444-1 A.5.1, A.6.1); None when it is not a bare codestream."""
+def _j2k_main_header(codestream: bytes) -> dict | None:
+    """The fields of a JPEG 2000 codestream's SIZ and COD markers that the reduced decode needs
+    (ISO/IEC 15444-1 A.5.1, A.6.1), or None when it is not a bare codestream or they are missing."""
     if codestream[:4] != b"\xff\x4f\xff\x51" or len(codestream) < 45:
         return None
-    components = struct.unpack(">H", codestream[40:42])[0]
-    ssiz = codestream[42]
+    width, height, x0, y0 = struct.unpack(">IIII", codestream[8:24])
+    siz = {
+        "width": width - x0, "height": height - y0, "offset": (x0, y0),
+        "components": struct.unpack(">H", codestream[40:42])[0],
+        "signed": bool(codestream[42] & 0x80), "precision": (codestream[42] & 0x7F) + 1,
+        "subsampling": (codestream[43], codestream[44]),
+    }
     pos = 4 + struct.unpack(">H", codestream[4:6])[0]  # past SIZ
     while pos + 4 <= len(codestream) and codestream[pos] == 0xFF:
         marker = codestream[pos + 1]
         length = struct.unpack(">H", codestream[pos + 2 : pos + 4])[0]
         if marker == 0x52:  # COD: Lcod, Scod, SGcod (4 bytes), then the number of decomposition levels
-            if pos + 9 >= len(codestream):
-                return None
-            return components, bool(ssiz & 0x80), (ssiz & 0x7F) + 1, codestream[pos + 9]
+            return {**siz, "levels": codestream[pos + 9]} if pos + 9 < len(codestream) else None
         if marker == 0x90:  # first tile-part: no COD in the main header
             return None
         pos += 2 + length
     return None
+
+
+def _j2k_levels_down(rows: int, cols: int, min_side: int, levels: int) -> int:
+    """How many resolution levels to drop: the most that keep both sides >= ``min_side`` and on
+    which OpenJPEG's reduced size (``ceil(n / 2**r)``) and Pillow's (``n / 2**r`` rounded half up)
+    agree; where they differ Pillow refuses the image, and a level less still helps."""
+    best = 0
+    for r in range(1, levels + 1):
+        sides = [(n + (1 << r) - 1) >> r for n in (rows, cols)]
+        if min(sides) < min_side:
+            break
+        if all(c == (n + (1 << (r - 1))) >> r for c, n in zip(sides, (rows, cols))):
+            best = r
+    return best
 
 
 def reduced_first_frame(ds: Dataset, min_side: int) -> tuple[np.ndarray, str] | None:
@@ -1055,8 +1101,10 @@ def reduced_first_frame(ds: Dataset, min_side: int) -> tuple[np.ndarray, str] | 
     1/2**r), with the largest ``r`` that keeps both sides >= ``min_side``; JPEG baseline: the
     DCT-domain scaling of ``--fast-jpeg`` files. Both through Pillow (OpenJPEG, libjpeg). The
     stored values keep their range, so the modality LUT and the 8-bit conversion apply as usual.
-    Not CheXzero-exact; anything unexpected (signed or colour data, a JP2 wrapper, a decoder
-    error) gives None and the exact path.
+    Not CheXzero-exact. The codestream must agree with the header (size, one unsigned component,
+    no image offset or subsampling; 8 bits for JPEG) and the decoded frame must have exactly the
+    reduced size; anything else (signed or colour data, a JP2 wrapper, a decoder error) gives None
+    and the exact path, which reports what is wrong with the file.
     """
     try:
         ts = str(_transfer_syntax(ds) or "")
@@ -1071,33 +1119,36 @@ def reduced_first_frame(ds: Dataset, min_side: int) -> tuple[np.ndarray, str] | 
 
         frame = next(generate_frames(ds.PixelData, number_of_frames=_number_of_frames(ds)))
         if ts in _J2K_SYNTAXES:
-            header = _j2k_main_header(frame)
-            if header is None:
+            h = _j2k_main_header(frame)
+            if (h is None or h["components"] != 1 or h["signed"] or h["precision"] > 16 or (h["width"], h["height"]) != (cols, rows)
+                    or h["offset"] != (0, 0) or h["subsampling"] != (1, 1)):
                 return None
-            components, signed, precision, levels = header
-            if components != 1 or signed or precision > 16:
-                return None
-            r = 0
-            while r < levels and min((rows + (1 << r)) >> (r + 1), (cols + (1 << r)) >> (r + 1)) >= min_side:
-                r += 1
+            r = _j2k_levels_down(rows, cols, min_side, h["levels"])
             if r == 0:
                 return None
             with Image.open(io.BytesIO(frame)) as im:
                 im.reduce = r
                 im.load()
                 arr = np.asarray(im)
-            if arr.dtype == np.uint16 and precision < 16:
-                arr = arr >> (16 - precision)  # Pillow widens to 16 bits; back to the stored range
-            how = f"j2k/{1 << r}"
+            # Pillow widens samples to its mode's bits (16 for "I;16", 8 for "L"); back to the stored range.
+            bits = 16 if arr.dtype == np.uint16 else 8
+            if h["precision"] < bits:
+                arr = arr >> (bits - h["precision"])
+            how, expected = f"j2k/{1 << r}", tuple((n + (1 << r) - 1) >> r for n in (rows, cols))
         else:
+            if int(ds.get("BitsAllocated", 8) or 8) != 8 or int(ds.get("BitsStored", 8) or 8) != 8:
+                return None
             with Image.open(io.BytesIO(frame)) as im:
-                if im.mode != "L":
+                if im.mode != "L" or im.size != (cols, rows) or im.format != "JPEG" or im.info.get("progressive"):
                     return None
                 im.draft("L", (min_side, min_side))
                 im.load()
                 arr = np.asarray(im)
-            how = f"dct/{round(cols / arr.shape[1])}"
-        if arr.ndim != 2 or min(arr.shape) < min_side or arr.shape == (rows, cols):
+            scale = next((f for f in (2, 4, 8) if arr.shape == ((rows + f - 1) // f, (cols + f - 1) // f)), None)
+            if scale is None:
+                return None
+            how, expected = f"dct/{scale}", arr.shape
+        if arr.ndim != 2 or arr.shape != expected or min(arr.shape) < min_side:
             return None
         return arr, how
     except Exception:  # noqa: BLE001 - any surprise: the exact path decodes (and reports errors)

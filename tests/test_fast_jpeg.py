@@ -175,3 +175,117 @@ def test_truncated_compressed_dicoms_fail_on_the_fast_paths_too(tmp_path):
                 continue
             # only a cut inside the trailing sequence delimiter leaves the image whole
             assert np.array_equal(np.asarray(result.image), np.asarray(whole.image)), (syntax, n)
+
+
+def _encapsulated(tmp_path, name, stream: bytes, rows: int, cols: int, syntax, bits_allocated=16, bits_stored=12):
+    """A DICOM whose one frame is ``stream`` as given, with the header's own Rows/Columns/bits."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from tests.dicom_factory import write_dicom
+
+    path = write_dicom(tmp_path / name, np.zeros((8, 8), np.uint16), bits_stored=12, transfer_syntax=ExplicitVRLittleEndian)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate([stream + b"\0" * (len(stream) % 2)])
+    ds["PixelData"].VR = "OB"
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = rows, cols, bits_allocated, bits_stored, bits_stored - 1
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _j2k_stream(pixels: np.ndarray, **kw) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG2000", no_jp2=True, irreversible=False, **kw)
+    return buf.getvalue()
+
+
+def test_jpeg2000_reduction_stays_where_openjpeg_and_pillow_agree_on_the_size(tmp_path):
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless
+
+    from curator import dicom
+
+    # 1285 = 4 * 321 + 1: two levels down OpenJPEG makes 322 rows, Pillow expects 321 and refuses;
+    # one level down (643, 650) both agree
+    stored = _stored_film(1285, 1300, bits=12)
+    ds = pydicom.dcmread(_dicom(tmp_path, "odd.dcm", stored, JPEG2000Lossless, bits_stored=12))
+    frame, how = dicom.reduced_first_frame(ds, 320)
+    assert how == "j2k/2" and frame.shape == (643, 650) and frame.max() <= 4095
+    assert dicom._j2k_levels_down(1284, 1300, 320, 5) == 2 and dicom._j2k_levels_down(1285, 1300, 320, 5) == 1
+
+
+def test_jpeg2000_codestream_that_disagrees_with_the_header_is_decoded_exactly(tmp_path):
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless
+
+    from curator import dicom
+
+    film = (_film(700, 1006).astype(np.uint16) * 16)
+    cases = {
+        # an image offset: Pillow's reduced canvas is a column wider than what OpenJPEG fills
+        "offset": (_j2k_stream(film, num_resolutions=6, offset=(1, 0), tile_size=(4096, 4096), tile_offset=(0, 0)), 700, 1006),
+        "rows_columns_differ": (_j2k_stream(film, num_resolutions=6), 700, 1000),
+        "transposed": (_j2k_stream(film, num_resolutions=6), 1006, 700),
+    }
+    for name, (stream, rows, cols) in cases.items():
+        path = _encapsulated(tmp_path, name + ".dcm", stream, rows, cols, JPEG2000Lossless, bits_stored=16)
+        assert dicom.reduced_first_frame(pydicom.dcmread(path), 160) is None, name
+        opts = dict(modalities=None)
+        for kw in (opts, dict(opts, jpeg_draft_min_side=160)):
+            try:
+                r = read_image(path, ReadOptions(**kw))
+                assert r.conversion == "mimic", name
+            except Exception as err:  # the exact path's verdict, whatever it is, on both
+                assert type(err).__name__ == "ReadError", (name, err)
+    # the same codestream with a matching header and no offset is reduced
+    ok = _encapsulated(tmp_path, "ok.dcm", _j2k_stream(film, num_resolutions=6), 700, 1006, JPEG2000Lossless, bits_stored=16)
+    assert dicom.reduced_first_frame(pydicom.dcmread(ok), 160)[1] == "j2k/4"
+
+
+def test_jpeg2000_below_eight_bits_keeps_its_range_under_voi(tmp_path):
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless
+
+    from curator import dicom
+
+    stored = (_film(700, 800).astype(np.uint16) >> 1).astype(np.uint8)  # 7 bits: 0..127
+    # a window over the 7-bit range: values left widened to 8 bits would come out saturated
+    path = _dicom(tmp_path, "seven.dcm", stored, JPEG2000Lossless, bits_stored=7, window_center=64, window_width=128)
+    frame, how = dicom.reduced_first_frame(pydicom.dcmread(path), 320)
+    assert how == "j2k/2" and frame.max() <= 127
+    ref = stored.astype(np.float64).reshape(350, 2, 400, 2).mean(axis=(1, 3))
+    assert np.abs(frame - ref).mean() < 1.5
+    voi = dict(modalities=None, dicom_conversion="voi")
+    exact, fast = read_image(path, ReadOptions(**voi)), read_image(path, ReadOptions(jpeg_draft_min_side=320, **voi))
+    assert fast.conversion == "voi+j2k/2"
+    ref8 = np.asarray(exact.image, np.float64).reshape(350, 2, 400, 2).mean(axis=(1, 3))
+    assert np.abs(np.asarray(fast.image, np.float64) - ref8).mean() < 5  # 7-bit steps are 2 output levels
+
+
+def test_jpeg_dicom_fast_and_pillow_paths_only_for_plain_8_bit_baseline(tmp_path):
+    import io
+
+    import pydicom
+    from pydicom.uid import JPEGBaseline8Bit
+
+    from curator import dicom
+
+    film = _film(1400, 1300)
+    plain, progressive = io.BytesIO(), io.BytesIO()
+    Image.fromarray(film).save(plain, format="JPEG", quality=90)
+    Image.fromarray(film).save(progressive, format="JPEG", quality=90, progressive=True)
+    good = pydicom.dcmread(_encapsulated(tmp_path, "good.dcm", plain.getvalue(), 1400, 1300, JPEGBaseline8Bit, 8, 8))
+    assert dicom.reduced_first_frame(good, 320)[1] == "dct/4" and dicom._jpeg_baseline_through_pillow(good) is not None
+    cases = {
+        "bits_allocated_16": _encapsulated(tmp_path, "b16.dcm", plain.getvalue(), 1400, 1300, JPEGBaseline8Bit, 16, 8),
+        "rows_columns_differ": _encapsulated(tmp_path, "rc.dcm", plain.getvalue(), 1000, 1000, JPEGBaseline8Bit, 8, 8),
+        "progressive": _encapsulated(tmp_path, "prog.dcm", progressive.getvalue(), 1400, 1300, JPEGBaseline8Bit, 8, 8),
+    }
+    for name, path in cases.items():
+        ds = pydicom.dcmread(path)
+        assert dicom.reduced_first_frame(ds, 320) is None, name
+    assert dicom._jpeg_baseline_through_pillow(pydicom.dcmread(cases["progressive"])) is None
