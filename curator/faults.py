@@ -31,3 +31,14 @@ def reached(point: str) -> None:
     _counts[point] = _counts.get(point, 0) + 1
     if _counts[point] >= target[1]:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+_READ_ENV = "CURATOR_ABORT_READING"
+
+
+def reached_reading(path: str) -> None:
+    """``CURATOR_ABORT_READING=text``: a reader process aborts (SIGABRT, as a C library's failed
+    assertion does) once it has read a file whose path contains ``text``. Tests only."""
+    text = os.environ.get(_READ_ENV)
+    if text and text in path:
+        os.abort()

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -27,7 +30,7 @@ from curator.readers import ReadOptions
 from curator.workspace import Workspace, WorkspaceError
 
 from .known import KnownFiles
-from .stages import Mapper, WorkspaceWriter, collate, read_item, run_record, utcnow
+from .stages import Mapper, WorkspaceWriter, _error_item, collate, read_item, run_record, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +91,27 @@ class EmbedSummary:
 class FileDataset(Dataset):
     """Reader stage as a map-style dataset: index -> read_item(entry)."""
 
-    def __init__(self, entries: list[FileEntry], options: ReadOptions, cfg: PreprocessCfg):
+    def __init__(self, entries: list[FileEntry], options: ReadOptions, cfg: PreprocessCfg, inflight: str | None = None):
         self.entries = entries
         self.options = options
         self.cfg = cfg
+        # Folder where each reader process notes the file in hand (a file named by its pid).
+        self.inflight = inflight
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, i: int) -> dict:
-        return read_item(self.entries[i], self.options, self.cfg)
+        entry = self.entries[i]
+        if self.inflight is None:
+            return read_item(entry, self.options, self.cfg)
+        note = os.path.join(self.inflight, str(os.getpid()))
+        with open(note, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(entry.path)
+        item = read_item(entry, self.options, self.cfg)
+        faults.reached_reading(entry.path)
+        open(note, "w").close()  # nothing in hand between files
+        return item
 
 
 def _worker_init(_: int) -> None:
@@ -330,30 +344,109 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, pin: bool = False):
 
     Worker processes read small chunks, so every worker is busy even when the archive is
     smaller than a few model batches; the main process assembles the model batches.
+
+    A file whose decoder kills the worker reading it (a C library that aborts or crashes on it,
+    as GDCM does on some malformed JPEG frames) is found from the note each worker keeps of the
+    file in hand; it gets an errors row (``decoder_crashed``) and the files not yet read go to
+    fresh workers, so one such file neither stops the run nor every rerun. (With ``workers=0``
+    the reading happens in this process, which such a file takes down.)
     """
     workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
     chunk = max(1, min(8, cfg.batch_size // max(1, workers))) if workers else cfg.batch_size
-    loader = DataLoader(
-        FileDataset(todo, cfg.read_options, cfg.preprocess),
-        batch_size=chunk,
-        num_workers=workers,
-        collate_fn=collate,
-        worker_init_fn=_worker_init if workers else None,
-        pin_memory=pin,
-        prefetch_factor=max(2, 2 * cfg.batch_size // chunk // max(1, workers)) if workers else None,
-    )
-    tensors, rows, errors, n = [], [], [], 0
-    for part in loader:
-        if part["tensors"] is not None:
-            tensors.append(part["tensors"])
-            n += len(part["rows"])
-        rows += part["rows"]
-        errors += part["errors"]
-        if n >= cfg.batch_size:
-            yield {"tensors": torch.cat(tensors), "rows": rows, "errors": errors}
-            tensors, rows, errors, n = [], [], [], 0
-    if rows or errors:
-        yield {"tensors": torch.cat(tensors) if tensors else None, "rows": rows, "errors": errors}
+    inflight = tempfile.mkdtemp(prefix="curator-reading-") if workers else None
+    if workers:
+        _no_async_worker_errors()
+    try:
+        remaining = list(todo)
+        tensors, rows, errors, n = [], [], [], 0
+        while remaining:
+            loader = DataLoader(
+                FileDataset(remaining, cfg.read_options, cfg.preprocess, inflight),
+                batch_size=chunk,
+                num_workers=workers,
+                collate_fn=collate,
+                worker_init_fn=_worker_init if workers else None,
+                pin_memory=pin,
+                prefetch_factor=max(2, 2 * cfg.batch_size // chunk // max(1, workers)) if workers else None,
+            )
+            done = 0  # items of `remaining` whose results arrived (the loader keeps their order)
+            try:
+                for part in loader:
+                    done += len(part["rows"]) + len(part["errors"])
+                    if part["tensors"] is not None:
+                        tensors.append(part["tensors"])
+                        n += len(part["rows"])
+                    rows += part["rows"]
+                    errors += part["errors"]
+                    if n >= cfg.batch_size:
+                        yield {"tensors": torch.cat(tensors), "rows": rows, "errors": errors}
+                        tensors, rows, errors, n = [], [], [], 0
+                remaining = []
+            except RuntimeError as exc:
+                crashed = _crashed_reads(exc, inflight, remaining[done:])
+                if not crashed:
+                    raise
+                for entry in crashed:
+                    log.warning("%s: reading it killed the reader process (%s); recorded as an error, the run goes on",
+                                entry.path, _worker_death(exc))
+                    errors.append(_error_item(entry, "read", "decoder_crashed",
+                                              f"reading this file killed the reader process ({_worker_death(exc)})", "WorkerDied")["error"])
+                lost = {e.path for e in crashed}
+                remaining = [e for e in remaining[done:] if e.path not in lost]
+        if rows or errors:
+            yield {"tensors": torch.cat(tensors) if tensors else None, "rows": rows, "errors": errors}
+    finally:
+        if inflight:
+            shutil.rmtree(inflight, ignore_errors=True)
+
+
+def _no_async_worker_errors() -> None:
+    """Have a dead reader process reported by the loader's own ``next()``, not asynchronously.
+
+    torch installs a SIGCHLD handler (once per process) that raises its "worker is killed"
+    RuntimeError in the main thread wherever that thread happens to be: inside the model, or
+    halfway through writing a workspace part, where nothing could recover from it. Without the
+    handler the loader notices the dead worker itself, within its 5-second status check, and
+    raises from ``next()``, where :func:`batches` records the file and goes on. Only the main
+    thread can change signal handlers; elsewhere this does nothing.
+    """
+    import signal
+    import threading
+
+    from torch.utils.data._utils import signal_handling
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal_handling._SIGCHLD_handler_set = True  # torch's flag: "already installed", so it never is
+    if getattr(signal.getsignal(signal.SIGCHLD), "__module__", "") == signal_handling.__name__:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # installed by an earlier loader in this process
+
+
+_DEAD_WORKER = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\)")
+
+
+def _worker_death(exc: BaseException) -> str:
+    """torch's words for how a reader process ended, e.g. "is killed by signal: Aborted."."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    m = re.search(r"\) (.*)$", text)
+    return (m.group(1) if m else text).rstrip(". ")
+
+
+def _crashed_reads(exc: BaseException, inflight: str | None, pending: list[FileEntry]) -> list[FileEntry]:
+    """The files the dead reader processes named in ``exc`` had in hand (from their notes)."""
+    m = _DEAD_WORKER.search(str(exc))
+    if not m or not inflight:
+        return []
+    by_path = {e.path: e for e in pending}
+    out = []
+    for pid in re.findall(r"\d+", m.group(1)):
+        try:
+            path = Path(inflight, pid).read_text(encoding="utf-8", errors="surrogateescape")
+        except OSError:
+            continue
+        if path in by_path:
+            out.append(by_path[path])
+    return out
 
 
 def _chunked(entries, n: int):

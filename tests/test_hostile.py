@@ -152,3 +152,58 @@ def test_big_endian_explicit_vr_reads_like_little_endian(tmp_path):
     a, b = read_image(le), read_image(tmp_path / "be.dcm")
     assert b.meta["transfer_syntax_uid"] == str(ExplicitVRBigEndian)
     np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
+def _films(folder, names, size=(96, 80)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    for name in names:
+        Image.fromarray((rng.random(size) * 255).astype(np.uint8)).save(folder / name)
+    return [str(folder / n) for n in names]
+
+
+def test_a_file_that_kills_its_reader_process_is_an_error_and_the_run_goes_on(tmp_path, tiny_checkpoints, monkeypatch):
+    # Reading poison*.png aborts the reader process (SIGABRT, as a C decoder's failed assertion
+    # does): each gets an errors row, every other file is embedded once, and a rerun skips them all.
+    names = [f"a{i}.png" for i in range(7)] + ["poison1.png", "poison2.png"]
+    paths = _films(tmp_path / "arc", names)
+    monkeypatch.setenv("CURATOR_ABORT_READING", "poison")
+    cfg = dict(archives=[str(tmp_path / "arc")], workspace=str(tmp_path / "ws"), checkpoints=[str(tiny_checkpoints[0])], device="cpu",
+               workers=2, batch_size=4, progress=False)
+    s = run_embed(EmbedConfig(**cfg))
+    assert s.processed == 7 and s.failed == {"decoder_crashed": 2}
+    w = Workspace(tmp_path / "ws")
+    cat = run_query(w, "SELECT path FROM catalog").path.tolist()
+    assert sorted(cat) == sorted(p for p in paths if "poison" not in p) and len(set(cat)) == len(cat)
+    errors = run_query(w, "SELECT path, stage, kind, error FROM errors")
+    assert sorted(errors.path) == sorted(p for p in paths if "poison" in p)
+    assert set(errors.stage) == {"read"} and set(errors.kind) == {"decoder_crashed"}
+    assert all("killed by signal" in e or "exited unexpectedly" in e for e in errors.error), errors.error.tolist()
+    again = run_embed(EmbedConfig(**cfg))
+    assert again.processed == 0 and again.known_errors == 2 and again.unchanged == 7
+
+
+def test_gdcm_aborting_on_a_malformed_jpeg_dicom_does_not_stop_the_run(tmp_path, tiny_checkpoints):
+    # A real case: GDCM throws an uncaught C++ exception (std::terminate -> SIGABRT) on a CMYK
+    # JPEG frame in a DICOM that says one sample per pixel, taking its process down.
+    import io
+
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    arc = tmp_path / "arc"
+    good = _films(arc, [f"g{i}.png" for i in range(5)])
+    cmyk = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 4)) * 255).astype(np.uint8), mode="CMYK").save(cmyk, format="JPEG")
+    path = write_dicom(arc / "cmyk.dcm", np.zeros((64, 64), np.uint8))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([cmyk.getvalue() + b"\0" * (len(cmyk.getvalue()) % 2)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    s = run_embed(EmbedConfig(archives=[str(arc)], workspace=str(tmp_path / "ws"), checkpoints=[str(tiny_checkpoints[0])], device="cpu",
+                              workers=2, batch_size=4, progress=False))
+    w = Workspace(tmp_path / "ws")
+    assert sorted(run_query(w, "SELECT path FROM catalog").path) == sorted(good) and s.processed == 5
+    errors = run_query(w, "SELECT path, kind FROM errors")
+    assert errors.path.tolist() == [str(path)]  # decoder_crashed today; any recorded reason is right
