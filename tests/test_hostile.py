@@ -165,7 +165,7 @@ def _films(folder, names, size=(96, 80)):
 def test_a_file_that_kills_its_reader_process_is_an_error_and_the_run_goes_on(tmp_path, tiny_checkpoints, monkeypatch):
     # Reading poison*.png aborts the reader process (SIGABRT, as a C decoder's failed assertion
     # does): each gets an errors row, every other file is embedded once, and a rerun skips them all.
-    names = [f"a{i}.png" for i in range(7)] + ["poison1.png", "poison2.png"]
+    names = [f"a{i}.png" for i in range(7)] + ["poison1.png", "poison2-é.png"]
     paths = _films(tmp_path / "arc", names)
     monkeypatch.setenv("CURATOR_ABORT_READING", "poison")
     cfg = dict(archives=[str(tmp_path / "arc")], workspace=str(tmp_path / "ws"), checkpoints=[str(tiny_checkpoints[0])], device="cpu",
