@@ -399,7 +399,8 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, pin: bool = False):
                     log.warning("%s: reading it killed the reader process (%s); recorded as an error, the run goes on",
                                 entry.path, _worker_death(exc))
                     errors.append(_error_item(entry, "read", "decoder_crashed",
-                                              f"reading this file killed the reader process ({_worker_death(exc)})", "WorkerDied")["error"])
+                                              f"reading this file killed the reader process ({_worker_death(exc)}); it is skipped "
+                                              "until it changes (touch it to try again)", "WorkerDied")["error"])
                 lost = {e.path for e in crashed}
                 remaining = [e for e in remaining[done:] if e.path not in lost]
         if rows or errors:
