@@ -438,8 +438,8 @@ _DEAD_WORKER = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\)")
 def _worker_death(exc: BaseException) -> str:
     """torch's words for how a reader process ended, e.g. "is killed by signal: Aborted."."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    m = re.search(r"\) (.*)$", text)
-    return (m.group(1) if m else text).rstrip(". ")
+    m = _DEAD_WORKER.search(text)
+    return (text[m.end():] if m else text).strip().rstrip(". ")
 
 
 def _crashed_reads(exc: BaseException, inflight: str | None, pending: list[FileEntry]) -> list[FileEntry]:
