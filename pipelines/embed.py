@@ -354,17 +354,18 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, pin: bool = False):
     Worker processes read small chunks, so every worker is busy even when the archive is
     smaller than a few model batches; the main process assembles the model batches.
 
-    A file whose decoder kills the worker reading it (a C library that aborts or crashes on it,
-    as GDCM does on some malformed JPEG frames) is found from the note each worker keeps of the
-    file in hand; it gets an errors row (``decoder_crashed``) and the files not yet read go to
-    fresh workers, so one such file neither stops the run nor every rerun. (With ``workers=0``
-    the reading happens in this process, which such a file takes down.)
+    A file whose decoder crashes the worker reading it (a C library that aborts or faults on it,
+    as GDCM does on some malformed JPEG frames: the worker dies by SIGABRT, SIGSEGV, SIGBUS,
+    SIGFPE or SIGILL) is found from the note each worker keeps of the file in hand; it gets an
+    errors row (``decoder_crashed``) and the files not yet read go to fresh workers, so one such
+    file neither stops the run nor every rerun. Each costs a few seconds (torch's 5-second worker
+    check). A worker ended any other way (killed, out of memory) still fails the run. With
+    ``workers=0`` the reading happens in this process, which such a file takes down.
     """
     workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
     chunk = max(1, min(8, cfg.batch_size // max(1, workers))) if workers else cfg.batch_size
     inflight = tempfile.mkdtemp(prefix="curator-reading-") if workers else None
-    if workers:
-        _no_async_worker_errors()
+    restore = _no_async_worker_errors() if workers else None
     try:
         remaining = list(todo)
         tensors, rows, errors, n = [], [], [], 0
@@ -378,47 +379,59 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, pin: bool = False):
                 pin_memory=pin,
                 prefetch_factor=max(2, 2 * cfg.batch_size // chunk // max(1, workers)) if workers else None,
             )
+            it = iter(loader)
             done = 0  # items of `remaining` whose results arrived (the loader keeps their order)
-            try:
-                for part in loader:
-                    done += len(part["rows"]) + len(part["errors"])
-                    if part["tensors"] is not None:
-                        tensors.append(part["tensors"])
-                        n += len(part["rows"])
-                    rows += part["rows"]
-                    errors += part["errors"]
-                    if n >= cfg.batch_size:
-                        yield {"tensors": torch.cat(tensors), "rows": rows, "errors": errors}
-                        tensors, rows, errors, n = [], [], [], 0
-                remaining = []
-            except RuntimeError as exc:
-                crashed = _crashed_reads(exc, inflight, remaining[done:])
-                if not crashed:
-                    raise
-                for entry in crashed:
-                    log.warning("%s: reading it killed the reader process (%s); recorded as an error, the run goes on",
-                                entry.path, _worker_death(exc))
-                    errors.append(_error_item(entry, "read", "decoder_crashed",
-                                              f"reading this file killed the reader process ({_worker_death(exc)}); it is skipped "
-                                              "until it changes (touch it to try again)", "WorkerDied")["error"])
-                lost = {e.path for e in crashed}
-                remaining = [e for e in remaining[done:] if e.path not in lost]
+            crashed: list[tuple[FileEntry, str]] = []
+            while True:
+                try:
+                    part = next(it)
+                except StopIteration:
+                    break
+                except Exception:
+                    # A dying worker shows up as torch's "exited unexpectedly" RuntimeError, or as
+                    # a broken connection while fetching a result it had queued: ask the workers.
+                    crashed = _crashed_reads(it, inflight, remaining[done:])
+                    if not crashed:
+                        raise
+                    break
+                done += len(part["rows"]) + len(part["errors"])
+                if part["tensors"] is not None:
+                    tensors.append(part["tensors"])
+                    n += len(part["rows"])
+                rows += part["rows"]
+                errors += part["errors"]
+                if n >= cfg.batch_size:
+                    yield {"tensors": torch.cat(tensors), "rows": rows, "errors": errors}
+                    tensors, rows, errors, n = [], [], [], 0
+            del it, loader  # shuts the workers down
+            if not crashed:
+                break
+            for entry, how in crashed:
+                log.warning("%s: reading it crashed the reader process (%s); recorded as an error, the run goes on", entry.path, how)
+                errors.append(_error_item(entry, "read", "decoder_crashed",
+                                          f"reading this file crashed the reader process ({how}); it is skipped until it changes "
+                                          "(touch it to try again)", "WorkerDied")["error"])
+            lost = {e.path for e, _ in crashed}
+            remaining = [e for e in remaining[done:] if e.path not in lost]
         if rows or errors:
             yield {"tensors": torch.cat(tensors) if tensors else None, "rows": rows, "errors": errors}
     finally:
         if inflight:
             shutil.rmtree(inflight, ignore_errors=True)
+        if restore:
+            restore()
 
 
-def _no_async_worker_errors() -> None:
-    """Have a dead reader process reported by the loader's own ``next()``, not asynchronously.
+def _no_async_worker_errors():
+    """Have a dead reader process reported by the loader's own ``next()``, not asynchronously;
+    returns a function that puts torch's arrangement back (None off the main thread).
 
     torch installs a SIGCHLD handler (once per process) that raises its "worker is killed"
     RuntimeError in the main thread wherever that thread happens to be: inside the model, or
     halfway through writing a workspace part, where nothing could recover from it. Without the
     handler the loader notices the dead worker itself, within its 5-second status check, and
     raises from ``next()``, where :func:`batches` records the file and goes on. Only the main
-    thread can change signal handlers; elsewhere this does nothing.
+    thread can change signal handlers.
     """
     import signal
     import threading
@@ -426,40 +439,56 @@ def _no_async_worker_errors() -> None:
     from torch.utils.data._utils import signal_handling
 
     if threading.current_thread() is not threading.main_thread():
-        return
-    signal_handling._SIGCHLD_handler_set = True  # torch's flag: "already installed", so it never is
-    if getattr(signal.getsignal(signal.SIGCHLD), "__module__", "") == signal_handling.__name__:
+        return None
+    was_set = getattr(signal_handling, "_SIGCHLD_handler_set", False)
+    previous = signal.getsignal(signal.SIGCHLD)
+    signal_handling._SIGCHLD_handler_set = True  # torch's flag: "already installed", so it is not
+    if getattr(previous, "__module__", "") == signal_handling.__name__:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # installed by an earlier loader in this process
 
+    def restore() -> None:
+        signal_handling._SIGCHLD_handler_set = was_set
+        if signal.getsignal(signal.SIGCHLD) != previous and previous is not None:
+            signal.signal(signal.SIGCHLD, previous)
 
-_DEAD_WORKER = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\)")
-
-
-def _worker_death(exc: BaseException) -> str:
-    """torch's words for how a reader process ended, e.g. "is killed by signal: Aborted."."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    m = _DEAD_WORKER.search(text)
-    return (text[m.end():] if m else text).strip().rstrip(". ")
+    return restore
 
 
-def _crashed_reads(exc: BaseException, inflight: str | None, pending: list[FileEntry]) -> list[FileEntry]:
-    """The files the dead reader processes named in ``exc`` had in hand (from their notes)."""
-    m = _DEAD_WORKER.search(str(exc))
-    if not m or not inflight:
+# Signals by which a reader process dies of the file it decodes (a failed assertion or a fault).
+_CRASH_SIGNALS = {"SIGABRT", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL"}
+
+
+def _crashed_reads(it, inflight: str | None, pending: list[FileEntry], wait_s: float = 3.0) -> list[tuple[FileEntry, str]]:
+    """``(file, how)`` for each reader process of loader iterator ``it`` that died of a crash
+    signal while its note named one of ``pending``; waits up to ``wait_s`` for a dying worker."""
+    import signal
+
+    workers = list(getattr(it, "_workers", []) or [])
+    if not inflight or not workers:
         return []
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and all(w.exitcode is None for w in workers):
+        time.sleep(0.05)  # a worker can still be exiting when its broken connection is noticed
     by_path = {e.path: e for e in pending}
     out = []
-    for pid in re.findall(r"\d+", m.group(1)):
+    for w in workers:
+        code = w.exitcode
+        if code is None or code >= 0:
+            continue
         try:
-            note = Path(inflight, pid).read_bytes()
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        if name not in _CRASH_SIGNALS:
+            continue
+        try:
+            note = Path(inflight, str(w.pid)).read_bytes()
         except OSError:
             continue
-        if len(note) < 4:
-            continue
-        size = struct.unpack("<I", note[:4])[0]
+        size = struct.unpack("<I", note[:4])[0] if len(note) >= 4 else 0
         path = note[4 : 4 + size].decode("utf-8", "surrogateescape")
         if size and path in by_path:
-            out.append(by_path[path])
+            out.append((by_path[path], f"killed by {name}"))
     return out
 
 
