@@ -796,23 +796,21 @@ def _value_table(arr: np.ndarray) -> tuple[np.ndarray, int] | None:
     return None
 
 
+def _held_values(arr: np.ndarray, index: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(counts, present, held)`` for a table over stored values ``base + i``: pixels per value,
+    which values the image holds, and those values in the image's own dtype."""
+    counts = np.bincount(index)
+    present = counts > 0
+    return counts, present, np.arange(base, base + len(counts), dtype=arr.dtype)[present]
+
+
 def _mimic_through_table(arr: np.ndarray, index: np.ndarray, base: int, ds: Dataset, photometric: str | None) -> np.ndarray:
     """The mimic conversion of ``arr`` through a table whose row ``i`` is stored value ``base + i``;
     ``index`` is ``arr.ravel() - base`` (non-negative)."""
-    counts = np.bincount(index)
-    present = counts > 0
-    # The stored values the image holds, in its own dtype, through the modality LUT exactly as its
-    # pixels would be (pydicom's function, element-wise; values it lacks are never computed).
-    held = np.arange(base, base + len(counts), dtype=arr.dtype)[present]
-    x = np.asarray(modality_lut(held, ds), dtype=np.float64)
-    # mimic_normalize over those values: same minimum, maximum and arithmetic as over the pixels.
-    x = x - x.min()
-    peak = x.max()
-    if peak > 0:
-        x = x / peak
-    held_out = np.trunc(x * 255.0).astype(np.uint8)
-    if photometric is not None and str(photometric).strip().upper() == "MONOCHROME1":
-        held_out = 255 - held_out
+    counts, present, held = _held_values(arr, index, base)
+    # The values the image holds through the same per-pixel functions: pydicom's modality LUT is
+    # element-wise, and mimic_normalize's minimum and maximum are those of the held values.
+    held_out = mimic_normalize(modality_lut(held, ds), photometric)
     table = np.zeros(len(counts), dtype=np.uint8)
     table[present] = held_out
     hist = np.bincount(held_out, weights=counts[present], minlength=256).astype(np.int64)
@@ -949,11 +947,10 @@ def voi_to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     table = _value_table(arr)
     if table is None:
         return _voi_per_value(arr, ds)
-    index, base = table
-    present = np.bincount(index) > 0
+    _, present, held = _held_values(np.asarray(arr), *table)
     out = np.zeros(len(present), dtype=np.uint8)
-    out[present] = _voi_per_value(np.arange(base, base + len(present), dtype=np.asarray(arr).dtype)[present], ds)
-    return out[index].reshape(np.shape(arr))
+    out[present] = _voi_per_value(held, ds)
+    return out[table[0]].reshape(np.shape(arr))
 
 
 def _voi_per_value(arr: np.ndarray, ds: Dataset) -> np.ndarray:
