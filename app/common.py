@@ -21,6 +21,8 @@ import pandas as pd
 import streamlit as st
 
 from curator import query_cache
+from curator.appserver import is_loopback
+from curator.deid import SAFE_COLUMNS
 from curator.index import read_index_info
 from curator.query import connect
 from curator.search import Searcher, SearchFilter
@@ -31,12 +33,11 @@ ENV_WORKSPACE = "CURATOR_WORKSPACE"
 ENV_DEVICE = "CURATOR_DEVICE"
 ENV_EXPORTS = "CURATOR_EXPORTS"
 
-# Never shown in the app's tables and detail views (the catalog holds no names or birth dates;
-# these are listed so that a future column of that kind stays hidden too).
-HIDDEN_COLUMNS = frozenset({
-    "patient_id", "patient_name", "patient_birth_date", "patient_birth_name", "other_patient_ids",
-    "other_patient_names", "patient_address", "patient_telephone_numbers", "patient_mother_birth_name",
-})
+# The catalog fields the detail view shows: the columns a de-identified export keeps (no source
+# path, which may name the patient, no UIDs, no institution) and the study date the grid shows.
+# An allow-list, so a column added to the catalog later stays hidden until it is listed here.
+SHOWN_COLUMNS = ("image_id", *SAFE_COLUMNS, "study_date")
+ENV_LAUNCHED = "CURATOR_APP_LAUNCHED"  # set by `curator app`, which chose the server's settings itself
 NOT_RECORDED = "(not recorded)"
 GRID_COLUMNS = 5
 PREFERRED_FINDINGS = ("pleural_effusion", "edema", "cardiomegaly", "pneumothorax", "consolidation", "atelectasis")
@@ -244,12 +245,31 @@ def image_grid(ws: Workspace, df: pd.DataFrame, findings: list[str], key: str, a
 
 
 def visible_metadata(row: dict) -> dict:
-    """Catalog fields fit to show: no patient identifiers, no empty values."""
+    """Catalog fields fit to show (:data:`SHOWN_COLUMNS`, in that order), without empty values."""
     out = {}
-    for k, v in row.items():
-        if k in HIDDEN_COLUMNS or missing(v):
+    for k in SHOWN_COLUMNS:
+        v = row.get(k)
+        if k in out or missing(v):
             continue
         out[k] = v.isoformat() if hasattr(v, "isoformat") else v
+    return out
+
+
+def unsafe_server_settings() -> list[str]:
+    """How the running server breaks the app's promises (this machine only, no usage statistics).
+
+    ``curator app`` sets both itself (``--host`` can open it to a network, with a warning); a plain
+    ``streamlit run app/main.py`` listens on every network interface and reports usage statistics
+    unless its configuration says otherwise.
+    """
+    if os.environ.get(ENV_LAUNCHED) == "1":
+        return []
+    out = []
+    address = st.get_option("server.address")
+    if not address or not is_loopback(str(address)):
+        out.append(f"it listens on {address or 'every network interface'}, not on this machine only")
+    if st.get_option("browser.gatherUsageStats"):
+        out.append("it sends Streamlit usage statistics")
     return out
 
 

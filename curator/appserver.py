@@ -103,7 +103,7 @@ def cmd_app(args) -> int:
     cmd = streamlit_command(ws.root, args.host, args.port, args.device, args.exports)
     shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
     print(f"curator app on http://{shown}:{args.port} (workspace {ws.root}); Ctrl+C stops it", file=sys.stderr, flush=True)
-    env = dict(os.environ, CURATOR_WORKSPACE=str(ws.root))
+    env = dict(os.environ, CURATOR_WORKSPACE=str(ws.root), CURATOR_APP_LAUNCHED="1")  # the settings are ours: see app/common.py
     # torch (query encoder) and faiss (search) each keep an OpenMP thread pool; spinning idle
     # threads of one starve the other on few cores (text encodes after a search took seconds).
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -237,6 +237,23 @@ def load_spec(path: str | Path) -> CohortSpec:
         raise ValueError(f"{p}: {exc}") from None
 
 
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(s: str) -> str:
+    """A TOML basic string: UTF-8 text as it is (also beyond the BMP, which JSON would write as a
+    surrogate pair TOML rejects), escapes for quotes, backslashes and control characters."""
+    out = []
+    for ch in s:
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
 def spec_to_toml(spec: CohortSpec) -> str:
     """TOML text of a spec (the inverse of :func:`load_spec`)."""
 
@@ -247,7 +264,7 @@ def spec_to_toml(spec: CohortSpec) -> str:
             return repr(v)
         if isinstance(v, list):
             return "[" + ", ".join(val(x) for x in v) + "]"
-        return json.dumps(str(v))
+        return _toml_string(str(v))
 
     d = spec_to_dict(spec)
     lines = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, dict)]
@@ -490,45 +507,75 @@ def cohort_estimates(ws, spec: CohortSpec, level: float = 0.95) -> dict:
 # ----------------------------------------------------------------------------------------------
 # export
 # ----------------------------------------------------------------------------------------------
+_WORD = re.compile(r"[A-Za-z0-9^._\-]{3,}")  # a bare word or number, a DICOM name (DOE^JOHN), a UID
+_IDENTIFIERS = ("patient_id", "study_instance_uid", "series_instance_uid", "sop_instance_uid")
+
+
 def _redactions(ws, spec: CohortSpec) -> set[str]:
-    """String literals of the spec that equal or contain a patient ID / UID, or equal a source path."""
+    """The pieces of the spec's text that would identify patients in a de-identified manifest.
+
+    Candidates: every quoted literal of the spec's SQL and text, every bare word or number of its
+    SQL (``patient_id = 17708425`` needs no quotes), and every word of its name and description.
+    A candidate is a secret when it is (or, quoted, contains or is a 4+ character part of) a patient
+    ID or UID in the catalog, or when it is part of some source paths but not of all of them
+    (a folder named after a patient: ``path LIKE '%DOE^JOHN%'``, "cases of DOE^JOHN"); a folder
+    every path shares (``/data/archive``) identifies no one. SQL keywords and column names are
+    candidates too, but match neither.
+    """
     from curator.query import connect
 
-    texts = [spec.where, spec.keep, spec.order_by, spec.patient_key, spec.study_key, spec.description, spec.name]
+    sql_texts = [spec.where, spec.keep, spec.order_by, spec.patient_key, spec.study_key]
     if spec.sample:
-        texts += [spec.sample.positive_where, spec.sample.negative_where]
-    lits = set()
-    for t in texts:
-        if t:
-            lits.update(m.replace("''", "'") for m in re.findall(r"'((?:[^']|'')*)'", t))
-            lits.update(m for m in re.findall(r'"((?:[^"])*)"', t))
-    lits = {x for x in lits if len(x.strip("%_ ")) >= 3}
-    if not lits:
+        sql_texts += [spec.sample.positive_where, spec.sample.negative_where]
+    free_texts = [spec.name, spec.description]
+    quoted, bare = set(), set()
+    for t in filter(None, sql_texts + free_texts):
+        quoted.update(m.replace("''", "'") for m in re.findall(r"'((?:[^']|'')*)'", t))
+        quoted.update(re.findall(r'"([^"]*)"', t))
+    for t in filter(None, sql_texts):
+        bare.update(w.strip("._-") for w in _WORD.findall(re.sub(r"'(?:[^']|'')*'|\"[^\"]*\"", " ", t)))
+    words = {w.strip("._-") for t in filter(None, free_texts) for w in _WORD.findall(t)}
+    quoted = {x for x in quoted if len(x.strip("%_ ")) >= 3}
+    bare, words = {w for w in bare if len(w) >= 3}, {w for w in words if len(w) >= 3}
+    if not (quoted or bare or words):
         return set()
+    bare = {w for w in bare if any(ch.isdigit() for ch in w)}  # identifiers hold digits; keywords, columns do not
+    cores = {c: c.strip("%_ ") for c in quoted} | {c: c for c in bare | words}
     con = connect(ws, sandbox=False)
     try:
-        found = set()
-        for lit in lits:
-            core = lit.strip("%_ ")
-            n = con.execute(
-                "SELECT count(*) FROM catalog WHERE path = ? OR "
-                "list_bool_or([v IS NOT NULL AND length(v) >= 3 AND (? = v OR contains(?, v)) "
-                "FOR v IN [patient_id, study_instance_uid, series_instance_uid, sop_instance_uid]])",
-                [lit, core, core],
-            ).fetchone()[0]
-            if n:
-                found.add(lit)
+        ident = ", ".join(_IDENTIFIERS)
+        # exact identifiers: one pass over the catalog
+        exact = {r[0] for r in con.execute(
+            f"SELECT DISTINCT v FROM (SELECT unnest([{ident}]) AS v FROM catalog) WHERE v IN (SELECT unnest($c))",
+            {"c": sorted(set(cores.values()))}).fetchall()}
+        found = {c for c, core in cores.items() if core in exact}
+        # quoted literals (few): containing an identifier, or a 4+ character part of one
+        for c in quoted - found:
+            core = cores[c]
+            parts = " OR ".join(f"({k} IS NOT NULL AND ((length({k}) >= 3 AND contains($core, {k})) OR "
+                                f"(length($core) >= 4 AND contains({k}, $core))))" for k in _IDENTIFIERS)
+            if con.execute(f"SELECT EXISTS (SELECT 1 FROM catalog WHERE {parts})", {"core": core}).fetchone()[0]:
+                found.add(c)
+        # a patient's folder: part of some source paths but not all (one pass, all candidates)
+        folder = sorted({cores[c] for c in (quoted | words) - found if len(cores[c]) >= 4})
+        if folder:
+            hits = {r[0] for r in con.execute(
+                "SELECT cand FROM catalog CROSS JOIN (SELECT unnest($c) AS cand) GROUP BY cand "
+                "HAVING bool_or(contains(path, cand)) AND NOT bool_and(contains(path, cand))", {"c": folder}).fetchall()}
+            found |= {c for c in (quoted | words) if cores[c] in hits}
         return found
     finally:
         con.close()
 
 
 def _redact(obj, secrets: set[str]):
+    """``obj`` with every secret replaced by ``[redacted]`` where it stands as a whole word (so
+    a secret "100" does not change "0.1005")."""
     if not secrets:
         return obj
     if isinstance(obj, str):
         for s in sorted(secrets, key=len, reverse=True):
-            obj = obj.replace(s, "[redacted]")
+            obj = re.sub(rf"(?<![A-Za-z0-9^_\-.]){re.escape(s)}(?![A-Za-z0-9^_\-])", "[redacted]", obj)
         return obj
     if isinstance(obj, dict):
         return {k: _redact(v, secrets) for k, v in obj.items()}

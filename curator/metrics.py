@@ -326,7 +326,11 @@ def _choose_index(pos: np.ndarray, neg: np.ndarray, rule: Rule) -> int | None:
         v = crit[rule.kind]
         if np.all(np.isnan(v)):
             return None
-        return int(np.nanargmax(v))  # first = highest threshold among equal maxima
+        # The highest threshold among equal maxima. Equal in exact arithmetic is not always equal
+        # in floating point (sens + spec - 1 of two thresholds with the same Youden index can differ
+        # in the last bit), so maxima within 1e-12 count as equal: distinct values of these rates
+        # differ by at least 1 / (P * N), far more.
+        return int(np.flatnonzero(v >= np.nanmax(v) - 1e-12)[0])
     v = crit[rule.kind]
     with np.errstate(invalid="ignore"):
         ok = np.nonzero(v >= rule.target - 1e-12)[0]

@@ -14,7 +14,7 @@ import duckdb
 import pyarrow as pa
 
 from curator.constants import ENSEMBLE_MEMBER
-from curator.workspace import SCHEMAS, Workspace
+from curator.workspace import DATASETS, SCHEMAS, Workspace
 
 
 class QueryError(RuntimeError):
@@ -122,9 +122,10 @@ def connect(ws: Workspace, sandbox: bool = True, threads: int | None = None, use
     With ``use_cache`` (the default) ``images`` reads the workspace's query cache
     (:mod:`curator.query_cache`) when that matches the manifest, else the Parquet parts.
 
-    With ``sandbox`` (the default) the connection then cannot touch files outside the workspace:
-    ``allowed_directories`` is the workspace, external access is off and the configuration is
-    locked, so user SQL such as ``read_csv('/etc/passwd')`` fails.
+    With ``sandbox`` (the default) the connection then cannot touch files outside the workspace's
+    data folders: ``allowed_directories`` is the part, labelled-set and query-cache folders (so neither ``/etc/passwd`` nor the
+    workspace's manifest or de-identification salt can be read), external access is off and the
+    configuration is locked.
     """
     con = duckdb.connect(":memory:")
     # Each view over the parts is bound several times while the views are created (catalog under
@@ -138,10 +139,46 @@ def connect(ws: Workspace, sandbox: bool = True, threads: int | None = None, use
 
         query_cache.attach(con, ws)
     if sandbox:
-        con.execute(f"SET allowed_directories = [{_quote(str(ws.root) + '/')}]")
+        # The data folders only: not the manifest, the de-identification salt or anything else
+        # kept at the workspace's top level.
+        from curator.calibrate import TRUTH_DIR
+        from curator.query_cache import CACHE_DIR
+
+        folders = ", ".join(_quote(str(ws.root / d) + "/") for d in (*DATASETS, TRUTH_DIR, CACHE_DIR))
+        con.execute(f"SET allowed_directories = [{folders}]")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
+
+
+def read_only_refusal(con: duckdb.DuckDBPyConnection, sql: str) -> str | None:
+    """Why ``sql`` may not run where only reading is allowed (the app's SQL page); None if it may.
+
+    Allowed: exactly one SELECT, or one EXPLAIN [ANALYZE] of a SELECT. The statement type alone is
+    not enough: ``EXPLAIN ANALYZE`` runs the statement it explains, so ``EXPLAIN ANALYZE COPY ...``
+    would write files, and the explained statement is checked too.
+    """
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        return str(exc).strip()
+    if len(statements) != 1:
+        return "Run one statement at a time." if statements else "The query is empty."
+    kind = statements[0].type
+    if kind == duckdb.StatementType.SELECT:
+        return None
+    if kind == duckdb.StatementType.EXPLAIN:
+        words = [(pos, sql[pos:].split(None, 1)[0].upper()) for pos, t in duckdb.tokenize(sql) if t != duckdb.token_type.comment]
+        rest = 1 + (len(words) > 1 and words[1][1] in ("ANALYZE", "ANALYSE"))
+        if words and words[0][1] == "EXPLAIN" and len(words) > rest:
+            try:
+                inner = con.extract_statements(sql[words[rest][0]:])
+            except duckdb.Error:
+                inner = []
+            if len(inner) == 1 and inner[0].type == duckdb.StatementType.SELECT:
+                return None
+        return "Only read-only queries can run here: EXPLAIN of a SELECT, not of another statement."
+    return f"Only read-only queries (SELECT) can run here, not {kind.name}."
 
 
 def reads_query_cache(con: duckdb.DuckDBPyConnection) -> bool:

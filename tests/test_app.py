@@ -70,6 +70,19 @@ def ws_path(tmp_path_factory, tiny_checkpoints):
     return build_workspace(tmp_path_factory.mktemp("appws"), tiny_checkpoints[:2])
 
 
+@pytest.fixture(autouse=True)
+def served_locally():
+    """The server settings `curator app` passes (AppTest runs the script in this process)."""
+    from streamlit import config
+
+    before = {k: config.get_option(k) for k in ("server.address", "browser.gatherUsageStats")}
+    config.set_option("server.address", "127.0.0.1")
+    config.set_option("browser.gatherUsageStats", False)
+    yield
+    for k, v in before.items():
+        config.set_option(k, v)
+
+
 @pytest.fixture()
 def app(ws_path, monkeypatch, tmp_path):
     monkeypatch.setenv("CURATOR_WORKSPACE", str(ws_path))
@@ -190,8 +203,48 @@ def test_details_hide_patient_identifiers(app, ws_path):
     assert set(probs.finding) >= {"edema", "pleural_effusion", "cardiomegaly"} and len(probs) == 14
     fields = dict(zip(meta.field, meta.value))
     assert fields["view_position"] in ("PA", "AP", "LATERAL") and "study_date" in fields
-    assert not {"patient_id", "patient_name", "patient_birth_date"} & set(fields)
+    assert not {"patient_id", "patient_name", "patient_birth_date", "path", "study_instance_uid", "series_instance_uid",
+                "sop_instance_uid", "institution_name"} & set(fields)
     assert not any(pid in str(v) for v in fields.values() for pid in PATIENTS)
+    assert not any(str(ws_path.parent) in str(v) or "General Hospital" in str(v) for v in fields.values())
+
+
+@pytest.mark.parametrize("address, stats, refused", [
+    (None, False, "every network interface"),  # a plain `streamlit run` with no configuration
+    ("0.0.0.0", False, "listens on 0.0.0.0"),
+    ("127.0.0.1", True, "usage statistics"),
+])
+def test_app_refuses_to_serve_beyond_this_machine_unless_curator_app_chose_to(ws_path, monkeypatch, address, stats, refused):
+    from streamlit import config
+
+    monkeypatch.setenv("CURATOR_WORKSPACE", str(ws_path))
+    config.set_option("server.address", address)
+    config.set_option("browser.gatherUsageStats", stats)
+    at = AppTest.from_file(str(MAIN), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert at.error and refused in at.error[0].value and "curator app --workspace" in at.error[0].value
+    assert not at.text_input and not at.dataframe  # nothing of the workspace shown
+    monkeypatch.setenv("CURATOR_APP_LAUNCHED", "1")  # `curator app --host 0.0.0.0` chose it (and warned)
+    at = AppTest.from_file(str(MAIN), default_timeout=TIMEOUT).run()
+    assert not at.exception and not at.error and at.text_input
+
+
+def test_overview_error_examples_leave_paths_out(tmp_path, tiny_checkpoints, monkeypatch):
+    arc = tmp_path / "arc" / "DOE^JOHN"
+    write_raster_archive(arc, 2)
+    (arc / "loop").symlink_to("loop")  # a link to itself: its error quotes the path
+    (arc / "broken.png").write_bytes(b"not an image")
+    ws = tmp_path / "ws"
+    run_embed(EmbedConfig(archives=[str(tmp_path / "arc")], workspace=str(ws), checkpoints=[str(tiny_checkpoints[0])],
+                          device="cpu", workers=0, batch_size=8, progress=False))
+    assert duckdb.connect().execute(f"SELECT count(*) FROM read_parquet('{ws}/errors/*.parquet') WHERE error LIKE '%DOE^JOHN%'").fetchone()[0] >= 1
+    monkeypatch.setenv("CURATOR_WORKSPACE", str(ws))
+    at = AppTest.from_file(str(MAIN), default_timeout=TIMEOUT).run()
+    at.switch_page("pages/overview.py").run()
+    assert not at.exception
+    shown = " ".join(df.value.to_csv() for df in at.dataframe)
+    assert "<file>" in shown or "<path>" in shown
+    assert "DOE^JOHN" not in shown and str(tmp_path) not in shown
 
 
 def test_more_like_this_and_upload(app, ws_path):
@@ -254,6 +307,14 @@ def test_cohort_export_rows_equal_an_independent_query(app, ws_path, tmp_path):
     assert "edema" in manifest["sql"] and manifest["checkpoints"]
     labels = [d.label for d in app.get("download_button")]
     assert {"Download cohort.csv", "Download cohort.parquet", "Download manifest.json"} <= set(labels)
+
+
+def test_cohort_extra_predicate_may_end_in_a_comment(app, ws_path):
+    table = images_table(ws_path)
+    _cohort(app, 0.0, views=())
+    app.text_area(key="cohort-sql").input("modality = 'DX' -- digital films only").run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert app.metric[0].value == str(int((table.modality == "DX").sum()))
 
 
 def test_cohort_export_is_deidentified_unless_opted_out(app, ws_path):
@@ -319,7 +380,16 @@ def test_sql_page_runs_selects_and_refuses_files_and_writes(app, ws_path, tmp_pa
         "SET enable_external_access = true",
         f"ATTACH '{tmp_path}/x.db'",
         "CREATE TABLE t AS SELECT 1",
+        # EXPLAIN ANALYZE runs the statement it explains: a write inside one is refused as well
+        f"EXPLAIN ANALYZE COPY (SELECT 'x' AS a) TO '{ws_path}/manifest.json' (FORMAT csv, HEADER false)",
+        f"EXPLAIN ANALYZE /* SELECT */ COPY (SELECT 1) TO '{ws_path}/out.csv'",
+        "EXPLAIN ANALYZE CREATE OR REPLACE VIEW images AS SELECT 1 AS image_id",
+        # the workspace's top-level files (manifest, de-identification salt) are outside the sandbox
+        f"SELECT content FROM read_text('{ws_path}/.deid_salt')",
+        f"SELECT content FROM read_text('{ws_path}/manifest.json')",
     ]
+    (ws_path / ".deid_salt").write_text("f" * 64)
+    manifest = (ws_path / "manifest.json").read_bytes()
     for sql in refused:
         app.text_area(key="sql-query").input(sql)
         app.button(key="sql-run").click().run()
@@ -327,7 +397,16 @@ def test_sql_page_runs_selects_and_refuses_files_and_writes(app, ws_path, tmp_pa
         assert app.error and "Refused or failed" in app.error[0].value, sql
         assert not app.dataframe, sql
     assert not (tmp_path / "out.csv").exists() and not (ws_path / "out.csv").exists()
-    assert not any("root:" in e.value for e in app.error)
+    assert not any("root:" in e.value or "ffff" in e.value for e in app.error)
+    assert (ws_path / "manifest.json").read_bytes() == manifest
+    (ws_path / ".deid_salt").unlink()
+    # read-only EXPLAINs still run, and the views are intact after the refused statements
+    for sql in ("EXPLAIN SELECT * FROM images", "EXPLAIN ANALYZE SELECT count(*) FROM images", "SELECT count(*) AS n FROM images"):
+        app.text_area(key="sql-query").input(sql)
+        app.button(key="sql-run").click().run()
+        assert not app.exception and not app.error, sql
+        assert app.dataframe, sql
+    assert app.dataframe[0].value["n"].tolist() == [20]
 
 
 # -- workspaces without an index, without images, or none at all ------------------------------
@@ -515,5 +594,6 @@ def test_cohort_with_calibrated_labels(ws_path, tmp_path, monkeypatch):
     expected = run_query(Workspace(copy), "SELECT count(*) AS n FROM labels WHERE edema_label = 1").n[0]
     assert at.metric[0].value == str(expected)
     at.button(key="cohort-export").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
     manifest = json.loads((Path(at.session_state["cohort_export"]["dir"]) / "manifest.json").read_text())
     assert '"edema_label" = 1' in manifest["spec"]["where"] and "edema_label" in manifest["columns"]["labels"]

@@ -73,6 +73,11 @@ def test_spec_toml_contract_and_round_trip(tmp_path):
     assert spec_from_dict(spec_to_dict(full)) == full
     (tmp_path / "full.toml").write_text(spec_to_toml(full))
     assert load_spec(tmp_path / "full.toml") == full
+    # text beyond the BMP, quotes, backslashes, control characters and a trailing SQL comment survive
+    odd = CohortSpec(name="lungs \U0001FAC1 \"quoted\" C:\\x", where="edema > 0.5 -- a comment\n\tAND true\x01",
+                     description="caf\u00e9\r\n\x7f")
+    (tmp_path / "odd.toml").write_text(spec_to_toml(odd), encoding="utf-8")
+    assert load_spec(tmp_path / "odd.toml") == odd
     for bad, msg in (({"name": "a", "wher": "x"}, "unknown key"), ({"name": "a", "one_per": "series"}, "one_per"),
                      ({"name": "a", "copy_images": "symlink"}, "symlink"), ({"name": "a", "split": {"train": 0.5, "val": 0.1, "test": 0.1}}, "must be 1"),
                      ({"name": "a", "sample": {"n": 3, "positive_where": "true"}}, "not both"), ({"where": "true"}, "name")):
@@ -164,6 +169,29 @@ def test_deidentified_export_holds_no_identifiers(dicom_ws, tmp_path):
     m2 = export_cohort(ws, spec, tmp_path / "out2")
     df2 = pd.read_parquet(tmp_path / "out2" / "cohort.parquet")
     assert df2.patient_key.tolist() == df.patient_key.tolist() and m2["counts"] == m["counts"]
+
+
+def test_deidentified_manifest_redacts_ids_and_patient_folders_in_the_spec_text(tmp_path, tiny_checkpoints):
+    # folders named after patients, numeric patient IDs written without quotes, prefixes, free text
+    arc, ws = tmp_path / "arc", tmp_path / "ws"
+    people = {"DOE^JOHN_17708425": "17708425", "SMITH^JANE": "55501234", "ROE^RICHARD": "99900001", "POE^EDGAR": "31415926"}
+    for folder, pid in people.items():
+        (arc / folder).mkdir(parents=True)
+        write_dicom(arc / folder / "img.dcm", np.full((72, 64), 1000, np.uint16) + np.arange(64, dtype=np.uint16), bits_stored=12,
+                    patient_id=pid, patient_name=folder.split("_")[0])
+    embed(arc, ws, tiny_checkpoints[:1])
+    spec = CohortSpec(name="patient 17708425 follow-up", description="cases of DOE^JOHN and SMITH^JANE, threshold 0.1005.",
+                      where="(patient_id = 17708425 OR patient_id LIKE '5550123%' OR starts_with(patient_id, '9990') "
+                            "OR path LIKE '%ROE^RICHARD%') AND edema >= 0.0 AND rows >= 16")
+    m = export_cohort(ws, spec, tmp_path / "out")
+    assert m["counts"]["rows"] == 3
+    text = (tmp_path / "out" / "manifest.json").read_text()
+    for secret in ("17708425", "5550123", "9990", "DOE^JOHN", "SMITH^JANE", "ROE^RICHARD"):
+        assert secret not in text, secret
+    # what identifies no one stays readable
+    assert "edema >= 0.0 AND rows >= 16" in m["spec"]["where"] and "threshold 0.1005" in m["description"]
+    assert m["spec"]["where"].count("[redacted]") == 4 and m["name"] == "patient [redacted] follow-up"
+    assert m["deidentification"]["redacted_spec_literals"] >= 5
 
 
 def test_split_is_patient_disjoint_and_follows_the_documented_hash(dicom_ws, tmp_path):

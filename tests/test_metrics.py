@@ -141,6 +141,40 @@ def test_rules_pick_the_documented_end():
     assert str(M.parse_rule("Sensitivity >= 95%")) == "sensitivity=0.95"
 
 
+def _exact_choice(y, s, rule):
+    """Brute force in exact rational arithmetic: the highest threshold among equal maxima."""
+    from fractions import Fraction
+
+    P, N = int(y.sum()), int((1 - y).sum())
+    best = None
+    for t in sorted(set(s.tolist()), reverse=True):
+        tp, fp = int(((s >= t) & (y == 1)).sum()), int(((s >= t) & (y == 0)).sum())
+        fn, tn = P - tp, N - fp
+        if rule == "youden":
+            v = Fraction(tp, P) + Fraction(tn, N) - 1
+        else:  # f1
+            v = Fraction(2 * tp, 2 * tp + fp + fn)
+        if best is None or v > best[0]:
+            best = (v, t)
+    return best[1]
+
+
+def test_equal_maxima_pick_the_highest_threshold_despite_rounding():
+    # J is exactly 1/6 at both 0.6 and 0.2; in floating point sens + spec - 1 differs in the last bit
+    y = np.array([0, 0, 1, 0, 0, 0, 1, 0])
+    s = np.array([0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+    assert M.choose_threshold(y, s, "youden") == 0.6
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        n = int(rng.integers(4, 14))
+        y = rng.integers(0, 2, n)
+        if y.min() == y.max():
+            continue
+        s = rng.integers(0, 6, n) / 5  # many ties among the scores too
+        for rule in ("youden", "f1"):
+            assert M.choose_threshold(y, s, rule) == _exact_choice(y, s, rule), (y.tolist(), s.tolist(), rule)
+
+
 def test_wilson_interval_and_normal_quantile():
     assert M._normal_quantile(0.975) == pytest.approx(1.959963984540054, abs=1e-9)
     lo, hi = M.wilson_interval(8, 10)

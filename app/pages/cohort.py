@@ -72,7 +72,7 @@ try:
 except FilterError as exc:
     st.error(f"Condition: {exc}")
     st.stop()
-positive = " AND ".join(f"({p})" for p in finding_parts)
+positive = " AND ".join(f"(\n{p}\n)" for p in finding_parts)  # own lines: a trailing -- comment ends there
 
 # -- metadata and selection -------------------------------------------------------------------
 st.subheader("Images")
@@ -117,7 +117,7 @@ elif sampling == "N at random":
     where_parts = population + ([positive] if positive else [])
 else:
     where_parts = population + ([positive] if positive else [])
-where = " AND ".join(f"({p})" for p in where_parts) or "true"
+where = " AND ".join(f"(\n{p}\n)" for p in where_parts) or "true"
 
 # -- a saved spec replaces the builder --------------------------------------------------------
 with st.expander("Re-run a saved cohort spec", expanded=False):

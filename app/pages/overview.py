@@ -7,6 +7,11 @@ from curator.app import common
 from curator.index import read_index_info
 from curator.workspace import Workspace
 
+# An error message may quote the file's path (or a folder's), and a path may name the patient:
+# the example shown drops the file's own path and anything else that looks like an absolute path.
+EXAMPLE_WITHOUT_PATHS = ("regexp_replace(replace(error, path, '<file>'), "
+                         "'(^|[\\s''\"(=:,\\[])/[^\\s''\",\\]]+', '\\1<path>', 'g')")
+
 st.title("Overview")
 ws = common.workspace(require_images=False)
 if ws is None:
@@ -28,7 +33,7 @@ def _summary(root: str, gen: int) -> dict:
         "by_view": df("SELECT coalesce(view_position, '(not recorded)') AS view, count(*) AS images FROM catalog GROUP BY 1 ORDER BY 2 DESC"),
         "by_year": df("SELECT coalesce(CAST(year(study_date) AS VARCHAR), '(not recorded)') AS year, count(*) AS images FROM catalog GROUP BY 1 ORDER BY 1"),
         "by_format": df("SELECT file_format AS format, conversion, count(*) AS images FROM catalog GROUP BY ALL ORDER BY 3 DESC"),
-        "errors_by_reason": df("SELECT stage, kind AS reason, count(*) AS files, any_value(error) AS example FROM errors GROUP BY ALL ORDER BY 3 DESC, 1, 2"),
+        "errors_by_reason": df(f"SELECT stage, kind AS reason, count(*) AS files, any_value({EXAMPLE_WITHOUT_PATHS}) AS example FROM errors GROUP BY ALL ORDER BY 3 DESC, 1, 2"),
         "runs": df("SELECT run_id, command, status, started, finished, counts FROM runs ORDER BY started DESC LIMIT 50"),
     }
     cols = common.finding_columns(w)

@@ -3,40 +3,42 @@
 import duckdb
 import streamlit as st
 from curator.app import common
+from curator.query import connect, read_only_refusal
 
 MAX_ROWS = 100_000
 EXAMPLE = "SELECT image_id, view_position, study_date, edema, pleural_effusion\nFROM images\nORDER BY edema DESC\nLIMIT 20"
-ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 st.title("SQL")
 ws = common.workspace(require_images=False)
 if ws is None:
     st.stop()
 st.caption("Views: `images` (catalog + one probability column per finding), `catalog`, `embeddings`, `predictions`, "
-           "`errors`, `runs`. Read-only: one SELECT at a time; files outside the workspace cannot be read or written.")
+           "`errors`, `runs`. Read-only: one SELECT (or EXPLAIN of one) at a time; no file outside the workspace's data "
+           "folders can be read, and none can be written.")
 query = st.text_area("Query", value=EXAMPLE, height=160, key="sql-query")
 run = st.button("Run", type="primary", key="sql-run")
 S = st.session_state
 
 
 def _run(sql: str):
-    cur = common.cursor(ws)
+    # A connection of its own per query: nothing a query does reaches the connection the other
+    # pages share.
     try:
-        statements = cur.extract_statements(sql)
-    except duckdb.Error as exc:
-        return None, f"{str(exc).strip()}"
-    if len(statements) != 1:
-        return None, "Run one statement at a time." if statements else "The query is empty."
-    if statements[0].type not in ALLOWED:
-        return None, f"Only read-only queries (SELECT) can run here, not {statements[0].type.name}."
+        con = connect(ws)
+    except (duckdb.Error, OSError) as exc:
+        return None, str(exc).strip()
     try:
-        rel = cur.sql(sql)
+        refusal = read_only_refusal(con, sql)
+        if refusal:
+            return None, refusal
+        rel = con.sql(sql)
         if rel is None:
             return None, "The statement returned nothing."
-        df = rel.limit(MAX_ROWS + 1).df()
+        return rel.limit(MAX_ROWS + 1).df(), None
     except duckdb.Error as exc:
         return None, str(exc).strip()
-    return df, None
+    finally:
+        con.close()
 
 
 if run:
