@@ -2,8 +2,9 @@
 measure it (build time, latency, recall@10 against exact search, filtered search, memory).
 
 The vectors are a mixture of Gaussians on the unit sphere (cluster centres, and sub-centres
-around them, with points spread around those), made chunk by chunk from a seed, so a run never
-holds them all. Exact ground truth is computed chunk by chunk as they are added.
+around them, with points spread around those) pulled towards one shared direction, as CLIP image
+embeddings are (their mean has norm ~0.9), made chunk by chunk from a seed, so a run never holds
+them all. Exact ground truth is computed chunk by chunk as they are added.
 """
 
 from __future__ import annotations
@@ -24,17 +25,25 @@ import numpy as np
 from curator import index as ci
 
 
+# weight of the direction all synthetic vectors share (the norm of their mean, about)
+COMMON = 0.9
+
+
 class SyntheticVectors(ci.VectorSource):
     """N clustered unit vectors (ids 1..N), generated in chunks from ``seed``.
 
     Two levels: ``clusters`` centres uniform on the sphere, ``sub`` sub-centres around each
     (angular spread ~0.8), points around a sub-centre (noise norm drawn per cluster in
-    [0.35, 0.7], times ``noise``: larger values make neighbourhoods straddle IVF lists). The same
-    seed gives the same vectors whatever the threads of the reader.
+    [0.35, 0.7], times ``noise``: larger values make neighbourhoods straddle IVF lists). Each point
+    z is then moved towards one direction u shared by all: ``normalise(common * u + sqrt(1 -
+    common^2) * z)`` (the mean vector's norm is then ~``common``; 0 gives zero-mean vectors). The
+    neighbour order is (nearly) that of the z, but codes trained on the raw vectors rather than on
+    their residuals from the IVF centroids lose most of it. The same seed gives the same vectors
+    whatever the threads of the reader.
     """
 
     def __init__(self, n: int, dim: int, seed: int = 0, clusters: int | None = None, sub: int = 16,
-                 chunk_rows: int = 32768, threads: int = 1, noise: float = 1.0):
+                 chunk_rows: int = 32768, threads: int = 1, noise: float = 1.0, common: float = COMMON):
         self.count, self.dim, self.seed = int(n), int(dim), int(seed)
         self.chunk_rows = chunk_rows
         self.threads = max(1, threads)
@@ -44,6 +53,11 @@ class SyntheticVectors(ci.VectorSource):
         subs = centres[np.repeat(np.arange(k), sub)] + 0.8 * rng.standard_normal((k * sub, dim), dtype=np.float32) / math.sqrt(dim)
         self.means = _unit(subs)
         self.scale = noise * np.repeat(rng.uniform(0.35, 0.7, k), sub).astype(np.float32) / math.sqrt(dim)
+        if not 0.0 <= common < 1.0:
+            raise ValueError(f"common must be in [0, 1), got {common}")
+        self.common = float(common)
+        # drawn from its own stream, so common=0 gives the same vectors as before it existed
+        self.direction = _unit(np.random.default_rng([seed, 9]).standard_normal((1, dim), dtype=np.float32))[0]
         self.gen_s = 0.0
 
     def _draw(self, m: int, rng: np.random.Generator) -> np.ndarray:
@@ -51,7 +65,12 @@ class SyntheticVectors(ci.VectorSource):
         x = rng.standard_normal((m, self.dim), dtype=np.float32)
         x *= self.scale[a, None]
         x += self.means[a]
-        return _unit(x)
+        x = _unit(x)
+        if self.common:
+            x *= np.float32(math.sqrt(1.0 - self.common ** 2))
+            x += np.float32(self.common) * self.direction
+            x = _unit(x)
+        return x
 
     def _chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         start = i * self.chunk_rows
@@ -127,10 +146,10 @@ def peak_rss_mb() -> float:
 def run_index_bench(n: int, dim: int, *, budget_gb: float | None = None, kind: str = "auto", queries: int = 200, seed: int = 0,
                     k: int = 10, threads: int = 1, build_threads: int = 1, selectivity: float = 0.01,
                     exact_max: int | None = None, recall_sample: int = ci.RECALL_SAMPLE, mmap: bool = False,
-                    noise: float = 1.0, gpu: bool | None = None) -> dict:
+                    noise: float = 1.0, gpu: bool | None = None, common: float = COMMON) -> dict:
     """Build and measure; returns the figures as a dict (see ``curator bench index --help``)."""
     baseline = current_rss_mb()
-    src = SyntheticVectors(n, dim, seed, threads=build_threads, noise=noise)
+    src = SyntheticVectors(n, dim, seed, threads=build_threads, noise=noise, common=common)
     plan = ci.choose_index(n, dim, budget_gb, kind, exact_max)
     q = src.fresh(queries, 3)
     rng = np.random.default_rng([seed, 5])
@@ -191,7 +210,7 @@ def run_index_bench(n: int, dim: int, *, budget_gb: float | None = None, kind: s
 
     build_s = total - src.gen_s - gt_s[0]
     return {
-        "n": n, "dim": dim, "noise": noise, "index_type": plan.kind, "description": plan.describe(), "reason": plan.reason,
+        "n": n, "dim": dim, "noise": noise, "common": common, "index_type": plan.kind, "description": plan.describe(), "reason": plan.reason,
         "nlist": plan.nlist, "nprobe": rep.nprobe, "pq_m": plan.pq_m, "gpu": rep.gpu,
         "budget_gb": budget_gb, "est_gb": round(plan.est_bytes / 2**30, 3),
         "build_s": round(build_s, 2), "train_s": round(rep.train_s, 2), "tune_s": round(rep.tune_s, 2),
@@ -219,13 +238,20 @@ def _positive(kind):
     return parse
 
 
+def _unit_interval(v):
+    x = float(v)
+    if not 0.0 <= x < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {v}")
+    return x
+
+
 def add_cli(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (index)", description="Measure parts of curator on synthetic data.")
     bsub = p.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
     b = bsub.add_parser(
         "index", help="build and measure the index the tool would choose for N synthetic vectors",
         description="Build the index `curator index` would choose for N clustered synthetic unit vectors (a mixture of Gaussians "
-        "on the sphere, generated in chunks from --seed) and print: index_type, build_s, p50_ms, p95_ms, recall_at_10 (against "
+        "on the sphere sharing one direction, as CLIP image embeddings do (--common), generated in chunks from --seed) and print: index_type, build_s, p50_ms, p95_ms, recall_at_10 (against "
         "exact search), filtered_p50_ms and filtered_k_returned_fraction (filtered queries at 1% selectivity that return k), "
         "peak_rss_mb and more.")
     b.add_argument("--n", type=_positive(int), required=True, help="number of vectors")
@@ -242,6 +268,9 @@ def add_cli(sub) -> None:
     b.add_argument("--exact-max", type=int, default=None, help=f"exact search up to this many vectors (default {ci.EXACT_MAX:,})")
     b.add_argument("--cpu", action="store_true", help="build on the CPU even when a GPU is present")
     b.add_argument("--noise", type=_positive(float), default=1.0, help="scale of the points' spread around their centres (default 1)")
+    b.add_argument("--common", type=_unit_interval, default=COMMON,
+                   help=f"weight of the direction the vectors share, ~ the norm of their mean (default {COMMON}, as CLIP "
+                   "image embeddings; 0: zero-mean vectors)")
     b.add_argument("-v", "--verbose", action="store_true", help="log the build's stages to standard error")
     b.add_argument("--mmap", action="store_true", help="write the index and search it memory-mapped, as the app opens large indexes")
     b.set_defaults(func=cmd_bench_index)
@@ -255,7 +284,7 @@ def cmd_bench_index(args) -> int:
         logging.getLogger("curator.index").setLevel(logging.INFO)
     out = run_index_bench(args.n, args.dim, budget_gb=args.budget_gb, kind=args.type, queries=args.queries, seed=args.seed, k=args.k,
                           threads=args.threads, build_threads=args.build_threads, selectivity=args.selectivity, exact_max=args.exact_max,
-                          mmap=args.mmap, noise=args.noise, gpu=False if args.cpu else None)
+                          mmap=args.mmap, noise=args.noise, gpu=False if args.cpu else None, common=args.common)
     if args.json:
         print(json.dumps(out))
     else:

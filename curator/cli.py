@@ -177,23 +177,34 @@ def cmd_search(args) -> int:
     from curator.search import index_checkpoint, query_vector, search
     from curator.workspace import Workspace
 
+    from curator.readers import ReadError
+
     ws = Workspace(args.workspace)
     _require_workspace(ws)
-    if (args.text is None) == (args.image is None):
+    text, contrast = args.text, args.contrast
+    if text is None and args.image is None and contrast is not None and "{}" not in contrast:
+        # `--contrast "moderate pulmonary edema"`: the flag took the search text as its TEMPLATE
+        # (a template always has a {}); the user meant the text with the default contrast.
+        text, contrast = contrast, C.NEGATIVE_TEMPLATE
+    if (text is None) == (args.image is None):
         raise CliError("give a search TEXT or --image PATH (one of them)")
-    if args.contrast is not None and args.image is not None:
+    if contrast is not None and args.image is not None:
         raise CliError("--contrast applies to a text search, not to --image")
+    if args.image is not None and not os.path.lexists(args.image):
+        raise CliError(f"{args.image}: no such file")
     ck = index_checkpoint(ws, args.device, [resolve_checkpoint_arg(c) for c in args.checkpoint] if args.checkpoint else None)
     try:
-        vec = query_vector(ck, text=args.text, image=args.image, contrast=args.contrast)
+        vec = query_vector(ck, text=text, image=args.image, contrast=contrast)
+    except ReadError as exc:
+        raise CliError(f"{args.image}: {exc}") from exc  # (-vv shows the reader's traceback)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     df = search(ws, vec, k=args.k)
     finding_cols = sorted(ws.manifest.get("finding_columns", {}))
     if args.json:
         keep = ["rank", "image_id", "similarity", "path", "view_position", "study_date", *finding_cols]
-        records = json.loads(df[[c for c in keep if c in df.columns]].to_json(orient="records", date_format="iso"))
-        print(json.dumps({"query": args.text or str(args.image), "contrast": args.contrast, "k": args.k, "results": records}, default=str, indent=1))
+        records = json.loads(printable_frame(df[[c for c in keep if c in df.columns]]).to_json(orient="records", date_format="iso"))
+        print(json.dumps({"query": text or str(args.image), "contrast": contrast, "k": args.k, "results": records}, default=str, indent=1))
         return 0
     if df.empty:
         print("no results")
@@ -215,16 +226,15 @@ def cmd_sql(args) -> int:
             raise CliError(f"--set expects NAME=VALUE, got {item!r}")
         name, value = item.split("=", 1)
         params[name.strip()] = _parse_value(value)
-    query = args.query
-    if query == "-":
-        query = sys.stdin.read()
-    elif query.endswith(".sql") and Path(query).is_file():
-        query = Path(query).read_text()
+    query = _query_text(args.query)
+    refusal = _read_only_refusal(query)
+    if refusal:
+        raise CliError(refusal)  # e.g. "Only read-only queries (SELECT) can run here, not COPY."
     df = run_query(ws, query, params)
     if args.format == "csv":
-        df.to_csv(sys.stdout, index=False)
+        printable_frame(df, lists_as_json_text=True).to_csv(sys.stdout, index=False)
     elif args.format == "json":
-        print(df.to_json(orient="records", date_format="iso", default_handler=str))
+        print(printable_frame(df).to_json(orient="records", date_format="iso", default_handler=str))
     else:
         import pandas as pd
 
@@ -233,12 +243,138 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def _read_only_refusal(query: str) -> str | None:
+    """Why ``query`` may not run (curator sql is read-only, as the app's SQL page); None if it may."""
+    import duckdb
+
+    from curator.query import read_only_refusal
+
+    con = duckdb.connect(":memory:")  # only parses the text
+    try:
+        return read_only_refusal(con, query)
+    finally:
+        con.close()
+
+
+def shipped_sql_files() -> list[str]:
+    """The query files shipped with curator (``sql/`` in the source tree), e.g. ``cohorts/edema.sql``."""
+    from importlib import resources
+
+    found: list[str] = []
+
+    def walk(folder, prefix: str) -> None:
+        for entry in folder.iterdir():
+            if entry.is_dir():
+                walk(entry, f"{prefix}{entry.name}/")
+            elif entry.name.endswith(".sql") and f"{prefix}{entry.name}" != "views.sql":  # views.sql: the views, not a query
+                found.append(f"{prefix}{entry.name}")
+
+    walk(resources.files("curator.sql"), "")
+    return sorted(found)
+
+
+def _query_text(arg: str) -> str:
+    """The SQL of ``curator sql``'s QUERY argument: SQL text, ``-`` (standard input), or a .sql file.
+
+    A .sql path that is no file here names one of the files shipped with curator when it ends
+    like one: ``sql/cohorts/edema.sql`` (the source tree's path) or ``cohorts/edema.sql`` works
+    from any folder.
+    """
+    if arg == "-":
+        return sys.stdin.read()
+    if not arg.endswith(".sql"):
+        return arg
+    path = Path(arg)
+    if path.is_file():
+        return path.read_text()
+    if any(ch.isspace() for ch in arg):  # SQL text that happens to end in ".sql" (a column named sql)
+        return arg
+    parts = [p for p in arg.replace("\\", "/").split("/") if p not in ("", ".")]
+    shipped = shipped_sql_files()
+    # the path after its last `sql` folder (sql/cohorts/edema.sql -> cohorts/edema.sql), else all of it
+    after = max((i + 1 for i, part in enumerate(parts[:-1]) if part == "sql"), default=0)
+    tail = "/".join(parts[after:])
+    if tail in shipped:  # (a listed name: no "..")
+        from curator.query import sql_text
+
+        return sql_text(tail)
+    raise CliError(f"{arg}: no such file (the SQL files shipped with curator: {', '.join(shipped) or 'none'})")
+
+
+_INT_RE = r"[-+]?\d+"
+_FLOAT_RE = r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?"
+
+
 def _parse_value(v: str):
-    for t in (int, float):
-        try:
-            return t(v)
-        except ValueError:
-            pass
+    """A --set VALUE: a number (42, 0.52, 1e-3) becomes a number; anything else, a number written
+    with a leading zero (an identifier such as 007) and a value in single quotes ('42') stays text."""
+    import re
+
+    if len(v) >= 2 and v[0] == v[-1] == "'":
+        return v[1:-1]
+    digits = v.lstrip("+-")
+    if len(digits) > 1 and digits[0] == "0" and digits[1].isdigit():
+        return v
+    if re.fullmatch(_INT_RE, v):
+        return int(v)
+    if re.fullmatch(_FLOAT_RE, v):
+        return float(v)
+    return v
+
+
+def printable_frame(df, lists_as_json_text: bool = False):
+    """A copy of a query result ready for JSON or CSV output.
+
+    DATE columns come out as ``2024-10-07`` (pandas holds DuckDB's DATE as a datetime at midnight;
+    like pandas' own CSV and table output, a datetime column whose every value is at midnight is
+    taken for dates). List and struct values become plain lists and dicts (float32 values with
+    their shortest digits), with ``lists_as_json_text`` JSON text such as ``[-0.128, -0.156]`` for
+    CSV, where numpy would write ``[-0.128 -0.156]``.
+    """
+    import numpy as np
+    import pandas as pd
+
+    out = df.copy()
+    for i in range(out.shape[1]):
+        s = out.iloc[:, i]
+        if pd.api.types.is_datetime64_dtype(s.dtype):
+            present = s.dropna()
+            if (present == present.dt.normalize()).all():
+                out.isetitem(i, s.dt.strftime("%Y-%m-%d").astype(object).where(s.notna(), None))
+        elif s.dtype == object and s.map(lambda v: isinstance(v, (np.ndarray, list, tuple, dict))).any():
+            values = s.map(_plain_value)
+            if lists_as_json_text:
+                values = values.map(lambda v: json.dumps(v, default=str) if isinstance(v, (list, dict)) else v)
+            out.isetitem(i, values)
+    return out
+
+
+def _plain_value(v):
+    """A value of a list/struct column as plain JSON-able Python (see :func:`printable_frame`)."""
+    import datetime as dt
+
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(v, np.ndarray) or isinstance(v, (list, tuple)):
+        return [_plain_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain_value(x) for k, x in v.items()}
+    if isinstance(v, (np.floating, float)):
+        if v != v:  # NaN
+            return None
+        return float(str(v)) if isinstance(v, np.float32) else float(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    if isinstance(v, (np.datetime64, dt.datetime)):
+        t = pd.Timestamp(v)
+        if t is pd.NaT:
+            return None
+        return t.date().isoformat() if t == t.normalize() and t.tzinfo is None else t.isoformat()
+    if isinstance(v, dt.date):
+        return v.isoformat()
     return v
 
 
@@ -281,8 +417,15 @@ def cmd_preview(args) -> int:
     from curator.preview import write_preview
     from curator.readers import ReadOptions
 
+    from curator.readers import ReadError
+
+    if not os.path.lexists(args.file):
+        raise CliError(f"{args.file}: no such file")
     opts = ReadOptions(dicom_conversion=args.dicom_conversion, modalities=None)
-    info = write_preview(args.file, args.out, args.model_input, opts)
+    try:
+        info = write_preview(args.file, args.out, args.model_input, opts)
+    except ReadError as exc:
+        raise CliError(f"{args.file}: {exc}") from exc  # (-vv shows the reader's traceback)
     print(f"{args.file}: {info['width']}x{info['height']} 8-bit ({info['conversion']}) -> {args.out}")
     if args.model_input:
         print(f"model input 224x224 -> {args.model_input}")
@@ -292,6 +435,11 @@ def cmd_preview(args) -> int:
 def cmd_synth(args) -> int:
     from curator.synth import generate_archive
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.exist_ok:
+        raise CliError(f"{out}: exists and is not empty (choose a new folder, or --exist-ok to write into this one)")
     s = generate_archive(Path(args.out), studies=args.studies, seed=args.seed, fmt=args.format, image_size=args.image_size,
                          broken=not args.no_broken, progress=not args.quiet, workers=args.workers, exist_ok=args.exist_ok)
     print(f"wrote {s['images']} images of {s['studies']} studies ({s['patients']} patients) to {args.out} "
@@ -396,19 +544,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, metavar="PATH", help="search with this image (DICOM/PNG/JPEG) instead of text")
     p.add_argument("--contrast", nargs="?", const=C.NEGATIVE_TEMPLATE, default=None, metavar="TEMPLATE",
                    help='rank by TEXT against its negation (default template "no {}"): the zero-shot contrast of CheXzero, '
-                        "with the query as the finding; the similarity printed is then to the difference vector")
+                        "with the query as the finding; the similarity printed is then to the difference vector. A TEMPLATE "
+                        "has a {} for the text; a value without one, given with no TEXT (--contrast \"pulmonary edema\"), "
+                        "is the TEXT, contrasted with the default template")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--checkpoint", "-c", action="append", metavar="CK", help="checkpoint files, if they moved since `embed`")
     _add_device(p)
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("sql", help="run a DuckDB query over the workspace views",
-                       description="Views: catalog, embeddings, predictions, errors, runs, images (catalog + one probability column per finding). "
-                       "Reading or writing files outside the workspace is refused.")
+    p = sub.add_parser("sql", help="run a read-only DuckDB query over the workspace views",
+                       description="Views: catalog, embeddings, predictions, errors, runs, images (catalog + one probability column per finding) "
+                       "and, once `curator calibrate` has stored thresholds, labels (image_id + a 1/0/-1 <finding>_label column per "
+                       "calibrated finding). Read-only, like the app's SQL page: one SELECT (or EXPLAIN [ANALYZE] of one) per call; "
+                       "COPY, CREATE, ATTACH, SET and other statements are refused, and so is reading files outside the workspace's "
+                       "data folders. DATE values print as YYYY-MM-DD, lists in CSV as JSON lists.")
     _add_workspace(p)
-    p.add_argument("query", help="SQL text, a .sql file, or - for standard input")
+    p.add_argument("query", help="SQL text, a .sql file, or - for standard input; a .sql path that is no file here may name a "
+                   "file shipped with curator, e.g. sql/cohorts/edema.sql or cohorts/edema.sql")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default table)")
-    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="set a variable readable as getvariable('NAME'), e.g. threshold=0.52")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE",
+                   help="set a variable readable as getvariable('NAME'), e.g. threshold=0.52; numbers become numbers, except "
+                   "with a leading zero (pid=007 stays text); single quotes force text (pid=\"'7'\")")
     p.add_argument("--max-rows", type=_positive_int, default=100, help="rows shown in table format (default 100)")
     p.set_defaults(func=cmd_sql)
 
@@ -433,8 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preview", help="write the 8-bit image the pipeline makes of a file (and the model input)",
                        description="Write FILE converted exactly as the pipeline converts it (before the 320 letterbox), and optionally the 224x224 model input.")
     p.add_argument("file")
-    p.add_argument("--out", required=True, metavar="PNG", help="where to write the 8-bit image")
-    p.add_argument("--model-input", metavar="PNG2", default=None, help="also write the model's 224x224 input (de-normalised)")
+    p.add_argument("--out", required=True, metavar="PNG", help="where to write the 8-bit image (a .png file: lossless)")
+    p.add_argument("--model-input", metavar="PNG2", default=None, help="also write the model's 224x224 input (de-normalised; a .png file)")
     p.add_argument("--dicom-conversion", choices=["mimic", "voi"], default="mimic")
     p.set_defaults(func=cmd_preview)
 
@@ -484,23 +640,44 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose, args.quiet)
     from curator.prompts import PromptSetError
     from curator.query import QueryError
+    from curator.readers import ReadError
     from curator.workspace import WorkspaceError
+
+    def fail(exc: BaseException, text: str, code: int) -> int:
+        if args.verbose > 1:  # -vv: the traceback too
+            log.debug("traceback of the error below", exc_info=exc)
+        print(f"curator {args.command}: error: {text}", file=sys.stderr)
+        return code
 
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # (an OSError: before the OSError clause)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     # (curator.model.CheckpointError is a ValueError: caught here without importing torch)
-    except (CliError, PromptSetError, QueryError, WorkspaceError, FileNotFoundError, ValueError) as exc:
-        print(f"curator {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except (CliError, PromptSetError, QueryError, WorkspaceError, ReadError, ValueError) as exc:
+        return fail(exc, str(exc), 2)
+    except OSError as exc:  # FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ...
+        return fail(exc, os_error_text(exc), 2)
     except RuntimeError as exc:
-        print(f"curator {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return fail(exc, str(exc), 1)
     except KeyboardInterrupt:
         print(f"curator {args.command}: interrupted; committed work is kept, rerun to continue", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+
+
+def os_error_text(exc: OSError) -> str:
+    """One line for an OSError, with the path it is about: ``ws: exists and is not a folder``."""
+    if exc.filename is None:
+        return str(exc)
+    name = os.fsdecode(exc.filename)
+    what = exc.strerror or str(exc)
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and os.path.exists(name) and not os.path.isdir(name):
+        what = "exists and is not a folder"
+    text = f"{name}: {what}"
+    if exc.filename2 is not None:
+        text += f" (and {os.fsdecode(exc.filename2)})"
+    return text
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -65,6 +66,8 @@ from pathlib import Path
 
 from curator.fileutil import file_sha256
 from curator.workspace import open_workspace
+
+log = logging.getLogger(__name__)
 
 COPY_MODES = ("none", "copy", "symlink")
 ONE_PER = {"study": "study", "patient": "patient"}
@@ -310,8 +313,9 @@ def cohort_sql(spec: CohortSpec, ws=None, labels: bool | None = None) -> str:
     ctes = [f"src AS (\n    {src}\n)"]
     ctes.append(
         "selected AS (\n    SELECT *,\n"
-        f"        coalesce(CAST(({_frag(spec.patient_key)}) AS VARCHAR), 'image:' || CAST(image_id AS VARCHAR)) AS _patient,\n"
-        f"        coalesce(CAST(({_frag(spec.study_key)}) AS VARCHAR), 'image:' || CAST(image_id AS VARCHAR)) AS _study\n"
+        # an empty key (regexp_extract's answer when nothing matches) names no one, as NULL does
+        f"        coalesce(nullif(CAST(({_frag(spec.patient_key)}) AS VARCHAR), ''), 'image:' || CAST(image_id AS VARCHAR)) AS _patient,\n"
+        f"        coalesce(nullif(CAST(({_frag(spec.study_key)}) AS VARCHAR), ''), 'image:' || CAST(image_id AS VARCHAR)) AS _study\n"
         f"    FROM src\n    WHERE ({_frag(spec.where)})\n)"
     )
     last = "selected"
@@ -517,7 +521,8 @@ def _redactions(ws, spec: CohortSpec) -> set[str]:
     Candidates: every quoted literal of the spec's SQL and text, every bare word or number of its
     SQL (``patient_id = 17708425`` needs no quotes), and every word of its name and description.
     A candidate is a secret when it is (or, quoted, contains or is a 4+ character part of) a patient
-    ID or UID in the catalog, or when it is part of some source paths but not of all of them
+    ID or UID in the catalog, a quoted date on which some study was made, or when it is part of
+    some source paths but not of all of them
     (a folder named after a patient: ``path LIKE '%DOE^JOHN%'``, "cases of DOE^JOHN"); a folder
     every path shares (``/data/archive``) identifies no one. SQL keywords and column names are
     candidates too, but match neither.
@@ -555,6 +560,13 @@ def _redactions(ws, spec: CohortSpec) -> set[str]:
             parts = " OR ".join(f"({k} IS NOT NULL AND ((length({k}) >= 3 AND contains($core, {k})) OR "
                                 f"(length($core) >= 4 AND contains({k}, $core))))" for k in _IDENTIFIERS)
             if con.execute(f"SELECT EXISTS (SELECT 1 FROM catalog WHERE {parts})", {"core": core}).fetchone()[0]:
+                found.add(c)
+        # a quoted full date that is some study's date (dates other than years are identifiers)
+        for c in quoted - found:
+            core = cores[c]
+            if re.fullmatch(r"\d{4}-?\d{2}-?\d{2}", core) and con.execute(
+                    "SELECT EXISTS (SELECT 1 FROM catalog WHERE study_date = TRY_CAST(TRY_STRPTIME($d, ['%Y-%m-%d', '%Y%m%d']) AS DATE))",
+                    {"d": core}).fetchone()[0]:
                 found.add(c)
         # a patient's folder: part of some source paths but not all (one pass, all candidates)
         folder = sorted({cores[c] for c in (quoted | words) - found if len(cores[c]) >= 4})
@@ -662,12 +674,34 @@ def _provenance(ws, columns: list[str], identified: bool) -> dict:
     return {"checkpoints": cks, "ensemble": list(ens), "prompt_sets": sets, "finding_columns": fc}
 
 
+EXPORT_ENTRIES = frozenset({"cohort.csv", "cohort.parquet", "manifest.json", "images"})
+
+
+def _not_an_export(folder: Path) -> str | None:
+    """Why ``folder`` is not an earlier cohort export that may be replaced (None when it is one).
+
+    An export holds exactly what :func:`export_cohort` writes, with its manifest; any other file
+    (a thesis, an archive, a workspace) means the folder is someone else's and is not deleted.
+    """
+    try:
+        fmt = json.loads((folder / "manifest.json").read_text()).get("format", "")
+    except (OSError, ValueError, AttributeError):
+        return "has no cohort manifest.json"
+    if not str(fmt).startswith("curator-cohort/"):
+        return "has a manifest.json that is not a cohort export's"
+    others = sorted(e.name for e in folder.iterdir() if e.name not in EXPORT_ENTRIES)
+    if others:
+        return f"also holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}"
+    return None
+
+
 def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = False, workers: int | None = None) -> dict:
     """Write ``cohort.csv``, ``cohort.parquet``, ``manifest.json`` (and ``images/``) into ``out_dir``.
 
     The folder is written under a temporary name next to ``out_dir`` and renamed into place, so a
     reader sees a whole export or none. An existing non-empty ``out_dir`` is refused unless
-    ``overwrite``. Returns the manifest (a dict).
+    ``overwrite``, and even then unless it is an earlier export (its manifest and files, nothing
+    else). Returns the manifest (a dict).
 
     De-identified (the default; see :mod:`curator.deid`): identifiers replaced by salted keys, no
     source paths, no dates but the study year; copied images are PNGs of the 8-bit image the model
@@ -685,8 +719,15 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir == ws.root or ws.root in out_dir.parents:
         raise ValueError(f"{out_dir}: export outside the workspace folder")
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
-        raise ValueError(f"{out_dir} exists and is not empty; choose a new folder or overwrite")
+    if out_dir == Path(out_dir.anchor) or out_dir in ws.root.parents:
+        raise ValueError(f"{out_dir}: holds the workspace; choose a new folder for the export")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not overwrite:
+            raise ValueError(f"{out_dir} exists and is not empty; choose a new folder or overwrite")
+        why = _not_an_export(out_dir)
+        if why:
+            raise ValueError(f"{out_dir}: --overwrite replaces only an earlier cohort export, and this folder {why}; "
+                             "choose a new folder (nothing was changed)")
     created = dt.datetime.now(dt.UTC)
     sql = cohort_sql(spec, ws)
     df = _run(ws, sql, spec.name)
@@ -714,6 +755,15 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
             df["image_file"] = pd.Series(dtype="string")
         patients = df["_patient"] if "_patient" in df.columns else None
         studies = df["_study"] if "_study" in df.columns else None
+        warnings = []
+        if patients is not None and (spec.one_per == "patient" or spec.split is not None):
+            alone = int(patients.astype(str).str.startswith("image:").sum())
+            if alone:
+                warnings.append(
+                    f"{alone} of {len(df)} rows have no patient key ({spec.patient_key} is empty: PNG and JPEG files carry no "
+                    "patient ID), so each counts as a patient of its own for one_per = \"patient\" and the split; set "
+                    "patient_key to an SQL expression that names the patient, e.g. regexp_extract(path, '/(p[0-9]+)/', 1)")
+                log.warning("cohort %r: %s", spec.name, warnings[-1])
         counts = {
             "rows": len(df),
             "candidates": n_candidates,
@@ -761,6 +811,7 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
             "spec": spec_to_dict(spec),
             "sql": sql,
             "counts": counts,
+            "warnings": warnings,
             "estimates": cohort_estimates(ws, spec),
             "thresholds": thresholds,
             **prov,
@@ -803,7 +854,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", metavar="DIR", default=None, help="export folder (required unless --count or --sql)")
     p.add_argument("--copy-images", choices=COPY_MODES, default=None, help="override the spec's copy_images")
     p.add_argument("--no-deidentify", action="store_true", help="identified export (source paths, raw identifiers, dates)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing export in DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in DIR (only a folder holding a cohort export and nothing else)")
     p.add_argument("--count", action="store_true", help="print the number of rows (and estimated precision) and stop")
     p.add_argument("--sql", action="store_true", help="print the SQL of the spec and stop")
     p.add_argument("--workers", type=int, default=None, help="threads copying images (default: CPU cores, at most 8)")

@@ -32,14 +32,16 @@ class WalkReport:
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
-def walk(roots: Iterable[str | Path], report: WalkReport | None = None) -> Iterator[FileEntry]:
+def walk(roots: Iterable[str | Path], report: WalkReport | None = None, exclude: Iterable[str | Path] = ()) -> Iterator[FileEntry]:
     """Yield candidate files under ``roots`` (files or folders), sorted, each once.
 
     Symlinked folders are not followed (no loops); symlinked files are read through. Hidden
     files and folders (name starting with '.') and known non-image extensions are skipped and
-    counted in ``report.ignored``.
+    counted in ``report.ignored``, as are the ``exclude`` folders (the workspace being written,
+    when it lies inside the archive: its thumbnails are JPEGs).
     """
     report = report if report is not None else WalkReport()
+    excluded = {str(Path(e).expanduser().resolve()) for e in exclude}
     roots = list(roots)
     # One folder's walk yields each path once; remembering paths (memory that grows with the
     # archive) is only needed when the roots overlap.
@@ -59,6 +61,10 @@ def walk(roots: Iterable[str | Path], report: WalkReport | None = None) -> Itera
             continue
         for dirpath, dirnames, filenames in os.walk(root.resolve(), followlinks=False, onerror=lambda e: report.unreadable.append((getattr(e, "filename", "?"), str(e)))):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            if excluded:
+                for d in [d for d in dirnames if os.path.join(dirpath, d) in excluded]:
+                    dirnames.remove(d)
+                    report.ignored["the workspace's own folder"] += 1
             for name in sorted(filenames):
                 if name.startswith("."):
                     report.ignored["hidden file"] += 1

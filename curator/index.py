@@ -16,6 +16,8 @@ Builds stream the embeddings Parquet parts chunk by chunk (the vectors are never
 give the index its storage once, at its final size (FAISS's own ``add`` grows its buffers by
 doubling, up to twice the index in memory). Appending (:func:`sync_index`) copies the old index
 into storage of the new size and adds only the new images: no retraining, no re-encoding.
+index.json records which workspace state the index holds (:func:`index_source_key`, a hash of
+the part lists); :func:`index_staleness` tells searches when it is not the manifest's.
 
 The heavy arithmetic of a build (k-means, assigning vectors to lists, exact ground truth) is plain
 matrix products in numpy, or FAISS GPU when present; the index itself always lives on the CPU (it
@@ -28,12 +30,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -642,13 +647,15 @@ def _exact_base(kind: str, d: int):
 
 
 def _sq8_ranges(sq) -> None:
-    """IVF-SQ8: 8-bit codes of the residuals over mean +- 3 standard deviations of each dimension
-    rather than its min..max: finer steps where the values are (recall@10 0.974 instead of 0.958
-    on the benchmark's clustered 512-d vectors; outliers are clipped). Residuals are unimodal;
-    raw vectors (flat sq8) are not, and keep min..max."""
+    """IVF-SQ8: 8-bit codes of the residuals over each dimension's min..max in the training
+    residuals (FAISS's default, what ``IndexIVF.train`` would give). Mean +- 3 standard deviations
+    was used while the encoder was (wrongly) trained on the raw vectors, where it helped; on the
+    residuals it clips too much: recall@10 on `curator bench index` vectors (200k, 512-d) 0.953
+    with min..max, 0.949 with mean +- 4 sd, 0.910 with mean +- 3 sd (0.976 / 0.978 / 0.949 on
+    zero-mean vectors)."""
     faiss = _faiss()
-    sq.rangestat = faiss.ScalarQuantizer.RS_meanstd
-    sq.rangestat_arg = 3.0
+    sq.rangestat = faiss.ScalarQuantizer.RS_minmax
+    sq.rangestat_arg = 0.0
 
 
 def _empty_exact(plan: IndexPlan, train: np.ndarray):
@@ -678,6 +685,11 @@ def _empty_ivf(plan: IndexPlan, train: np.ndarray, seed: int, gpu: str | None):
         enc = train[np.random.default_rng(seed + 1).permutation(len(train))[:65_536]] if len(train) > 65_536 else train
         enc = np.ascontiguousarray(enc, dtype=np.float32)
         assign = _Assigner(centroids, gpu)(enc)
+        if ivf.by_residual:
+            # the codes stand for x - centroid[list], so the encoder learns from those residuals
+            # (as FAISS's IndexIVF.train does); on embeddings that share a direction the raw
+            # vectors' ranges / codebooks are far coarser than their residuals
+            enc = np.ascontiguousarray(enc - centroids[assign], dtype=np.float32)
         ivf.train_encoder(len(enc), faiss.swig_ptr(enc), faiss.swig_ptr(assign))
     ivf.is_trained = True
     ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
@@ -971,6 +983,26 @@ class IndexInfo:
     gpu: str | None = None  # GPU backend of the build's k-means and assignment, if any
     appended_at: str | None = None
     radii_file: str | None = None
+    # index_source_key() of the workspace state whose images the index holds (None: written
+    # before keys were kept; staleness is then decided by comparing the ids)
+    source_key: str | None = None
+
+
+# datasets whose part lists decide which images an index should hold
+_SOURCE_DATASETS = ("catalog", "superseded", "embeddings")
+
+
+def index_source_key(ws: Workspace) -> str:
+    """A fingerprint of the images an index of ``ws`` should hold: a hash of the catalog,
+    superseded and embeddings part lists as the manifest lists them.
+
+    Parts are immutable and only ``embed`` adds (and nothing removes) parts of these datasets,
+    so the key changes exactly when images come or go, including when a changed file adds one
+    row and supersedes another (the count stays, the ids do not). It reads no data: cheap at
+    any size.
+    """
+    parts = {d: sorted(e["file"] for e in ws.manifest.get("parts", {}).get(d, [])) for d in _SOURCE_DATASETS}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _resolve_checkpoint(ws: Workspace, checkpoint: str | None) -> str:
@@ -988,6 +1020,7 @@ def build_index(ws: Workspace, checkpoint: str | None = None, *, budget_gb: floa
                 recall_sample: int = RECALL_SAMPLE, seed: int = 0, gpu: bool | str | None = None, exact_max: int | None = None) -> IndexInfo:
     """Build the workspace's index from scratch (needs the writer lock)."""
     checkpoint = _resolve_checkpoint(ws, checkpoint)
+    key = index_source_key(ws)  # of the state read below (the lock keeps it)
     source = WorkspaceVectors(ws, checkpoint)
     if source.count == 0:
         raise WorkspaceError(f"{ws.root}: no embeddings to index yet")
@@ -999,7 +1032,7 @@ def build_index(ws: Workspace, checkpoint: str | None = None, *, budget_gb: floa
         description=plan.describe(), nlist=plan.nlist, nprobe=rep.nprobe, pq_m=plan.pq_m, pq_nbits=plan.pq_nbits if plan.kind == "ivf-pq" else 0,
         recall_at_10=rep.recall_at_10, recall_queries=rep.recall_queries, recall_count=int(index.ntotal), built_count=int(index.ntotal),
         requested=kind, budget_gb=budget_gb, est_gb=round(plan.est_bytes / (1 << 30), 3), reason=plan.reason,
-        build_s=round(rep.build_s, 2), gpu=rep.gpu,
+        build_s=round(rep.build_s, 2), gpu=rep.gpu, source_key=key,
     )
     return _save(ws, index, info, rep.radii)
 
@@ -1019,31 +1052,52 @@ def _needs_rebuild(info: IndexInfo, n: int) -> str | None:
     return None
 
 
-def sync_index(ws: Workspace) -> IndexInfo | None:
+def sync_index(ws: Workspace, max_rebuild: int | None = None) -> IndexInfo | None:
     """Bring an existing index up to date with the catalog: append new images (no retraining, no
     re-encoding of the old ones), or rebuild when images left it, the chosen type changes with the
     size, or an IVF index outgrew its training. Returns None when the workspace has no index.
-    Needs the lock."""
+    Needs the lock.
+
+    Quick when nothing changed: an index whose recorded :func:`index_source_key` is the
+    workspace's is current without reading its ids. ``max_rebuild``: rebuild only up to this many
+    images; beyond it a needed rebuild is skipped with a warning and the stale index is left (its
+    searches say so) for ``curator index`` or the next ``embed``.
+    """
     info = read_index_info(ws)
     if info is None:
         return None
+    key = index_source_key(ws)  # of the state read below (the lock keeps it)
+    if info.source_key == key and (ws.root / info.file).is_file():
+        return info
+
+    def rebuild(why: str, n: int) -> IndexInfo:
+        if max_rebuild is not None and n > max_rebuild:
+            log.warning("the index is out of date (%s) and rebuilding its %d images takes a while: not now; "
+                        "run `curator index --workspace %s` (or the next `curator embed` does it)", why, n, ws.root)
+            return info
+        log.info("rebuilding the index: %s", why)
+        return rebuild_index(ws, info)
+
     try:
         old, info = load_index(ws, mmap=True)
         have = np.sort(index_ids(old))
     except Exception as exc:  # noqa: BLE001 - a fallback path
         log.info("index unreadable (%s): rebuilding", exc)
-        return rebuild_index(ws, info)
+        return rebuild(f"unreadable: {exc}", info.count)
     ids = current_ids(ws, info.checkpoint)
     if not _isin_sorted(have, ids).all():
-        return rebuild_index(ws, info)
+        del old
+        return rebuild(f"{int((~_isin_sorted(have, ids)).sum())} of its images are no longer current", len(ids))
     new = ids[~_isin_sorted(ids, have)]
     if len(new) == 0:
+        if info.source_key != key:  # current, but recorded under another key (or none): record this one
+            info.source_key = key
+            _write_info(ws, info)
         return info
     reason = _needs_rebuild(info, len(ids))
     if reason:
-        log.info("rebuilding the index: %s", reason)
         del old
-        return rebuild_index(ws, info)
+        return rebuild(reason, len(ids))
     source = WorkspaceVectors(ws, info.checkpoint, new)
     faiss = _faiss()
     radii = None
@@ -1068,9 +1122,74 @@ def sync_index(ws: Workspace) -> IndexInfo | None:
         _fill_exact(index, int(old.ntotal) + source.count, source.chunks(), [], copy_from=old)
     info.count = int(index.ntotal)
     info.appended_at = dt.datetime.now(dt.UTC).isoformat()
+    info.source_key = key
     out = _save(ws, index, info, radii, appended=True)
     del old
     return out
+
+
+# An `embed` stopped by Ctrl-C or an error rebuilds a stale index only up to this many images (a
+# 10M rebuild takes many minutes); a larger one stays stale, and says so, until `curator index`
+# or the next `embed`.
+STOP_REBUILD_MAX = 200_000
+
+
+def sync_index_after_stop(ws: Workspace) -> IndexInfo | None:
+    """:func:`sync_index` for an ``embed`` that was interrupted or failed, called from its
+    exception handler under the writer lock, after its last commit: appends the images it
+    committed, rebuilds only small indexes, and never raises (a failure is logged; the searches
+    report the index as stale and the next ``embed`` or ``curator index`` repairs it). Does
+    nothing when the exception being handled came out of ``sync_index`` itself."""
+    tb = sys.exc_info()[2]
+    if tb is not None and any(frame.f_code is sync_index.__code__ for frame, _ in traceback.walk_tb(tb)):
+        log.warning("the index was being updated when the run stopped; `curator index --workspace %s` or the next "
+                    "`curator embed` updates it", ws.root)
+        return None
+    try:
+        return sync_index(ws, max_rebuild=STOP_REBUILD_MAX)
+    except Exception as exc:  # noqa: BLE001 - the run's own error is the one to raise
+        log.warning("the index could not be updated (%s: %s); `curator index --workspace %s` or the next `curator embed` "
+                    "updates it", type(exc).__name__, exc, ws.root)
+        return None
+
+
+def _current_ids_con(con, checkpoint: str) -> np.ndarray:
+    got = con.execute("SELECT image_id FROM embeddings WHERE checkpoint = ?", [checkpoint]).fetchnumpy()["image_id"]
+    return np.unique(np.asarray(got, dtype=np.int64))
+
+
+def index_staleness(ws: Workspace, info: IndexInfo, index=None, con=None) -> str | None:
+    """None when the index holds exactly the images of ``ws``'s current catalog (that have an
+    embedding of its checkpoint), else a sentence saying what it lacks and what to run.
+
+    Cheap when current: the recorded :func:`index_source_key` equals the workspace's. Otherwise
+    (the workspace changed since the index was written, or the index predates keys) the index's
+    ids are compared with the catalog's, as ``curator verify`` does; equal counts prove nothing (a
+    changed file adds one image and supersedes another). ``index`` (the loaded index) and
+    ``con`` (a connection to ``ws``) save loading them again.
+    """
+    if info.source_key and info.source_key == index_source_key(ws):
+        return None
+    if index is None:
+        index, info = load_index(ws)
+    have = np.sort(index_ids(index))
+    if con is None:
+        want = current_ids(ws, info.checkpoint)
+    else:
+        want = _current_ids_con(con, info.checkpoint)
+    if np.array_equal(have, want):
+        return None
+    missing = int((~_isin_sorted(want, have)).sum())
+    extra = int((~_isin_sorted(have, want)).sum())
+    what = []
+    if missing:
+        what.append(f"lacks {missing:,} of the workspace's {len(want):,} images (searches cannot find them)")
+    if extra:
+        what.append(f"holds {extra:,} that are no longer current")
+    if not what:
+        what.append("holds some images twice")
+    return (f"the index is out of date: it {' and '.join(what)}; an `embed` probably stopped before updating it. "
+            f"Run `curator index --workspace {ws.root}` (or `curator embed` again) to update it.")
 
 
 def _index_dir(ws: Workspace) -> Path:
@@ -1085,9 +1204,14 @@ def _save(ws: Workspace, index, info: IndexInfo, radii: np.ndarray | None = None
     folder = _index_dir(ws)
     name = f"{info.checkpoint[:12]}.{info.index_type}.faiss"
     tmp = folder / f".{name}.tmp"
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        faiss.write_index(index, str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     tmp.replace(folder / name)
     info.radii_file = None
     if radii is not None:
@@ -1102,14 +1226,18 @@ def _save(ws: Workspace, index, info: IndexInfo, radii: np.ndarray | None = None
     info.built_at = dt.datetime.now(dt.UTC).isoformat()
     if not appended or not info.trained_at:
         info.trained_at = info.built_at
-    info.generation = int(ws.manifest.get("generation", 0))
-    atomic_write_bytes(folder / INDEX_META, json.dumps(dataclasses.asdict(info), indent=1).encode())
+    _write_info(ws, info)
     keep = {Path(info.file).name, Path(info.radii_file).name if info.radii_file else None}
     for p in folder.glob(f"{info.checkpoint[:12]}.*"):
         if p.name not in keep and (p.suffix in (".faiss", ".npz")):
             with contextlib.suppress(OSError):
                 p.unlink()
     return info
+
+
+def _write_info(ws: Workspace, info: IndexInfo) -> None:
+    info.generation = int(ws.manifest.get("generation", 0))
+    atomic_write_bytes(_index_dir(ws) / INDEX_META, json.dumps(dataclasses.asdict(info), indent=1).encode())
 
 
 def read_index_info(ws: Workspace) -> IndexInfo | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from curator import query_cache
-from curator.index import read_index_info
+from curator.index import index_staleness, read_index_info
 from curator.query import connect
 from curator.workspace import open_workspace
 
@@ -25,6 +25,12 @@ def workspace_info(root: str) -> dict:
     finally:
         con.close()
     idx = read_index_info(ws)
+    idx_stale = None
+    if idx is not None:
+        try:
+            idx_stale = index_staleness(ws, idx)
+        except Exception as exc:  # noqa: BLE001 - an unreadable index is reported, not raised
+            idx_stale = f"the index cannot be read ({type(exc).__name__}: {exc}); run `curator index --workspace {ws.root}`"
     cache = query_cache.status(ws)
     return {
         "workspace": str(ws.root),
@@ -45,7 +51,7 @@ def workspace_info(root: str) -> dict:
             {"run_id": r[0], "command": r[1], "status": r[2], "started": r[3], "finished": r[4], "counts": json.loads(r[5] or "{}")}
             for r in runs
         ],
-        "index": None if idx is None else {**idx.__dict__, "stale": idx.count != images},
+        "index": None if idx is None else {**idx.__dict__, "stale": idx_stale is not None, "stale_reason": idx_stale},
         "query_cache": {**cache.__dict__, "path": str(cache.path), "describe": query_cache.describe(cache)},
     }
 
@@ -70,7 +76,7 @@ def format_info(info: dict) -> str:
     if idx is None:
         lines.append("index: none (run `curator index`)")
     else:
-        lines.append(f"index: {idx['count']} images, {idx['index_type']}, checkpoint {idx['checkpoint'][:12]}" + (" (STALE: run `curator index`)" if idx["stale"] else ""))
+        lines.append(f"index: {idx['count']} images, {idx['index_type']}, checkpoint {idx['checkpoint'][:12]}" + (f" (STALE: {idx['stale_reason']})" if idx["stale"] else ""))
     lines.append(info["query_cache"]["describe"])
     lines.append(f"runs (latest {len(info['runs'])}):")
     for r in info["runs"]:

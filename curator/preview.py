@@ -18,6 +18,14 @@ def denormalize(x, cfg: PreprocessCfg = DEFAULT_CFG) -> np.ndarray:
 
 
 def write_preview(file: str | Path, out: str | Path, model_input_out: str | Path | None = None, options: ReadOptions | None = None) -> dict:
+    """Write ``file`` as the pipeline converts it to ``out`` (and the model input to ``model_input_out``).
+
+    Both are written as PNG, which keeps every value; a file name with another suffix (``.jpg``
+    would be lossy, and PNG bytes under that name would mislead) is a ValueError.
+    """
+    for target in (out, model_input_out):
+        if target is not None and Path(target).suffix.lower() != ".png":
+            raise ValueError(f"{target}: previews are written as PNG (lossless, every value kept); give a file name ending in .png")
     result = read_image(file, options or ReadOptions(modalities=None))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     result.image.save(out, format="PNG")

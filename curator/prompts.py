@@ -7,6 +7,8 @@ A prompt set is a small TOML file::
     [[finding]]
     name = "Pneumoperitoneum"                                        # column: pneumoperitoneum
     phrases = ["pneumoperitoneum", "free air under the diaphragm"]   # optional, default [name]
+
+Other keys are an error (as in cohort specs), and so is ``phrases`` given as a single string.
 """
 
 from __future__ import annotations
@@ -79,7 +81,21 @@ def _check_template(t: object, key: str, where: str) -> str:
     return t
 
 
+TOP_LEVEL_KEYS = ("name", "positive", "negative", "finding")
+FINDING_KEYS = ("name", "phrases")
+
+
+def _unknown_keys(table: dict, known: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise PromptSetError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(known)})")
+
+
 def parse_prompt_set(data: dict, where: str = "prompt set") -> PromptSet:
+    """A prompt set from a parsed TOML table; unknown keys (a typo such as ``phrase``) are an error."""
+    if not isinstance(data, dict):
+        raise PromptSetError(f"{where}: a prompt set must be a table")
+    _unknown_keys(data, TOP_LEVEL_KEYS, where)
     positive = _check_template(data.get("positive", C.POSITIVE_TEMPLATE), "positive", where)
     negative = _check_template(data.get("negative", C.NEGATIVE_TEMPLATE), "negative", where)
     raw = data.get("finding")
@@ -91,9 +107,11 @@ def parse_prompt_set(data: dict, where: str = "prompt set") -> PromptSet:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
             raise PromptSetError(f"{where}: finding #{i + 1} needs a non-empty string 'name'")
         name = item["name"].strip()
+        _unknown_keys(item, FINDING_KEYS, f"{where}: finding {name!r}")
         phrases = item.get("phrases", [name])
         if isinstance(phrases, str):
-            phrases = [phrases]
+            raise PromptSetError(f"{where}: finding {name!r}: 'phrases' must be a list of strings, "
+                                 f"e.g. phrases = [{json.dumps(phrases)}], not a string")
         if not isinstance(phrases, list) or not phrases or not all(isinstance(p, str) and p.strip() for p in phrases):
             raise PromptSetError(f"{where}: finding {name!r}: 'phrases' must be a non-empty list of strings")
         col = snake_case(name)

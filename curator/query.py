@@ -106,7 +106,9 @@ def create_views(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
         rel = _parquet_relation(paths, predictions_schema(cols))
         con.execute(f"CREATE OR REPLACE VIEW predictions_{ps_id} AS {rel}")
     all_preds = ws.part_paths("predictions")
-    con.execute(f"CREATE OR REPLACE VIEW predictions AS {_parquet_relation(all_preds, PREDICTION_KEY_SCHEMA)}")
+    # the probabilities of the current catalog rows (as `embeddings`: not those of replaced rows)
+    con.execute(f"CREATE OR REPLACE VIEW predictions AS SELECT p.* FROM ({_parquet_relation(all_preds, PREDICTION_KEY_SCHEMA)}) AS p "
+                "SEMI JOIN catalog AS c ON c.image_id = p.image_id")
     con.execute(images_view_sql(ws))
     # weak labels (<finding>_label = 1 / 0 / -1), only once `curator calibrate` stored thresholds
     from curator.calibrate import labels_view_sql
@@ -205,7 +207,10 @@ def run_query(ws: Workspace, query: str, params: dict | None = None, sandbox: bo
             con = connect(ws, sandbox=sandbox)
             for name, value in (params or {}).items():
                 con.execute(f"SET VARIABLE {name} = ?", [value])
-            return con.execute(query).df()
+            result = con.execute(query)
+            if result is None:  # nothing to run: an empty query or only comments
+                raise QueryError("the query is empty (no SQL statement in it)")
+            return result.df()
         except duckdb.IOException as exc:
             if attempt + 1 < attempts and _missing_file(exc):
                 continue

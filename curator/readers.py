@@ -151,7 +151,7 @@ def read_image(path: str | Path, options: ReadOptions | None = None, data: bytes
             raise ReadError("empty_file", "zero-byte file")
         kind = sniff(p, data[:132] if data is not None else None)
     except FileNotFoundError:
-        raise ReadError("vanished", "file disappeared before it could be read") from None
+        raise ReadError("vanished", "no such file") from None
     except PermissionError as exc:
         raise ReadError("unreadable", f"permission denied: {exc}") from None
     except OSError as exc:

@@ -75,15 +75,19 @@ def search(ws: Workspace, vector: np.ndarray, k: int = 20, index_and_info=None, 
 
     ``allowed_ids`` (image ids) restricts the search itself to those images: the top-k among
     them, k of them whenever at least k are allowed and indexed.
+
+    An index that does not hold exactly the workspace's current images (an ``embed`` stopped
+    before updating it) is searched all the same, with a warning that says what it lacks and
+    what to run (:func:`curator.index.index_staleness`; cheap when the index is current).
     """
     index, info = index_and_info or faiss_index.load_index(ws)
     sims, ids = faiss_index.search_vectors(index, vector, k, allowed_ids=allowed_ids)
     hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0]
     con = connect(ws)
     try:
-        n_current = con.execute("SELECT count(*) FROM embeddings WHERE checkpoint = ?", [info.checkpoint]).fetchone()[0]
-        if n_current != info.count:
-            log.warning("the index holds %d images but the workspace has %d; run `curator index` to update it", info.count, n_current)
+        stale = faiss_index.index_staleness(ws, info, index, con)
+        if stale:
+            log.warning("%s", stale)
         if not hits:
             return pd.DataFrame(columns=["rank", "image_id", "similarity", "path"])
         con.execute("CREATE TEMP TABLE hits(rank INTEGER, image_id BIGINT, similarity DOUBLE)")
@@ -304,7 +308,9 @@ def image_vector_from_bytes(ck: Checkpoint, data: bytes, read_options: ReadOptio
 class Searcher:
     """Index + model + filter table of one workspace state, shared by threads.
 
-    Each thread gets its own DuckDB cursor on one sandboxed connection.
+    Each thread gets its own DuckDB cursor on one sandboxed connection. ``stale`` (and
+    ``stale_reason``, the sentence to show) says the index does not hold exactly the current
+    images: searches then miss the ones it lacks until ``curator index`` or ``embed`` updates it.
     """
 
     def __init__(self, ws: Workspace, device: str | None = None, checkpoint: Checkpoint | None = None,
@@ -327,7 +333,12 @@ class Searcher:
         order = "" if kind == "VIEW" else " ORDER BY image_id"
         self._con.execute(f"CREATE {kind} search_rows AS SELECT {cols} FROM images{order}")
         self.images = int(self._con.execute("SELECT count(*) FROM search_rows").fetchall()[0][0])
-        self.stale = self.images != self.info.count
+        # None, or what the index lacks and what to run (counts alone miss a changed file: one
+        # image added, one superseded)
+        self.stale_reason: str | None = faiss_index.index_staleness(ws, self.info, self.index, self._con)
+        self.stale = self.stale_reason is not None
+        if self.stale_reason:
+            log.warning("%s", self.stale_reason)
         self._local = threading.local()
         self._encode_lock = threading.Lock()
 

@@ -5,7 +5,9 @@ temporary file is left; image ids are unique and below the manifest's counter; e
 image has exactly one embedding per ensemble checkpoint and exactly one prediction row per
 member (checkpoints and ensemble) of every active prompt set; no embedding or prediction belongs
 to an unknown image; no file version is catalogued twice; the index (if built) holds exactly the
-current images. ``repair`` deletes orphans and rebuilds a stale index; anything else is reported.
+current images (the same test searches use when the workspace state recorded in index.json is
+not the manifest's: :func:`curator.index.index_staleness`). ``repair`` deletes orphans and
+rebuilds a stale index; anything else is reported.
 """
 
 from __future__ import annotations
@@ -152,6 +154,12 @@ def _check_index(ws: Workspace, rep: VerifyReport, repair: bool, con) -> None:
         del index
     rep.stats["index"] = f"{info.count} vectors" if problem is None else "stale"
     if problem is None:
+        if repair and info.source_key != faiss_index.index_source_key(ws):
+            # current, but index.json does not record this workspace state (an index from before
+            # keys were kept, or a run killed between writing the index and its description):
+            # record it, so searches know the index is current without comparing ids
+            faiss_index.sync_index(ws)
+            rep.repaired.append("recorded the workspace state the index holds in index.json")
         return
     if repair:
         new = faiss_index.rebuild_index(ws, info)

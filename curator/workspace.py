@@ -369,6 +369,10 @@ class Workspace:
         for k, v in updates.items():
             m[k] = v
         m["generation"] = int(m.get("generation", 0)) + 1
+        # The parts' renames reach the disk before the manifest that lists them (after a power
+        # loss a manifest must not name a part whose directory entry was lost).
+        for folder in sorted({part.dataset for part in add}):
+            _fsync_dir(self.root / folder)
         try:
             atomic_write_bytes(self.root / MANIFEST, json.dumps(m, indent=1, sort_keys=True).encode())
         except OSError as exc:

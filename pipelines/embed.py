@@ -65,6 +65,7 @@ class EmbedSummary:
     failed: Counter = field(default_factory=Counter)
     filtered: Counter = field(default_factory=Counter)
     ignored: Counter = field(default_factory=Counter)
+    retired: int = 0  # catalogued files that changed and now fail: their old rows left the catalog
     seconds: float = 0.0
     device: str = ""
 
@@ -83,6 +84,8 @@ class EmbedSummary:
         out += [f"    {k}: {v}" for k, v in sorted(self.failed.items())]
         out.append(f"  filtered out:        {sum(self.filtered.values())}")
         out += [f"    {k}: {v}" for k, v in sorted(self.filtered.items())]
+        if self.retired:
+            out.append(f"  of the failed or filtered, {self.retired} were catalogued before and changed: their old rows left the catalog")
         if self.ignored:
             out.append(f"  ignored by name:     {sum(self.ignored.values())}")
             out += [f"    {k}: {v}" for k, v in sorted(self.ignored.items())]
@@ -208,6 +211,13 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
         raise ValueError("at least one --checkpoint is needed")
     summary = EmbedSummary(run_id=run_id, device="ray cluster" if cfg.engine == "ray" else ", ".join(str(d) for d in devices))
     ws = Workspace(cfg.workspace)
+    for root in cfg.archives:  # fail before any work (and before a workspace appears) on a mistyped folder
+        if not os.path.lexists(os.path.expanduser(root)):
+            raise FileNotFoundError(f"{root}: no such file or folder")
+        where = Path(root).expanduser().resolve()
+        if where == ws.root.resolve():
+            raise WorkspaceError(f"{root}: is the workspace folder itself; keep the workspace beside the archive "
+                                 f"(e.g. --workspace {where.parent / (where.name + '-ws')})")
     with ws.writer():
         refs = checkpoints
         if refs is None:
@@ -229,12 +239,17 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             sets, cols = register_prompt_set(sets, cols, default_prompt_set(), started.isoformat())
         modalities = sorted(cfg.read_options.modalities) if cfg.read_options.modalities is not None else None
         retry_filtered = ws.manifest.get("modality_filter", "unset") != modalities
-        ws.commit(checkpoints=ck_meta, ensemble=[c.sha256 for c in refs], prompt_sets=sets, finding_columns=cols, modality_filter=modalities)
+        reading = {"dicom_conversion": cfg.read_options.dicom_conversion, "fast_jpeg": cfg.read_options.jpeg_draft_min_side is not None}
+        before = ws.manifest.get("reading")
+        if before and before != reading and ws.row_count("catalog"):
+            changed = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in reading.items() if before.get(k) != v)
+            log.warning("this run reads images differently from the last one (%s): files already in the catalog and unchanged "
+                        "keep the images and probabilities of the earlier reading; only new and changed files are read the "
+                        "new way. To have the whole archive read the new way, embed it into a new workspace.", changed)
+        ws.commit(checkpoints=ck_meta, ensemble=[c.sha256 for c in refs], prompt_sets=sets, finding_columns=cols, modality_filter=modalities,
+                  reading=reading)
         prompt_sets = active_prompt_sets(ws)
 
-        for root in cfg.archives:  # fail before any work on a mistyped folder
-            if not os.path.lexists(os.path.expanduser(root)):
-                raise FileNotFoundError(f"{root}: no such file or folder")
         known = KnownFiles(ws, retry_filtered)
         writer = WorkspaceWriter(ws, run_id, prompt_sets, [c.sha256 for c in refs], flush_rows=cfg.flush_rows)
         report = WalkReport()
@@ -246,7 +261,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             bar = _progress(None, cfg.progress)
             left = cfg.limit
             chunk_files = cfg.chunk_files or (1_000_000 if cfg.engine == "ray" else 100_000)
-            for chunk in _chunked(walk(cfg.archives, report), chunk_files):
+            for chunk in _chunked(walk(cfg.archives, report, exclude=[ws.root]), chunk_files):
                 summary.discovered += len(chunk)
                 unchanged, bad, previous = known.classify([e.path for e in chunk], [e.size for e in chunk], [e.mtime_ns for e in chunk])
                 summary.unchanged += int(unchanged.sum())
@@ -295,14 +310,21 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
         except KeyboardInterrupt:
             status = "interrupted"
             writer.flush()
+            from curator.index import sync_index_after_stop
+
+            sync_index_after_stop(ws)  # the committed images into the index (quick cases only; never raises)
             raise
         except Exception:
             status = "failed"
+            from curator.index import sync_index_after_stop
+
+            sync_index_after_stop(ws)  # what earlier flushes committed into the index (quick cases only; never raises)
             raise
         finally:
             summary.processed = writer.stats.processed
             summary.failed = writer.stats.failed
             summary.filtered = writer.stats.filtered
+            summary.retired = writer.stats.retired
             summary.seconds = time.perf_counter() - t_start
             counts = {
                 "discovered": summary.discovered,
@@ -312,6 +334,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                 "failed": dict(summary.failed),
                 "filtered": dict(summary.filtered),
                 "ignored": dict(summary.ignored),
+                "retired": summary.retired,
             }
             record = run_record(
                 run_id, "embed", status, started,

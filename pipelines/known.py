@@ -43,7 +43,22 @@ def _binary16(col) -> np.ndarray:
     return np.frombuffer(data, dtype="S16", count=len(col), offset=int(off[0])).copy()
 
 
-def _stored_keys(files: list[str], errors: bool, retry_filtered: bool, batch_rows: int = 1 << 20):
+def _retired_ids(ws) -> np.ndarray:
+    """Sorted ids of catalog rows retired without a successor (the file changed, then failed)."""
+    files = [str(p) for p in ws.part_paths("superseded")]
+    if not files:
+        return np.zeros(0, np.int64)
+    import duckdb
+
+    con = duckdb.connect(":memory:")
+    try:
+        rows = con.execute("SELECT DISTINCT image_id FROM read_parquet($f) WHERE superseded_by IS NULL ORDER BY 1", {"f": files}).fetchall()
+    finally:
+        con.close()
+    return np.array([r[0] for r in rows], np.int64)
+
+
+def _stored_keys(files: list[str], errors: bool, retry_filtered: bool, batch_rows: int = 1 << 20, drop_ids: np.ndarray | None = None):
     """(keys, sizes, mtimes, ids) of the parts' rows, in part order, hashed by DuckDB in batches.
 
     DuckDB reads the parts and computes the digests in C++ on every core (a Python loop over ten
@@ -61,9 +76,13 @@ def _stored_keys(files: list[str], errors: bool, retry_filtered: bool, batch_row
             f"coalesce({id_col}, {int(MISSING)}) AS i FROM read_parquet($files, union_by_name = true) {where}", params={"files": files}).to_arrow_reader(batch_rows)
         out: tuple[list, list, list, list] = ([], [], [], [])
         for batch in reader:
-            out[0].append(_binary16(batch.column(0)))
-            for j in (1, 2, 3):
-                out[j].append(np.asarray(batch.column(j).to_numpy(zero_copy_only=False), dtype=np.int64))
+            cols = [_binary16(batch.column(0))] + [np.asarray(batch.column(j).to_numpy(zero_copy_only=False), dtype=np.int64) for j in (1, 2, 3)]
+            if drop_ids is not None and len(drop_ids) and not errors:
+                # a retired row (its file changed and failed) is no longer the path's catalogued version
+                keep = ~np.isin(cols[3], drop_ids)
+                cols = [c[keep] for c in cols]
+            for j in range(4):
+                out[j].append(cols[j])
         return out
     finally:
         con.close()
@@ -110,9 +129,10 @@ class KnownFiles:
 
     def __init__(self, ws: Workspace, retry_filtered: bool = False):
         tables = {}
+        retired = _retired_ids(ws)
         for dataset in ("catalog", "errors"):
             files = [str(p) for p in ws.part_paths(dataset)]
-            tables[dataset] = _Table(*_stored_keys(files, dataset == "errors", retry_filtered)) if files else _Table([], [], [], [])
+            tables[dataset] = _Table(*_stored_keys(files, dataset == "errors", retry_filtered, drop_ids=retired)) if files else _Table([], [], [], [])
         self.catalog = tables["catalog"]
         self.errors = tables["errors"]
 

@@ -167,6 +167,7 @@ class WriterStats:
     failed: Counter = field(default_factory=Counter)  # kind -> count
     filtered: Counter = field(default_factory=Counter)
     parts: int = 0
+    retired: int = 0  # catalog rows of changed files that now fail: no successor
 
 
 class WorkspaceWriter:
@@ -234,12 +235,17 @@ class WorkspaceWriter:
             for ps in self.prompt_sets:
                 members = {m: np.concatenate(v) for m, v in self._probs[ps.id].items()}
                 parts.append(self.ws.write_part("predictions", predictions_table(ids, ps, members), row_group_size=n, prompt_set=ps.id))
-            replaced = [(self.previous.pop(r["path"]), r["path"], int(i)) for r, i in zip(self._rows, ids) if r["path"] in self.previous]
-            if replaced:
-                old, paths, new = zip(*replaced)
-                table = pa.table({"image_id": list(old), "path": list(paths), "superseded_by": list(new), "run_id": [self.run_id] * len(old)},
-                                 schema=SUPERSEDED_SCHEMA)
-                parts.append(self.ws.write_part("superseded", table))
+        replaced = [(self.previous.pop(r["path"]), r["path"], int(i)) for r, i in zip(self._rows, ids) if r["path"] in self.previous] if n else []
+        # A catalogued file that changed and now fails (or is filtered out): its old row describes
+        # content that no longer exists, so it is retired too, with no successor (superseded_by null).
+        retired = [(self.previous.pop(e["path"]), e["path"], None) for e in self._errors if e["path"] in self.previous]
+        if retired:
+            self.stats.retired += len(retired)
+        if replaced or retired:
+            old, paths, new = zip(*(replaced + retired))
+            table = pa.table({"image_id": list(old), "path": list(paths), "superseded_by": list(new), "run_id": [self.run_id] * len(old)},
+                             schema=SUPERSEDED_SCHEMA)
+            parts.append(self.ws.write_part("superseded", table))
         if self._errors:
             errs = [{**e, "run_id": self.run_id, "time": now} for e in self._errors]
             table = pa.Table.from_pylist(errs, schema=ERRORS_SCHEMA)

@@ -178,20 +178,39 @@ def test_deidentified_manifest_redacts_ids_and_patient_folders_in_the_spec_text(
     for folder, pid in people.items():
         (arc / folder).mkdir(parents=True)
         write_dicom(arc / folder / "img.dcm", np.full((72, 64), 1000, np.uint16) + np.arange(64, dtype=np.uint16), bits_stored=12,
-                    patient_id=pid, patient_name=folder.split("_")[0])
+                    patient_id=pid, patient_name=folder.split("_")[0], study_date="20190704" if pid == "31415926" else "20190317")
     embed(arc, ws, tiny_checkpoints[:1])
     spec = CohortSpec(name="patient 17708425 follow-up", description="cases of DOE^JOHN and SMITH^JANE, threshold 0.1005.",
                       where="(patient_id = 17708425 OR patient_id LIKE '5550123%' OR starts_with(patient_id, '9990') "
-                            "OR path LIKE '%ROE^RICHARD%') AND edema >= 0.0 AND rows >= 16")
+                            "OR path LIKE '%ROE^RICHARD%') AND edema >= 0.0 AND rows >= 16 AND study_date <> DATE '2019-07-04' "
+                            "AND study_date >= '2001-01-01'")
     m = export_cohort(ws, spec, tmp_path / "out")
     assert m["counts"]["rows"] == 3
     text = (tmp_path / "out" / "manifest.json").read_text()
-    for secret in ("17708425", "5550123", "9990", "DOE^JOHN", "SMITH^JANE", "ROE^RICHARD"):
+    for secret in ("17708425", "5550123", "9990", "DOE^JOHN", "SMITH^JANE", "ROE^RICHARD", "2019-07-04"):
         assert secret not in text, secret
-    # what identifies no one stays readable
+    # what identifies no one stays readable: other numbers, a date no study has
     assert "edema >= 0.0 AND rows >= 16" in m["spec"]["where"] and "threshold 0.1005" in m["description"]
-    assert m["spec"]["where"].count("[redacted]") == 4 and m["name"] == "patient [redacted] follow-up"
+    assert "study_date >= '2001-01-01'" in m["spec"]["where"]
+    assert m["spec"]["where"].count("[redacted]") == 5 and m["name"] == "patient [redacted] follow-up"
     assert m["deidentification"]["redacted_spec_literals"] >= 5
+
+
+def test_png_archive_without_patient_ids_warns_and_patient_key_groups_it(tmp_path, tiny_checkpoints):
+    from tests.conftest import write_raster_archive
+
+    arc, ws = tmp_path / "arc", tmp_path / "ws"
+    for pid, n in (("p01", 3), ("p02", 2)):
+        write_raster_archive(arc / pid, n, seed=n)
+    embed(arc, ws, tiny_checkpoints[:1])
+    m = export_cohort(ws, CohortSpec(name="all", one_per="patient"), tmp_path / "a")
+    assert m["counts"]["rows"] == 5 and m["counts"]["patients"] == 5  # every image its own patient ...
+    assert "5 of 5 rows have no patient key" in m["warnings"][0]  # ... and the export says so
+    m = export_cohort(ws, CohortSpec(name="all", one_per="patient", patient_key="regexp_extract(path, '/(p[0-9]+)/', 1)"), tmp_path / "b")
+    assert m["counts"]["rows"] == 2 and m["counts"]["patients"] == 2 and not m["warnings"]
+    # a key expression that matches nothing gives '' : no patient, not one patient for all
+    m = export_cohort(ws, CohortSpec(name="all", one_per="patient", patient_key="regexp_extract(path, '/(q[0-9]+)/', 1)"), tmp_path / "c")
+    assert m["counts"]["rows"] == 5 and m["warnings"]
 
 
 def test_split_is_patient_disjoint_and_follows_the_documented_hash(dicom_ws, tmp_path):
@@ -256,6 +275,17 @@ def test_rerun_on_a_grown_archive_gives_a_superset(tmp_path, tiny_checkpoints):
     with pytest.raises(ValueError, match="not empty"):
         export_cohort(ws, spec, tmp_path / "b")
     export_cohort(ws, spec, tmp_path / "b", overwrite=True)
+    # --overwrite replaces an earlier export only: never a folder with anything else in it
+    (tmp_path / "b" / "notes.txt").write_text("my notes")
+    other = tmp_path / "thesis"
+    other.mkdir()
+    (other / "chapter1.txt").write_text("draft")
+    for folder, why in ((tmp_path / "b", "also holds notes.txt"), (other, "has no cohort manifest.json"),
+                        (ws.parent, "holds the workspace"), (arc, "has no cohort manifest.json")):
+        with pytest.raises(ValueError, match=why):
+            export_cohort(ws, spec, folder, overwrite=True)
+    assert (tmp_path / "b" / "notes.txt").read_text() == "my notes" and (other / "chapter1.txt").read_text() == "draft"
+    assert (ws / "manifest.json").is_file() and any(arc.rglob("*.dcm"))
 
 
 def test_dataset_reads_copied_and_source_images_as_the_model_input(dicom_ws, tmp_path):

@@ -348,3 +348,184 @@ def test_torch_backend_assigns_like_numpy(monkeypatch):
     assert ci.gpu_backend(False) is None and ci.gpu_backend("torch") == "torch"
     if not ci.use_gpu() and not ci._torch_cuda():
         assert ci.gpu_backend() is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantised IVF codes on embeddings that share a direction (as CLIP image embeddings do)
+
+
+def test_ivf_codes_learn_from_residuals_on_embeddings_sharing_a_direction():
+    """IVF-SQ8 / IVF-PQ encode x - centroid, so their encoder must be trained on those residuals.
+    Trained on the raw vectors (mean norm ~0.9 here) the ranges / codebooks are far too coarse:
+    recall@10 was ~0.2 for both."""
+    n, d = 6000, D
+    rng = np.random.default_rng(5)
+    u = rng.standard_normal(d)
+    u /= np.linalg.norm(u)
+    z = clustered(n + 200, d=d, seed=3)
+    x = 0.9 * u + np.sqrt(1 - 0.9**2) * z
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    x, q = x[:n], x[n:]
+    assert np.linalg.norm(x.mean(axis=0)) > 0.85
+    ids = np.arange(n, dtype=np.int64) * 3 + 7
+    truth = brute_top(x, ids, q, 10)
+    for kind, floor in (("ivf-sq8", 0.9), ("ivf-pq", 0.5)):
+        plan = ci.choose_index(n, d, 1.0, kind)
+        index, rep = ci.build_from_source(ci.ArrayVectors(ids, x), plan, recall_sample=400, seed=0)
+        independent = ci.recall_at_k(ci.search_vectors(index, q, 10)[1], truth)
+        assert independent >= floor and rep.recall_at_10 >= floor, (kind, independent, rep.recall_at_10, rep.tune_curve)
+        assert abs(independent - rep.recall_at_10) < 0.1, (kind, independent, rep.recall_at_10)
+
+
+def test_bench_vectors_share_a_direction():
+    from curator.bench import SyntheticVectors
+
+    x = np.concatenate([v for _, v in SyntheticVectors(4000, 32, seed=2).chunks()])
+    assert np.linalg.norm(x.mean(axis=0)) > 0.85 and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    z = np.concatenate([v for _, v in SyntheticVectors(4000, 32, seed=2, common=0).chunks()])
+    assert np.linalg.norm(z.mean(axis=0)) < 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# Staleness: index.json records the workspace state it holds (index_source_key)
+
+
+def test_index_records_the_workspace_state_it_holds(tmp_path, monkeypatch):
+    ws = _workspace(tmp_path / "ws", 2000)
+    monkeypatch.setattr(ci, "EXACT_MAX", 2200)
+    with ws.writer():
+        info = ci.build_index(ws, budget_gb=1, recall_sample=50)
+        assert info.source_key == ci.index_source_key(ws) and ci.index_staleness(ws, info) is None
+        with monkeypatch.context() as m:  # current: neither sync nor the staleness check reads ids
+            m.setattr(ci, "index_ids", lambda index: pytest.fail("ids read"))
+            assert ci.sync_index(ws).source_key == info.source_key
+            assert ci.index_staleness(ws, ci.read_index_info(ws)) is None
+        # an index.json from before keys were kept: decided by the ids, and the key recorded by a sync
+        meta = json.loads((ws.root / "index" / "index.json").read_text())
+        del meta["source_key"]
+        (ws.root / "index" / "index.json").write_text(json.dumps(meta))
+        assert ci.read_index_info(ws).source_key is None and ci.index_staleness(ws, ci.read_index_info(ws)) is None
+        assert ci.sync_index(ws).source_key == ci.index_source_key(ws)
+        # 500 more images change the auto choice (flat -> ivf-flat): a rebuild, which max_rebuild can defer
+        _add_images(ws, IDS[2000:2500], X[2000:2500])
+        assert ci.index_source_key(ws) != info.source_key
+        stale = ci.sync_index(ws, max_rebuild=1000)
+        assert stale.count == 2000 and stale.index_type == "flat"
+        why = ci.index_staleness(ws, ci.read_index_info(ws))
+        assert why and "lacks 500 of the workspace's 2,500 images" in why and "curator index" in why
+        # a failed sync is not retried by the stopped run's handler
+        with monkeypatch.context() as m:
+            m.setattr(ci, "rebuild_index", lambda ws, info: (_ for _ in ()).throw(RuntimeError("no space")))
+            with pytest.raises(RuntimeError):
+                ci.sync_index(ws)
+            try:
+                ci.sync_index(ws)
+            except RuntimeError:
+                assert ci.sync_index_after_stop(ws) is None
+        assert ci.read_index_info(ws).count == 2000
+        done = ci.sync_index_after_stop(ws)  # not handling an exception from sync_index: it syncs
+        assert done.index_type == "ivf-flat" and done.count == 2500 and ci.index_staleness(ws, done) is None
+
+
+def _change_file(path, seed: int) -> None:
+    """New content and mtime for an archive file (same name and format)."""
+    from PIL import Image
+
+    arr = np.random.default_rng(seed).integers(0, 255, (200, 260), dtype=np.uint8)
+    Image.fromarray(arr).save(path, **({} if str(path).endswith(".png") else {"quality": 90}))
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9 * (seed + 1)))
+
+
+def _embed_cfg(arc, ws, ck, **kw):
+    from curator.pipelines.embed import EmbedConfig
+
+    return EmbedConfig(**{"archives": [str(arc)], "workspace": str(ws), "checkpoints": [str(ck)], "device": "cpu", "workers": 0,
+                          "batch_size": 4, "progress": False, **kw})
+
+
+def _catalog_ids(ws: Workspace) -> np.ndarray:
+    from curator.query import run_query
+
+    return np.sort(run_query(ws, "SELECT image_id FROM catalog").image_id.to_numpy().astype(np.int64))
+
+
+def test_embed_killed_before_the_index_update_with_changed_files(tmp_path, tiny_checkpoints, caplog):
+    """A changed file adds one image and supersedes one: the counts match, the ids do not. A run
+    killed between its commit and the index update leaves such an index; searches must say so,
+    and the next embed repairs it."""
+    from curator.pipelines.embed import run_embed
+    from curator.search import Searcher, search
+    from curator.verify import verify
+
+    from tests.conftest import write_raster_archive
+
+    arc, ws_dir, ck = tmp_path / "arc", tmp_path / "ws", tiny_checkpoints[0]
+    paths = sorted(write_raster_archive(arc, 10))
+    run_embed(_embed_cfg(arc, ws_dir, ck))
+    with Workspace(ws_dir).writer() as w:
+        ci.build_index(w, kind="flat", budget_gb=1, recall_sample=10)
+    for i, p in enumerate(paths[:3]):
+        _change_file(p, 400 + i)
+    cmd = [sys.executable, "-m", "curator.cli", "-q", "embed", str(arc), "--workspace", str(ws_dir), "--checkpoint", str(ck),
+           "--device", "cpu", "--batch-size", "4", "--workers", "0"]
+    # commit 1 records the checkpoints; commit 2 adds the three new rows and supersedes the old ones
+    r = subprocess.run(cmd, env=dict(os.environ, CURATOR_CRASH_AT="commit:2", OMP_NUM_THREADS="1"), capture_output=True, check=False)
+    assert r.returncode == -9, r.stderr[-2000:]
+    ws = Workspace(ws_dir)
+    index, info = ci.load_index(ws)
+    current = _catalog_ids(ws)
+    assert info.count == len(current) == 10 and len(np.setdiff1d(current, ci.index_ids(index))) == 3  # counts alone miss it
+    q = ci.reconstruct(index, int(np.setdiff1d(ci.index_ids(index), current)[0]))
+    with caplog.at_level("WARNING", logger="curator.search"):
+        df = search(ws, q, k=10)
+    assert len(df) == 7 and "lacks 3 of the workspace's 10 images" in caplog.text and "curator index" in caplog.text
+    s = Searcher(ws, load_model=False)
+    assert s.stale and "lacks 3" in s.stale_reason and "holds 3 that are no longer current" in s.stale_reason
+    rep = verify(str(ws_dir))
+    assert any("index is stale: 3 image(s) missing, 3 not in the catalog" in p for p in rep.problems), rep.lines()
+    # the next embed (nothing left to embed) brings the index up to date
+    run_embed(_embed_cfg(arc, ws_dir, ck))
+    ws = Workspace(ws_dir)
+    index, info = ci.load_index(ws)
+    assert np.array_equal(np.sort(ci.index_ids(index)), _catalog_ids(ws)) and info.source_key == ci.index_source_key(ws)
+    s = Searcher(ws, load_model=False)
+    assert not s.stale and s.stale_reason is None and len(s.search(q, 10)) == 10
+    assert verify(str(ws_dir)).ok
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_stopped_embed_updates_the_index_with_what_it_committed(tmp_path, tiny_checkpoints, monkeypatch, stop):
+    from curator import faults
+    from curator.pipelines.embed import run_embed
+    from curator.search import Searcher
+
+    from tests.conftest import write_raster_archive
+
+    arc, ws_dir, ck = tmp_path / "arc", tmp_path / "ws", tiny_checkpoints[0]
+    paths = sorted(write_raster_archive(arc, 8))
+    run_embed(_embed_cfg(arc, ws_dir, ck))
+    with Workspace(ws_dir).writer() as w:
+        ci.build_index(w, kind="flat", budget_gb=1, recall_sample=10)
+    before = ci.read_index_info(Workspace(ws_dir))
+    for i, p in enumerate(paths[:2]):  # the first two files walked: the first batch, committed
+        _change_file(p, 500 + i)
+    write_raster_archive(arc, 4, seed=3, start=50)
+    real, batches = faults.reached, []
+
+    def stop_at_second_batch(point):
+        if point == "batch":
+            batches.append(1)
+            if len(batches) == 2:
+                raise stop("stopped")
+        real(point)
+
+    monkeypatch.setattr(faults, "reached", stop_at_second_batch)
+    with pytest.raises(stop):
+        run_embed(_embed_cfg(arc, ws_dir, ck, batch_size=2, flush_rows=2))
+    ws = Workspace(ws_dir)
+    current = _catalog_ids(ws)
+    assert len(current) == 8 and ws.row_count("superseded") == 2  # the changed files were committed, nothing new yet
+    index, info = ci.load_index(ws)
+    assert np.array_equal(np.sort(ci.index_ids(index)), current) and info.built_at != before.built_at
+    assert not Searcher(ws, load_model=False).stale

@@ -75,6 +75,95 @@ def test_changed_file_is_re_embedded_once(built, tiny_checkpoints):
     assert df.n[0] == df.d[0] == 12
 
 
+def _counts(ws) -> dict:
+    """Rows per view, and the ids of `images`, straight from DuckDB."""
+    w = Workspace(ws)
+    df = run_query(w, "SELECT (SELECT count(*) FROM catalog) c, (SELECT count(*) FROM images) i, (SELECT count(*) FROM embeddings) e, "
+                      "(SELECT count(DISTINCT image_id) FROM predictions WHERE member = 'ensemble') p, (SELECT count(*) FROM errors) err")
+    return {k: int(df[k][0]) for k in df.columns}
+
+
+def test_changed_file_that_now_fails_leaves_the_catalog_and_returns_when_fixed(built, tiny_checkpoints, tmp_path):
+    import os
+
+    from PIL import Image
+
+    from curator.index import build_index, index_ids, load_index
+
+    arc, ws, paths, _ = built
+    w = Workspace(ws)
+    with w.writer():
+        build_index(w)
+    p = paths[0]
+    old_id = int(run_query(w, f"SELECT image_id FROM catalog WHERE path = '{p.resolve()}'").image_id[0])
+    p.write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # the file changed, and can no longer be read
+    s = embed(arc, ws, tiny_checkpoints[:2])
+    assert s.processed == 0 and sum(s.failed.values()) == 1 and s.retired == 1
+    # the old row described content that no longer exists: gone from every view and the index
+    assert _counts(ws) == {"c": 11, "i": 11, "e": 22, "p": 11, "err": 1}
+    w.reload()
+    assert old_id not in set(index_ids(load_index(w)[0]).tolist())
+    assert run_query(w, f"SELECT count(*) n FROM images WHERE path = '{p.resolve()}'").n[0] == 0
+    prompts = tmp_path / "p.toml"
+    prompts.write_text('[[finding]]\nname = "Pneumoperitoneum"\n')
+    assert run_label(str(ws), load_prompt_set(prompts), progress=False).images == 11
+    s = embed(arc, ws, tiny_checkpoints[:2])  # still broken: skipped as known bad
+    assert s.processed == 0 and s.known_errors == 1 and _counts(ws)["i"] == 11
+    Image.fromarray(np.full((200, 300), 77, np.uint8)).save(p)  # fixed
+    os.utime(p, ns=(1, 10**18))
+    s = embed(arc, ws, tiny_checkpoints[:2])
+    assert s.processed == 1 and s.retired == 0
+    assert _counts(ws) == {"c": 12, "i": 12, "e": 24, "p": 12, "err": 0}
+    w.reload()
+    assert sorted(index_ids(load_index(w)[0]).tolist()) == sorted(run_query(w, "SELECT image_id FROM catalog").image_id.tolist())
+
+
+def test_predictions_view_holds_current_rows_only(built, tiny_checkpoints):
+    import os
+
+    from PIL import Image
+
+    arc, ws, paths, _ = built
+    Image.fromarray(np.full((200, 300), 50, np.uint8)).save(paths[1])
+    os.utime(paths[1], ns=(1, 10**18))
+    embed(arc, ws, tiny_checkpoints[:2])
+    assert _counts(ws)["p"] == 12  # 13 images have ensemble rows stored, one of them a replaced row
+
+
+def test_rerun_with_another_reading_warns_that_catalogued_files_keep_theirs(built, tiny_checkpoints, caplog):
+    from curator.readers import ReadOptions
+
+    arc, ws, _, _ = built
+    with caplog.at_level("WARNING"):
+        s = embed(arc, ws, tiny_checkpoints[:2], read_options=ReadOptions(dicom_conversion="voi"))
+    assert s.processed == 0 and s.unchanged == 12
+    assert any("dicom_conversion mimic -> voi" in r.getMessage() and "new workspace" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        embed(arc, ws, tiny_checkpoints[:2], read_options=ReadOptions(dicom_conversion="voi"))  # same as the last run: quiet
+    assert not any("reads images differently" in r.getMessage() for r in caplog.records)
+
+
+def test_workspace_inside_the_archive_is_not_walked_and_the_archive_itself_is_refused(tmp_path, tiny_checkpoints):
+    from curator.workspace import WorkspaceError
+
+    arc = tmp_path / "arc"
+    write_raster_archive(arc, 4)
+    ws = arc / "ws"
+    assert embed(arc, ws, tiny_checkpoints[:1]).processed == 4
+    (ws / "thumbnails" / "256").mkdir(parents=True)  # as the app makes them: JPEGs inside the workspace
+    write_raster_archive(ws / "thumbnails" / "256", 2, seed=5)
+    s = embed(arc, ws, tiny_checkpoints[:1])
+    assert s.processed == 0 and s.unchanged == 4 and not s.failed
+    assert s.ignored["the workspace's own folder"] == 1
+    assert not run_query(Workspace(ws), "SELECT path FROM catalog WHERE contains(path, '/ws/')").shape[0]
+    fresh = tmp_path / "arc2"
+    write_raster_archive(fresh, 2)
+    with pytest.raises(WorkspaceError, match="is the workspace folder itself"):
+        embed(fresh, fresh, tiny_checkpoints[:1])
+    assert not (fresh / "manifest.json").exists()  # nothing was written into the archive
+
+
 def test_different_checkpoint_set_is_refused(built, tiny_checkpoints):
     arc, ws, _, _ = built
     from curator.workspace import WorkspaceError

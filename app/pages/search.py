@@ -52,8 +52,7 @@ searcher = common.searcher(ws)
 if searcher is None:
     st.stop()
 if searcher.stale:
-    st.warning(f"The index holds {searcher.info.count} images but the workspace has {searcher.images}; "
-               f"run `curator index --workspace {ws.root}` to include the newest ones.")
+    st.warning(searcher.stale_reason[:1].upper() + searcher.stale_reason[1:])
 if searcher.model_error:
     st.warning(f"Text and upload search are off: {searcher.model_error}. 'More like this' still works.")
 
