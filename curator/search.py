@@ -367,6 +367,17 @@ class Searcher:
             return image_vector_from_bytes(ck, data)
 
     def vector_of(self, image_id: int) -> np.ndarray:
+        """The image's stored embedding (the query of "more like this").
+
+        An index with lossy codes (fp16, sq8, ivf-sq8, ivf-pq) reconstructs only an approximation,
+        not of unit length, so the embedding comes from the Parquet parts then; exact indexes give
+        it back as stored.
+        """
+        if self.info.index_type not in ("flat", "ivf-flat"):
+            row = self.cursor().execute("SELECT embedding FROM embeddings_raw WHERE image_id = ? AND checkpoint = ? LIMIT 1",
+                                        [int(image_id), self.info.checkpoint]).fetchall()
+            if row:
+                return np.asarray(row[0][0], dtype=np.float32)
         v = faiss_index.reconstruct(self.index, image_id)
         if v is None:
             raise WorkspaceError(f"image {image_id} is not in the index; run `curator index` to update it")

@@ -164,6 +164,22 @@ def test_workspace_inside_the_archive_is_not_walked_and_the_archive_itself_is_re
     assert not (fresh / "manifest.json").exists()  # nothing was written into the archive
 
 
+def test_more_like_this_queries_with_the_stored_embedding_not_the_lossy_code(built):
+    from curator.index import build_index, read_index_info
+    from curator.search import Searcher
+
+    _, ws, _, _ = built
+    w = Workspace(ws)
+    with w.writer():
+        build_index(w, kind="sq8")
+    info = read_index_info(w)
+    row = duckdb.connect().execute(f"SELECT image_id, embedding FROM read_parquet('{ws}/embeddings/*.parquet') "
+                                   "WHERE checkpoint = ? ORDER BY image_id LIMIT 1", [info.checkpoint]).fetchone()
+    v = Searcher(Workspace(ws), load_model=False).vector_of(row[0])
+    np.testing.assert_array_equal(v, np.asarray(row[1], np.float32))  # the 8-bit code would differ
+    assert abs(float(np.linalg.norm(v)) - 1) < 1e-5
+
+
 def test_different_checkpoint_set_is_refused(built, tiny_checkpoints):
     arc, ws, _, _ = built
     from curator.workspace import WorkspaceError
