@@ -21,7 +21,7 @@ import pandas as pd
 import streamlit as st
 
 from curator import query_cache
-from curator.appserver import is_loopback
+from curator.appserver import ENV_LAUNCHED, is_loopback
 from curator.deid import SAFE_COLUMNS
 from curator.index import read_index_info
 from curator.query import connect
@@ -37,7 +37,6 @@ ENV_EXPORTS = "CURATOR_EXPORTS"
 # path, which may name the patient, no UIDs, no institution) and the study date the grid shows.
 # An allow-list, so a column added to the catalog later stays hidden until it is listed here.
 SHOWN_COLUMNS = ("image_id", *SAFE_COLUMNS, "study_date")
-ENV_LAUNCHED = "CURATOR_APP_LAUNCHED"  # set by `curator app`, which chose the server's settings itself
 NOT_RECORDED = "(not recorded)"
 GRID_COLUMNS = 5
 PREFERRED_FINDINGS = ("pleural_effusion", "edema", "cardiomegaly", "pneumothorax", "consolidation", "atelectasis")

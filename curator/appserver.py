@@ -18,6 +18,11 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8501
 
 
+# Set by `curator app` for the server it starts: that server's address and statistics settings are
+# curator's own choice (the app refuses other servers that listen beyond this machine, app/common.py).
+ENV_LAUNCHED = "CURATOR_APP_LAUNCHED"
+
+
 def app_script() -> Path:
     """The app's entry script (``app/main.py``, installed as ``curator/app/main.py``)."""
     import curator.app
@@ -103,7 +108,7 @@ def cmd_app(args) -> int:
     cmd = streamlit_command(ws.root, args.host, args.port, args.device, args.exports)
     shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
     print(f"curator app on http://{shown}:{args.port} (workspace {ws.root}); Ctrl+C stops it", file=sys.stderr, flush=True)
-    env = dict(os.environ, CURATOR_WORKSPACE=str(ws.root), CURATOR_APP_LAUNCHED="1")  # the settings are ours: see app/common.py
+    env = dict(os.environ, CURATOR_WORKSPACE=str(ws.root), **{ENV_LAUNCHED: "1"})
     # torch (query encoder) and faiss (search) each keep an OpenMP thread pool; spinning idle
     # threads of one starve the other on few cores (text encodes after a search took seconds).
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")

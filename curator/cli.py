@@ -174,10 +174,9 @@ def cmd_index(args) -> int:
 
 
 def cmd_search(args) -> int:
+    from curator.readers import ReadError
     from curator.search import index_checkpoint, query_vector, search
     from curator.workspace import Workspace
-
-    from curator.readers import ReadError
 
     ws = Workspace(args.workspace)
     _require_workspace(ws)
@@ -415,9 +414,7 @@ def cmd_cache(args) -> int:
 
 def cmd_preview(args) -> int:
     from curator.preview import write_preview
-    from curator.readers import ReadOptions
-
-    from curator.readers import ReadError
+    from curator.readers import ReadError, ReadOptions
 
     if not os.path.lexists(args.file):
         raise CliError(f"{args.file}: no such file")

@@ -43,19 +43,21 @@ def _binary16(col) -> np.ndarray:
     return np.frombuffer(data, dtype="S16", count=len(col), offset=int(off[0])).copy()
 
 
-def _retired_ids(ws) -> np.ndarray:
-    """Sorted ids of catalog rows retired without a successor (the file changed, then failed)."""
+def superseded_ids(ws, retired_only: bool = False) -> np.ndarray:
+    """Sorted ids of catalog rows that are no longer current: replaced by a newer version of the
+    file, or (``retired_only``: only these) retired without a successor (it changed, then failed)."""
     files = [str(p) for p in ws.part_paths("superseded")]
     if not files:
         return np.zeros(0, np.int64)
     import duckdb
 
+    where = "WHERE superseded_by IS NULL" if retired_only else ""
     con = duckdb.connect(":memory:")
     try:
-        rows = con.execute("SELECT DISTINCT image_id FROM read_parquet($f) WHERE superseded_by IS NULL ORDER BY 1", {"f": files}).fetchall()
+        got = con.execute(f"SELECT DISTINCT image_id FROM read_parquet($f) {where} ORDER BY 1", {"f": files}).fetchnumpy()["image_id"]
     finally:
         con.close()
-    return np.array([r[0] for r in rows], np.int64)
+    return np.asarray(got, dtype=np.int64)
 
 
 def _stored_keys(files: list[str], errors: bool, retry_filtered: bool, batch_rows: int = 1 << 20, drop_ids: np.ndarray | None = None):
@@ -129,7 +131,7 @@ class KnownFiles:
 
     def __init__(self, ws: Workspace, retry_filtered: bool = False):
         tables = {}
-        retired = _retired_ids(ws)
+        retired = superseded_ids(ws, retired_only=True)
         for dataset in ("catalog", "errors"):
             files = [str(p) for p in ws.part_paths(dataset)]
             tables[dataset] = _Table(*_stored_keys(files, dataset == "errors", retry_filtered, drop_ids=retired)) if files else _Table([], [], [], [])

@@ -23,6 +23,7 @@ from curator.prompts import PromptSet, PromptSetError
 from curator.workspace import CATALOG_SCHEMA, Workspace, WorkspaceError, open_workspace
 
 from .embed import register_prompt_set
+from .known import superseded_ids
 from .stages import predictions_table, run_record, utcnow
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def run_label(ws_root: str, prompts: PromptSet, device: str | None = None, check
         from tqdm import tqdm
 
         entries = ws.part_entries("embeddings")
-        gone = _superseded_ids(ws)  # rows a changed file replaced or retired: not in the catalog, not labelled
+        gone = superseded_ids(ws)  # rows a changed file replaced or retired: not in the catalog, not labelled
         for entry in tqdm(entries, desc="label", unit="part", disable=not progress, file=sys.stderr):
             table = pq.read_table(ws.root / entry["file"])
             if len(gone):
@@ -104,19 +105,6 @@ def run_label(ws_root: str, prompts: PromptSet, device: str | None = None, check
         ws.commit(add=parts, remove=old, prompt_sets=sets, finding_columns=cols)
         query_cache.after_write(ws)
     return LabelSummary(prompt_set=prompts.id, columns=prompts.columns, images=n_images, seconds=time.perf_counter() - t0)
-
-
-def _superseded_ids(ws: Workspace) -> np.ndarray:
-    files = [str(p) for p in ws.part_paths("superseded")]
-    if not files:
-        return np.zeros(0, np.int64)
-    import duckdb
-
-    con = duckdb.connect(":memory:")
-    try:
-        return con.execute("SELECT DISTINCT image_id FROM read_parquet($f)", {"f": files}).fetchnumpy()["image_id"].astype(np.int64)
-    finally:
-        con.close()
 
 
 def _member_probabilities(table: pa.Table, cks: list[Checkpoint], weights: dict) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
