@@ -27,7 +27,7 @@ import time
 FIELDS = [("n", "N"), ("index_type", "type"), ("description", "index"), ("nprobe", "nprobe"), ("build_s", "build s"),
           ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"), ("recall_at_10", "recall@10"), ("filtered_p50_ms", "filt p50 ms"),
           ("filtered_k_returned_fraction", "filt k frac"), ("filtered_recall_at_10", "filt recall"), ("range_p50_ms", "range p50 ms"),
-          ("est_gb", "est GB"), ("peak_rss_mb", "peak MB")]
+          ("est_gb", "est GB"), ("peak_rss_mb", "peak MB"), ("refine", "re-ranked")]
 
 
 def run_one(n: int, kind: str, args) -> dict:
@@ -38,6 +38,8 @@ def run_one(n: int, kind: str, args) -> dict:
         cmd += ["--budget-gb", str(args.budget_gb)]
     if args.common is not None:
         cmd += ["--common", str(args.common)]
+    if args.no_refine:
+        cmd += ["--no-refine"]
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -71,6 +73,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="threads for the timed searches (default 1)")
     ap.add_argument("--build-threads", type=int, default=1, help="threads for the build (default 1)")
+    ap.add_argument("--no-refine", action="store_true", help="codes alone, no re-ranking from float16 copies")
     ap.add_argument("--out", default=None, help="append each result as a JSON line to this file")
     args = ap.parse_args()
     rows = []

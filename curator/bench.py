@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from curator import index as ci
+from curator import refine as rf
 
 
 # weight of the direction all synthetic vectors share (the norm of their mean, about)
@@ -146,11 +147,20 @@ def peak_rss_mb() -> float:
 def run_index_bench(n: int, dim: int, *, budget_gb: float | None = None, kind: str = "auto", queries: int = 200, seed: int = 0,
                     k: int = 10, threads: int = 1, build_threads: int = 1, selectivity: float = 0.01,
                     exact_max: int | None = None, recall_sample: int = ci.RECALL_SAMPLE, mmap: bool = False,
-                    noise: float = 1.0, gpu: bool | None = None, common: float = COMMON) -> dict:
-    """Build and measure; returns the figures as a dict (see ``curator bench index --help``)."""
+                    noise: float = 1.0, gpu: bool | None = None, common: float = COMMON, refine: bool = True) -> dict:
+    """Build and measure; returns the figures as a dict (see ``curator bench index --help``).
+    The refine store (kinds with 8-bit or PQ codes) is written to a temporary folder, as a
+    workspace keeps it on disk, and removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="curator-bench-refine-") as refine_dir:
+        return _run_index_bench(n, dim, budget_gb, kind, queries, seed, k, threads, build_threads, selectivity, exact_max,
+                                recall_sample, mmap, noise, gpu, common, refine, refine_dir)
+
+
+def _run_index_bench(n, dim, budget_gb, kind, queries, seed, k, threads, build_threads, selectivity, exact_max, recall_sample,
+                     mmap, noise, gpu, common, refine, refine_dir) -> dict:
     baseline = current_rss_mb()
     src = SyntheticVectors(n, dim, seed, threads=build_threads, noise=noise, common=common)
-    plan = ci.choose_index(n, dim, budget_gb, kind, exact_max)
+    plan = ci.choose_index(n, dim, budget_gb, kind, exact_max, refine=refine)
     q = src.fresh(queries, 3)
     rng = np.random.default_rng([seed, 5])
     n_allowed = max(k, round(n * selectivity))
@@ -167,7 +177,8 @@ def run_index_bench(n: int, dim: int, *, budget_gb: float | None = None, kind: s
 
     with _threads(build_threads):
         t0 = time.perf_counter()
-        index, rep = ci.build_from_source(src, plan, recall_sample=recall_sample, seed=seed, on_chunk=[observe], gpu=gpu)
+        index, rep = ci.build_from_source(src, plan, recall_sample=recall_sample, seed=seed, on_chunk=[observe], gpu=gpu,
+                                          refine_dir=refine_dir)
         total = time.perf_counter() - t0
     gt_sims, gt = truth.result()
     _, gt_f = truth_f.result()
@@ -180,6 +191,7 @@ def run_index_bench(n: int, dim: int, *, budget_gb: float | None = None, kind: s
             faiss.write_index(index, path)
             del index
             index = ci.read_index_file(path, plan.kind, mmap=True)
+            ci.attach_refine(index, rep.refine)
             file_mb = round(os.path.getsize(path) / 2**20, 1)
     with _threads(threads):
         ci.search_vectors_filtered(index, q[:1], k)  # warm up
@@ -226,6 +238,8 @@ def run_index_bench(n: int, dim: int, *, budget_gb: float | None = None, kind: s
         "range_threshold": round(thr, 4), "range_p50_ms": pct(rlat, 50), "range_mean_results": round(float(np.mean(rcount)), 1),
         "peak_rss_mb": round(peak_rss_mb(), 1), "baseline_rss_mb": round(baseline, 1),
         "mmap": bool(mmap), "file_mb": file_mb,
+        "refine": rep.refine is not None, "refine_disk_mb": round(rf.disk_bytes(n, dim) / 2**20, 1) if rep.refine is not None else 0.0,
+        "refine_error": None if rep.refine is None else round(rep.refine.error, 5),
     }
 
 
@@ -273,6 +287,7 @@ def add_cli(sub) -> None:
                    "image embeddings; 0: zero-mean vectors)")
     b.add_argument("-v", "--verbose", action="store_true", help="log the build's stages to standard error")
     b.add_argument("--mmap", action="store_true", help="write the index and search it memory-mapped, as the app opens large indexes")
+    b.add_argument("--no-refine", action="store_true", help="no re-ranking from float16 copies (codes alone), as `curator index --no-refine`")
     b.set_defaults(func=cmd_bench_index)
 
 
@@ -284,7 +299,7 @@ def cmd_bench_index(args) -> int:
         logging.getLogger("curator.index").setLevel(logging.INFO)
     out = run_index_bench(args.n, args.dim, budget_gb=args.budget_gb, kind=args.type, queries=args.queries, seed=args.seed, k=args.k,
                           threads=args.threads, build_threads=args.build_threads, selectivity=args.selectivity, exact_max=args.exact_max,
-                          mmap=args.mmap, noise=args.noise, gpu=False if args.cpu else None, common=args.common)
+                          mmap=args.mmap, noise=args.noise, gpu=False if args.cpu else None, common=args.common, refine=not args.no_refine)
     if args.json:
         print(json.dumps(out))
     else:

@@ -162,12 +162,14 @@ def cmd_index(args) -> int:
     ws = Workspace(args.workspace)
     _require_workspace(ws)
     with ws.writer():
-        info = build_index(ws, args.checkpoint, budget_gb=args.budget_gb, kind=args.type, recall_sample=args.recall_sample)
+        info = build_index(ws, args.checkpoint, budget_gb=args.budget_gb, kind=args.type, recall_sample=args.recall_sample,
+                           refine=not args.no_refine)
     budget = f"{info.budget_gb:g} GB budget" if info.budget_gb is not None else "default budget (half the memory)"
     print(f"chose {info.index_type} ({info.description}, ~{info.est_gb:.2f} GB; {budget}): {info.reason}")
     if info.recall_at_10 is not None:
         probe = f", nprobe {info.nprobe} of {info.nlist} lists" if info.nlist else ""
-        print(f"recall@10 {info.recall_at_10:.3f} against exact search on {info.recall_queries} held-out queries{probe}")
+        rerank = ", re-ranked from float16 copies" if info.refine_files else ""
+        print(f"recall@10 {info.recall_at_10:.3f} against exact search on {info.recall_queries} held-out queries{probe}{rerank}")
     gpu = f" (k-means and assignment on the GPU via {info.gpu})" if info.gpu else ""
     print(f"indexed {info.count} images ({info.dim}-d, {info.index_type}, checkpoint {info.checkpoint[:12]}) in {info.build_s:.1f} s{gpu} -> {ws.root / info.file}")
     return 0
@@ -523,7 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="build the FAISS index for search",
                        description="Build an inner-product FAISS index over one checkpoint's normalised image embeddings (ids = image_id), "
                        "chosen by size and memory budget: exact (flat, fp16, sq8) up to a million images, IVF (ivf-flat, ivf-sq8, ivf-pq) "
-                       "beyond, with nprobe tuned to recall@10 >= 0.95. Prints the choice and the recall@10 measured against exact search.")
+                       "beyond, with nprobe tuned to recall@10 >= 0.95. 8-bit and PQ codes (sq8, ivf-sq8, ivf-pq) rank close neighbours "
+                       "out of order, so their searches re-rank 4k candidates from float16 copies of the vectors kept on disk next to the "
+                       "index (2 bytes a dimension, ~1 GB a million 512-d images, read row by row; not counted in the memory budget). "
+                       "Prints the choice and the recall@10 measured against exact search.")
     _add_workspace(p)
     p.add_argument("--checkpoint", default=None, metavar="SHA", help="which of the workspace's checkpoints (sha256 prefix; default: the first)")
     p.add_argument("--budget-gb", type=_positive_float, default=None, metavar="GB", help="memory the index (and its build) may use (default: half the memory)")
@@ -531,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="index type (default auto: chosen by size and budget)")
     p.add_argument("--recall-sample", type=_nonneg_int, default=1000, metavar="Q",
                    help="sample queries to tune nprobe on (half) and measure recall@10 on (the other half); 0 skips (default 1000)")
+    p.add_argument("--no-refine", action="store_true",
+                   help="no float16 copies for re-ranking: saves their disk space; sq8/ivf-sq8/ivf-pq then rank by their codes alone "
+                        "(lower recall@10)")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="search images by text or by an example image",

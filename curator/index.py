@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from curator import refine as rf
 from curator.workspace import Workspace, WorkspaceError, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ INDEX_META = "index.json"
 EXACT_KINDS = ("flat", "fp16", "sq8")
 IVF_KINDS = ("ivf-flat", "ivf-sq8", "ivf-pq")
 KINDS = EXACT_KINDS + IVF_KINDS
+# kinds whose codes rank near neighbours out of order: re-ranked from float16 copies (refine.py)
+REFINE_KINDS = ("sq8", "ivf-sq8", "ivf-pq")
 # Exact (flat) search up to this many vectors: one query scans every code, ~150 ms per million
 # 512-d float32 vectors on one core; beyond it IVF answers in milliseconds.
 EXACT_MAX = 1_000_000
@@ -150,6 +153,7 @@ class IndexPlan:
     budget_bytes: int = 0
     requested: str = "auto"
     reason: str = ""
+    refine: bool = False  # re-rank the codes' candidates from float16 copies on disk
 
     @property
     def is_ivf(self) -> bool:
@@ -218,12 +222,15 @@ def _pq_params(dim: int, budget: int | None, n: int, nlist: int) -> tuple[int, i
     return ms[-1], nbits
 
 
-def choose_index(n: int, dim: int, budget_gb: float | None = None, kind: str = "auto", exact_max: int | None = None) -> IndexPlan:
+def choose_index(n: int, dim: int, budget_gb: float | None = None, kind: str = "auto", exact_max: int | None = None,
+                 refine: bool = True) -> IndexPlan:
     """The index to build for ``n`` vectors of ``dim`` within ``budget_gb`` (default: half the RAM).
 
     ``kind="auto"``: exact (flat, then fp16, then sq8) up to ``exact_max`` vectors, else the first
     of ivf-flat, ivf-sq8, ivf-pq whose estimated memory (index + build buffers) fits the budget.
-    A named ``kind`` is built as asked (the reason says when it exceeds the budget).
+    A named ``kind`` is built as asked (the reason says when it exceeds the budget). ``refine``:
+    kinds with 8-bit or PQ codes (:data:`REFINE_KINDS`) re-rank their candidates from float16
+    copies of the vectors on disk (2 bytes a dimension; not counted in the memory budget).
     """
     if n <= 0 or dim <= 0:
         raise ValueError("nothing to index")
@@ -236,7 +243,11 @@ def choose_index(n: int, dim: int, budget_gb: float | None = None, kind: str = "
         m, nbits = _pq_params(dim, budget, n, nlist) if k == "ivf-pq" else (0, 8)
         est = estimate_bytes(k, n, dim, nlist, m)
         p = IndexPlan(kind=k, n=n, dim=dim, nlist=nlist, pq_m=m, pq_nbits=nbits, train_size=train_size(k, n, nlist),
-                      est_bytes=est, budget_bytes=budget, requested=kind, reason=reason)
+                      est_bytes=est, budget_bytes=budget, requested=kind, reason=reason, refine=bool(refine) and k in REFINE_KINDS)
+        if p.refine:
+            disk = rf.disk_bytes(n, dim)
+            size = f"{disk / (1 << 30):.1f} GB" if disk >= 1 << 30 else f"{max(1, round(disk / (1 << 20)))} MB"
+            p.reason += f"; its candidates re-ranked from float16 copies of the vectors on disk (~{size})"
         return p
 
     def fits(k: str) -> tuple[bool, float]:
@@ -636,6 +647,7 @@ class BuildReport:
     build_s: float = 0.0
     gpu: str | None = None  # backend of the k-means and assignment ("faiss", "torch") or None
     radii: np.ndarray | None = None
+    refine: rf.RefineStore | None = None  # attached to the index too (see attach_refine)
 
 
 def _exact_base(kind: str, d: int):
@@ -742,14 +754,19 @@ def _centroids(ivf) -> np.ndarray:
     return c
 
 
-def _residual_norms(ivf, lists: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """|x^ - c_list| of the vectors x^ the codes stand for (what the index scores with)."""
+def _residual_norms(ivf, lists: np.ndarray, codes: np.ndarray, x: np.ndarray | None = None):
+    """|x^ - c_list| of the vectors x^ the codes stand for (what the index scores with); with
+    vectors ``x`` (the float16 copies), also returns each |x - x^| (the codes' errors)."""
     faiss = _faiss()
     codes = np.ascontiguousarray(codes)
     out = np.empty((len(codes), ivf.d), np.float32)
     ivf.decode_vectors(len(codes), faiss.swig_ptr(codes), faiss.swig_ptr(np.ascontiguousarray(lists, dtype=np.int64)), faiss.swig_ptr(out))
+    err = None
+    if x is not None:
+        err = np.linalg.norm(out - x, axis=1)
     out -= _centroids(ivf)[lists]
-    return np.linalg.norm(out, axis=1)
+    norms = np.linalg.norm(out, axis=1)
+    return norms if x is None else (norms, err)
 
 
 def _list_sizes(invlists, nlist: int) -> np.ndarray:
@@ -757,8 +774,11 @@ def _list_sizes(invlists, nlist: int) -> np.ndarray:
 
 
 def _encode_ivf(ivf, chunks: Iterable[tuple[np.ndarray, np.ndarray]], assigner: _Assigner, scratch: _Scratch,
-                observers: list[Callable]) -> np.ndarray:
-    """Assign and encode every chunk into ``scratch``; the number of new vectors per list."""
+                observers: list[Callable], radii: np.ndarray, errors: np.ndarray | None = None) -> np.ndarray:
+    """Assign and encode every chunk into ``scratch``, raising ``radii`` (per list, the largest
+    |x^ - centroid|) to cover the new codes, and ``errors`` when given (per list, the largest
+    distance between a code and its vector's float16 copy, |x16 - x^|). Returns the number of new
+    vectors per list."""
     faiss = _faiss()
     sizes = np.zeros(ivf.nlist, np.int64)
     for ids, x in chunks:
@@ -771,12 +791,20 @@ def _encode_ivf(ivf, chunks: Iterable[tuple[np.ndarray, np.ndarray]], assigner: 
         ivf.encode_vectors(len(x), faiss.swig_ptr(x), faiss.swig_ptr(a), faiss.swig_ptr(codes), False)
         scratch.write(a, ids, codes)
         sizes += np.bincount(a, minlength=ivf.nlist)
+        for s in range(0, len(x), CHUNK_ROWS):
+            sl = slice(s, s + CHUNK_ROWS)
+            if errors is not None:
+                norms, e = _residual_norms(ivf, a[sl], codes[sl], _half(x[sl]))
+                np.maximum.at(errors, a[sl], e.astype(np.float32))
+            else:
+                norms = _residual_norms(ivf, a[sl], codes[sl])
+            np.maximum.at(radii, a[sl], norms)
     return sizes
 
 
-def _fill_ivf(ivf, base_sizes: np.ndarray, new_sizes: np.ndarray, scratch: _Scratch, radii: np.ndarray | None) -> np.ndarray:
+def _fill_ivf(ivf, base_sizes: np.ndarray, new_sizes: np.ndarray, scratch: _Scratch) -> None:
     """Give ``ivf`` lists of exactly their final size: its current entries (``base_sizes``, e.g.
-    a memory-mapped old index) first, then the scratch records. Returns the per-list radii."""
+    a memory-mapped old index) first, then the scratch records."""
     faiss = _faiss()
     nlist, cs = ivf.nlist, ivf.code_size
     total = base_sizes + new_sizes
@@ -790,7 +818,6 @@ def _fill_ivf(ivf, base_sizes: np.ndarray, new_sizes: np.ndarray, scratch: _Scra
         il.update_entries(lst, 0, int(base_sizes[lst]), ids_p, codes_p)
         old.release_ids(lst, ids_p)
         old.release_codes(lst, codes_p)
-    radii = np.zeros(nlist, np.float32) if radii is None else radii.astype(np.float32).copy()
     fill = base_sizes.copy()
     # big blocks: each touches most lists, and every (block, list) pair is one call
     for lists, ids, codes in scratch.blocks(max(CHUNK_ROWS, min(FILL_ROWS, (128 << 20) // max(1, cs)))):
@@ -800,9 +827,6 @@ def _fill_ivf(ivf, base_sizes: np.ndarray, new_sizes: np.ndarray, scratch: _Scra
         for lst, s, c in zip(labels.tolist(), starts.tolist(), counts.tolist()):
             il.update_entries(lst, int(fill[lst]), c, faiss.swig_ptr(ids[s:s + c]), faiss.swig_ptr(codes[s:s + c]))
             fill[lst] += c
-        for s in range(0, len(lists), CHUNK_ROWS):
-            sl = slice(s, s + CHUNK_ROWS)
-            np.maximum.at(radii, lists[sl], _residual_norms(ivf, lists[sl], codes[sl]))
     if not np.array_equal(fill, total):
         raise RuntimeError("internal error: inverted lists not filled as counted")
     ivf.replace_invlists(il, True)
@@ -810,12 +834,19 @@ def _fill_ivf(ivf, base_sizes: np.ndarray, new_sizes: np.ndarray, scratch: _Scra
     ivf.ntotal = int(total.sum())
     ivf.set_direct_map_type(faiss.DirectMap.NoMap)
     ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-    return radii
 
 
-def _fill_exact(index, total: int, chunks: Iterable[tuple[np.ndarray, np.ndarray]], observers: list[Callable], copy_from=None):
+def _half(x: np.ndarray) -> np.ndarray:
+    """The float16 copies of ``x`` (curator.refine), as float32."""
+    return x.astype(np.float16).astype(np.float32)
+
+
+def _fill_exact(index, total: int, chunks: Iterable[tuple[np.ndarray, np.ndarray]], observers: list[Callable], copy_from=None,
+                measure_error: bool = False):
     """Fill an empty IndexIDMap2 over flat codes with ``total`` vectors, storage allocated once:
-    ``copy_from`` (an IndexIDMap2 of the same kind) first, then the chunks."""
+    ``copy_from`` (an IndexIDMap2 of the same kind) first, then the chunks. Returns, with
+    ``measure_error``, the new codes' largest distance to the float16 copies max |x16 - x^|
+    (else 0)."""
     faiss = _faiss()
     base = faiss.downcast_index(index.index)
     cs = base.code_size
@@ -829,6 +860,7 @@ def _fill_exact(index, total: int, chunks: Iterable[tuple[np.ndarray, np.ndarray
         codes[: old_n * cs] = faiss.rev_swig_ptr(old_base.codes.data(), old_n * cs)
         idmap[:old_n] = faiss.rev_swig_ptr(copy_from.id_map.data(), old_n)
     at = old_n
+    err = 0.0
     for ids, x in chunks:
         x = np.ascontiguousarray(x, dtype=np.float32)
         for obs in observers:
@@ -836,7 +868,10 @@ def _fill_exact(index, total: int, chunks: Iterable[tuple[np.ndarray, np.ndarray
         m = len(ids)
         if at + m > total:
             raise RuntimeError("internal error: more vectors than counted")
-        codes[at * cs:(at + m) * cs] = base.sa_encode(x).reshape(-1)
+        c = base.sa_encode(x)
+        codes[at * cs:(at + m) * cs] = c.reshape(-1)
+        if measure_error and m:
+            err = max(err, float(np.linalg.norm(base.sa_decode(c) - _half(x), axis=1).max()))
         idmap[at:at + m] = ids
         at += m
     if at != total:
@@ -844,14 +879,19 @@ def _fill_exact(index, total: int, chunks: Iterable[tuple[np.ndarray, np.ndarray
     base.ntotal = total
     index.ntotal = total
     index.construct_rev_map()
-    return index
+    return err
 
 
 def _search_ids(index, queries: np.ndarray, k: int, nprobe: int | None = None) -> np.ndarray:
+    """Top-k ids as searches see them (re-ranked when the index has a refine store)."""
     faiss = _faiss()
+    store = refine_of(index)
+    kk = k if store is None else rf.candidates(k, index.ntotal)
     if nprobe is None:
-        return index.search(queries, k)[1]
-    return index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=int(nprobe)))[1]
+        sims, ids = index.search(queries, kk)
+    else:
+        sims, ids = index.search(queries, kk, params=faiss.SearchParametersIVF(nprobe=int(nprobe)))
+    return ids if store is None else store.rescore(queries, ids, sims, k)[1]
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int = RECALL_K, self_ids: np.ndarray | None = None) -> float | None:
@@ -884,7 +924,7 @@ def _tune_nprobe(index, queries, truth, self_ids, target: float) -> tuple[int, l
             break
         if len(curve) >= 3 and r - curve[-3][1] < 0.002 and p >= 8:
             break  # plateau: more probes no longer help (the codes, not the probes, limit recall)
-    ok = [p for p, r in curve if r >= target]
+    ok = [p for p, r in curve if r >= min(1.0, target + 0.01)] or [p for p, r in curve if r >= target]
     if ok:
         return ok[0], curve
     best = max(r for _, r in curve)
@@ -893,11 +933,14 @@ def _tune_nprobe(index, queries, truth, self_ids, target: float) -> tuple[int, l
 
 def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: int = RECALL_SAMPLE, seed: int = 0,
                       gpu: bool | str | None = None, on_chunk: list[Callable] | None = None, scratch_dir: Path | None = None,
-                      target_recall: float = TARGET_RECALL):
+                      target_recall: float = TARGET_RECALL, refine_dir: Path | None = None, refine_prefix: str = "refine"):
     """Build the planned index from ``source`` (streamed) and measure its recall@10.
 
     Returns ``(index, BuildReport)``. ``on_chunk`` callables see every (ids, vectors) chunk once,
-    as it is added (benchmarks compute their own ground truth there).
+    as it is added (benchmarks compute their own ground truth there). A plan with ``refine``
+    writes its float16 copies as a segment ``refine_dir/<refine_prefix>-<random>`` (in memory
+    without ``refine_dir``) and attaches the store to the index; nprobe is tuned, and recall
+    measured, on the re-ranked results.
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -908,24 +951,40 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
              plan.kind, plan.describe(), source.count, len(train), len(queries), time.perf_counter() - t0)
     truth = ExactTopK(queries, RECALL_K + 1)
     observers = [truth, *(on_chunk or [])]
+    writer = rf.SegmentWriter(source.count, source.dim, refine_dir, refine_prefix) if plan.refine else None
+    if writer is not None:
+        observers.append(writer)
     t1 = time.perf_counter()
-    if plan.is_ivf:
-        index = _empty_ivf(plan, train, seed, rep.gpu)
-        del train
-        rep.train_s = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        scratch = _Scratch(scratch_dir, index.code_size)
-        try:
-            sizes = _encode_ivf(index, source.chunks(), _Assigner(_centroids(index), rep.gpu), scratch, observers)
-            rep.radii = _fill_ivf(index, np.zeros(index.nlist, np.int64), sizes, scratch, None)
-        finally:
-            scratch.close()
-    else:
-        index = _empty_exact(plan, train)
-        del train
-        rep.train_s = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        _fill_exact(index, source.count, source.chunks(), observers)
+    try:
+        if plan.is_ivf:
+            index = _empty_ivf(plan, train, seed, rep.gpu)
+            del train
+            rep.train_s = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            scratch = _Scratch(scratch_dir, index.code_size)
+            rep.radii = np.zeros(index.nlist, np.float32)
+            errors = np.zeros(index.nlist, np.float32) if writer is not None else None
+            try:
+                sizes = _encode_ivf(index, source.chunks(), _Assigner(_centroids(index), rep.gpu), scratch, observers, rep.radii, errors)
+                _fill_ivf(index, np.zeros(index.nlist, np.int64), sizes, scratch)
+            finally:
+                scratch.close()
+        else:
+            index = _empty_exact(plan, train)
+            del train
+            rep.train_s = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            err = _fill_exact(index, source.count, source.chunks(), observers, measure_error=writer is not None)
+        if writer is not None:
+            if plan.is_ivf:
+                rep.refine = rf.RefineStore([writer.finish()], float(errors.max(initial=0.0)), errors)
+            else:
+                rep.refine = rf.RefineStore([writer.finish()], err)
+            attach_refine(index, rep.refine)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     rep.add_s = time.perf_counter() - t2
     log.info("index build: trained in %.1f s, vectors added in %.1f s", rep.train_s, rep.add_s)
     t3 = time.perf_counter()
@@ -986,6 +1045,11 @@ class IndexInfo:
     # index_source_key() of the workspace state whose images the index holds (None: written
     # before keys were kept; staleness is then decided by comparing the ids)
     source_key: str | None = None
+    refine: bool = True  # asked for (False: `curator index --no-refine`)
+    # segments of float16 copies its searches re-rank from (curator.refine), relative to the
+    # workspace; None: the index has none
+    refine_files: list[str] | None = None
+    refine_error: float = 0.0  # the codes' largest error max |x - x^| (range searches use it)
 
 
 # datasets whose part lists decide which images an index should hold
@@ -1017,29 +1081,34 @@ def _resolve_checkpoint(ws: Workspace, checkpoint: str | None) -> str:
 
 
 def build_index(ws: Workspace, checkpoint: str | None = None, *, budget_gb: float | None = None, kind: str = "auto",
-                recall_sample: int = RECALL_SAMPLE, seed: int = 0, gpu: bool | str | None = None, exact_max: int | None = None) -> IndexInfo:
-    """Build the workspace's index from scratch (needs the writer lock)."""
+                recall_sample: int = RECALL_SAMPLE, seed: int = 0, gpu: bool | str | None = None, exact_max: int | None = None,
+                refine: bool = True) -> IndexInfo:
+    """Build the workspace's index from scratch (needs the writer lock). ``refine=False``: no
+    float16 copies for re-ranking (less disk, lower recall for 8-bit and PQ codes)."""
     checkpoint = _resolve_checkpoint(ws, checkpoint)
     key = index_source_key(ws)  # of the state read below (the lock keeps it)
+    with contextlib.suppress(Exception):  # (an unreadable index.json: the build replaces it)
+        _remove_unnamed(ws, read_index_info(ws))  # what a killed build left, before writing more
     source = WorkspaceVectors(ws, checkpoint)
     if source.count == 0:
         raise WorkspaceError(f"{ws.root}: no embeddings to index yet")
-    plan = choose_index(source.count, source.dim, budget_gb, kind, exact_max)
+    plan = choose_index(source.count, source.dim, budget_gb, kind, exact_max, refine=refine)
     log.debug("index: %s (%s): %s", plan.kind, plan.describe(), plan.reason)
-    index, rep = build_from_source(source, plan, recall_sample=recall_sample, seed=seed, gpu=gpu, scratch_dir=_index_dir(ws))
+    index, rep = build_from_source(source, plan, recall_sample=recall_sample, seed=seed, gpu=gpu, scratch_dir=_index_dir(ws),
+                                   refine_dir=_index_dir(ws), refine_prefix=f"{checkpoint[:12]}.refine")
     info = IndexInfo(
         checkpoint=checkpoint, count=int(index.ntotal), dim=source.dim, index_type=plan.kind, built_at="", generation=0, file="",
         description=plan.describe(), nlist=plan.nlist, nprobe=rep.nprobe, pq_m=plan.pq_m, pq_nbits=plan.pq_nbits if plan.kind == "ivf-pq" else 0,
         recall_at_10=rep.recall_at_10, recall_queries=rep.recall_queries, recall_count=int(index.ntotal), built_count=int(index.ntotal),
         requested=kind, budget_gb=budget_gb, est_gb=round(plan.est_bytes / (1 << 30), 3), reason=plan.reason,
-        build_s=round(rep.build_s, 2), gpu=rep.gpu, source_key=key,
+        build_s=round(rep.build_s, 2), gpu=rep.gpu, source_key=key, refine=bool(refine),
     )
     return _save(ws, index, info, rep.radii)
 
 
 def rebuild_index(ws: Workspace, info: IndexInfo) -> IndexInfo:
     """Build again with the settings an earlier build was asked for."""
-    return build_index(ws, info.checkpoint, budget_gb=info.budget_gb, kind=info.requested or "auto")
+    return build_index(ws, info.checkpoint, budget_gb=info.budget_gb, kind=info.requested or "auto", refine=info.refine)
 
 
 def _needs_rebuild(info: IndexInfo, n: int) -> str | None:
@@ -1101,25 +1170,46 @@ def sync_index(ws: Workspace, max_rebuild: int | None = None) -> IndexInfo | Non
     source = WorkspaceVectors(ws, info.checkpoint, new)
     faiss = _faiss()
     radii = None
-    if info.index_type in IVF_KINDS:
-        ivf = _ivf_of(old)
-        base_sizes = _list_sizes(ivf.invlists, ivf.nlist)
-        old_radii = _radii(ivf)
-        scratch = _Scratch(_index_dir(ws), ivf.code_size)
-        try:
-            sizes = _encode_ivf(ivf, source.chunks(), _Assigner(_centroids(ivf), gpu_backend()), scratch, [])
-            radii = _fill_ivf(ivf, base_sizes, sizes, scratch, old_radii)
-        finally:
-            scratch.close()
-        index = ivf
-    else:
-        base_old = faiss.downcast_index(old.index)
-        base = _exact_base(info.index_type, info.dim)
-        if info.index_type != "flat":
-            base.sq = base_old.sq
-            base.is_trained = True
-        index = faiss.IndexIDMap2(base)
-        _fill_exact(index, int(old.ntotal) + source.count, source.chunks(), [], copy_from=old)
+    store = refine_of(old)  # the new images' float16 copies go to a segment of their own
+    writer = rf.SegmentWriter(source.count, source.dim, _index_dir(ws), f"{info.checkpoint[:12]}.refine") if store is not None else None
+    observers = [writer] if writer is not None else []
+    errors = None
+    try:
+        if info.index_type in IVF_KINDS:
+            ivf = _ivf_of(old)
+            base_sizes = _list_sizes(ivf.invlists, ivf.nlist)
+            radii = _radii(ivf).copy()
+            errors = None
+            if store is not None:  # an index saved without per-list errors: its overall one for every list
+                errors = (store.list_errors if store.list_errors is not None else np.full(ivf.nlist, store.error, np.float32)).copy()
+            scratch = _Scratch(_index_dir(ws), ivf.code_size)
+            try:
+                sizes = _encode_ivf(ivf, source.chunks(), _Assigner(_centroids(ivf), gpu_backend()), scratch, observers, radii, errors)
+                _fill_ivf(ivf, base_sizes, sizes, scratch)
+            finally:
+                scratch.close()
+            index = ivf
+        else:
+            base_old = faiss.downcast_index(old.index)
+            base = _exact_base(info.index_type, info.dim)
+            if info.index_type != "flat":
+                base.sq = base_old.sq
+                base.is_trained = True
+            index = faiss.IndexIDMap2(base)
+            err = _fill_exact(index, int(old.ntotal) + source.count, source.chunks(), observers, copy_from=old,
+                              measure_error=writer is not None)
+        if writer is not None:
+            segments = rf.compact([*store.segments, writer.finish()], _index_dir(ws), f"{info.checkpoint[:12]}.refine")
+            if errors is not None:
+                attach_refine(index, rf.RefineStore(segments, float(errors.max(initial=0.0)), errors))
+            else:
+                attach_refine(index, rf.RefineStore(segments, max(store.error, err)))
+        else:
+            attach_refine(index, None)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     info.count = int(index.ntotal)
     info.appended_at = dt.datetime.now(dt.UTC).isoformat()
     info.source_key = key
@@ -1199,10 +1289,13 @@ def _index_dir(ws: Workspace) -> Path:
 
 
 def _save(ws: Workspace, index, info: IndexInfo, radii: np.ndarray | None = None, appended: bool = False) -> IndexInfo:
-    """Write the index file (and an IVF's list radii), then its JSON description, each atomically."""
+    """Write the index file (and an IVF's list radii) under new names, then the JSON that names
+    them (and the refine segments already written) atomically, then delete the files it no
+    longer names: a crash at any point leaves index.json naming a complete, matching set."""
     faiss = _faiss()
     folder = _index_dir(ws)
-    name = f"{info.checkpoint[:12]}.{info.index_type}.faiss"
+    token = uuid.uuid4().hex[:8]
+    name = f"{info.checkpoint[:12]}.{info.index_type}.{token}.faiss"
     tmp = folder / f".{name}.tmp"
     try:
         faiss.write_index(index, str(tmp))
@@ -1215,24 +1308,46 @@ def _save(ws: Workspace, index, info: IndexInfo, radii: np.ndarray | None = None
     tmp.replace(folder / name)
     info.radii_file = None
     if radii is not None:
-        rname = f"{info.checkpoint[:12]}.{info.index_type}.radii.npz"
+        rname = f"{info.checkpoint[:12]}.{info.index_type}.{token}.radii.npz"
         rtmp = folder / f".{rname}.tmp"
+        store = refine_of(index)
+        extra = {} if store is None or store.list_errors is None else {"errors": np.asarray(store.list_errors, np.float32)}
         with open(rtmp, "wb") as f:
-            np.savez(f, radii=np.asarray(radii, np.float32), ntotal=np.int64(index.ntotal))
+            np.savez(f, radii=np.asarray(radii, np.float32), ntotal=np.int64(index.ntotal), **extra)
+            f.flush()
+            os.fsync(f.fileno())
         rtmp.replace(folder / rname)
         info.radii_file = f"{INDEX_DIR}/{rname}"
+    store = refine_of(index)
+    info.refine_files = None if store is None else [f"{INDEX_DIR}/{Path(st).name}" for st in store.stems]
+    info.refine_error = 0.0 if store is None else float(store.error)
     info.count = int(index.ntotal)
     info.file = f"{INDEX_DIR}/{name}"
     info.built_at = dt.datetime.now(dt.UTC).isoformat()
     if not appended or not info.trained_at:
         info.trained_at = info.built_at
     _write_info(ws, info)
-    keep = {Path(info.file).name, Path(info.radii_file).name if info.radii_file else None}
-    for p in folder.glob(f"{info.checkpoint[:12]}.*"):
-        if p.name not in keep and (p.suffix in (".faiss", ".npz")):
+    _remove_unnamed(ws, info)
+    return info
+
+
+def _remove_unnamed(ws: Workspace, info: IndexInfo | None) -> None:
+    """Delete index data files that ``info`` (the index.json in force) does not name: an earlier
+    index's, or those of a build that died before its index.json (a 10M build's float16 copies
+    are ~10 GB). index.json names the only index. Needs the lock."""
+    keep = set() if info is None else {Path(f).name for f in _files_of(info)}
+    for p in _index_dir(ws).iterdir():
+        if p.name not in keep and p.suffix in (".faiss", ".npz", ".npy") and p.is_file():
             with contextlib.suppress(OSError):
                 p.unlink()
-    return info
+
+
+def _files_of(info: IndexInfo) -> list[str]:
+    """The files (relative to the workspace) an index consists of."""
+    out = [info.file] + ([info.radii_file] if info.radii_file else [])
+    for stem in info.refine_files or []:
+        out += [f"{stem}{suffix}" for suffix in rf.SUFFIXES]
+    return out
 
 
 def _write_info(ws: Workspace, info: IndexInfo) -> None:
@@ -1276,11 +1391,36 @@ def read_index_file(path: str | Path, kind: str | None = None, mmap: bool | None
 
 
 def load_index(ws: Workspace, mmap: bool | None = None):
-    """(index, info) of the workspace; see :func:`read_index_file` for ``mmap``."""
+    """(index, info) of the workspace; see :func:`read_index_file` for ``mmap``.
+
+    A writer saving meanwhile deletes the files the index.json read a moment before named (each
+    save writes new names): the load then reads index.json again and retries."""
     info = read_index_info(ws)
-    if info is None:
-        raise WorkspaceError(f"{ws.root}: no index yet; run `curator index --workspace {ws.root}`")
+    for attempt in range(3):
+        if info is None:
+            raise WorkspaceError(f"{ws.root}: no index yet; run `curator index --workspace {ws.root}`")
+        try:
+            return _load_index(ws, info, mmap)
+        except (OSError, RuntimeError, WorkspaceError):
+            now = read_index_info(ws)
+            if attempt == 2 or now is None or (now.file, now.refine_files) == (info.file, info.refine_files):
+                raise
+            log.info("the index was replaced while being loaded: loading the new one")
+            info = now
+
+
+def _load_index(ws: Workspace, info: IndexInfo, mmap: bool | None):
     index = read_index_file(ws.root / info.file, info.index_type, mmap)
+    if info.refine_files:
+        try:
+            store = rf.RefineStore.open(ws.root, info.refine_files, info.refine_error)
+        except (OSError, ValueError) as exc:
+            raise WorkspaceError(f"{ws.root}: the index's float16 copies cannot be read ({exc}); "
+                                 f"run `curator index --workspace {ws.root}` to rebuild it") from exc
+        if store.count != int(index.ntotal):
+            raise WorkspaceError(f"{ws.root}: the index holds {int(index.ntotal)} vectors but its float16 copies "
+                                 f"{store.count}; run `curator index --workspace {ws.root}` to rebuild it")
+        attach_refine(index, store)
     ivf = _ivf_of(index)
     if ivf is not None:
         if info.nprobe:
@@ -1289,6 +1429,9 @@ def load_index(ws: Workspace, mmap: bool | None = None):
             with contextlib.suppress(OSError, KeyError, ValueError), np.load(ws.root / info.radii_file) as z:
                 if int(z["ntotal"]) == int(index.ntotal) and len(z["radii"]) == ivf.nlist:
                     _stash(ivf, "_curator_radii", np.asarray(z["radii"], np.float32))
+                    store = refine_of(index)
+                    if store is not None and "errors" in z.files and len(z["errors"]) == ivf.nlist:
+                        store.list_errors = np.asarray(z["errors"], np.float32)
     return index, info
 
 
@@ -1305,10 +1448,29 @@ def _ivf_of(index):
     return faiss.try_extract_index_ivf(index)
 
 
+def attach_refine(index, store: rf.RefineStore | None) -> None:
+    """Make searches of ``index`` re-rank their candidates from ``store`` (see curator.refine)."""
+    _stash(index, "_curator_refine", store)
+
+
+def refine_of(index) -> rf.RefineStore | None:
+    return getattr(index, "_curator_refine", None)
+
+
+def _refined(index, q: np.ndarray, k: int, limit: int, search: Callable[[int], tuple[np.ndarray, np.ndarray]]):
+    """``search(k)``, or with a refine store the top k of ``search(REFINE_FACTOR * k)`` re-scored."""
+    store = refine_of(index)
+    if store is None:
+        return search(k)
+    sims, ids = search(rf.candidates(k, limit))
+    return store.rescore(q, ids, sims, k)
+
+
 def search_vectors(index, queries: np.ndarray, k: int, allowed_ids=None) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, ids) of the k nearest; ids of -1 (fewer hits than k) are dropped by callers.
 
     ``allowed_ids`` restricts the search to those image ids (see :func:`search_vectors_filtered`).
+    An index with a refine store returns the similarities of its float16 vectors, not its codes'.
     """
     if allowed_ids is not None:
         return search_vectors_filtered(index, queries, k, allowed_ids)
@@ -1316,8 +1478,8 @@ def search_vectors(index, queries: np.ndarray, k: int, allowed_ids=None) -> tupl
     k = max(1, min(int(k), int(index.ntotal)))
     ivf = _ivf_of(index)
     if ivf is not None:
-        return _ivf_search(index, ivf, q, k, None, None)
-    return index.search(q, k)
+        return _refined(index, q, k, index.ntotal, lambda kk: _ivf_search(index, ivf, q, kk, None, None, enough=k))
+    return _refined(index, q, k, index.ntotal, lambda kk: index.search(q, kk))
 
 
 # -- filtered search ----------------------------------------------------------------------------
@@ -1381,24 +1543,29 @@ def search_vectors_filtered(index, queries: np.ndarray, k: int, allowed_ids=None
     ivf = _ivf_of(index)
     if allowed_ids is None:
         k = max(1, min(int(k), int(index.ntotal)))
+        limit = int(index.ntotal)
         if ivf is not None:
-            return _ivf_search(index, ivf, q, k, None, None)
+            return _refined(index, q, k, limit, lambda kk: _ivf_search(index, ivf, q, kk, None, None, enough=k))
         selector, keep = faiss.IDSelectorAll(), None
     else:
         allowed = _sorted_unique(allowed_ids)
         if len(allowed) == 0 or index.ntotal == 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         k = max(1, min(int(k), int(index.ntotal), len(allowed)))
+        limit = min(int(index.ntotal), len(allowed))
         if ivf is not None:
-            return _ivf_search(index, ivf, q, k, allowed, None)
+            return _refined(index, q, k, limit, lambda kk: _ivf_search(index, ivf, q, kk, allowed, None, enough=k))
         selector, keep = id_selector(allowed)
-    sims, ids = index.search(q, k, params=faiss.SearchParameters(sel=selector))
+    out = _refined(index, q, k, limit, lambda kk: index.search(q, kk, params=faiss.SearchParameters(sel=selector)))
     del keep  # the selector may point into it: keep it alive until here
-    return sims, ids
+    return out
 
 
-def _ivf_search(index, ivf, q: np.ndarray, k: int, allowed: np.ndarray | None, nprobe: int | None):
-    """IVF top-k, probing more lists for queries that come back with fewer than k results."""
+def _ivf_search(index, ivf, q: np.ndarray, k: int, allowed: np.ndarray | None, nprobe: int | None, enough: int | None = None):
+    """IVF top-k, probing more lists for queries that come back with fewer than ``enough``
+    (default k) results: a re-ranked search asks for REFINE_FACTOR * k candidates, but k
+    suffice."""
+    enough = k if enough is None else min(k, enough)
     faiss = _faiss()
     nlist, ntotal = ivf.nlist, max(1, int(ivf.ntotal))
     nprobe = int(nprobe or ivf.nprobe)
@@ -1411,14 +1578,14 @@ def _ivf_search(index, ivf, q: np.ndarray, k: int, allowed: np.ndarray | None, n
         # nprobe; where the codes limit recall the tuner stops at 2 or 4 probes, and 32-64 lists
         # at 1% made a filtered query 3.5x an unfiltered one at 10M.)
         boost = min(ntotal / len(allowed), FILTER_NPROBE_BOOST)
-        need = math.ceil(4 * k * nlist / len(allowed))
+        need = math.ceil(4 * enough * nlist / len(allowed))
         nprobe = int(min(nlist, max(nprobe, math.ceil(boost), need)))
         if len(allowed) <= min(EXACT_FILTER_MAX, max(256, math.sqrt(ntotal) / 2)):
             got = _exact_among(index, q, k, allowed)
             if got is not None:
                 return got
         selector, keep = _compact_selector(allowed)
-    want = min(k, ntotal if allowed is None else len(allowed))
+    want = min(enough, ntotal if allowed is None else len(allowed))
     params = faiss.SearchParametersIVF(nprobe=nprobe) if allowed is None else faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
     sims, ids = index.search(q, k, params=params)
     short = np.flatnonzero((ids >= 0).sum(axis=1) < want)
@@ -1433,12 +1600,17 @@ def _ivf_search(index, ivf, q: np.ndarray, k: int, allowed: np.ndarray | None, n
 
 
 def _exact_among(index, q: np.ndarray, k: int, allowed: np.ndarray, block: int = 4096):
-    """Exact top-k among ``allowed`` from the stored codes (None when they cannot be read)."""
-    try:
-        vecs = _reconstruct_many(index, allowed, block)
-    except RuntimeError:
-        return None
-    ids, vecs = vecs
+    """Exact top-k among ``allowed`` from the stored codes, or the refine store's float16 vectors
+    when the index has one (None when they cannot be read)."""
+    store = refine_of(index)
+    if store is not None:
+        vecs, found = store.lookup(allowed)
+        ids, vecs = allowed[found], vecs[found]
+    else:
+        try:
+            ids, vecs = _reconstruct_many(index, allowed, block)
+        except RuntimeError:
+            return None
     kk = min(k, len(ids))
     out_s = np.full((len(q), k), -np.inf, np.float32)
     out_i = np.full((len(q), k), -1, np.int64)
@@ -1505,11 +1677,27 @@ def range_search(index, query: np.ndarray, threshold: float, allowed_ids=None) -
 
     Exact with respect to the stored codes for every type: an IVF index scans exactly the lists
     that can hold such a vector (centroid similarity + the list's radius times |query| above the
-    threshold), not just ``nprobe`` of them. For cohorts defined by a text query.
+    threshold), not just ``nprobe`` of them. With a refine store, exact with respect to its
+    float16 vectors: the codes are searched down to ``threshold - error * |query|`` (no vector
+    above the threshold can score below it; for IVF, each list's own largest error, the lists
+    scanned in a few groups of similar errors) and every hit is scored again. Where the codes
+    are coarse (PQ: errors up to ~0.25) that would re-score most of the index, so the cut is
+    lowered by at most ``refine.RANGE_MARGIN_MAX`` and at most ``refine.RESCORE_MAX`` hits (the
+    best by code score) are re-scored: then the result is close to, not exactly, the float16
+    answer (8-bit codes' errors stay within the margin). For cohorts defined by a text query.
     """
     faiss = _faiss()
     q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(1, -1))
-    thr = float(threshold)
+    store = refine_of(index)
+    want = float(threshold)
+    qn = float(np.linalg.norm(q[0]))
+    # the codes' cut: FAISS keeps scores strictly above it, computed in float32 (1e-5 to spare)
+    thr = want
+    if store is not None:
+        if store.error * qn > rf.RANGE_MARGIN_MAX:
+            log.info("range search: the codes' error (%.3f) exceeds the margin re-scored (%.3f): close to, not exactly, "
+                     "the float16 answer", store.error * qn, rf.RANGE_MARGIN_MAX)
+        thr = want - min(store.error * qn, rf.RANGE_MARGIN_MAX) - 1e-5
     keep = None
     sel = None
     if allowed_ids is not None:
@@ -1525,31 +1713,70 @@ def range_search(index, query: np.ndarray, threshold: float, allowed_ids=None) -
         lims, sims, ids = index.range_search(q, thr, params=params)
     else:
         cq = (_centroids(ivf) @ q[0]).astype(np.float32)
-        reach = cq + _radii(ivf) * float(np.linalg.norm(q[0])) + 1e-4
-        lists = np.flatnonzero(reach > thr)
+        cut = np.full(ivf.nlist, thr, np.float32)  # each list's cut
+        errs = None if store is None else store.list_errors
+        if errs is not None and len(errs) == ivf.nlist:
+            cut = (want - np.minimum(np.asarray(errs, np.float32) * qn, rf.RANGE_MARGIN_MAX) - 1e-5).astype(np.float32)
+        reach = cq + _radii(ivf) * qn + 1e-4
+        lists = np.flatnonzero(reach > cut)
         if len(lists) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        lists = lists[np.argsort(-cq[lists], kind="stable")]
-        keys = np.ascontiguousarray(lists.astype(np.int64)[None, :])
-        coarse = np.ascontiguousarray(cq[lists][None, :])
-        params = faiss.SearchParametersIVF(nprobe=len(lists)) if sel is None else faiss.SearchParametersIVF(sel=sel, nprobe=len(lists))
-        res = faiss.RangeSearchResult(1)
-        ivf.range_search_preassigned_c(1, faiss.swig_ptr(q), thr, faiss.swig_ptr(keys), faiss.swig_ptr(coarse), res, False, params)
-        lims = faiss.rev_swig_ptr(res.lims, 2).copy()
-        nres = int(lims[1])
-        sims = faiss.rev_swig_ptr(res.distances, nres).copy() if nres else np.zeros(0, np.float32)
-        ids = faiss.rev_swig_ptr(res.labels, nres).copy() if nres else np.zeros(0, np.int64)
+        found_s, found_i = [], []
+        for group in _groups_by_cut(lists, cut):  # one scan per group, at its lowest cut
+            group = group[np.argsort(-cq[group], kind="stable")]
+            s_, i_ = _range_in_lists(ivf, q, float(cut[group].min()), group, cq, sel)
+            found_s.append(s_)
+            found_i.append(i_)
+        sims, ids = np.concatenate(found_s), np.concatenate(found_i)
     del keep
     sims, ids = np.asarray(sims, np.float32), np.asarray(ids, np.int64)
-    m = sims > thr
+    if store is not None and len(ids):
+        if len(ids) > rf.RESCORE_MAX:
+            log.info("range search: %d hits within the codes' margin, re-scoring the best %d", len(ids), rf.RESCORE_MAX)
+            best = np.argpartition(-sims, rf.RESCORE_MAX - 1)[:rf.RESCORE_MAX]
+            ids, sims = ids[best], sims[best]
+        sims = store.score(q[0], ids, sims)
+    m = sims > want
     sims, ids = sims[m], ids[m]
     order = np.lexsort((ids, -sims))
     return ids[order], sims[order]
 
 
+def _groups_by_cut(lists: np.ndarray, cut: np.ndarray) -> list[np.ndarray]:
+    """``lists`` in a few groups of similar cuts: the half with the highest, then the next
+    quarter, ..., the lowest 1% (a list's code error sets its cut; a few lists hold the largest
+    errors, and scanning every list at theirs would pass far more candidates)."""
+    c = cut[lists]
+    if len(lists) < 16 or float(c.max() - c.min()) < 1e-6:
+        return [lists]
+    edges = np.quantile(c, [0.01, 0.03, 0.10, 0.25, 0.5])
+    bins = np.digitize(c, edges, right=True)
+    return [lists[bins == b] for b in range(len(edges) + 1) if (bins == b).any()]
+
+
+def _range_in_lists(ivf, q: np.ndarray, thr: float, lists: np.ndarray, cq: np.ndarray, sel) -> tuple[np.ndarray, np.ndarray]:
+    """(sims, ids) of the vectors of ``lists`` whose code score is above ``thr``."""
+    faiss = _faiss()
+    keys = np.ascontiguousarray(lists.astype(np.int64)[None, :])
+    coarse = np.ascontiguousarray(cq[lists][None, :])
+    params = faiss.SearchParametersIVF(nprobe=len(lists)) if sel is None else faiss.SearchParametersIVF(sel=sel, nprobe=len(lists))
+    res = faiss.RangeSearchResult(1)
+    ivf.range_search_preassigned_c(1, faiss.swig_ptr(q), thr, faiss.swig_ptr(keys), faiss.swig_ptr(coarse), res, False, params)
+    nres = int(faiss.rev_swig_ptr(res.lims, 2)[1])
+    sims = faiss.rev_swig_ptr(res.distances, nres).copy() if nres else np.zeros(0, np.float32)
+    ids = faiss.rev_swig_ptr(res.labels, nres).copy() if nres else np.zeros(0, np.int64)
+    return sims, ids
+
+
 def reconstruct(index, image_id: int) -> np.ndarray | None:
-    """The stored vector of ``image_id`` (None when the index does not hold it). Quantised types
-    (fp16, sq8, ivf-sq8, ivf-pq) give the vector their codes stand for."""
+    """The stored vector of ``image_id`` (None when the index does not hold it): the refine
+    store's float16 copy when the index has one; otherwise quantised types (fp16, sq8, ivf-sq8,
+    ivf-pq) give the vector their codes stand for."""
+    store = refine_of(index)
+    if store is not None:
+        vec, found = store.lookup(np.array([image_id], np.int64))
+        if found[0]:
+            return vec[0]
     try:
         return np.asarray(index.reconstruct(int(image_id)), dtype=np.float32)
     except RuntimeError:

@@ -76,7 +76,9 @@ def format_info(info: dict) -> str:
     if idx is None:
         lines.append("index: none (run `curator index`)")
     else:
-        lines.append(f"index: {idx['count']} images, {idx['index_type']}, checkpoint {idx['checkpoint'][:12]}" + (f" (STALE: {idx['stale_reason']})" if idx["stale"] else ""))
+        rerank = ", re-ranked from float16 copies" if idx.get("refine_files") else ""
+        lines.append(f"index: {idx['count']} images, {idx['index_type']}{rerank}, checkpoint {idx['checkpoint'][:12]}"
+                     + (f" (STALE: {idx['stale_reason']})" if idx["stale"] else ""))
     lines.append(info["query_cache"]["describe"])
     lines.append(f"runs (latest {len(info['runs'])}):")
     for r in info["runs"]:

@@ -151,6 +151,10 @@ def _check_index(ws: Workspace, rep: VerifyReport, repair: bool, con) -> None:
             problem = f"index is stale: {missing} image(s) missing, {extra} not in the catalog" + (f", {dups} held twice" if dups else "")
         elif int(index.ntotal) != info.count:
             problem = f"index holds {int(index.ntotal)} vectors but index.json says {info.count}"
+        else:
+            store = faiss_index.refine_of(index)
+            if store is not None and not np.array_equal(np.sort(np.concatenate([s.ids for s in store.segments])), ids):
+                problem = "the index's float16 copies (re-ranking) are not of the images it holds"
         del index
     rep.stats["index"] = f"{info.count} vectors" if problem is None else "stale"
     if problem is None:

@@ -58,7 +58,7 @@ def built():
     """Every index type over the same vectors, built once."""
     out = {}
     for kind in ci.KINDS:
-        plan = ci.choose_index(N, D, 1.0, kind)
+        plan = ci.choose_index(N, D, 1.0, kind, refine=False)  # the codes alone (refine: test_refine.py)
         out[kind] = ci.build_from_source(ci.ArrayVectors(IDS, X, chunk_rows=2500), plan, recall_sample=400, seed=0)
     return out
 
@@ -232,7 +232,8 @@ def test_sync_rebuilds_when_the_size_changes_the_choice(tmp_path, monkeypatch):
         _add_images(ws, IDS[2000:2500], X[2000:2500])
         info = ci.sync_index(ws)
     assert info.index_type == "ivf-flat" and info.count == 2500 and info.appended_at is None
-    assert [p.name for p in (ws.root / "index").glob("*.faiss")] == [f"{CK[:12]}.ivf-flat.faiss"]
+    assert [p.name for p in (ws.root / "index").glob("*.faiss")] == [os.path.basename(info.file)]
+    assert os.path.basename(info.file).startswith(f"{CK[:12]}.ivf-flat.")
 
 
 @pytest.mark.parametrize("kind", ["flat", "sq8", "ivf-flat", "ivf-sq8"])
@@ -325,7 +326,8 @@ def test_searcher_cohort_above_a_similarity(tmp_path):
         ci.build_index(ws, kind="ivf-sq8", budget_gb=1, recall_sample=100)
     s = Searcher(Workspace(ws.root), load_model=False)
     index, _ = ci.load_index(ws)
-    stored = index.reconstruct_batch(IDS[:3000]) @ Q[0]
+    assert ci.refine_of(index) is not None  # scored with float16 copies of the vectors
+    stored = X[:3000].astype(np.float16).astype(np.float32) @ Q[0]
     srt = np.sort(stored)[::-1]
     thr = float((srt[29] + srt[30]) / 2)
     df = s.above(Q[0], thr)
