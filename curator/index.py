@@ -1680,24 +1680,27 @@ def range_search(index, query: np.ndarray, threshold: float, allowed_ids=None) -
     threshold), not just ``nprobe`` of them. With a refine store, exact with respect to its
     float16 vectors: the codes are searched down to ``threshold - error * |query|`` (no vector
     above the threshold can score below it; for IVF, each list's own largest error, the lists
-    scanned in a few groups of similar errors) and every hit is scored again. Where the codes
-    are coarse (PQ: errors up to ~0.25) that would re-score most of the index, so the cut is
-    lowered by at most ``refine.RANGE_MARGIN_MAX`` and at most ``refine.RESCORE_MAX`` hits (the
-    best by code score) are re-scored: then the result is close to, not exactly, the float16
-    answer (8-bit codes' errors stay within the margin). For cohorts defined by a text query.
+    scanned in a few groups of similar errors). Hits whose code score is above ``threshold +
+    error * |query|`` are in for certain; the rest are scored again (all of them while there
+    are at most ``refine.RESCORE_ALL_MAX`` hits). PQ codes' errors (up to ~0.25) would pass most
+    of the index, so for PQ the margin is at most ``refine.RANGE_MARGIN_MAX``: the result is then
+    close to, not exactly, the float16 answer. For cohorts defined by a text query.
     """
     faiss = _faiss()
     q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(1, -1))
     store = refine_of(index)
     want = float(threshold)
     qn = float(np.linalg.norm(q[0]))
+    ivf = _ivf_of(index)
+    # how far a code score may lie below its vector's float16 score: PQ's is capped
+    cap = rf.RANGE_MARGIN_MAX if ivf is not None and isinstance(ivf, faiss.IndexIVFPQ) else np.inf
     # the codes' cut: FAISS keeps scores strictly above it, computed in float32 (1e-5 to spare)
     thr = want
     if store is not None:
-        if store.error * qn > rf.RANGE_MARGIN_MAX:
+        if store.error * qn > cap:
             log.info("range search: the codes' error (%.3f) exceeds the margin re-scored (%.3f): close to, not exactly, "
-                     "the float16 answer", store.error * qn, rf.RANGE_MARGIN_MAX)
-        thr = want - min(store.error * qn, rf.RANGE_MARGIN_MAX) - 1e-5
+                     "the float16 answer", store.error * qn, cap)
+        thr = want - min(store.error * qn, cap) - 1e-5
     keep = None
     sel = None
     if allowed_ids is not None:
@@ -1707,35 +1710,39 @@ def range_search(index, query: np.ndarray, threshold: float, allowed_ids=None) -
         sel, keep = _compact_selector(allowed)
     if index.ntotal == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    ivf = _ivf_of(index)
     if ivf is None:
         params = faiss.SearchParameters(sel=sel) if sel is not None else None
         lims, sims, ids = index.range_search(q, thr, params=params)
+        margins = np.full(len(ids), want - thr, np.float32)
     else:
         cq = (_centroids(ivf) @ q[0]).astype(np.float32)
         cut = np.full(ivf.nlist, thr, np.float32)  # each list's cut
         errs = None if store is None else store.list_errors
         if errs is not None and len(errs) == ivf.nlist:
-            cut = (want - np.minimum(np.asarray(errs, np.float32) * qn, rf.RANGE_MARGIN_MAX) - 1e-5).astype(np.float32)
+            cut = (want - np.minimum(np.asarray(errs, np.float32) * qn, cap) - 1e-5).astype(np.float32)
         reach = cq + _radii(ivf) * qn + 1e-4
         lists = np.flatnonzero(reach > cut)
         if len(lists) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        found_s, found_i = [], []
+        found_s, found_i, found_m = [], [], []
         for group in _groups_by_cut(lists, cut):  # one scan per group, at its lowest cut
             group = group[np.argsort(-cq[group], kind="stable")]
-            s_, i_ = _range_in_lists(ivf, q, float(cut[group].min()), group, cq, sel)
+            low = float(cut[group].min())
+            s_, i_ = _range_in_lists(ivf, q, low, group, cq, sel)
             found_s.append(s_)
             found_i.append(i_)
-        sims, ids = np.concatenate(found_s), np.concatenate(found_i)
+            found_m.append(np.full(len(i_), want - low, np.float32))
+        sims, ids, margins = np.concatenate(found_s), np.concatenate(found_i), np.concatenate(found_m)
     del keep
     sims, ids = np.asarray(sims, np.float32), np.asarray(ids, np.int64)
     if store is not None and len(ids):
-        if len(ids) > rf.RESCORE_MAX:
-            log.info("range search: %d hits within the codes' margin, re-scoring the best %d", len(ids), rf.RESCORE_MAX)
-            best = np.argpartition(-sims, rf.RESCORE_MAX - 1)[:rf.RESCORE_MAX]
-            ids, sims = ids[best], sims[best]
-        sims = store.score(q[0], ids, sims)
+        # a hit whose code score beats the threshold by its margin is in whatever its float16
+        # score; the others are scored again. Every hit is while they are few enough.
+        again = np.ones(len(ids), bool) if len(ids) <= rf.RESCORE_ALL_MAX else sims <= want + margins
+        if not again.all():
+            log.info("range search: %d hits; %d certain by their codes keep their code scores, %d scored again",
+                     len(ids), int((~again).sum()), int(again.sum()))
+        sims[again] = store.score(q[0], ids[again], sims[again])
     m = sims > want
     sims, ids = sims[m], ids[m]
     order = np.lexsort((ids, -sims))

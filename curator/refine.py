@@ -40,11 +40,12 @@ SUFFIXES = (".vectors.npy", ".ids.npy", ".rows.npy")
 # appends add segments; beyond this many, all but the largest are merged into one (a lookup
 # visits every segment)
 MAX_SEGMENTS = 8
-# range search: the codes' cut is lowered by at most this (8-bit codes' errors stay below it;
-# PQ codes' can reach 0.25, which would re-score most of the index) ...
+# range search over PQ codes: the cut is lowered by at most this (their errors can reach 0.25,
+# which would pass most of the index; 8-bit codes are lowered by their full error)
 RANGE_MARGIN_MAX = 0.05
-# ... and at most this many of its hits (the best by code score) are re-scored
-RESCORE_MAX = 200_000
+# range search: up to this many hits are all scored again; beyond, only those whose code score
+# does not already settle them (the similarities of the rest are their codes')
+RESCORE_ALL_MAX = 200_000
 # rows looked up at a time when scoring many (bounded memory)
 LOOKUP_BLOCK = 16_384
 

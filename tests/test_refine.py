@@ -419,7 +419,7 @@ def test_a_malformed_index_json_does_not_stop_a_build(tmp_path):
             assert ci.build_index(ws, kind="sq8", budget_gb=1, recall_sample=50).count == 2000
 
 
-def test_range_search_over_coarse_codes_is_bounded(pairs, monkeypatch):
+def test_range_search_over_pq_codes_is_bounded(pairs, monkeypatch):
     idx, _ = pairs["ivf-pq", True]
     store = ci.refine_of(idx)
     looked = []
@@ -430,15 +430,36 @@ def test_range_search_over_coarse_codes_is_bounded(pairs, monkeypatch):
         return lookup(ids)
 
     monkeypatch.setattr(store, "lookup", counting)
-    monkeypatch.setattr(rf, "RESCORE_MAX", 300)
     monkeypatch.setattr(rf, "LOOKUP_BLOCK", 128)
-    monkeypatch.setattr(store, "error", 5.0)  # as coarse as codes get: without bounds, every vector
+    monkeypatch.setattr(store, "error", 5.0)  # as coarse as codes get: widened by that, every vector
+    monkeypatch.setattr(store, "list_errors", np.full(idx.nlist, 5.0, np.float32))
     s = X16 @ Q[0]
     thr = float(np.sort(s)[-50])
     ids, sims = ci.range_search(idx, Q[0], thr)
-    assert sum(looked) <= 300 and max(looked) <= 128
+    assert 0 < sum(looked) < N // 4 and max(looked) <= 128  # the margin is capped for PQ, the reads blocked
     assert np.all(sims > thr) and set(ids.tolist()) <= set(IDS[s > thr].tolist())  # no false hits
     assert len(ids) >= 40  # and most of the true ones
+
+
+@pytest.mark.parametrize("kind", ["sq8", "ivf-sq8"])
+def test_range_search_keeps_every_hit_of_a_large_cohort(pairs, kind, monkeypatch):
+    idx, _ = pairs[kind, True]
+    store = ci.refine_of(idx)
+    looked = []
+    lookup = store.lookup
+    monkeypatch.setattr(store, "lookup", lambda ids: (looked.append(len(ids)), lookup(ids))[1])
+    monkeypatch.setattr(rf, "RESCORE_ALL_MAX", 20)  # beyond: only hits the codes do not settle are read
+    monkeypatch.setattr(rf, "RANGE_MARGIN_MAX", 0.0)  # applies to PQ only: 8-bit codes keep their whole margin
+    for qi in range(3):
+        s = X16 @ Q[qi]
+        srt = np.sort(s)[::-1]
+        j = int(np.argmax(srt[2000:3000] - srt[2001:3001])) + 2000  # ~2,500 in the cohort
+        thr = float((srt[j] + srt[j + 1]) / 2)
+        looked.clear()
+        ids, sims = ci.range_search(idx, Q[qi], thr)
+        assert set(ids.tolist()) == set(IDS[s > thr].tolist()), kind  # every one, none extra
+        assert 0 < sum(looked) < len(ids) / 2  # the certain ones were not read again
+        assert np.all(sims > thr)
 
 
 def test_no_room_for_the_copies_is_a_clear_error_before_writing(tmp_path, monkeypatch):
