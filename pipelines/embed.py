@@ -59,6 +59,7 @@ class EmbedConfig:
 class EmbedSummary:
     run_id: str
     discovered: int = 0
+    unreadable: int = 0  # entries the walk could not take as files (broken links, undecodable names, ...)
     unchanged: int = 0
     known_errors: int = 0
     processed: int = 0
@@ -75,7 +76,9 @@ class EmbedSummary:
 
     def lines(self) -> list[str]:
         out = [
-            f"run {self.run_id} on {self.device}: {self.discovered} files found",
+            f"run {self.run_id} on {self.device}: {self.discovered} files found"
+            + (f", plus {self.unreadable} unreadable {'entry' if self.unreadable == 1 else 'entries'} (broken links, undecodable "
+               f"names, special files; under failed or known bad)" if self.unreadable else ""),
             f"  embedded:            {self.processed} ({self.images_per_second:.1f} images/s)",
             f"  skipped (unchanged): {self.unchanged}",
             f"  skipped (known bad): {self.known_errors}",
@@ -293,6 +296,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                     bar.update(len(rows) + len(errors))
             bar.close()
             summary.ignored = report.ignored
+            summary.unreadable = len(report.unreadable)
             unreadable = []
             for p, reason in report.unreadable:
                 if known.unreadable_before(p):  # recorded by an earlier run, still unreadable

@@ -89,8 +89,14 @@ def hostile(tmp_path):
 def test_hostile_archive(tmp_path, hostile, tiny_checkpoints):
     arc, good, bad = hostile
     t0 = time.time()
-    run_embed(EmbedConfig(archives=[str(arc)], workspace=str(tmp_path / "ws"), checkpoints=[str(tiny_checkpoints[0])], device="cpu", workers=2, batch_size=4, progress=False))
+    summary = run_embed(EmbedConfig(archives=[str(arc)], workspace=str(tmp_path / "ws"), checkpoints=[str(tiny_checkpoints[0])], device="cpu",
+                                    workers=2, batch_size=4, progress=False))
     assert time.time() - t0 < 120
+    # the file with an undecodable name is no "file found", yet it is accounted for among the failed
+    n_files = sum(1 for _, _, fs in os.walk(arc) for _ in fs)
+    assert summary.discovered == n_files - 1 and summary.unreadable == 1
+    assert "files found, plus 1 unreadable entry (broken links" in summary.lines()[0]
+    assert summary.processed + sum(summary.failed.values()) + sum(summary.filtered.values()) == summary.discovered + summary.unreadable
     w = Workspace(tmp_path / "ws")
     assert sorted(run_query(w, "SELECT path FROM catalog").path) == sorted(str(p) for p in good)
     errors = run_query(w, "SELECT path, kind, error FROM errors")
