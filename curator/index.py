@@ -9,8 +9,12 @@ Which index (:func:`choose_index`), by archive size N and a memory budget:
   vectors do not fit the budget;
 - beyond: IVF, the first of ``ivf-flat``, ``ivf-sq8``, ``ivf-pq`` that fits. ``nlist ~ 4*sqrt(N)``
   coarse centroids from spherical k-means on a sample; the vectors are added with their image ids
-  (no IDMap); ``nprobe`` is the smallest that reaches recall@10 >= 0.95 against exact search on
-  sample queries, and the recall reported is measured on a second, held-out half of them.
+  (no IDMap); ``nprobe`` is the smallest that reaches recall@10 >= 0.95 (0.96 when it can)
+  against exact search on sample queries, and the recall reported is measured on a second,
+  held-out half of them;
+- sq8, ivf-sq8 and ivf-pq re-rank their codes' candidates from float16 copies of the vectors
+  kept on disk (:mod:`curator.refine`; ``refine=False`` / ``--no-refine`` to go without): 8-bit
+  codes rank the close neighbours of near-duplicate films out of order.
 
 Builds stream the embeddings Parquet parts chunk by chunk (the vectors are never one array) and
 give the index its storage once, at its final size (FAISS's own ``add`` grows its buffers by
