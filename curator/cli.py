@@ -131,6 +131,8 @@ def cmd_embed(args) -> int:
         progress=not args.quiet,
         engine=args.engine,
         ray_address=args.address,
+        prune=args.prune or args.prune_force,
+        prune_force=args.prune_force,
     )
     if args.address and args.engine != "ray":
         raise CliError("--address is for --engine ray")
@@ -511,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, metavar="ADDR",
                    help="with --engine ray: the cluster to join (e.g. ray://head:10001 or 'auto'); default: start a local one. "
                    "Archive and checkpoints must be at the same paths on every node")
+    p.add_argument("--prune", action="store_true",
+                   help="retire the rows of catalogued files under the ARCHIVE folders that are no longer there (deleted or "
+                   "moved): they leave the catalog, the views and the index, and come back if the file does. Nothing is "
+                   "deleted. A folder with more than half of its catalogued files gone is left alone (unmounted?)")
+    p.add_argument("--prune-force", action="store_true", help="--prune even where more than half of a folder's files are gone")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("label", help="(re)compute probabilities for a prompt set from stored embeddings",

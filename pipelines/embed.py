@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -30,7 +31,8 @@ from curator.prompts import PromptSet, default_prompt_set
 from curator.readers import ReadOptions
 from curator.workspace import Workspace, WorkspaceError
 
-from .known import KnownFiles
+from .known import KnownFiles, path_keys
+from .prune import prune
 from .stages import Mapper, WorkspaceWriter, _error_item, collate, read_item, run_record, utcnow
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,8 @@ class EmbedConfig:
     chunk_files: int | None = None  # files discovered per chunk; None: 100k (local), 1M (ray)
     engine: str = "local"  # "local" (DataLoader workers) or "ray" (Ray Data)
     ray_address: str | None = None  # Ray cluster to join; None: the running one or a new local one
+    prune: bool = False  # retire the rows of catalogued files the walk no longer finds (pipelines/prune.py)
+    prune_force: bool = False  # ... even where more than half of a folder's files are gone
 
 
 @dataclass
@@ -67,6 +71,8 @@ class EmbedSummary:
     filtered: Counter = field(default_factory=Counter)
     ignored: Counter = field(default_factory=Counter)
     retired: int = 0  # catalogued files that changed and now fail: their old rows left the catalog
+    pruned: int = 0  # catalogued files gone from the archive (--prune): their rows left the catalog
+    prune_refused: list = field(default_factory=list)  # (folder, gone, catalogued) not pruned
     seconds: float = 0.0
     device: str = ""
 
@@ -89,6 +95,10 @@ class EmbedSummary:
         out += [f"    {k}: {v}" for k, v in sorted(self.filtered.items())]
         if self.retired:
             out.append(f"  of the failed or filtered, {self.retired} were catalogued before and changed: their old rows left the catalog")
+        if self.pruned or self.prune_refused:
+            out.append(f"  pruned (gone from the archive): {self.pruned}")
+            out += [f"    not pruned: {folder}: {gone} of {total} catalogued files gone (is it fully mounted? --prune-force prunes anyway)"
+                    for folder, gone, total in self.prune_refused]
         if self.ignored:
             out.append(f"  ignored by name:     {sum(self.ignored.values())}")
             out += [f"    {k}: {v}" for k, v in sorted(self.ignored.items())]
@@ -264,8 +274,11 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             bar = _progress(None, cfg.progress)
             left = cfg.limit
             chunk_files = cfg.chunk_files or (1_000_000 if cfg.engine == "ray" else 100_000)
+            seen = [] if cfg.prune else None  # digests of every path met, for --prune
             for chunk in _chunked(walk(cfg.archives, report, exclude=[ws.root]), chunk_files):
                 summary.discovered += len(chunk)
+                if seen is not None:
+                    seen.append(path_keys([e.path for e in chunk]))
                 unchanged, bad, previous = known.classify([e.path for e in chunk], [e.size for e in chunk], [e.mtime_ns for e in chunk])
                 summary.unchanged += int(unchanged.sum())
                 summary.known_errors += int(bad.sum())
@@ -306,6 +319,10 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             if unreadable:
                 writer.add([], None, unreadable)
             writer.flush()
+            if seen is not None:  # the walk is complete: what it did not meet left the archive
+                seen.append(path_keys([p for p, _ in report.unreadable]))  # there, if unreadable: kept
+                pr = prune(ws, cfg.archives, np.unique(np.concatenate(seen)), run_id, force=cfg.prune_force)
+                summary.pruned, summary.prune_refused = pr.retired, pr.refused
             from curator.index import sync_index
 
             synced = sync_index(ws)
@@ -339,6 +356,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                 "filtered": dict(summary.filtered),
                 "ignored": dict(summary.ignored),
                 "retired": summary.retired,
+                "pruned": summary.pruned,
             }
             record = run_record(
                 run_id, "embed", status, started,
