@@ -516,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", action="store_true",
                    help="retire the rows of catalogued files under the ARCHIVE folders that are no longer there (deleted or "
                    "moved): they leave the catalog, the views and the index, and come back if the file does. Nothing is "
-                   "deleted. A folder with more than half of its catalogued files gone is left alone (unmounted?)")
+                   "deleted; a file is retired only if it is really not there (lstat). An ARCHIVE folder, or a subfolder directly "
+                   "in it holding 20+ catalogued files, with more than half of them gone is left alone (unmounted share?)")
     p.add_argument("--prune-force", action="store_true", help="--prune even where more than half of a folder's files are gone")
     p.set_defaults(func=cmd_embed)
 

@@ -60,7 +60,7 @@ def superseded_ids(ws, retired_only: bool = False) -> np.ndarray:
     return np.asarray(got, dtype=np.int64)
 
 
-def _stored_keys(files: list[str], errors: bool, retry_filtered: bool, batch_rows: int = 1 << 20, drop_ids: np.ndarray | None = None):
+def _stored_keys(files: list[str], errors: bool, retry_filtered: bool, batch_rows: int = 1 << 20):
     """(keys, sizes, mtimes, ids) of the parts' rows, in part order, hashed by DuckDB in batches.
 
     DuckDB reads the parts and computes the digests in C++ on every core (a Python loop over ten
@@ -79,10 +79,6 @@ def _stored_keys(files: list[str], errors: bool, retry_filtered: bool, batch_row
         out: tuple[list, list, list, list] = ([], [], [], [])
         for batch in reader:
             cols = [_binary16(batch.column(0))] + [np.asarray(batch.column(j).to_numpy(zero_copy_only=False), dtype=np.int64) for j in (1, 2, 3)]
-            if drop_ids is not None and len(drop_ids) and not errors:
-                # a retired row (its file changed and failed) is no longer the path's catalogued version
-                keep = ~np.isin(cols[3], drop_ids)
-                cols = [c[keep] for c in cols]
             for j in range(4):
                 out[j].append(cols[j])
         return out
@@ -91,9 +87,13 @@ def _stored_keys(files: list[str], errors: bool, retry_filtered: bool, batch_row
 
 
 class _Table:
-    """Sorted keys with (size, mtime_ns); the last row of a path wins, as in a later part."""
+    """Sorted keys with (size, mtime_ns); the last row of a path wins, as in a later part. A path
+    whose winning row is in ``drop_ids`` (retired: the file changed and failed, or left the
+    archive) has no entry: an older row of it must not win instead (a file restored from a backup
+    with its old size and mtime would match that row and be skipped, with no current row)."""
 
-    def __init__(self, keys: list[np.ndarray], sizes: list[np.ndarray], mtimes: list[np.ndarray], ids: list[np.ndarray]):
+    def __init__(self, keys: list[np.ndarray], sizes: list[np.ndarray], mtimes: list[np.ndarray], ids: list[np.ndarray],
+                 drop_ids: np.ndarray | None = None):
         k = np.concatenate(keys) if keys else np.zeros(0, "S16")
         s = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
         m = np.concatenate(mtimes) if mtimes else np.zeros(0, np.int64)
@@ -102,6 +102,8 @@ class _Table:
         k, s, m, i = k[order], s[order], m[order], i[order]
         last = np.ones(len(k), bool)
         last[:-1] = k[1:] != k[:-1]
+        if drop_ids is not None and len(drop_ids):
+            last &= ~np.isin(i, drop_ids)
         self.keys, self.sizes, self.mtimes, self.ids = k[last], s[last], m[last], i[last]
 
     def __len__(self) -> int:
@@ -134,7 +136,8 @@ class KnownFiles:
         retired = superseded_ids(ws, retired_only=True)
         for dataset in ("catalog", "errors"):
             files = [str(p) for p in ws.part_paths(dataset)]
-            tables[dataset] = _Table(*_stored_keys(files, dataset == "errors", retry_filtered, drop_ids=retired)) if files else _Table([], [], [], [])
+            drop = retired if dataset == "catalog" else None
+            tables[dataset] = _Table(*_stored_keys(files, dataset == "errors", retry_filtered), drop_ids=drop) if files else _Table([], [], [], [])
         self.catalog = tables["catalog"]
         self.errors = tables["errors"]
 

@@ -7,7 +7,12 @@ is deleted: the rows stay in the Parquet parts, the views and the index leave th
 file that comes back is embedded again as a new image.
 
 A folder that looks unmounted or emptied by accident (more than half of the files catalogued
-under it gone) is not pruned unless ``force``: the run says so and leaves its rows alone.
+under a folder given as archive, or under one of its immediate subfolders holding at least
+:data:`SUBFOLDER_MIN_FILES`, gone) is not pruned
+unless ``force``: the run says so and leaves its rows alone. A row is retired only if its file
+is really not there (``lstat`` says so): a file the walk could not meet (a folder it could not
+list, a symlinked folder it does not follow, a hidden folder given as an archive of its own)
+is kept.
 Paths are compared as 16-byte MD5 digests (:func:`pipelines.known.path_keys`, DuckDB's
 ``unhex(md5(path))`` on the workspace side), streamed, so memory is ~16 bytes a walked file.
 """
@@ -22,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from curator.workspace import SUPERSEDED_SCHEMA, Workspace
+from curator.workspace import SUPERSEDED_SCHEMA, Workspace, WorkspaceError
 
 from .known import _binary16
 
@@ -30,6 +35,9 @@ log = logging.getLogger(__name__)
 
 # more than this share of a folder's catalogued files gone: refuse without force
 MAX_GONE_SHARE = 0.5
+# ... for an immediate subfolder of an archive folder, from this many catalogued files on (a
+# mounted share holds many; a patient's folder of one or two studies may go whole)
+SUBFOLDER_MIN_FILES = 20
 
 
 @dataclass
@@ -47,55 +55,107 @@ def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     return sorted_set[pos] == values
 
 
-def gone_rows(ws: Workspace, folder: str, seen: np.ndarray, batch_rows: int = 1 << 20) -> tuple[np.ndarray, list[str], int]:
-    """(image ids, paths) of the current catalog rows under ``folder`` whose path key is not in
-    ``seen`` (sorted ``S16`` digests), and how many current rows lie under it."""
+def _gone_under(ws: Workspace, folder: str, seen: np.ndarray, batch_rows: int = 1 << 20):
+    """Current catalog rows under ``folder`` whose path key is not in ``seen`` and whose file is
+    not there (:func:`_really_gone`): (their image ids, the index of their group in ``groups``,
+    gone count per group, catalogued count per group). A group is one immediate subfolder of
+    ``folder`` ("" for files directly in it). Paths are checked batch by batch and not kept (an
+    unmounted root would make millions of strings only to be refused)."""
     from curator.query import connect
 
     prefix = folder.rstrip(os.sep) + os.sep
+    rest = "substr(path, length($p) + 1)"
+    group = f"CASE WHEN strpos({rest}, $sep) > 0 THEN split_part({rest}, $sep, 1) ELSE '' END"
+    params = {"p": prefix, "sep": os.sep}
     con = connect(ws, sandbox=False, use_cache=False)
-    ids, paths, total = [], [], 0
     try:
-        reader = con.sql("SELECT image_id, path, unhex(md5(path)) AS k FROM catalog WHERE starts_with(path, $p)",
-                         params={"p": prefix}).to_arrow_reader(batch_rows)
+        totals = dict(con.sql(f"SELECT {group} AS g, count(*) FROM catalog WHERE starts_with(path, $p) GROUP BY 1", params=params).fetchall())
+        groups = sorted(totals)
+        index = {g: j for j, g in enumerate(groups)}
+        ids, gidx = [], []
+        reader = con.sql(f"SELECT image_id, unhex(md5(path)) AS k, {group} AS g, path FROM catalog WHERE starts_with(path, $p)",
+                         params=params).to_arrow_reader(batch_rows)
         for batch in reader:
-            total += batch.num_rows
-            miss = ~_in_sorted(_binary16(batch.column(2)), seen)
+            miss = ~_in_sorted(_binary16(batch.column(1)), seen)
             if miss.any():
-                idx = pa.array(np.flatnonzero(miss))
-                ids.append(np.asarray(batch.column(0).take(idx).to_numpy(zero_copy_only=False), np.int64))
-                paths += batch.column(1).take(idx).to_pylist()
+                mask = pa.array(miss)
+                really = np.array([_really_gone(p) for p in batch.column(3).filter(mask).to_pylist()], bool)
+                if really.any():
+                    ids.append(np.asarray(batch.column(0).filter(mask).to_numpy(zero_copy_only=False), np.int64)[really])
+                    gidx.append(np.array([index[g] for g in batch.column(2).filter(mask).to_pylist()], np.int64)[really])
     finally:
         con.close()
-    return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), paths, total
+    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    gidx = np.concatenate(gidx) if gidx else np.zeros(0, np.int64)
+    gone = np.bincount(gidx, minlength=len(groups))
+    total = np.array([totals[g] for g in groups], np.int64)
+    return ids, gidx, groups, gone, total
+
+
+def _paths_of(ws: Workspace, ids: np.ndarray) -> dict[int, str]:
+    from curator.query import connect
+
+    con = connect(ws, sandbox=False, use_cache=False)
+    try:
+        con.register("wanted", pa.table({"image_id": pa.array(ids, pa.int64())}))
+        return dict(con.sql("SELECT image_id, path FROM catalog JOIN wanted USING (image_id)").fetchall())
+    finally:
+        con.close()
+
+
+def _really_gone(path: str) -> bool:
+    """The file is not there: the path or a folder on it does not exist. Any other error (no
+    permission, I/O) counts as there; so do files the walk could not meet (in a folder it could
+    not list, behind a symlinked folder it does not follow, in a hidden folder given as archive)."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def prune(ws: Workspace, archives: list[str], seen: np.ndarray, run_id: str, force: bool = False) -> PruneReport:
     """Retire the rows of files under the ``archives`` folders that the walk (``seen``: sorted
-    digests of every path it met, readable or not) did not meet. Needs the writer lock."""
+    digests of every path it met, readable or not) did not meet and that are not there. Needs
+    the writer lock.
+
+    Not where more than half of the files catalogued under a folder given as archive, or under
+    one of its immediate subfolders, are gone (an unmounted share), unless ``force``. A path
+    the walk did not meet is checked with ``lstat`` (one call per such path)."""
     rep = PruneReport()
-    all_ids: list[np.ndarray] = []
-    all_paths: list[str] = []
+    if ws.manifest.get("catalog_versions") != "superseded":
+        raise WorkspaceError(f"{ws.root}: this workspace predates retired catalog rows (no `superseded` dataset in use): "
+                             "--prune cannot retire rows in it; embed the archive into a new workspace to use it")
+    candidates: list[np.ndarray] = []
     for root in archives:
         where = Path(root).expanduser().resolve()
         if not where.is_dir():  # a file given as archive: nothing under it to prune
             continue
-        ids, paths, total = gone_rows(ws, str(where), seen)
+        ids, gidx, groups, gone, total = _gone_under(ws, str(where), seen)
         if not len(ids):
             continue
-        if len(ids) > MAX_GONE_SHARE * total and not force:
-            rep.refused.append((str(where), len(ids), total))
-            log.warning("%s: %d of the %d files catalogued under it are gone; is the archive fully there (mounted, "
-                        "readable)? Not pruned: rerun with --prune-force to retire their rows anyway", where, len(ids), total)
+        if not force and gone.sum() > MAX_GONE_SHARE * total.sum():
+            rep.refused.append((str(where), int(gone.sum()), int(total.sum())))
             continue
-        all_ids.append(ids)
-        all_paths += paths
-    if all_ids:
-        ids = np.concatenate(all_ids)
-        table = pa.table({"image_id": pa.array(ids, pa.int64()), "path": pa.array(all_paths, pa.string()),
-                          "superseded_by": pa.nulls(len(ids), pa.int64()), "run_id": pa.array([run_id] * len(ids), pa.string())},
-                         schema=SUPERSEDED_SCHEMA)
-        ws.commit(add=[ws.write_part("superseded", table)])
-        rep.retired = len(ids)
-        log.info("pruned: %d catalogued files are no longer in the archive; their rows left the catalog", len(ids))
+        refused = np.zeros(len(groups), bool) if force else (
+            (gone > MAX_GONE_SHARE * total) & (total >= SUBFOLDER_MIN_FILES) & (np.array(groups) != ""))
+        for j in np.flatnonzero(refused):
+            rep.refused.append((str(where / groups[j]), int(gone[j]), int(total[j])))
+        candidates.append(ids[~refused[gidx]])
+    for folder, gone_n, total_n in rep.refused:
+        log.warning("%s: %d of the %d files catalogued under it are gone; is the archive fully there (mounted, readable)? "
+                    "Not pruned: rerun with --prune-force to retire their rows anyway", folder, gone_n, total_n)
+    ids = np.unique(np.concatenate(candidates)) if candidates else np.zeros(0, np.int64)  # nested roots: once
+    if not len(ids):
+        return rep
+    paths = _paths_of(ws, ids)
+    gone_ids = [i for i in ids.tolist() if i in paths]
+    table = pa.table({"image_id": pa.array(gone_ids, pa.int64()), "path": pa.array([paths[i] for i in gone_ids], pa.string()),
+                      "superseded_by": pa.nulls(len(gone_ids), pa.int64()), "run_id": pa.array([run_id] * len(gone_ids), pa.string())},
+                     schema=SUPERSEDED_SCHEMA)
+    ws.commit(add=[ws.write_part("superseded", table)])
+    rep.retired = len(gone_ids)
+    log.info("pruned: %d catalogued files are no longer in the archive; their rows left the catalog", len(gone_ids))
     return rep

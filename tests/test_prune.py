@@ -126,3 +126,92 @@ def test_cli_prune_flags(embedded, tiny_checkpoints):
     assert str(files[0]) not in _current_paths(ws)
     r = subprocess.run([sys.executable, "-m", "curator.cli", "embed", "--help"], capture_output=True, text=True, check=True)
     assert "--prune-force" in r.stdout and "Nothing is deleted" in r.stdout.replace("\n", " ").replace("  ", " ")
+
+
+def test_prune_keeps_files_the_walk_could_not_meet(embedded, tiny_checkpoints, tmp_path, monkeypatch):
+    """A folder it could not list, a folder moved behind a symlink, a hidden folder embedded on its own."""
+    from curator.pipelines.embed import run_embed
+
+    arc, other, ws, files, others = embedded
+    hidden = arc / ".incoming"
+    hidden_files = write_raster_archive(hidden, 2, seed=9, start=40)
+    run_embed(_cfg([hidden], ws, tiny_checkpoints[0]))
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(arc / "s1"), moved)
+    os.symlink(moved, arc / "s1")  # the walk does not follow it; the files are still there
+    real_scandir = os.scandir
+    blocked = str((arc / "s2").resolve())
+
+    def scandir(path="."):
+        if os.fspath(path) == blocked:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)  # s2 cannot be listed (an NFS or permission problem)
+    before = _current_paths(ws)
+    s = run_embed(_cfg([arc], ws, tiny_checkpoints[0], prune=True))
+    assert s.pruned == 0 and _current_paths(ws) == before
+    assert {str(p) for p in hidden_files} <= before
+    # while a file really deleted in the same run is retired
+    files[0].unlink()
+    s = run_embed(_cfg([arc], ws, tiny_checkpoints[0], prune=True))
+    assert s.pruned == 1 and _current_paths(ws) == before - {str(files[0])}
+
+
+def test_an_emptied_subfolder_is_left_alone_the_rest_pruned(tmp_path, tiny_checkpoints, monkeypatch):
+    from curator.pipelines import prune
+    from curator.pipelines.embed import run_embed
+
+    monkeypatch.setattr(prune, "SUBFOLDER_MIN_FILES", 5)  # (6 files a share here)
+
+    arc, ws = tmp_path / "arc", tmp_path / "ws"
+    shares = {name: write_raster_archive(arc / name, 6, seed=k, start=10 * k) for k, name in enumerate(["p10", "p11", "p12"])}
+    run_embed(_cfg([arc], ws, tiny_checkpoints[0]))
+    shutil.rmtree(arc / "p11")
+    (arc / "p11").mkdir()  # an unmounted share: an empty mount point (a third of the archive)
+    shares["p12"][0].unlink()  # and one file really deleted elsewhere
+    s = run_embed(_cfg([arc], ws, tiny_checkpoints[0], prune=True))
+    assert s.pruned == 1 and s.prune_refused == [(str((arc / "p11").resolve()), 6, 6)]
+    assert _current_paths(ws) == {str(p) for ps in shares.values() for p in ps} - {str(shares["p12"][0])}
+    s = run_embed(_cfg([arc], ws, tiny_checkpoints[0], prune=True, prune_force=True))
+    assert s.pruned == 6 and s.prune_refused == []
+
+
+def test_a_pruned_file_restored_from_a_backup_comes_back(tmp_path, tiny_checkpoints):
+    """Its older version (v1) is in the catalog's history: the file restored as v1 must not match it."""
+    from curator.pipelines.embed import run_embed
+
+    arc, ws = tmp_path / "arc", tmp_path / "ws"
+    files = write_raster_archive(arc, 4)
+    p = files[1]
+    v1 = (p.read_bytes(), os.stat(p).st_mtime_ns)
+    run_embed(_cfg([arc], ws, tiny_checkpoints[0]))
+    write_raster_archive(tmp_path / "v2", 2, seed=3)  # other content for the same name
+    shutil.copy((tmp_path / "v2" / "s1" / "img001.png"), p)
+    assert run_embed(_cfg([arc], ws, tiny_checkpoints[0])).processed == 1  # v2 replaces v1
+    p.unlink()
+    assert run_embed(_cfg([arc], ws, tiny_checkpoints[0], prune=True)).pruned == 1
+    p.write_bytes(v1[0])
+    os.utime(p, ns=(v1[1], v1[1]))  # as rsync -a / cp -p restore it
+    s = run_embed(_cfg([arc], ws, tiny_checkpoints[0]))
+    assert s.processed == 1 and str(p) in _current_paths(ws)
+
+
+def test_nested_roots_retire_once_and_old_workspaces_are_refused(embedded, tiny_checkpoints):
+    from curator.pipelines.embed import run_embed
+    from curator.workspace import WorkspaceError
+
+    arc, other, ws, files, others = embedded
+    inner = files[0].parent
+    files[0].unlink()
+    s = run_embed(_cfg([arc, inner], ws, tiny_checkpoints[0], prune=True))
+    assert s.pruned == 1
+    import duckdb
+
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{ws}/superseded/*.parquet')").fetchall()[0][0] == 1
+    m = json.loads((ws / "manifest.json").read_text())
+    del m["catalog_versions"]  # a workspace from before retired rows existed
+    (ws / "manifest.json").write_text(json.dumps(m))
+    files[2].unlink()
+    with pytest.raises(WorkspaceError, match="predates retired catalog rows"):
+        run_embed(_cfg([arc], ws, tiny_checkpoints[0], prune=True))
