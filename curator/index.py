@@ -1310,11 +1310,11 @@ def _save(ws: Workspace, index, info: IndexInfo, radii: np.ndarray | None = None
             tmp.unlink()
         raise
     tmp.replace(folder / name)
+    store = refine_of(index)
     info.radii_file = None
     if radii is not None:
         rname = f"{info.checkpoint[:12]}.{info.index_type}.{token}.radii.npz"
         rtmp = folder / f".{rname}.tmp"
-        store = refine_of(index)
         extra = {} if store is None or store.list_errors is None else {"errors": np.asarray(store.list_errors, np.float32)}
         with open(rtmp, "wb") as f:
             np.savez(f, radii=np.asarray(radii, np.float32), ntotal=np.int64(index.ntotal), **extra)
@@ -1322,7 +1322,6 @@ def _save(ws: Workspace, index, info: IndexInfo, radii: np.ndarray | None = None
             os.fsync(f.fileno())
         rtmp.replace(folder / rname)
         info.radii_file = f"{INDEX_DIR}/{rname}"
-    store = refine_of(index)
     info.refine_files = None if store is None else [f"{INDEX_DIR}/{Path(st).name}" for st in store.stems]
     info.refine_error = 0.0 if store is None else float(store.error)
     info.count = int(index.ntotal)

@@ -277,9 +277,11 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             seen = [] if cfg.prune else None  # digests of every path met, for --prune
             for chunk in _chunked(walk(cfg.archives, report, exclude=[ws.root]), chunk_files):
                 summary.discovered += len(chunk)
+                paths = [e.path for e in chunk]
+                keys = path_keys(paths)
                 if seen is not None:
-                    seen.append(path_keys([e.path for e in chunk]))
-                unchanged, bad, previous = known.classify([e.path for e in chunk], [e.size for e in chunk], [e.mtime_ns for e in chunk])
+                    seen.append(keys)
+                unchanged, bad, previous = known.classify(paths, [e.size for e in chunk], [e.mtime_ns for e in chunk], keys)
                 summary.unchanged += int(unchanged.sum())
                 summary.known_errors += int(bad.sum())
                 todo = [e for e, skip in zip(chunk, unchanged | bad) if not skip]

@@ -141,10 +141,11 @@ class KnownFiles:
         self.catalog = tables["catalog"]
         self.errors = tables["errors"]
 
-    def classify(self, paths: list[str], sizes: list[int], mtimes: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def classify(self, paths: list[str], sizes: list[int], mtimes: list[int], keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(unchanged: catalogued with this size and mtime, known_bad: failed before with them,
-        previous: image_id of the path's current catalog row, -1 if none)."""
-        keys = path_keys(paths)
+        previous: image_id of the path's current catalog row, -1 if none). ``keys``: the paths'
+        :func:`path_keys`, when the caller has them already."""
+        keys = path_keys(paths) if keys is None else keys
         s = np.asarray(sizes, dtype=np.int64)
         m = np.asarray(mtimes, dtype=np.int64)
         unchanged = self.catalog.match(keys, s, m)

@@ -12,19 +12,9 @@ from curator import index as ci
 from curator import refine as rf
 from curator.bench import SyntheticVectors
 from curator.workspace import Workspace, WorkspaceError
-from tests.test_index import CK, _add_images, brute_top
+from tests.test_index import CK, _add_images, _one_faiss_thread, brute_top  # noqa: F401 - the autouse fixture applies here too
 
 N, D = 12_000, 48
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 # vectors sharing one direction in tight clusters: neighbours ~1e-4 apart in similarity, closer
