@@ -18,8 +18,9 @@ Which index (:func:`choose_index`), by archive size N and a memory budget:
 
 Builds stream the embeddings Parquet parts chunk by chunk (the vectors are never one array) and
 give the index its storage once, at its final size (FAISS's own ``add`` grows its buffers by
-doubling, up to twice the index in memory). Appending (:func:`sync_index`) copies the old index
-into storage of the new size and adds only the new images: no retraining, no re-encoding.
+doubling, up to twice the index in memory). Updating (:func:`sync_index`) copies the old index
+into storage of the new size, less the images that left the catalog, and adds only the new
+images: no retraining, no re-encoding.
 index.json records which workspace state the index holds (:func:`index_source_key`, a hash of
 the part lists); :func:`index_staleness` tells searches when it is not the manifest's.
 
@@ -75,6 +76,9 @@ MMAP_MIN_BYTES = 256 << 20
 # filling inverted lists
 CHUNK_ROWS = 32768
 FILL_ROWS = 262_144
+# an index update removes the images that left the catalog (changed files, `embed --prune`) in
+# place, unless more than this share of the index left: then it is built again
+REMOVE_MAX = 0.5
 KMEANS_ITER = 10
 TRAIN_MAX = 262_144
 _LEGACY_TYPES = {"IDMap2,FlatIP": "flat"}
@@ -335,6 +339,24 @@ def current_ids(ws: Workspace, checkpoint: str) -> np.ndarray:
     return np.unique(np.asarray(got, dtype=np.int64))
 
 
+def _row_groups_holding(pf, wanted: np.ndarray) -> list[int]:
+    """Row groups of a Parquet file whose image_id range (from the footer's statistics) holds one
+    of ``wanted`` (sorted): an update reads the few parts its new images are in, not every part's
+    embeddings. Groups without statistics are kept."""
+    md = pf.metadata
+    col = next((j for j in range(md.num_columns) if md.schema.column(j).path == "image_id"), None)
+    out = []
+    for g in range(md.num_row_groups):
+        st = md.row_group(g).column(col).statistics if col is not None else None
+        if st is None or not st.has_min_max:
+            out.append(g)
+            continue
+        at = int(np.searchsorted(wanted, int(st.min)))
+        if at < len(wanted) and wanted[at] <= int(st.max):
+            out.append(g)
+    return out
+
+
 class WorkspaceVectors(VectorSource):
     """One checkpoint's embeddings of the given image ids (default: the current catalog), read
     part by part from the workspace's Parquet files (first occurrence of an id wins)."""
@@ -363,7 +385,10 @@ class WorkspaceVectors(VectorSource):
             if left == 0:
                 return
             pf = pq.ParquetFile(path)
-            for batch in pf.iter_batches(batch_size=self.chunk_rows, columns=["image_id", "checkpoint", "embedding"]):
+            groups = _row_groups_holding(pf, wanted[~seen] if left < len(wanted) else wanted)
+            if not groups:
+                continue
+            for batch in pf.iter_batches(batch_size=self.chunk_rows, row_groups=groups, columns=["image_id", "checkpoint", "embedding"]):
                 mask = pc.equal(batch.column(1), pa.scalar(self.checkpoint))
                 if not pc.any(mask).as_py():
                     continue
@@ -806,22 +831,40 @@ def _encode_ivf(ivf, chunks: Iterable[tuple[np.ndarray, np.ndarray]], assigner: 
     return sizes
 
 
-def _fill_ivf(ivf, base_sizes: np.ndarray, new_sizes: np.ndarray, scratch: _Scratch) -> None:
-    """Give ``ivf`` lists of exactly their final size: its current entries (``base_sizes``, e.g.
-    a memory-mapped old index) first, then the scratch records."""
+def _fill_ivf(ivf, new_sizes: np.ndarray, scratch: _Scratch, drop: np.ndarray | None = None) -> None:
+    """Give ``ivf`` lists of exactly their final size: its current entries (e.g. a memory-mapped
+    old index) less the ids in ``drop`` (sorted) first, then the scratch records."""
     faiss = _faiss()
     nlist, cs = ivf.nlist, ivf.code_size
-    total = base_sizes + new_sizes
     old = ivf.invlists
+    old_sizes = _list_sizes(old, nlist)
+    base_sizes = np.zeros(nlist, np.int64)
     il = faiss.ArrayInvertedLists(nlist, cs)
-    for lst in np.flatnonzero(total):
-        il.resize(int(lst), int(total[lst]))  # from empty: exactly this size, no doubling
-    for lst in np.flatnonzero(base_sizes):
-        lst = int(lst)
+    for lst in np.flatnonzero(old_sizes + new_sizes).tolist():
+        n = int(old_sizes[lst])
+        if n == 0:
+            il.resize(lst, int(new_sizes[lst]))  # from empty: exactly this size, no doubling
+            continue
         ids_p, codes_p = old.get_ids(lst), old.get_codes(lst)
-        il.update_entries(lst, 0, int(base_sizes[lst]), ids_p, codes_p)
-        old.release_ids(lst, ids_p)
-        old.release_codes(lst, codes_p)
+        try:
+            keep = None
+            if drop is not None and len(drop):
+                keep = ~_isin_sorted(faiss.rev_swig_ptr(ids_p, n), drop)
+                if keep.all():
+                    keep = None
+            m = n if keep is None else int(keep.sum())
+            il.resize(lst, m + int(new_sizes[lst]))
+            if keep is None:
+                il.update_entries(lst, 0, n, ids_p, codes_p)
+            elif m:
+                ids = np.ascontiguousarray(faiss.rev_swig_ptr(ids_p, n)[keep])
+                codes = np.ascontiguousarray(faiss.rev_swig_ptr(codes_p, n * cs).reshape(n, cs)[keep])
+                il.update_entries(lst, 0, m, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+        finally:
+            old.release_ids(lst, ids_p)
+            old.release_codes(lst, codes_p)
+        base_sizes[lst] = m
+    total = base_sizes + new_sizes
     fill = base_sizes.copy()
     # big blocks: each touches most lists, and every (block, list) pair is one call
     for lists, ids, codes in scratch.blocks(max(CHUNK_ROWS, min(FILL_ROWS, (128 << 20) // max(1, cs)))):
@@ -846,11 +889,11 @@ def _half(x: np.ndarray) -> np.ndarray:
 
 
 def _fill_exact(index, total: int, chunks: Iterable[tuple[np.ndarray, np.ndarray]], observers: list[Callable], copy_from=None,
-                measure_error: bool = False):
+                measure_error: bool = False, drop: np.ndarray | None = None):
     """Fill an empty IndexIDMap2 over flat codes with ``total`` vectors, storage allocated once:
-    ``copy_from`` (an IndexIDMap2 of the same kind) first, then the chunks. Returns, with
-    ``measure_error``, the new codes' largest distance to the float16 copies max |x16 - x^|
-    (else 0)."""
+    ``copy_from`` (an IndexIDMap2 of the same kind) less the ids in ``drop`` (sorted) first, then
+    the chunks. Returns, with ``measure_error``, the new codes' largest distance to the float16
+    copies max |x16 - x^| (else 0)."""
     faiss = _faiss()
     base = faiss.downcast_index(index.index)
     cs = base.code_size
@@ -859,11 +902,20 @@ def _fill_exact(index, total: int, chunks: Iterable[tuple[np.ndarray, np.ndarray
     index.id_map.resize(total)
     codes = faiss.rev_swig_ptr(base.codes.data(), total * cs) if total else np.zeros(0, np.uint8)
     idmap = faiss.rev_swig_ptr(index.id_map.data(), total) if total else np.zeros(0, np.int64)
+    at = 0
     if old_n:
-        old_base = faiss.downcast_index(copy_from.index)
-        codes[: old_n * cs] = faiss.rev_swig_ptr(old_base.codes.data(), old_n * cs)
-        idmap[:old_n] = faiss.rev_swig_ptr(copy_from.id_map.data(), old_n)
-    at = old_n
+        old_codes = faiss.rev_swig_ptr(faiss.downcast_index(copy_from.index).codes.data(), old_n * cs).reshape(old_n, cs)
+        old_ids = faiss.rev_swig_ptr(copy_from.id_map.data(), old_n)
+        for s in range(0, old_n, FILL_ROWS):
+            ids_b = old_ids[s:s + FILL_ROWS]
+            keep = slice(None) if drop is None or not len(drop) else ~_isin_sorted(ids_b, drop)
+            ids_b = ids_b[keep]
+            m = len(ids_b)
+            if at + m > total:
+                raise RuntimeError("internal error: more vectors than counted")
+            codes[at * cs:(at + m) * cs] = old_codes[s:s + FILL_ROWS][keep].reshape(-1)
+            idmap[at:at + m] = ids_b
+            at += m
     err = 0.0
     for ids, x in chunks:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -970,7 +1022,7 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
             errors = np.zeros(index.nlist, np.float32) if writer is not None else None
             try:
                 sizes = _encode_ivf(index, source.chunks(), _Assigner(_centroids(index), rep.gpu), scratch, observers, rep.radii, errors)
-                _fill_ivf(index, np.zeros(index.nlist, np.int64), sizes, scratch)
+                _fill_ivf(index, sizes, scratch)
             finally:
                 scratch.close()
         else:
@@ -1126,10 +1178,11 @@ def _needs_rebuild(info: IndexInfo, n: int) -> str | None:
 
 
 def sync_index(ws: Workspace, max_rebuild: int | None = None) -> IndexInfo | None:
-    """Bring an existing index up to date with the catalog: append new images (no retraining, no
-    re-encoding of the old ones), or rebuild when images left it, the chosen type changes with the
-    size, or an IVF index outgrew its training. Returns None when the workspace has no index.
-    Needs the lock.
+    """Bring an existing index up to date with the catalog: append new images and remove those
+    that left it (changed files, ``embed --prune``), in one pass that copies the other codes as
+    they are (no retraining, no re-encoding); rebuild when more than :data:`REMOVE_MAX` of its
+    images left, the chosen type changes with the size, or an IVF index outgrew its training.
+    Returns None when the workspace has no index. Needs the lock.
 
     Quick when nothing changed: an index whose recorded :func:`index_source_key` is the
     workspace's is current without reading its ids. ``max_rebuild``: rebuild only up to this many
@@ -1157,39 +1210,51 @@ def sync_index(ws: Workspace, max_rebuild: int | None = None) -> IndexInfo | Non
     except Exception as exc:  # noqa: BLE001 - a fallback path
         log.info("index unreadable (%s): rebuilding", exc)
         return rebuild(f"unreadable: {exc}", info.count)
-    ids = current_ids(ws, info.checkpoint)
-    if not _isin_sorted(have, ids).all():
+    if len(have) > 1 and bool(np.any(have[1:] == have[:-1])):
         del old
-        return rebuild(f"{int((~_isin_sorted(have, ids)).sum())} of its images are no longer current", len(ids))
+        return rebuild("it holds an image twice", info.count)
+    ids = current_ids(ws, info.checkpoint)
+    gone = have[~_isin_sorted(have, ids)]  # changed, retired (--prune) or dropped from the catalog
     new = ids[~_isin_sorted(ids, have)]
-    if len(new) == 0:
+    if len(new) == 0 and len(gone) == 0:
         if info.source_key != key:  # current, but recorded under another key (or none): record this one
             info.source_key = key
             _write_info(ws, info)
         return info
+    if len(gone) > REMOVE_MAX * len(have):
+        del old
+        return rebuild(f"{len(gone):,} of its {len(have):,} images are no longer current", len(ids))
     reason = _needs_rebuild(info, len(ids))
     if reason:
         del old
         return rebuild(reason, len(ids))
-    source = WorkspaceVectors(ws, info.checkpoint, new)
+    if len(gone):
+        log.info("updating the index: removing %d images that are no longer current, adding %d", len(gone), len(new))
+    source = WorkspaceVectors(ws, info.checkpoint, new) if len(new) else None
+    chunks = source.chunks() if source is not None else iter(())
     faiss = _faiss()
     radii = None
+    prefix = f"{info.checkpoint[:12]}.refine"
     store = refine_of(old)  # the new images' float16 copies go to a segment of their own
-    writer = rf.SegmentWriter(source.count, source.dim, _index_dir(ws), f"{info.checkpoint[:12]}.refine") if store is not None else None
+    writer = rf.SegmentWriter(source.count, source.dim, _index_dir(ws), prefix) if store is not None and source is not None else None
     observers = [writer] if writer is not None else []
     errors = None
+    kept = None
     try:
+        if store is not None and len(gone):
+            kept = store.without(gone, _index_dir(ws), prefix)
         if info.index_type in IVF_KINDS:
             ivf = _ivf_of(old)
-            base_sizes = _list_sizes(ivf.invlists, ivf.nlist)
-            radii = _radii(ivf).copy()
+            radii = _radii(ivf).copy()  # removals leave every list's radius an upper bound
             errors = None
             if store is not None:  # an index saved without per-list errors: its overall one for every list
                 errors = (store.list_errors if store.list_errors is not None else np.full(ivf.nlist, store.error, np.float32)).copy()
             scratch = _Scratch(_index_dir(ws), ivf.code_size)
             try:
-                sizes = _encode_ivf(ivf, source.chunks(), _Assigner(_centroids(ivf), gpu_backend()), scratch, observers, radii, errors)
-                _fill_ivf(ivf, base_sizes, sizes, scratch)
+                sizes = np.zeros(ivf.nlist, np.int64)
+                if source is not None:
+                    sizes = _encode_ivf(ivf, chunks, _Assigner(_centroids(ivf), gpu_backend()), scratch, observers, radii, errors)
+                _fill_ivf(ivf, sizes, scratch, drop=gone)
             finally:
                 scratch.close()
             index = ivf
@@ -1200,24 +1265,30 @@ def sync_index(ws: Workspace, max_rebuild: int | None = None) -> IndexInfo | Non
                 base.sq = base_old.sq
                 base.is_trained = True
             index = faiss.IndexIDMap2(base)
-            err = _fill_exact(index, int(old.ntotal) + source.count, source.chunks(), observers, copy_from=old,
-                              measure_error=writer is not None)
-        if writer is not None:
-            segments = rf.compact([*store.segments, writer.finish()], _index_dir(ws), f"{info.checkpoint[:12]}.refine")
+            err = _fill_exact(index, len(ids), chunks, observers, copy_from=old, measure_error=writer is not None, drop=gone)
+        if store is not None:
+            segments = (kept if kept is not None else store).segments + ([writer.finish()] if writer is not None else [])
+            segments = rf.compact(segments, _index_dir(ws), prefix)
             if errors is not None:
                 attach_refine(index, rf.RefineStore(segments, float(errors.max(initial=0.0)), errors))
             else:
                 attach_refine(index, rf.RefineStore(segments, max(store.error, err)))
         else:
             attach_refine(index, None)
+        if int(index.ntotal) != len(ids):
+            raise RuntimeError(f"internal error: the updated index holds {int(index.ntotal)} vectors, {len(ids)} expected")
+        info.count = int(index.ntotal)
+        info.appended_at = dt.datetime.now(dt.UTC).isoformat()
+        info.source_key = key
+        out = _save(ws, index, info, radii, appended=True)
     except BaseException:
         if writer is not None:
             writer.abort()
+        # what this update wrote (segments after removals, merges, a half-saved index) is named
+        # by no index.json: remove it now, not at the next save (copies can be gigabytes)
+        with contextlib.suppress(Exception):
+            _remove_unnamed(ws, read_index_info(ws))
         raise
-    info.count = int(index.ntotal)
-    info.appended_at = dt.datetime.now(dt.UTC).isoformat()
-    info.source_key = key
-    out = _save(ws, index, info, radii, appended=True)
     del old
     return out
 
@@ -1297,6 +1368,9 @@ def _save(ws: Workspace, index, info: IndexInfo, radii: np.ndarray | None = None
     them (and the refine segments already written) atomically, then delete the files it no
     longer names: a crash at any point leaves index.json naming a complete, matching set."""
     faiss = _faiss()
+    store = refine_of(index)
+    if store is not None and len(store.stems) != len(store.segments):
+        raise RuntimeError("internal error: a refine segment with no file of its own cannot be saved")
     folder = _index_dir(ws)
     token = uuid.uuid4().hex[:8]
     name = f"{info.checkpoint[:12]}.{info.index_type}.{token}.faiss"
@@ -1310,7 +1384,6 @@ def _save(ws: Workspace, index, info: IndexInfo, radii: np.ndarray | None = None
             tmp.unlink()
         raise
     tmp.replace(folder / name)
-    store = refine_of(index)
     info.radii_file = None
     if radii is not None:
         rname = f"{info.checkpoint[:12]}.{info.index_type}.{token}.radii.npz"

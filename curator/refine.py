@@ -13,8 +13,12 @@ A store is a list of segments; a build writes one, each append adds one. A segme
 ``.npy`` files (readable with ``numpy.load``)::
 
     <stem>.vectors.npy  (n, d) float16, rows in the order they were written
-    <stem>.ids.npy      (n,)   int64 image ids, ascending
-    <stem>.rows.npy     (n,)   int64, the row of vectors holding each of those ids
+    <stem>.ids.npy      (m,)   int64 image ids, ascending
+    <stem>.rows.npy     (m,)   int64, the row of vectors holding each of those ids
+
+m = n until images leave the index: an update then writes the segment's ids and rows again
+under a new stem, the vectors file hard-linked, its removed rows left in place (m < n) until
+fewer than half are live and the segment is rewritten.
 
 Segments are written to temporary names and renamed when complete; the index's JSON lists the
 segments it uses (see :mod:`curator.index`).
@@ -46,6 +50,9 @@ RANGE_MARGIN_MAX = 0.05
 # range search: up to this many hits are all scored again; beyond, only those whose code score
 # does not already settle them (the similarities of the rest are their codes')
 RESCORE_ALL_MAX = 200_000
+# a segment whose vectors file holds fewer than this share of live rows (the rest removed) is
+# rewritten by the next compact
+DEAD_MAX = 0.5
 # rows looked up at a time when scoring many (bounded memory)
 LOOKUP_BLOCK = 16_384
 
@@ -69,10 +76,13 @@ class Segment:
     def __init__(self, ids: np.ndarray, rows: np.ndarray, vectors: np.ndarray | None = None, stem: str | None = None,
                  path: Path | None = None, shape: tuple[int, int] | None = None, offset: int = 0):
         n = len(vectors) if vectors is not None else shape[0]
-        if not (len(ids) == len(rows) == n):
+        # after removals (:meth:`without`) a segment's file keeps rows no id points at any more
+        if len(ids) != len(rows) or len(ids) > n or (len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n)):
             raise ValueError(f"refine segment {stem}: {len(ids)} ids, {len(rows)} rows, {n} vectors")
         self.ids, self.rows, self.stem = ids, rows, stem
+        self.nrows = int(n)  # rows in the vectors file, live or not
         self._memory = vectors
+        self._path = path
         self.dim = int(vectors.shape[1] if vectors is not None else shape[1])
         self._fd = None
         self._offset = int(offset)
@@ -100,6 +110,47 @@ class Segment:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def without(self, drop: np.ndarray, folder: Path | None, prefix: str) -> Segment | None:
+        """This segment less the ids in ``drop`` (sorted): itself when it holds none of them, else
+        a new segment (new stem, so the index.json in force keeps naming a complete set) whose
+        vectors file is the same file, hard-linked (copied where links are not supported): only
+        its ids and rows are written. The dropped rows stay in the file until :func:`compact`
+        rewrites a segment that is mostly dead; one that is after this removal is returned unnamed
+        (reading the old file) for :func:`compact` to rewrite at once. None when no id is left."""
+        keep = ~_isin_sorted(self.ids, drop)
+        if keep.all():
+            return self
+        if not keep.any():
+            return None
+        ids, rows = self.ids[keep], self.rows[keep]
+        if self._memory is not None:
+            return Segment(ids, rows, self._memory)
+        if folder is None or len(ids) < DEAD_MAX * self.nrows:  # compact() rewrites it next: nothing written here
+            return Segment(ids, rows, None, None, self._path, (self.nrows, self.dim), self._offset)
+        folder = Path(folder)
+        stem = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        dst = folder / f"{stem}{SUFFIXES[0]}"
+        try:
+            os.link(self._path, dst)
+        except OSError:
+            tmp = folder / f".{stem}{SUFFIXES[0]}.tmp"
+            need, free = os.path.getsize(self._path), shutil.disk_usage(folder).free
+            if need > free:
+                raise OSError(errno.ENOSPC, f"updating the index's float16 copies needs {need / 2**30:.2f} GB (this file system "
+                              f"cannot hard-link) and {folder} has {free / 2**30:.2f} GB free")
+            try:
+                shutil.copyfile(self._path, tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
+            tmp.replace(dst)
+        for suffix, arr in zip(SUFFIXES[1:], (ids, rows)):
+            _save_npy(folder / f"{stem}{suffix}", arr)
+        return Segment.open(folder, stem)
 
     def __del__(self):
         if getattr(self, "_fd", None) is not None:
@@ -187,13 +238,9 @@ class SegmentWriter:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-            for path, arr in zip(self._tmp[1:], (ids, rows.astype(np.int64))):
-                with open(path, "wb") as f:
-                    np.save(f, arr, allow_pickle=False)
-                    f.flush()
-                    os.fsync(f.fileno())
-            for tmp, suffix in zip(self._tmp, SUFFIXES):
-                tmp.replace(self.folder / f"{self.stem}{suffix}")
+            self._tmp[0].replace(self.folder / f"{self.stem}{SUFFIXES[0]}")
+            for suffix, arr in zip(SUFFIXES[1:], (ids, rows.astype(np.int64))):
+                _save_npy(self.folder / f"{self.stem}{suffix}", arr)
         except BaseException:
             self.abort()
             raise
@@ -204,7 +251,7 @@ class SegmentWriter:
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
-            for p in self._tmp:
+            for p in [*self._tmp, *(self.folder / f"{self.stem}{s}" for s in SUFFIXES)]:
                 with contextlib.suppress(OSError):
                     p.unlink()
 
@@ -232,6 +279,13 @@ class RefineStore:
     @property
     def stems(self) -> list[str]:
         return [s.stem for s in self.segments if s.stem]
+
+    def without(self, drop: np.ndarray, folder: Path | None, prefix: str) -> RefineStore:
+        """A store of the same vectors less the ids in ``drop`` (sorted); see :meth:`Segment.without`.
+        The errors stay (removing codes never raises them)."""
+        segs = [s.without(drop, folder, prefix) for s in self.segments]
+        return RefineStore([s for s in segs if s is not None], self.error,
+                           None if self.list_errors is None else self.list_errors.copy())
 
     def score(self, q: np.ndarray, ids: np.ndarray, fallback: np.ndarray) -> np.ndarray:
         """Similarities of one query ``q`` to the float16 vectors of ``ids`` (any number: looked
@@ -299,26 +353,59 @@ class RefineStore:
         out_i[:, :kk] = np.where(np.isfinite(out_s[:, :kk]), np.take_along_axis(ids, order, axis=1), -1)
         return out_s, out_i
 
-    def files(self) -> list[str]:
-        return [f"{s}{suffix}" for s in self.stems for suffix in SUFFIXES]
+
+def _isin_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    if len(sorted_set) == 0:
+        return np.zeros(len(values), dtype=bool)
+    pos = np.searchsorted(sorted_set, values)
+    pos[pos >= len(sorted_set)] = len(sorted_set) - 1
+    return sorted_set[pos] == values
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    """``numpy.save`` to a temporary name, synced, renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _to_rewrite(seg: Segment) -> bool:
+    """Mostly dead rows, or a segment no file names (:meth:`Segment.without` left it for this)."""
+    return (seg.nrows > 0 and len(seg) < DEAD_MAX * seg.nrows) or (seg.stem is None and seg._memory is None)
 
 
 def compact(segments: list[Segment], folder: Path | None, prefix: str = "refine") -> list[Segment]:
-    """At most :data:`MAX_SEGMENTS` segments: beyond, all but the largest are merged into a new
-    one (written like any segment; the merged ones' files are left for the caller to delete)."""
-    if len(segments) <= MAX_SEGMENTS:
+    """At most :data:`MAX_SEGMENTS` segments, none mostly dead rows: beyond that many, all but
+    the largest are merged into a new one, and a segment whose file holds fewer than
+    :data:`DEAD_MAX` live rows joins the merge (written like any segment; the merged ones'
+    files are left for the caller to delete)."""
+    segments = [s for s in segments if len(s)]
+    dead = [i for i, s in enumerate(segments) if _to_rewrite(s)]
+    if len(segments) <= MAX_SEGMENTS and not dead:
         return list(segments)
-    big = max(range(len(segments)), key=lambda i: len(segments[i]))
-    rest = [s for i, s in enumerate(segments) if i != big]
-    w = SegmentWriter(sum(len(s) for s in rest), segments[big].dim, folder, prefix)
+    live = [i for i in range(len(segments)) if i not in dead]
+    if len(segments) > MAX_SEGMENTS:  # the largest live one stays, the rest are merged
+        keep = [max(live, key=lambda i: len(segments[i]))] if live else []
+    else:  # only the mostly dead ones are rewritten
+        keep = live
+    rest = [s for i, s in enumerate(segments) if i not in keep]
+    w = SegmentWriter(sum(len(s) for s in rest), rest[0].dim, folder, prefix)
     try:
         for seg in rest:
-            row_ids = np.empty(len(seg), np.int64)
-            row_ids[np.asarray(seg.rows)] = np.asarray(seg.ids)
+            order = np.argsort(seg.rows, kind="stable")  # read the file front to back
+            rows, ids = np.asarray(seg.rows)[order], np.asarray(seg.ids)[order]
             for s in range(0, len(seg), LOOKUP_BLOCK):
-                w(row_ids[s:s + LOOKUP_BLOCK], seg.take(np.arange(s, min(len(seg), s + LOOKUP_BLOCK))))
+                w(ids[s:s + LOOKUP_BLOCK], seg.take(rows[s:s + LOOKUP_BLOCK]))
         merged = w.finish()
     except BaseException:
         w.abort()
         raise
-    return [segments[big], merged]
+    return [segments[i] for i in keep] + [merged]

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from curator import index as ci
-from curator.workspace import CATALOG_SCHEMA, EMBEDDINGS_SCHEMA, Workspace
+from curator.workspace import CATALOG_SCHEMA, EMBEDDINGS_SCHEMA, SUPERSEDED_SCHEMA, Workspace
 
 D = 48
 CK = "c" * 64
@@ -222,6 +222,186 @@ def test_append_adds_only_new_images_without_rebuild(tmp_path, kind, monkeypatch
         assert ci.recall_at_k(a, truth) >= floor and ci.recall_at_k(b, truth) >= floor
         assert ci.recall_at_k(a, b) >= (0.4 if kind == "ivf-pq" else 0.9)
     assert fresh_info.trained_at != info0.trained_at
+
+
+def _retire(ws: Workspace, ids: np.ndarray) -> None:
+    """Retire catalog rows as `embed --prune` does (a superseded row with no successor)."""
+    m = len(ids)
+    table = pa.table({"image_id": pa.array(ids, pa.int64()), "path": pa.array([f"/archive/{i}.png" for i in ids]),
+                      "superseded_by": pa.nulls(m, pa.int64()), "run_id": pa.array(["test"] * m)}, schema=SUPERSEDED_SCHEMA)
+    ws.commit(add=[ws.write_part("superseded", table)])
+
+
+def _lists(index) -> dict[int, tuple[list, bytes]]:
+    """Each IVF list's (ids, codes), read through FAISS."""
+    import faiss
+
+    ivf = ci._ivf_of(index)
+    out = {}
+    for lst in range(ivf.nlist):
+        n = ivf.invlists.list_size(lst)
+        ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), n).tolist() if n else []
+        codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(lst), n * ivf.code_size).tobytes() if n else b""
+        out[lst] = (ids, codes)
+    return out
+
+
+@pytest.mark.parametrize("kind", ci.KINDS)
+def test_images_that_leave_are_removed_in_place(tmp_path, kind, monkeypatch):
+    """Changed files and `embed --prune` take images out of the catalog: the index update drops
+    them and appends the new ones in one pass, without retraining or re-encoding the rest."""
+    n0, n1 = 3000, 3200
+    gone = IDS[100:400]
+    monkeypatch.setattr(ci, "FILL_ROWS", 97)  # the old codes are copied in many blocks
+    ws = _workspace(tmp_path / "ws", n0)
+    with ws.writer():
+        info0 = ci.build_index(ws, kind=kind, budget_gb=1, recall_sample=200)
+        old, _ = ci.load_index(ws, mmap=False)
+        old_lists = _lists(old) if kind in ci.IVF_KINDS else None
+        _retire(ws, gone)
+        _add_images(ws, IDS[n0:n1], X[n0:n1])
+        streamed = []
+        chunks = ci.WorkspaceVectors.chunks
+
+        def counting(self):
+            for ids, v in chunks(self):
+                streamed.append(len(ids))
+                yield ids, v
+
+        monkeypatch.setattr(ci.WorkspaceVectors, "chunks", counting)
+        monkeypatch.setattr(ci, "rebuild_index", lambda *a: pytest.fail("rebuilt instead of updated"))
+        info = ci.sync_index(ws)
+    assert sum(streamed) == n1 - n0  # only the new images were read
+    left = np.setdiff1d(IDS[:n1], gone)
+    assert info.count == len(left) and info.trained_at == info0.trained_at and info.appended_at
+    for mmap in (False, True):
+        index, _ = ci.load_index(ws, mmap=mmap)
+        assert np.array_equal(np.sort(ci.index_ids(index)), left)
+    kept = np.setdiff1d(IDS[:n0], gone)
+    np.testing.assert_array_equal(index.reconstruct_batch(kept), old.reconstruct_batch(kept))  # codes copied as they were
+    if kind in ci.IVF_KINDS:  # each list: its old entries less the removed ones, in order, then the new ones
+        new_lists, dropped = _lists(index), set(gone.tolist())
+        for lst, (ids, codes) in old_lists.items():
+            cs = len(codes) // max(1, len(ids))
+            keep = [j for j, i in enumerate(ids) if i not in dropped]
+            got_ids, got_codes = new_lists[lst]
+            assert got_ids[:len(keep)] == [ids[j] for j in keep]
+            assert got_codes[:len(keep) * cs] == b"".join(codes[j * cs:(j + 1) * cs] for j in keep)
+            assert set(got_ids[len(keep):]) <= set(IDS[n0:n1].tolist())
+    # no search path returns a removed image; results as good as before
+    _, top = ci.search_vectors(index, X[100:400:10], 10)
+    assert not np.isin(top, gone).any()
+    truth = brute_top(X[:n1][np.isin(IDS[:n1], left)], IDS[:n1][np.isin(IDS[:n1], left)], Q, 10)
+    _, a = ci.search_vectors(index, Q, 10)
+    floor = 0.6 if kind == "ivf-pq" else 0.93
+    assert ci.recall_at_k(a, truth) >= floor
+    if kind == "flat":
+        assert np.array_equal(a, truth)
+    allowed = np.concatenate([gone[:50], left[::40]])
+    _, f = ci.search_vectors_filtered(index, Q, 10, allowed)
+    assert not np.isin(f, gone).any() and (f >= 0).all()
+    hits, _ = ci.range_search(index, X[150], 0.3)
+    assert len(hits) and not np.isin(hits, gone).any()
+    assert ci.reconstruct(index, int(gone[0])) is None and ci.reconstruct(index, int(left[0])) is not None
+    store = ci.refine_of(index)
+    if store is not None:
+        assert store.count == len(left)
+        _, found = store.lookup(np.concatenate([gone, left]))
+        assert not found[:len(gone)].any() and found[len(gone):].all()
+    # every file the index.json names exists, and nothing else is left in the folder
+    names = sorted(p.split("/")[-1] for p in ci._files_of(info))
+    assert sorted(p.name for p in (ws.root / "index").iterdir() if p.name != "index.json") == names
+
+
+def test_reads_skip_row_groups_whose_id_range_holds_none_wanted(tmp_path):
+    import pyarrow.parquet as pq
+
+    t = pa.table({"image_id": pa.array(np.arange(1000, dtype=np.int64) * 3), "x": pa.array(np.zeros(1000))})
+    pq.write_table(t, tmp_path / "s.parquet", row_group_size=250)  # ids 0..747, 750..1497, 1500..2247, 2250..2997
+    pf = pq.ParquetFile(tmp_path / "s.parquet")
+    assert ci._row_groups_holding(pf, np.array([5, 3000])) == [0]  # 5 lies in group 0's range (not an id there)
+    assert ci._row_groups_holding(pf, np.array([748, 749])) == []  # between two groups' ranges
+    assert ci._row_groups_holding(pf, np.array([-1, 1500, 2997])) == [2, 3]
+    assert ci._row_groups_holding(pf, np.array([], np.int64)) == []
+    pq.write_table(t, tmp_path / "n.parquet", row_group_size=250, write_statistics=False)
+    assert ci._row_groups_holding(pq.ParquetFile(tmp_path / "n.parquet"), np.array([748])) == [0, 1, 2, 3]  # no statistics: read
+    # through a workspace: the vectors of ids spread over parts and groups, nothing else
+    ws = _workspace(tmp_path / "ws", 4000)
+    want = np.sort(IDS[[5, 999, 1000, 2500, 3999]])
+    got_ids, got = ci.WorkspaceVectors(ws, CK, want).take(want)
+    assert np.array_equal(got_ids, want)
+    np.testing.assert_array_equal(got, X[[int(np.flatnonzero(IDS == i)[0]) for i in want]])
+
+
+@pytest.mark.parametrize("where", ["fill", "copies", "save"])
+def test_an_update_that_fails_leaves_the_old_index_and_no_files(tmp_path, monkeypatch, where):
+    from curator import refine as rf
+
+    ws = _workspace(tmp_path / "ws", 3000)
+    with ws.writer():
+        ci.build_index(ws, kind="ivf-sq8", budget_gb=1, recall_sample=100)
+        _add_images(ws, IDS[3000:3300], X[3000:3300])
+        ci.sync_index(ws)  # a second segment of copies
+    before = sorted(p.name for p in (ws.root / "index").iterdir())
+    _, want = ci.search_vectors(ci.load_index(ws)[0], Q, 10)
+    calls = []
+
+    def dies(*a, **k):
+        raise OSError("disk full")
+
+    if where == "fill":  # after the copies' removal and the new segment were written
+        monkeypatch.setattr(ci, "_fill_ivf", dies)
+    elif where == "copies":  # the second segment's new ids file: the first segment's new files are written
+        save_npy = rf._save_npy
+
+        def second_dies(*a):
+            calls.append(a)
+            if len(calls) == 3:
+                raise OSError("disk full")
+            return save_npy(*a)
+
+        monkeypatch.setattr(rf, "_save_npy", second_dies)
+    else:  # the index file and radii written, index.json not
+        monkeypatch.setattr(ci, "_write_info", dies)
+    gone = np.concatenate([IDS[:1000:7], IDS[3000:3300:7]])
+    with ws.writer():
+        _retire(ws, gone)
+        _add_images(ws, IDS[3300:3400], X[3300:3400])
+        with pytest.raises(OSError, match="disk full"):
+            ci.sync_index(ws)
+    monkeypatch.undo()
+    assert where != "copies" or len(calls) == 3
+    assert sorted(p.name for p in (ws.root / "index").iterdir() if not p.name.endswith(".tmp")) == before  # nothing left, nothing lost
+    np.testing.assert_array_equal(ci.search_vectors(ci.load_index(ws)[0], Q, 10)[1], want)
+    with ws.writer():
+        info = ci.sync_index(ws)
+    assert info.appended_at and info.count == 3400 - len(gone)
+    assert np.array_equal(np.sort(ci.index_ids(ci.load_index(ws)[0])), np.setdiff1d(IDS[:3400], gone))
+
+
+def test_an_index_holding_an_image_twice_is_rebuilt_not_updated(tmp_path):
+    ws = _workspace(tmp_path / "ws", 2000)
+    with ws.writer():
+        ci.build_index(ws, kind="flat", budget_gb=1)
+        index, info = ci.load_index(ws, mmap=False)
+        index.add_with_ids(X[:1], IDS[:1])  # a damaged index: one id twice
+        ci._save(ws, index, info)
+        _add_images(ws, IDS[2000:2010], X[2000:2010])
+        info = ci.sync_index(ws)
+    assert info.appended_at is None and info.count == 2010
+    got = ci.index_ids(ci.load_index(ws)[0])
+    assert len(got) == 2010 and np.array_equal(np.sort(got), np.sort(IDS[:2010]))
+
+
+def test_most_of_the_index_leaving_rebuilds_it(tmp_path):
+    ws = _workspace(tmp_path / "ws", 3000)
+    with ws.writer():
+        info0 = ci.build_index(ws, kind="ivf-flat", budget_gb=1, recall_sample=200)
+        _retire(ws, IDS[:1600])  # more than half: the lists would describe vectors no longer there
+        info = ci.sync_index(ws)
+    assert info.appended_at is None and info.trained_at != info0.trained_at and info.count == 1400
+    index, _ = ci.load_index(ws)
+    assert np.array_equal(np.sort(ci.index_ids(index)), np.sort(IDS[1600:3000]))
 
 
 def test_sync_rebuilds_when_the_size_changes_the_choice(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from curator import index as ci
 from curator import refine as rf
 from curator.bench import SyntheticVectors
 from curator.workspace import Workspace, WorkspaceError
-from tests.test_index import CK, _add_images, _one_faiss_thread, brute_top  # noqa: F401 - the autouse fixture applies here too
+from tests.test_index import CK, _add_images, _one_faiss_thread, _retire, brute_top  # noqa: F401 - the autouse fixture applies here too
 
 N, D = 12_000, 48
 
@@ -263,6 +263,66 @@ def test_a_save_that_dies_before_index_json_leaves_the_old_index_whole(tmp_path,
     with ws.writer():  # the next save clears what the failed one left
         info = ci.sync_index(ws)
     assert info.count == 3500 and sorted(_index_files(ws)) == sorted(p.split("/")[-1] for p in ci._files_of(info))
+
+
+def _check_store(ws, live):
+    """The store holds exactly the float16 copies of ``live``, and the re-ranked search finds them."""
+    index, _ = ci.load_index(ws)
+    store = ci.refine_of(index)
+    vecs, found = store.lookup(IDS)
+    want = np.isin(IDS, live)
+    assert np.array_equal(found, want) and store.count == len(live)
+    np.testing.assert_array_equal(vecs[want], X16[want])
+    mask = np.isin(IDS[:len(X)], live)
+    truth16 = brute_top(X16[mask], IDS[mask], Q, 10)
+    index.nprobe = index.nlist  # every list probed: only the codes' ranking and the copies' re-ranking count
+    assert ci.recall_at_k(ci.search_vectors(index, Q, 10)[1], truth16) >= 0.99
+    return store
+
+
+def test_removals_relink_the_copies_and_rewrite_a_mostly_dead_segment(tmp_path, monkeypatch):
+    from curator.verify import verify
+
+    ws = _ws(tmp_path / "ws", 3000)
+    with ws.writer():
+        info = ci.build_index(ws, kind="ivf-sq8", budget_gb=1, recall_sample=100)
+    first = info.refine_files[0]
+    vec0 = ws.root / f"{first}.vectors.npy"
+    inode = os.stat(vec0).st_ino
+    # a removal writes the segment's ids and rows under a new stem; its vectors file is the same file
+    with ws.writer():
+        _retire(ws, IDS[:600])
+        info = ci.sync_index(ws)
+    assert len(info.refine_files) == 1 and info.refine_files[0] != first and not vec0.exists()
+    assert os.stat(ws.root / f"{info.refine_files[0]}.vectors.npy").st_ino == inode
+    store = _check_store(ws, IDS[600:3000])
+    assert store.segments[0].nrows == 3000 and len(store.segments[0]) == 2400
+    assert verify(str(ws.root)).ok
+    # where links are not supported, the file is copied
+    monkeypatch.setattr(rf.os, "link", lambda *a: (_ for _ in ()).throw(OSError("links not supported")))
+    with ws.writer():
+        _retire(ws, IDS[600:700])
+        _add_images(ws, IDS[3000:3300], X[3000:3300])
+        info = ci.sync_index(ws)
+    monkeypatch.undo()
+    assert len(info.refine_files) == 2 and os.stat(ws.root / f"{info.refine_files[0]}.vectors.npy").st_ino != inode
+    store = _check_store(ws, IDS[700:3300])
+    assert store.segments[0].nrows == 3000 and len(store.segments[0]) == 2300
+    # fewer than half the file's rows left live: the next update writes those again, alone
+    with ws.writer():
+        _retire(ws, IDS[700:1600])
+        info = ci.sync_index(ws)
+    store = _check_store(ws, IDS[1600:3300])
+    assert sorted((s.nrows, len(s)) for s in store.segments) == [(300, 300), (1400, 1400)]
+    assert sorted(_index_files(ws)) == sorted(p.split("/")[-1] for p in ci._files_of(info))
+    assert verify(str(ws.root)).ok
+    # a rows file pointing past its vectors is refused on load, not read out of bounds
+    rows_file = ws.root / f"{info.refine_files[0]}.rows.npy"
+    rows = np.load(rows_file)
+    rows[0] = 10**6
+    np.save(rows_file, rows)
+    with pytest.raises(WorkspaceError, match="float16 copies cannot be read"):
+        ci.load_index(ws)
 
 
 def test_verify_finds_copies_of_other_images_and_repair_rebuilds(tmp_path):
