@@ -319,12 +319,7 @@ def _sorted_unique(ids) -> np.ndarray:
     return np.unique(a)
 
 
-def _isin_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    if len(sorted_set) == 0:
-        return np.zeros(len(values), dtype=bool)
-    pos = np.searchsorted(sorted_set, values)
-    pos[pos >= len(sorted_set)] = len(sorted_set) - 1
-    return sorted_set[pos] == values
+_isin_sorted = rf.isin_sorted  # (pipelines.prune uses it too)
 
 
 def current_ids(ws: Workspace, checkpoint: str) -> np.ndarray:

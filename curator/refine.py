@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from curator.workspace import atomic_write
+
 log = logging.getLogger(__name__)
 
 # candidates asked of the codes per result wanted
@@ -118,7 +120,7 @@ class Segment:
         its ids and rows are written. The dropped rows stay in the file until :func:`compact`
         rewrites a segment that is mostly dead; one that is after this removal is returned unnamed
         (reading the old file) for :func:`compact` to rewrite at once. None when no id is left."""
-        keep = ~_isin_sorted(self.ids, drop)
+        keep = ~isin_sorted(self.ids, drop)
         if keep.all():
             return self
         if not keep.any():
@@ -134,20 +136,12 @@ class Segment:
         try:
             os.link(self._path, dst)
         except OSError:
-            tmp = folder / f".{stem}{SUFFIXES[0]}.tmp"
             need, free = os.path.getsize(self._path), shutil.disk_usage(folder).free
             if need > free:
                 raise OSError(errno.ENOSPC, f"updating the index's float16 copies needs {need / 2**30:.2f} GB (this file system "
-                              f"cannot hard-link) and {folder} has {free / 2**30:.2f} GB free")
-            try:
-                shutil.copyfile(self._path, tmp)
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise
-            tmp.replace(dst)
+                              f"cannot hard-link) and {folder} has {free / 2**30:.2f} GB free") from None
+            with open(self._path, "rb") as src:
+                atomic_write(dst, lambda f: shutil.copyfileobj(src, f, 1 << 24))
         for suffix, arr in zip(SUFFIXES[1:], (ids, rows)):
             _save_npy(folder / f"{stem}{suffix}", arr)
         return Segment.open(folder, stem)
@@ -203,8 +197,8 @@ class SegmentWriter:
             raise OSError(errno.ENOSPC, f"the float16 copies for re-ranking need ~{need / 2**30:.2f} GB and {self.folder} has "
                           f"{free / 2**30:.2f} GB free; free some space or build with --no-refine (lower recall@10 for "
                           f"sq8 / ivf-sq8 / ivf-pq)")
-        self._tmp = [self.folder / f".{self.stem}{s}.tmp" for s in SUFFIXES]
-        self._file = open(self._tmp[0], "wb")  # noqa: SIM115 - closed by finish() / abort()
+        self._tmp = self.folder / f".{self.stem}{SUFFIXES[0]}.tmp"  # the vectors, until complete
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed by finish() / abort()
         np.lib.format.write_array_header_1_0(
             self._file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": (self.n, self.dim)})
 
@@ -238,7 +232,7 @@ class SegmentWriter:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-            self._tmp[0].replace(self.folder / f"{self.stem}{SUFFIXES[0]}")
+            self._tmp.replace(self.folder / f"{self.stem}{SUFFIXES[0]}")
             for suffix, arr in zip(SUFFIXES[1:], (ids, rows.astype(np.int64))):
                 _save_npy(self.folder / f"{self.stem}{suffix}", arr)
         except BaseException:
@@ -251,7 +245,7 @@ class SegmentWriter:
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
-            for p in [*self._tmp, *(self.folder / f"{self.stem}{s}" for s in SUFFIXES)]:
+            for p in [self._tmp, *(self.folder / f"{self.stem}{s}" for s in SUFFIXES)]:
                 with contextlib.suppress(OSError):
                     p.unlink()
 
@@ -354,7 +348,8 @@ class RefineStore:
         return out_s, out_i
 
 
-def _isin_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+def isin_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """``np.isin(values, sorted_set)`` for a sorted ``sorted_set``, by binary search."""
     if len(sorted_set) == 0:
         return np.zeros(len(values), dtype=bool)
     pos = np.searchsorted(sorted_set, values)
@@ -364,17 +359,7 @@ def _isin_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     """``numpy.save`` to a temporary name, synced, renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
 
 
 def _to_rewrite(seg: Segment) -> bool:

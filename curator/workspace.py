@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -182,13 +182,22 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new content, never a mix."""
+    atomic_write(path, lambda f: f.write(data), fault="manifest-tmp")
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], fault: str | None = None) -> None:
+    """Call ``write`` on a temporary file beside ``path``, sync it and rename it into place (the
+    temporary file is removed when anything fails): readers see the old file or the whole new one.
+    ``fault``: a :mod:`curator.faults` point reached before the rename."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        faults.reached("manifest-tmp")
+        if fault:
+            faults.reached(fault)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -179,6 +179,20 @@ def _workspace(path, n):
     return ws
 
 
+def _count_streamed(monkeypatch) -> list[int]:
+    """The sizes of the chunks index updates read from the workspace, appended as they are read."""
+    streamed = []
+    chunks = ci.WorkspaceVectors.chunks
+
+    def counting(self):
+        for ids, v in chunks(self):
+            streamed.append(len(ids))
+            yield ids, v
+
+    monkeypatch.setattr(ci.WorkspaceVectors, "chunks", counting)
+    return streamed
+
+
 @pytest.mark.parametrize("kind", ["flat", "sq8", "ivf-sq8", "ivf-pq"])
 def test_append_adds_only_new_images_without_rebuild(tmp_path, kind, monkeypatch):
     n0, n1 = 3000, 3600
@@ -188,15 +202,7 @@ def test_append_adds_only_new_images_without_rebuild(tmp_path, kind, monkeypatch
         old, _ = ci.load_index(ws, mmap=False)
         before = old.reconstruct_batch(IDS[:50])
         _add_images(ws, IDS[n0:n1], X[n0:n1])
-        streamed = []
-        chunks = ci.WorkspaceVectors.chunks
-
-        def counting(self):
-            for ids, v in chunks(self):
-                streamed.append(len(ids))
-                yield ids, v
-
-        monkeypatch.setattr(ci.WorkspaceVectors, "chunks", counting)
+        streamed = _count_streamed(monkeypatch)
         info = ci.sync_index(ws)
     assert sum(streamed) == n1 - n0  # only the new vectors were read and encoded
     assert info.count == n1 and info.trained_at == info0.trained_at and info.appended_at and info.index_type == kind
@@ -260,15 +266,7 @@ def test_images_that_leave_are_removed_in_place(tmp_path, kind, monkeypatch):
         old_lists = _lists(old) if kind in ci.IVF_KINDS else None
         _retire(ws, gone)
         _add_images(ws, IDS[n0:n1], X[n0:n1])
-        streamed = []
-        chunks = ci.WorkspaceVectors.chunks
-
-        def counting(self):
-            for ids, v in chunks(self):
-                streamed.append(len(ids))
-                yield ids, v
-
-        monkeypatch.setattr(ci.WorkspaceVectors, "chunks", counting)
+        streamed = _count_streamed(monkeypatch)
         monkeypatch.setattr(ci, "rebuild_index", lambda *a: pytest.fail("rebuilt instead of updated"))
         info = ci.sync_index(ws)
     assert sum(streamed) == n1 - n0  # only the new images were read
