@@ -126,7 +126,7 @@ def cmd_embed(args) -> int:
         workers=args.workers,
         threads=args.threads,
         read_options=ReadOptions(dicom_conversion=args.dicom_conversion, modalities=args.modality,
-                                 jpeg_draft_min_side=C.CANVAS_SIZE if args.fast_jpeg else None),
+                                 jpeg_draft_min_side=C.CANVAS_SIZE if args.fast_jpeg else None, jpeg_on_device=args.gpu_jpeg),
         flush_rows=args.flush_rows,
         progress=not args.quiet,
         engine=args.engine,
@@ -136,6 +136,10 @@ def cmd_embed(args) -> int:
     )
     if args.address and args.engine != "ray":
         raise CliError("--address is for --engine ray")
+    if args.gpu_jpeg and args.fast_jpeg:
+        raise CliError("--gpu-jpeg and --fast-jpeg are two ways of reading JPEGs: choose one")
+    if args.gpu_jpeg and args.engine != "local":
+        raise CliError("--gpu-jpeg works with --engine local (the decoding happens beside the model, on its GPU)")
     summary = run_embed(cfg)
     for line in summary.lines():
         print(line)
@@ -507,6 +511,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "full-size films (JPEG 2000 about 10x), but not CheXzero-exact (probabilities move slightly; see "
                    "benchmarks/README.md). Rows read this way have conversion 'raster+dct/N', 'mimic+dct/N' or 'mimic+j2k/N' in "
                    "the catalog. Default: exact decode")
+    p.add_argument("--gpu-jpeg", action="store_true",
+                   help="decode grayscale JPEG files on the model's GPU (nvJPEG, through torchvision) and letterbox them there, "
+                   "instead of in the reader workers: on a GPU node the CPU cores decoding full-size films are the limit. The "
+                   "resize repeats Pillow's Lanczos arithmetic exactly, so the 320x320 canvas equals the exact path's wherever "
+                   "the decoder returns libjpeg-turbo's pixels (nvJPEG may differ by a grey level; see benchmarks/README.md). "
+                   "Colour JPEGs, PNGs and DICOMs are read as usual; a JPEG the GPU decoder rejects is read the exact way. Rows "
+                   "decoded this way have conversion 'raster+cuda-jpeg' ('raster+cpu-jpeg' without a GPU, where it is slower "
+                   "than the default). Meant for data-centre GPUs (fast float64); a file that crashes the decoder ends the run "
+                   "here (the reader workers record such files). Not with --fast-jpeg or --engine ray")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="'local': decode worker processes + models on this machine (default); 'ray': the same stages on Ray Data "
                    "(decode tasks on the cluster's CPUs, one model actor per GPU), needs pip install 'curator-cxr[ray]'")

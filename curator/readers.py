@@ -56,6 +56,9 @@ class ReadOptions:
     # faster on full-size films; NOT CheXzero-exact (the probabilities move slightly, see
     # benchmarks/README.md). None: exact decode (default).
     jpeg_draft_min_side: int | None = None
+    # Opt-in: hand grayscale JPEG files over undecoded, to be decoded and letterboxed on the
+    # model's device (curator.device_jpeg; `curator embed --gpu-jpeg`). Local engine only.
+    jpeg_on_device: bool = False
 
 
 @dataclass

@@ -16,19 +16,19 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from curator import faults, query_cache
+from curator import device_jpeg, faults, query_cache
 from curator.discover import FileEntry, WalkReport, walk
 from curator.model import Checkpoint, load_checkpoints, resolve_devices
 from curator.preprocess import DEFAULT_CFG, PreprocessCfg
 from curator.prompts import PromptSet, default_prompt_set
-from curator.readers import ReadOptions
+from curator.readers import RASTER_CONVERSION, ReadOptions
 from curator.workspace import Workspace, WorkspaceError
 
 from .known import KnownFiles, path_keys
@@ -214,6 +214,8 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
         torch.set_num_threads(cfg.threads)
     if cfg.engine not in ("local", "ray"):
         raise ValueError(f"unknown engine {cfg.engine!r}; expected 'local' or 'ray'")
+    if cfg.read_options.jpeg_on_device and (cfg.engine != "local" or cfg.read_options.jpeg_draft_min_side is not None):
+        raise ValueError("decoding JPEGs on the device (--gpu-jpeg) works with --engine local and without --fast-jpeg")
     devices = [torch.device("cpu")] if cfg.engine == "ray" else resolve_devices(cfg.device)
     if checkpoints is not None:
         if not checkpoints:
@@ -222,6 +224,9 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             devices = [checkpoints[0].device]  # checkpoints handed in already placed: no replicas
     elif not cfg.checkpoints:
         raise ValueError("at least one --checkpoint is needed")
+    if cfg.read_options.jpeg_on_device and (checkpoints[0].device if checkpoints else devices[0]).type != "cuda":
+        log.warning("--gpu-jpeg on the CPU: grayscale JPEGs are decoded in the main process, beside the model, not by the reader "
+                    "workers; it is meant for a GPU (on the CPU, --fast-jpeg is the fast path)")
     summary = EmbedSummary(run_id=run_id, device="ray cluster" if cfg.engine == "ray" else ", ".join(str(d) for d in devices))
     ws = Workspace(cfg.workspace)
     for root in cfg.archives:  # fail before any work (and before a workspace appears) on a mistyped folder
@@ -253,9 +258,11 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
         modalities = sorted(cfg.read_options.modalities) if cfg.read_options.modalities is not None else None
         retry_filtered = ws.manifest.get("modality_filter", "unset") != modalities
         reading = {"dicom_conversion": cfg.read_options.dicom_conversion, "fast_jpeg": cfg.read_options.jpeg_draft_min_side is not None}
+        if cfg.read_options.jpeg_on_device:  # (absent otherwise, so workspaces from before the option compare equal)
+            reading["jpeg_on_device"] = True
         before = ws.manifest.get("reading")
         if before and before != reading and ws.row_count("catalog"):
-            changed = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in reading.items() if before.get(k) != v)
+            changed = ", ".join(f"{k} {before.get(k)} -> {reading.get(k)}" for k in {**before, **reading} if before.get(k) != reading.get(k))
             log.warning("this run reads images differently from the last one (%s): files already in the catalog and unchanged "
                         "keep the images and probabilities of the earlier reading; only new and changed files are read the "
                         "new way. To have the whole archive read the new way, embed it into a new workspace.", changed)
@@ -366,7 +373,8 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                 [p.id for p in prompt_sets], counts,
                 {"total_s": summary.seconds, "model_s": timing["model_s"] if cfg.engine == "local" else None},
                 {"archives": cfg.archives, "device": summary.device, "batch_size": cfg.batch_size, "engine": cfg.engine,
-                 "dicom_conversion": cfg.read_options.dicom_conversion,
+                 "dicom_conversion": cfg.read_options.dicom_conversion, "fast_jpeg": cfg.read_options.jpeg_draft_min_side is not None,
+                 "gpu_jpeg": cfg.read_options.jpeg_on_device,
                  "modalities": sorted(cfg.read_options.modalities) if cfg.read_options.modalities else None},
             )
             ws.commit(add=[ws.write_part("runs", record)])
@@ -382,17 +390,84 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
     encoding overlaps the first reads; it is kept in ``state`` for the next chunk of files.
     """
     state = {} if state is None else state
-    for batch in batches(todo, cfg, checkpoints[0].device.type == "cuda"):
+    device = checkpoints[0].device
+    for batch in batches(todo, cfg, device.type == "cuda"):
         faults.reached("batch")
         mapped = None
-        if batch["tensors"] is not None:
+        tensors, rows, errors = batch["tensors"], batch["rows"], batch["errors"]
+        if batch["jpegs"]:
+            tensors, rows, errors = on_device(batch, cfg, device)
+        if tensors is not None:
             t0 = time.perf_counter()
             if "mapper" not in state:
                 state["mapper"] = Mapper(checkpoints, prompt_sets, devices)
-            mapped = state["mapper"](batch["tensors"])
+            mapped = state["mapper"](tensors)
             timing["model_s"] += time.perf_counter() - t0
             faults.reached("mapped")
-        yield batch["rows"], mapped, batch["errors"]
+        yield rows, mapped, errors
+
+
+def on_device(batch: dict, cfg: EmbedConfig, device: torch.device) -> tuple[torch.Tensor | None, list[dict], list[dict]]:
+    """Decode and preprocess a batch's undecoded JPEGs on ``device`` (curator.device_jpeg).
+
+    Returns the batch's model inputs on ``device`` with their rows, in one order, and its error
+    rows. A file the device decoder rejects (or decodes to another size than its header says) is
+    read again by the exact path here, so it ends as it would without the option: an image (rows
+    say 'raster') or an error row. Decoding happens on CUDA devices; for any other the CPU decodes.
+    The JPEGs go in groups of at most ``DEVICE_GROUP_PIXELS`` decoded pixels; a group that runs
+    the GPU out of memory is read the exact way too.
+    """
+    jpegs = batch["jpegs"]
+    ahead = len(batch["rows"]) - len(jpegs)
+    rows, jpeg_rows, errors = list(batch["rows"][:ahead]), batch["rows"][ahead:], list(batch["errors"])
+    parts = [batch["tensors"].to(device)] if batch["tensors"] is not None else []
+    where = device if device.type == "cuda" else torch.device("cpu")
+    rejected: list[int] = []
+    for group in _pixel_groups(jpeg_rows, DEVICE_GROUP_PIXELS):
+        done: list[int] = []
+        try:
+            images = device_jpeg.decode([jpegs[i] for i in group], where)
+            # (a decoded size other than the header's: not what the row says; the exact path decides)
+            done = [i for i, im in zip(group, images) if im is not None and tuple(im.shape) == (jpeg_rows[i]["height"], jpeg_rows[i]["width"])]
+            if done:
+                parts.append(device_jpeg.model_inputs([im for i, im in zip(group, images) if i in done], cfg.preprocess).to(device))
+                rows += [{**jpeg_rows[i], "conversion": f"{RASTER_CONVERSION}+{where.type}-jpeg"} for i in done]
+        except torch.cuda.OutOfMemoryError:
+            done = []
+            torch.cuda.empty_cache()
+            log.warning("out of GPU memory decoding %d JPEGs on %s; they are read the exact way (lower --batch-size)", len(group), where)
+        finally:
+            images = None  # the full-size images go before the next group
+        rejected += [i for i in group if i not in done]
+    if rejected:
+        log.info("%d JPEG(s) of this batch not decoded on %s, read the exact way (first: %s)", len(rejected), where, jpeg_rows[rejected[0]]["path"])
+    exact = replace(cfg.read_options, jpeg_on_device=False)
+    for i in rejected:
+        r = jpeg_rows[i]
+        item = read_item(FileEntry(r["path"], r["size"], r["mtime_ns"]), exact, cfg.preprocess)
+        if item["ok"]:
+            parts.append(item["tensor"].unsqueeze(0).to(device))
+            rows.append(item["row"])
+        else:
+            errors.append(item["error"])
+    return (torch.cat(parts) if parts else None), rows, errors
+
+
+DEVICE_GROUP_PIXELS = 1 << 30  # decoded pixels (bytes) per group of JPEGs on the device: ~128 films of 8 MP
+
+
+def _pixel_groups(rows: list[dict], limit: int) -> list[list[int]]:
+    """Indices of ``rows`` in consecutive groups whose width x height add up to at most ``limit`` (at least one each)."""
+    groups: list[list[int]] = []
+    total = limit + 1
+    for i, r in enumerate(rows):
+        n = r["width"] * r["height"]
+        if total + n > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += n
+    return groups
 
 
 def batches(todo: list[FileEntry], cfg: EmbedConfig, pin: bool = False):
@@ -415,7 +490,7 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, pin: bool = False):
     restore = _no_async_worker_errors() if workers else None
     try:
         remaining = list(todo)
-        tensors, rows, errors, n = [], [], [], 0
+        tensors, rows, jpeg_rows, jpegs, errors = [], [], [], [], []
         while remaining:
             loader = DataLoader(
                 FileDataset(remaining, cfg.read_options, cfg.preprocess, inflight),
@@ -444,12 +519,15 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, pin: bool = False):
                 done += len(part["rows"]) + len(part["errors"])
                 if part["tensors"] is not None:
                     tensors.append(part["tensors"])
-                    n += len(part["rows"])
-                rows += part["rows"]
+                decoded = len(part["rows"]) - len(part["jpeg_sizes"])  # rows of tensors first, then of the JPEG bytes (collate)
+                rows += part["rows"][:decoded]
+                jpeg_rows += part["rows"][decoded:]
+                if part["jpeg_bytes"] is not None:
+                    jpegs += torch.split(part["jpeg_bytes"], part["jpeg_sizes"])  # views, one per file
                 errors += part["errors"]
-                if n >= cfg.batch_size:
-                    yield {"tensors": torch.cat(tensors), "rows": rows, "errors": errors}
-                    tensors, rows, errors, n = [], [], [], 0
+                if len(rows) + len(jpegs) >= cfg.batch_size:
+                    yield _batch(tensors, rows, jpeg_rows, jpegs, errors)
+                    tensors, rows, jpeg_rows, jpegs, errors = [], [], [], [], []
             del it, loader  # shuts the workers down
             if not crashed:
                 break
@@ -460,13 +538,19 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, pin: bool = False):
                                           "(touch it to try again)", "WorkerDied")["error"])
             lost = {e.path for e, _ in crashed}
             remaining = [e for e in remaining[done:] if e.path not in lost]
-        if rows or errors:
-            yield {"tensors": torch.cat(tensors) if tensors else None, "rows": rows, "errors": errors}
+        if rows or jpegs or errors:
+            yield _batch(tensors, rows, jpeg_rows, jpegs, errors)
     finally:
         if inflight:
             shutil.rmtree(inflight, ignore_errors=True)
         if restore:
             restore()
+
+
+def _batch(tensors: list[torch.Tensor], rows: list[dict], jpeg_rows: list[dict], jpegs: list[torch.Tensor], errors: list[dict]) -> dict:
+    """A model batch: ``rows`` are those of ``tensors`` (decoded by the readers), then those of
+    ``jpegs`` (grayscale JPEG bytes left for the device, ``ReadOptions.jpeg_on_device``)."""
+    return {"tensors": torch.cat(tensors) if tensors else None, "rows": rows + jpeg_rows, "jpegs": jpegs, "errors": errors}
 
 
 def _no_async_worker_errors():

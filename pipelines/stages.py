@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from curator import preprocess, zeroshot
+from curator import device_jpeg, preprocess, zeroshot
 from curator.constants import ENSEMBLE_MEMBER
 from curator.discover import FileEntry
 from curator.model import Checkpoint
@@ -41,6 +41,8 @@ def read_item(entry: FileEntry, options: ReadOptions, cfg: preprocess.Preprocess
             with open(entry.path, "rb") as f:
                 data = f.read()
             content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
+            if options.jpeg_on_device and (size := device_jpeg.deferrable(data)) is not None:
+                return _deferred_item(entry, data, content_hash, *size, t0)
             result = read_image(entry.path, options, data=data)
             tensor = preprocess.model_input(result.image, cfg)
         w, h = result.image.size
@@ -73,6 +75,15 @@ def read_item(entry: FileEntry, options: ReadOptions, cfg: preprocess.Preprocess
         return _error_item(entry, "read", "unexpected", f"{type(exc).__name__}: {exc}", type(exc).__name__)
 
 
+def _deferred_item(entry: FileEntry, data: bytes, content_hash: str, width: int, height: int, t0: float) -> dict:
+    """A grayscale JPEG handed over undecoded (``jpeg_on_device``): its bytes as a uint8 tensor,
+    which DataLoader workers pass through shared memory; the mapper side decodes it."""
+    row = {"path": entry.path, "file_format": "jpeg", "size": entry.size, "mtime_ns": entry.mtime_ns, "content_hash": content_hash,
+           "conversion": None, "width": width, "height": height, **{k: None for k in DICOM_COLUMNS}, "rows": height, "columns": width}
+    blob = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return {"ok": True, "jpeg": blob, "row": row, "seconds": time.perf_counter() - t0}
+
+
 def _error_item(entry: FileEntry, stage: str, kind: str, message: str, exception: str) -> dict:
     return {
         "ok": False,
@@ -89,11 +100,20 @@ def _error_item(entry: FileEntry, stage: str, kind: str, message: str, exception
 
 
 def collate(items: list[dict]) -> dict:
-    """Batch reader items: stack the good tensors, keep rows and errors as lists."""
-    good = [it for it in items if it["ok"]]
+    """Batch reader items: stack the good tensors, keep rows and errors as lists.
+
+    Items handed over undecoded (``jpeg_on_device``) come after the decoded ones: ``rows`` holds
+    the rows of ``tensors`` first, then those of the files in ``jpeg_bytes``, whose contents are
+    joined in one uint8 tensor (one shared-memory transfer from a worker, not one per file) and
+    split by ``jpeg_sizes``.
+    """
+    good = [it for it in items if it["ok"] and "tensor" in it]
+    deferred = [it for it in items if it["ok"] and "jpeg" in it]
     return {
         "tensors": torch.stack([it["tensor"] for it in good]) if good else None,
-        "rows": [it["row"] for it in good],
+        "rows": [it["row"] for it in good] + [it["row"] for it in deferred],
+        "jpeg_bytes": torch.cat([it["jpeg"] for it in deferred]) if deferred else None,
+        "jpeg_sizes": [len(it["jpeg"]) for it in deferred],
         "errors": [it["error"] for it in items if not it["ok"]],
     }
 

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Every GPU check of issues 2 and 6 in one prepared run, for a session lent the H200 device machine
+# (15 minutes of device time per session, start included: one call of this script, ~5 minutes).
+#
+# That machine has Python 3.12 with torch, torchvision, numpy, pandas, pyarrow, pillow and pytest,
+# but not curator's other dependencies, and it cannot download: they travel as wheels.
+#   Here, once:   bash benchmarks/device_check.sh --fetch        (wheels into .whl/, which git ignores; ~33 MB)
+#   Then:         run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=590)
+# Results land in $OUT (pytest log, JSON figures); copy the figures into benchmarks/README.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--fetch" ]; then
+  grep -qsx '/.whl/' .git/info/exclude || echo '/.whl/' >>.git/info/exclude
+  # faiss-cpu and python-gdcm stay behind (the 64 MiB limit on what travels): these checks build
+  # no index and read no compressed DICOM.
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+    open_clip_torch ftfy wcwidth duckdb pydicom pylibjpeg pylibjpeg-openjpeg pylibjpeg-rle
+  du -sh .whl
+  exit
+fi
+
+OUT=${OUT:-/tmp/device-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
+# A dry run on a CPU machine where curator is installed: DEVICE=cpu SMALL=1 SKIP_INSTALL=1 bash benchmarks/device_check.sh
+DEVICE=${DEVICE:-cuda}
+if [ -n "${SMALL:-}" ]; then N=(16 4 2 8 16); else N=(1024 64 16 256 256); fi  # images, distinct, workers, batch, throughput images
+if [ -z "${SKIP_INSTALL:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+fi
+python3 -c "import open_clip, duckdb, pydicom, torchvision.io, curator.pipelines.embed, curator.device_jpeg" || exit 1  # fail fast
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; nproc; python3 -c "import torch, torchvision, PIL; print(torch.__version__, torchvision.__version__, PIL.__version__)"; } | tee "$OUT/machine.txt"
+
+# 1. The tests that take the GPU path where one is present (device JPEG decode/resize, replicas, --device cuda).
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_device_jpeg.py tests/test_multi_device.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
+
+# 2. --gpu-jpeg against the exact path: throughput and deviation (issue 6, item 5).
+timeout 220 python3 benchmarks/gpu_jpeg.py --device "$DEVICE" --images ${N[0]} --distinct ${N[1]} --workers ${N[2]} --batch-size ${N[3]} --repeats 2 --json \
+  >"$OUT/gpu_jpeg.json" 2>"$OUT/gpu_jpeg.err"; echo "gpu_jpeg rc $?"; tail -c 1500 "$OUT/gpu_jpeg.json"; grep '^{' "$OUT/gpu_jpeg.err" | tail -2
+
+# 3. Issue 2's four figures on the GPU (JPEG; the CheXzero-flow baseline runs batch 1, so few images).
+timeout 150 python3 benchmarks/embed_throughput.py --device "$DEVICE" --images ${N[4]} --batch-size ${N[3]} --workers ${N[2]} --repeats 1 --format jpeg --json \
+  >"$OUT/embed_throughput.json" 2>"$OUT/embed_throughput.err"; echo "embed_throughput rc $?"; grep -E '"(a|b|c|d)_|bound|a_over' "$OUT/embed_throughput.json"

@@ -1,0 +1,231 @@
+"""Opt-in (``curator embed --gpu-jpeg``): decode grayscale JPEG files and letterbox them on the model's device.
+
+On a GPU node the CPU cores decoding full-size films are the limit, not the model. With this
+option the reader workers hand over a grayscale JPEG file's bytes instead of its decoded image;
+the main process decodes each model batch at once with torchvision's ``decode_jpeg`` on the
+device the first checkpoint runs on (nvJPEG on a CUDA device, libjpeg-turbo on the CPU) and
+letterboxes every image there.
+
+The letterbox reproduces Pillow's Lanczos resize to the bit: Pillow computes the filter
+coefficients of each output pixel in double precision, normalises them, turns them into 22-bit
+fixed point, and resizes in two passes (horizontal and vertical, in an order that depends on the
+Pillow version: :func:`vertical_first`), each sum rounded and clipped to 8 bits.
+:func:`resample_matrix` builds the same integer coefficients as a dense matrix, and each pass is
+one float64 matrix product whose sums are integers below 2**53, so exact whatever the summation
+order. The 320 canvas is therefore CheXzero's whenever the decoder returns
+Pillow's pixels: libjpeg-turbo does (tests compare canvases and probabilities with the exact
+path); nvJPEG's inverse DCT may differ from libjpeg-turbo's by a grey level at some pixels, which
+``benchmarks/gpu_jpeg.py`` measures on a GPU.
+
+Only single-component 8-bit JPEG files take this path (chest films are grey); colour JPEGs,
+DICOMs and PNGs are read by the workers as usual, and a file the device decoder rejects is read
+again by the exact path, so its error (or image) is the same as without the option.
+
+Limits: the decoding happens in the main process, so a file that crashes the decoder itself (a
+segfault in nvJPEG or libjpeg-turbo) ends the run instead of being recorded as
+``decoder_crashed`` as the reader workers' crashes are; the resize is dense float64 products
+(about 4 GFLOP per film), fast on data-centre GPUs (A100, H100, H200) but not on cards with slow
+float64 (most consumer and inference cards), where the default path may be faster.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import math
+import warnings
+
+import numpy as np
+import torch
+
+from curator import constants as C
+from curator.preprocess import DEFAULT_CFG, PreprocessCfg, normalize, resize_to_input
+
+log = logging.getLogger(__name__)
+
+PRECISION_BITS = 22  # Pillow's fixed point for 8-bit resampling: 32 - 8 - 2
+LANCZOS_SUPPORT = 3.0
+
+
+def _sinc(x: np.ndarray) -> np.ndarray:
+    """sin(pi x) / (pi x) as Pillow computes it: ``x = x * M_PI; sin(x) / x``, 1 at 0."""
+    y = x * math.pi
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(x == 0.0, 1.0, np.sin(y) / y)
+
+
+def _lanczos(x: np.ndarray) -> np.ndarray:
+    """Pillow's truncated Lanczos-3 kernel (non-zero on [-3, 3))."""
+    return np.where((x >= -LANCZOS_SUPPORT) & (x < LANCZOS_SUPPORT), _sinc(x) * _sinc(x / LANCZOS_SUPPORT), 0.0)
+
+
+def resample_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """Pillow's Lanczos coefficients from ``in_size`` to ``out_size`` pixels, as an int64 (out, in) matrix.
+
+    Entry (o, i) is the fixed-point weight (scaled by 2**22) of input pixel i in output pixel o,
+    computed as Pillow's ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` do for a resize of
+    the whole image (box = (0, in_size)).
+    """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"sizes must be >= 1, got {in_size} -> {out_size}")
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = LANCZOS_SUPPORT * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    centers = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    # C's (int) casts truncate toward zero; the values are clipped to [0, in_size] right after.
+    xmin = np.maximum(np.trunc(centers - support + 0.5), 0).astype(np.int64)
+    xmax = np.minimum(np.trunc(centers + support + 0.5), in_size).astype(np.int64) - xmin
+    taps = np.arange(ksize, dtype=np.int64)
+    live = taps[None, :] < xmax[:, None]
+    w = np.where(live, _lanczos((taps[None, :] + xmin[:, None] - centers[:, None] + 0.5) * (1.0 / filterscale)), 0.0)
+    total = np.cumsum(w, axis=1)[:, -1]  # Pillow's sum runs left to right; cumsum does too (np.sum would not)
+    w = np.divide(w, total[:, None], out=w.copy(), where=total[:, None] != 0.0)
+    scaled = w * float(1 << PRECISION_BITS)
+    fixed = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5)).astype(np.int64)
+    out = np.zeros((out_size, in_size), dtype=np.int64)
+    cols = xmin[:, None] + taps[None, :]
+    rows = np.broadcast_to(np.arange(out_size)[:, None], cols.shape)
+    out[rows[live], cols[live]] = fixed[live]
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _matrix(in_size: int, out_size: int, device: str) -> torch.Tensor:
+    return torch.from_numpy(resample_matrix(in_size, out_size).astype(np.float64)).to(device)
+
+
+def _clip8(sums: torch.Tensor) -> torch.Tensor:
+    """Pillow's ``clip8`` of ``1 << 21`` plus the weighted sums: floor(s / 2**22) clamped to 0..255."""
+    return torch.floor((sums + float(1 << (PRECISION_BITS - 1))) / float(1 << PRECISION_BITS)).clamp_(0, 255)
+
+
+def _passes(x: torch.Tensor, width: int, height: int, vertical_first: bool) -> torch.Tensor:
+    """Pillow's two resampling passes over a float64 (H, W) image, each rounded and clipped to 8 bits."""
+    h, w = x.shape
+    dev = str(x.device)
+    horizontal = (lambda t: _clip8(t @ _matrix(w, width, dev).T)) if width != w else (lambda t: t)
+    vertical = (lambda t: _clip8(_matrix(h, height, dev) @ t)) if height != h else (lambda t: t)
+    return horizontal(vertical(x)) if vertical_first else vertical(horizontal(x))
+
+
+@functools.lru_cache(maxsize=4096)
+def vertical_first(w: int, h: int, width: int, height: int, device: str = "cpu") -> bool:
+    """Whether the installed Pillow runs the vertical pass first for this resize.
+
+    Pillow ran the horizontal pass first up to version 12; version 13 runs the vertical one first
+    when that is cheaper (python-pillow/Pillow#9549), by a rule of its own. Rather than copy a
+    rule that may change again, each size pair is put to Pillow once, on a noise image (where
+    the two orders' roundings differ), and the order that reproduces it is kept.
+    """
+    if width == w or height == h:  # one pass: no order
+        return False
+    from PIL import Image
+
+    probe = np.random.default_rng([w, h, width, height]).integers(0, 256, (h, w), dtype=np.uint8)
+    want = torch.from_numpy(np.asarray(Image.fromarray(probe).resize((width, height), Image.Resampling.LANCZOS)).astype(np.float64))
+    x = torch.from_numpy(probe).to(device, torch.float64)
+    for order in (False, True):
+        if torch.equal(_passes(x, width, height, order).cpu(), want):
+            return order
+    import PIL
+
+    log.warning("Pillow %s resizes %dx%d -> %dx%d in a way curator does not reproduce; --gpu-jpeg canvases of this size "
+                "may differ from the exact path's by a grey level", PIL.__version__, w, h, width, height)
+    return False
+
+
+def resize_like_pillow(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """An (H, W) uint8 image resized to (height, width) exactly as Pillow's ``resize(..., LANCZOS)`` on mode L."""
+    h, w = image.shape
+    order = vertical_first(w, h, width, height, str(image.device))
+    return _passes(image.to(torch.float64), width, height, order).to(torch.uint8)
+
+
+def letterbox(image: torch.Tensor, size: int = C.CANVAS_SIZE) -> torch.Tensor:
+    """:func:`curator.preprocess.letterbox` for an (H, W) uint8 tensor, on the tensor's device."""
+    h, w = image.shape
+    ratio = float(size) / max(w, h)
+    nw, nh = int(w * ratio), int(h * ratio)
+    resized = image if (nw, nh) == (w, h) else resize_like_pillow(image, nw, nh)
+    canvas = torch.zeros((size, size), dtype=torch.uint8, device=image.device)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    canvas[top : top + nh, left : left + nw] = resized
+    return canvas
+
+
+def letterbox_fits(width: int, height: int, size: int = C.CANVAS_SIZE) -> bool:
+    """Whether the letterbox leaves both sides at least one pixel (otherwise the exact path reports the error)."""
+    ratio = float(size) / max(width, height)
+    return int(width * ratio) >= 1 and int(height * ratio) >= 1
+
+
+def deferrable(data: bytes) -> tuple[int, int] | None:
+    """(width, height) if this file's content can go to the device decoder, else None.
+
+    Reads the JPEG header only (Pillow opens lazily): an 8-bit single-component JPEG within the
+    reader's pixel limit, whose letterbox is not degenerate, ending in an end-of-image marker (a
+    truncated file goes to the exact path, which reports it as the exact path always has).
+    """
+    from PIL import Image
+
+    from curator.readers import JPEG_MAGIC, MAX_PIXELS
+
+    if not data.startswith(JPEG_MAGIC) or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None
+    try:
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:
+            if im.mode != "L":
+                return None
+            w, h = im.size
+    except Exception:  # whatever is wrong with it, the exact path reports it
+        return None
+    if w * h > MAX_PIXELS or not letterbox_fits(w, h):
+        return None
+    return w, h
+
+
+_warned: list[bool] = []  # a batch-level decoder failure was reported (once per process)
+
+
+def decode(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """(H, W) uint8 images on ``device`` from JPEG bytes (1-D uint8 CPU tensors); None where decoding failed.
+
+    The whole list goes to the decoder at once (nvJPEG decodes a batch faster than one by one);
+    if that fails, each file is decoded alone to find the bad ones.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def run(x):
+        with warnings.catch_warnings():
+            # torchvision 0.29 marks its image codecs deprecated (in favour of TorchCodec); they
+            # are what this option is built on while the dependency stays capped at 0.29.
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(x, mode=ImageReadMode.GRAY, device=device)
+
+    if not blobs:
+        return []
+    if device.type == "cuda":  # nvJPEG's batched decode may not wait for work queued before it (pytorch/vision#9606)
+        torch.cuda.current_stream(device).synchronize()
+    try:
+        images = run(list(blobs))
+    except Exception as exc:  # (RuntimeError from either decoder; whatever it is, each file gets its own try)
+        if not _warned:
+            _warned.append(True)
+            log.warning("the JPEG decoder on %s failed on a batch (%s: %s); its files are decoded one by one, and those it "
+                        "rejects are read the exact way (said once)", device, type(exc).__name__, str(exc).splitlines()[0][:200])
+        images = []
+        for b in blobs:
+            try:
+                images.append(run(b))
+            except Exception:
+                images.append(None)
+    return [None if im is None else im[0] for im in images]
+
+
+def model_inputs(images: list[torch.Tensor], cfg: PreprocessCfg = DEFAULT_CFG) -> torch.Tensor:
+    """The CheXzero transform of decoded (H, W) uint8 images: (N, 3, 224, 224) float32 on their device."""
+    canvases = torch.stack([letterbox(im, cfg.canvas_size) for im in images]).to(torch.float32)
+    return resize_to_input(normalize(canvases.unsqueeze(1).expand(-1, 3, -1, -1), cfg), cfg)

@@ -1,0 +1,225 @@
+"""Opt-in JPEG decoding and letterboxing on the model's device (`curator embed --gpu-jpeg`, issue 6).
+
+CI has no GPU: these tests run the same code with device "cpu" (torchvision's libjpeg-turbo
+decoder, the float64 resize on the CPU) and check it against Pillow, which the exact path uses.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from curator import device_jpeg
+from curator.cli import main
+from curator.pipelines.embed import EmbedConfig, run_embed
+from curator.preprocess import letterbox as pil_letterbox
+from curator.preprocess import model_input
+from curator.readers import ReadOptions
+from curator.workspace import Workspace
+
+ON_DEVICE = ReadOptions(jpeg_on_device=True)
+# Where a GPU is present (the device check in benchmarks/device_check.sh) the resize and decode
+# tests also run on it; CI has none, so there they run on the CPU alone (nothing is skipped).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _film(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    img = 120 + 60 * np.sin(9 * xx) * np.cos(7 * yy) + 50 * (((xx - 0.5) ** 2 + (yy - 0.5) ** 2) < 0.05) + rng.normal(0, 12, (h, w))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _jpeg(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+# (width, height) -> (width, height): down and up, one pass only, extreme ratios, 1-pixel results
+SIZES = [((997, 1311), (243, 320)), ((1311, 997), (320, 243)), ((640, 480), (320, 240)), ((320, 700), (146, 320)),
+         ((50, 90), (177, 320)), ((333, 333), (320, 320)), ((320, 1000), (102, 320)), ((512, 400), (512, 320)),
+         ((400, 512), (320, 512)), ((3000, 7), (320, 1)), ((17, 19), (5, 3))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("src,dst", SIZES)
+def test_resize_equals_pillows_lanczos_to_the_bit(src, dst, device):
+    arr = np.random.default_rng(sum(src)).integers(0, 256, (src[1], src[0]), dtype=np.uint8)  # noise: every rounding matters
+    arr[: src[1] // 3] = 255  # and saturated areas, where the negative lobes clip
+    want = np.asarray(Image.fromarray(arr).resize(dst, Image.Resampling.LANCZOS))
+    got = device_jpeg.resize_like_pillow(torch.from_numpy(arr).to(device), *dst).cpu().numpy()
+    assert got.shape == want.shape
+    assert np.array_equal(got, want), f"{np.count_nonzero(got != want)} pixels differ"
+
+
+def test_coefficients_sum_to_one_in_fixed_point_and_stay_in_the_support():
+    m = device_jpeg.resample_matrix(2500, 320)
+    sums = m.sum(axis=1)
+    assert np.all(np.abs(sums - (1 << 22)) <= m.shape[1])  # each weight rounded once
+    nz = [np.flatnonzero(r) for r in m]
+    centers = (np.arange(320) + 0.5) * 2500 / 320
+    interior = slice(5, -5)  # the support is cut at the edges
+    assert all(abs(z.mean() + 0.5 - c) < 0.5 for z, c in zip(nz[interior], centers[interior]))  # pixel i's centre is i + 0.5
+    assert max(len(z) for z in nz) <= 2 * int(np.ceil(3 * 2500 / 320)) + 1
+    with pytest.raises(ValueError):
+        device_jpeg.resample_matrix(0, 3)
+
+
+@pytest.mark.parametrize("h,w", [(1500, 1200), (700, 1900), (320, 320), (200, 150)])
+def test_letterbox_equals_the_exact_path(h, w):
+    arr = _film(h, w, seed=h)
+    want = np.asarray(pil_letterbox(Image.fromarray(arr)))
+    got = device_jpeg.letterbox(torch.from_numpy(arr)).numpy()
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_equals_pillow_and_reports_bad_files(device):
+    arrs = [_film(600, 500, 1), _film(480, 640, 2)]
+    blobs = [_jpeg(arrs[0], quality=90), _jpeg(arrs[1], quality=95, progressive=True), b"\xff\xd8\xff\xe0 not a jpeg at all \xff\xd9"]
+    out = device_jpeg.decode([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs], torch.device(device))
+    assert out[2] is None
+    for b, im in zip(blobs[:2], out[:2]):
+        want = np.asarray(Image.open(io.BytesIO(b)))
+        got = im.cpu().numpy()
+        assert im.dtype == torch.uint8 and im.device.type == device and got.shape == want.shape
+        if device == "cpu":  # libjpeg-turbo, as Pillow: the same pixels
+            assert np.array_equal(got, want)
+        else:  # nvJPEG's inverse DCT may round differently: a grey level here and there
+            assert np.abs(got.astype(int) - want).max() <= 2
+    assert device_jpeg.decode([], torch.device(device)) == []
+
+
+def test_model_inputs_equal_the_exact_transform():
+    arrs = [_film(900, 700, 3), _film(500, 800, 4)]
+    got = device_jpeg.model_inputs([torch.from_numpy(a) for a in arrs])
+    want = torch.stack([model_input(Image.fromarray(a)) for a in arrs])
+    assert got.shape == (2, 3, 224, 224) and torch.equal(got, want)
+
+
+def _archive(folder):
+    folder.mkdir()
+    (folder / "sub").mkdir()
+    for i, (h, w) in enumerate([(1400, 1100), (900, 1300), (640, 640)]):
+        (folder / f"g{i}.jpg").write_bytes(_jpeg(_film(h, w, seed=10 + i), quality=92, progressive=i == 1))
+    colour = np.stack([_film(700, 600, 5), _film(700, 600, 6), _film(700, 600, 7)], axis=-1)
+    Image.fromarray(colour).save(folder / "sub" / "colour.jpg", quality=90)  # colour: read by the workers
+    Image.fromarray(_film(800, 600, 8)).save(folder / "sub" / "film.png")
+    good = _jpeg(_film(1000, 800, 9), quality=90)
+    (folder / "sub" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    # valid headers, most entropy-coded data cut out, end marker kept: libjpeg fills it in (a warning), in both paths
+    (folder / "sub" / "gutted.jpg").write_bytes(good[:600] + b"\xff\xd9")
+    (folder / "empty.jpg").write_bytes(b"")
+
+
+def _tables(ws):
+    w = Workspace(ws)
+    cat = {r["path"]: r for r in w.read_table("catalog").to_pylist()}
+    ids = {r["image_id"]: r["path"] for r in cat.values()}
+    emb = {ids[r["image_id"]]: np.asarray(r["embedding"]) for r in w.read_table("embeddings").to_pylist()}
+    errors = {r["path"]: r["kind"] for r in w.read_table("errors").to_pylist()}
+    return w, cat, emb, errors
+
+
+def _probabilities(w, cat):
+    """(path, member) -> the probabilities of every finding, from the predictions part files."""
+    path = {r["image_id"]: p for p, r in cat.items()}
+    skip = ("image_id", "member", "prompt_set")
+    return {(path[r["image_id"]], r["member"]): [v for k, v in sorted(r.items()) if k not in skip] for r in w.read_table("predictions").to_pylist()}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_embed_on_device_equals_the_exact_path(tmp_path, tiny_checkpoints, workers):
+    arc = tmp_path / "arc"
+    _archive(arc)
+    common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, workers=workers, threads=1,
+                  batch_size=4)
+    exact = run_embed(EmbedConfig(workspace=str(tmp_path / "exact"), **common))
+    dev = run_embed(EmbedConfig(workspace=str(tmp_path / "dev"), read_options=ON_DEVICE, **common))
+    assert dev.processed == exact.processed == 6 and dev.failed == exact.failed
+    w_e, cat_e, emb_e, err_e = _tables(tmp_path / "exact")
+    w_d, cat_d, emb_d, err_d = _tables(tmp_path / "dev")
+    assert cat_d.keys() == cat_e.keys() and err_d == err_e
+    assert err_d == {str(arc / "sub" / "truncated.jpg"): "corrupt_image", str(arc / "empty.jpg"): "empty_file"}
+    for p, row in cat_d.items():
+        grey_jpeg = p.endswith(".jpg") and "colour" not in p
+        assert row["conversion"] == ("raster+cpu-jpeg" if grey_jpeg else "raster"), p
+        for k in row.keys() - {"conversion", "image_id", "run_id", "added_at"}:
+            assert row[k] == cat_e[p][k], (p, k)
+        np.testing.assert_array_equal(emb_d[p], emb_e[p])  # the same canvas, the same model: the same numbers
+    p_e, p_d = _probabilities(w_e, cat_e), _probabilities(w_d, cat_d)
+    assert p_d.keys() == p_e.keys() and len(p_d) == 12  # 6 images x (checkpoint, ensemble)
+    assert all(p_d[k] == p_e[k] for k in p_e)
+    assert w_d.manifest["reading"].get("jpeg_on_device") is True and "jpeg_on_device" not in w_e.manifest["reading"]
+
+
+def test_cli_flag_and_its_conflicts(tmp_path, tiny_checkpoints, capsys, caplog):
+    arc = tmp_path / "arc"
+    arc.mkdir()
+    (arc / "a.jpg").write_bytes(_jpeg(_film(700, 500), quality=90))
+    base = ["-q", "embed", str(arc), "--workspace", str(tmp_path / "ws"), "--checkpoint", str(tiny_checkpoints[0]), "--device", "cpu"]
+    assert main([*base, "--gpu-jpeg", "--fast-jpeg"]) == 2
+    assert "--gpu-jpeg" in capsys.readouterr().err
+    assert main([*base, "--gpu-jpeg", "--engine", "ray"]) == 2
+    assert "--engine local" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()
+    with caplog.at_level("WARNING"):
+        assert main([*base, "--gpu-jpeg", "--workers", "0"]) == 0
+    assert any("on the CPU" in r.getMessage() for r in caplog.records)
+    cat = Workspace(tmp_path / "ws").read_table("catalog").to_pylist()
+    assert [r["conversion"] for r in cat] == ["raster+cpu-jpeg"]
+
+
+def test_files_the_device_path_rejects_are_read_the_exact_way(tmp_path, tiny_checkpoints, monkeypatch):
+    """The fallbacks of `on_device`: a file the decoder rejects, one it decodes to another size than
+    its header, a group that runs out of GPU memory, and a rejected file that is gone by then."""
+    import os
+
+    from pipelines import embed as embed_mod
+
+    arc = tmp_path / "arc"
+    _archive(arc)
+    common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, workers=2, threads=1, batch_size=8)
+    run_embed(EmbedConfig(workspace=str(tmp_path / "exact"), **common))
+    by_size = {os.path.getsize(p): p.name for p in arc.rglob("*.jpg")}
+    assert len(by_size) == 7  # sizes tell the files apart below
+    real_decode, real_inputs = device_jpeg.decode, device_jpeg.model_inputs
+
+    def decode(blobs, device):
+        out = real_decode(blobs, device)
+        names = [by_size[len(b)] for b in blobs]
+        for i, name in enumerate(names):
+            if name == "g0.jpg":
+                out[i] = None
+            elif name == "g1.jpg":
+                out[i] = out[i].T.contiguous()  # not the header's size
+            elif name == "g2.jpg":
+                out[i] = None
+                (arc / "g2.jpg").unlink()  # and gone before the exact path reads it
+        decode.seen += names
+        return out
+
+    def model_inputs(images, cfg):
+        if any(tuple(im.shape) == (1000, 800) for im in images):  # gutted.jpg's group
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_inputs(images, cfg)
+
+    decode.seen = []
+    monkeypatch.setattr(device_jpeg, "decode", decode)
+    monkeypatch.setattr(device_jpeg, "model_inputs", model_inputs)
+    monkeypatch.setattr(embed_mod, "DEVICE_GROUP_PIXELS", 1)  # one file per group
+    s = run_embed(EmbedConfig(workspace=str(tmp_path / "dev"), read_options=ON_DEVICE, **common))
+    assert sorted(decode.seen) == ["g0.jpg", "g1.jpg", "g2.jpg", "gutted.jpg"]  # one call per group, grey JPEGs only
+    assert s.processed == 5 and s.failed == {"vanished": 1, "corrupt_image": 1, "empty_file": 1}
+    _, cat_e, emb_e, _ = _tables(tmp_path / "exact")
+    _, cat_d, emb_d, err_d = _tables(tmp_path / "dev")
+    assert err_d[str(arc / "g2.jpg")] == "vanished"
+    assert cat_d.keys() == cat_e.keys() - {str(arc / "g2.jpg")}
+    for p, row in cat_d.items():
+        assert row["conversion"] == "raster", p  # every grey JPEG here fell back
+        np.testing.assert_array_equal(emb_d[p], emb_e[p])
