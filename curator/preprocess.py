@@ -37,13 +37,23 @@ def letterbox(image: Image.Image, size: int = C.CANVAS_SIZE) -> Image.Image:
     Lanczos resize in the image's own mode, paste onto a black ``L`` canvas at
     ``((size - w') // 2, (size - h') // 2)``. Pasting an RGB image converts it to grey with
     ITU-R 601 luma, after the resize, exactly as PIL does for CheXzero.
+
+    The resize is done as two single-axis resizes, width then height: exactly the two passes,
+    each rounded to 8 bits, that one ``resize`` call made in the Pillow CheXzero used (every
+    version up to 12). Pillow 13 runs the vertical pass first where it judges that cheaper
+    (python-pillow/Pillow#9549), which moves grey levels of tall images; two calls keep
+    CheXzero's order on any version.
     """
     if image.mode not in ("L", "RGB"):
         raise ValueError(f"letterbox expects an 8-bit L or RGB image, got mode {image.mode!r}")
     w, h = image.size
     ratio = float(size) / max(w, h)
     new_size = (int(w * ratio), int(h * ratio))
-    resized = image.resize(new_size, Image.Resampling.LANCZOS)
+    resized = image
+    if new_size[0] != w:
+        resized = resized.resize((new_size[0], h), Image.Resampling.LANCZOS)
+    if new_size[1] != h:
+        resized = resized.resize(new_size, Image.Resampling.LANCZOS)
     canvas = Image.new("L", (size, size))
     canvas.paste(resized, ((size - new_size[0]) // 2, (size - new_size[1]) // 2))
     return canvas

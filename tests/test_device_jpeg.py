@@ -51,10 +51,27 @@ SIZES = [((997, 1311), (243, 320)), ((1311, 997), (320, 243)), ((640, 480), (320
 def test_resize_equals_pillows_lanczos_to_the_bit(src, dst, device):
     arr = np.random.default_rng(sum(src)).integers(0, 256, (src[1], src[0]), dtype=np.uint8)  # noise: every rounding matters
     arr[: src[1] // 3] = 255  # and saturated areas, where the negative lobes clip
-    want = np.asarray(Image.fromarray(arr).resize(dst, Image.Resampling.LANCZOS))
+    # Pillow's passes in CheXzero's order (width, then height: see curator.preprocess.letterbox)
+    want = np.asarray(Image.fromarray(arr).resize((dst[0], src[1]), Image.Resampling.LANCZOS).resize(dst, Image.Resampling.LANCZOS))
     got = device_jpeg.resize_like_pillow(torch.from_numpy(arr).to(device), *dst).cpu().numpy()
     assert got.shape == want.shape
     assert np.array_equal(got, want), f"{np.count_nonzero(got != want)} pixels differ"
+
+
+def test_one_pillow_call_changed_its_pass_order_in_version_13_and_the_letterbox_keeps_the_old_one():
+    """Why curator.preprocess.letterbox resizes in two single-axis calls (python-pillow/Pillow#9549)."""
+    import PIL
+
+    arr = np.random.default_rng(3).integers(0, 256, (3781, 1773), dtype=np.uint8)  # tall: Pillow 13 goes vertical first
+    im = Image.fromarray(arr)
+    single = np.asarray(im.resize((150, 320), Image.Resampling.LANCZOS))
+    width_then_height = np.asarray(im.resize((150, 3781), Image.Resampling.LANCZOS).resize((150, 320), Image.Resampling.LANCZOS))
+    if int(PIL.__version__.split(".")[0]) >= 13:
+        assert not np.array_equal(single, width_then_height)
+    else:
+        assert np.array_equal(single, width_then_height)
+    canvas = np.asarray(pil_letterbox(im))
+    assert np.array_equal(canvas[:, 85:235], width_then_height) and not canvas[:, :85].any() and not canvas[:, 235:].any()
 
 
 def test_coefficients_sum_to_one_in_fixed_point_and_stay_in_the_support():
@@ -70,7 +87,17 @@ def test_coefficients_sum_to_one_in_fixed_point_and_stay_in_the_support():
         device_jpeg.resample_matrix(0, 3)
 
 
-@pytest.mark.parametrize("h,w", [(1500, 1200), (700, 1900), (320, 320), (200, 150)])
+@pytest.mark.parametrize("n_in,n_out", [(2500, 320), (2000, 256), (50, 177), (7, 1), (333, 320)])
+def test_banded_coefficients_are_the_matrix(n_in, n_out):
+    index, weights = device_jpeg._banded(n_in, n_out, "cpu")
+    dense = np.zeros((weights.shape[0] * device_jpeg.BLOCK, n_in))
+    for b in range(weights.shape[0]):
+        for s, i in enumerate(index[b].tolist()):
+            dense[b * device_jpeg.BLOCK : (b + 1) * device_jpeg.BLOCK, i] += weights[b, s].numpy()
+    assert np.array_equal(dense[:n_out], device_jpeg.resample_matrix(n_in, n_out)) and not dense[n_out:].any()
+
+
+@pytest.mark.parametrize("h,w", [(1500, 1200), (700, 1900), (320, 320), (200, 150), (3781, 1773), (355, 172)])
 def test_letterbox_equals_the_exact_path(h, w):
     arr = _film(h, w, seed=h)
     want = np.asarray(pil_letterbox(Image.fromarray(arr)))
