@@ -25,7 +25,8 @@ Limits: the decoding happens in the main process, so a file that crashes the dec
 segfault in nvJPEG or libjpeg-turbo) ends the run instead of being recorded as
 ``decoder_crashed`` as the reader workers' crashes are; the resize runs in float64 (about 0.5
 GFLOP per film), fast on data-centre GPUs (A100, H100, H200), slower on cards with slow float64
-(most consumer and inference cards).
+(most consumer and inference cards); each film needs about twice its size in float64 on the device
+while it is resized (the gathered spans), which is why JPEGs go in groups of bounded pixels.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def _clip8(sums: torch.Tensor) -> torch.Tensor:
 
 def resize_like_pillow(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """An (H, W) uint8 image resized to (height, width) as Pillow's ``resize(..., LANCZOS)`` on mode L
-    (up to version 12; curator's exact letterbox keeps that order on any version, see
+    did before version 12.2 (and curator's exact letterbox does on any version, see
     :func:`curator.preprocess.letterbox`): the horizontal pass first, each pass rounded to 8 bits."""
     h, w = image.shape
     dev = str(image.device)

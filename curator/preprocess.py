@@ -39,10 +39,11 @@ def letterbox(image: Image.Image, size: int = C.CANVAS_SIZE) -> Image.Image:
     ITU-R 601 luma, after the resize, exactly as PIL does for CheXzero.
 
     The resize is done as two single-axis resizes, width then height: exactly the two passes,
-    each rounded to 8 bits, that one ``resize`` call made in the Pillow CheXzero used (every
-    version up to 12). Pillow 13 runs the vertical pass first where it judges that cheaper
-    (python-pillow/Pillow#9549), which moves grey levels of tall images; two calls keep
-    CheXzero's order on any version.
+    each rounded to 8 bits, that one ``resize`` call made in the Pillow CheXzero used (any version
+    before 12.2). Later versions run the vertical pass first in some cases: 12.2 for images over
+    100 times taller than wide (python-pillow/Pillow#9524), 13 whenever both sides shrink and the
+    height loses more than twice the pixels the width does (#9549), i.e. for tall images (about
+    twice as tall as wide), which moves grey levels; two calls keep CheXzero's order on any version.
     """
     if image.mode not in ("L", "RGB"):
         raise ValueError(f"letterbox expects an 8-bit L or RGB image, got mode {image.mode!r}")

@@ -25,9 +25,9 @@ def reference_input(path) -> torch.Tensor:
     old = pil.size
     ratio = float(320) / max(old)
     new = tuple(int(x * ratio) for x in old)
-    # CheXzero's `pil.resize(new, Image.LANCZOS)` ran on a Pillow (<= 12) that resamples the width,
-    # rounds to 8 bits, then resamples the height; Pillow 13 may run the height first
-    # (python-pillow/Pillow#9549). Two single-axis calls are exactly those two passes on any version.
+    # CheXzero's `pil.resize(new, Image.LANCZOS)` ran on a Pillow (< 12.2) that resamples the width,
+    # rounds to 8 bits, then resamples the height; later versions run the height first for tall
+    # images (python-pillow/Pillow#9524, #9549). Two single-axis calls are those two passes on any version.
     pil = pil.resize((new[0], old[1]), Image.LANCZOS).resize(new, Image.LANCZOS)
     canvas = Image.new("L", (320, 320))
     canvas.paste(pil, ((320 - new[0]) // 2, (320 - new[1]) // 2))

@@ -58,20 +58,32 @@ def test_resize_equals_pillows_lanczos_to_the_bit(src, dst, device):
     assert np.array_equal(got, want), f"{np.count_nonzero(got != want)} pixels differ"
 
 
-def test_one_pillow_call_changed_its_pass_order_in_version_13_and_the_letterbox_keeps_the_old_one():
-    """Why curator.preprocess.letterbox resizes in two single-axis calls (python-pillow/Pillow#9549)."""
-    import PIL
+def _pattern(w: int, h: int) -> np.ndarray:
+    """A deterministic busy image (no RNG, so the stored hashes below do not depend on numpy's generators)."""
+    i, j = np.mgrid[0:h, 0:w].astype(np.int64)
+    return ((i * i * 7 + j * 13 + i * j * 3 + (i // 5) * (j // 3)) % 256).astype(np.uint8)
 
-    arr = np.random.default_rng(3).integers(0, 256, (3781, 1773), dtype=np.uint8)  # tall: Pillow 13 goes vertical first
-    im = Image.fromarray(arr)
-    single = np.asarray(im.resize((150, 320), Image.Resampling.LANCZOS))
-    width_then_height = np.asarray(im.resize((150, 3781), Image.Resampling.LANCZOS).resize((150, 320), Image.Resampling.LANCZOS))
-    if int(PIL.__version__.split(".")[0]) >= 13:
-        assert not np.array_equal(single, width_then_height)
-    else:
-        assert np.array_equal(single, width_then_height)
-    canvas = np.asarray(pil_letterbox(im))
-    assert np.array_equal(canvas[:, 85:235], width_then_height) and not canvas[:, :85].any() and not canvas[:, 235:].any()
+
+# sha256 of the 320x320 letterbox canvas of _pattern(w, h) as CheXzero computed it (one `resize(new,
+# LANCZOS)` call, paste on a black canvas), made with Pillow 12.0.0 installed apart for the purpose:
+# the pass order of Pillow before 12.2. Pillow 13 gives other canvases for the two tall ones.
+CHEXZERO_CANVASES = {
+    (172, 355): "830ac56b11eb8d12ba8cb70b971a15f6a87011bf21b0740d4bf7a8362afee1db",
+    (1773, 3781): "5af600e9cd22ba1cc586afa5f7ce6add19adc140b07b6ba39f78340df05fb8cb",
+    (1100, 1400): "59a8677cb7b01a4c09c8b83d47b3a3307fed8222e1ba965d4aad740bbe291a0d",
+}
+
+
+@pytest.mark.parametrize("size", sorted(CHEXZERO_CANVASES))
+def test_letterboxes_equal_those_of_chexzeros_pillow(size):
+    """Pillow 13 runs a tall image's vertical pass first (python-pillow/Pillow#9549); both letterboxes keep the old order."""
+    import hashlib
+
+    arr = _pattern(*size)
+    exact = np.asarray(pil_letterbox(Image.fromarray(arr)))
+    device = device_jpeg.letterbox(torch.from_numpy(arr)).numpy()
+    assert hashlib.sha256(exact.tobytes()).hexdigest() == CHEXZERO_CANVASES[size]
+    assert np.array_equal(device, exact)
 
 
 def test_coefficients_sum_to_one_in_fixed_point_and_stay_in_the_support():
