@@ -518,8 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the decoder returns libjpeg-turbo's pixels (nvJPEG may differ by a grey level; see benchmarks/README.md). "
                    "Colour JPEGs, PNGs and DICOMs are read as usual; a JPEG the GPU decoder rejects is read the exact way. Rows "
                    "decoded this way have conversion 'raster+cuda-jpeg' ('raster+cpu-jpeg' without a GPU, where it is slower "
-                   "than the default). Meant for data-centre GPUs (fast float64); a file that crashes the decoder ends the run "
-                   "here (the reader workers record such files). Not with --fast-jpeg or --engine ray")
+                   "than the default). Meant for data-centre GPUs (fast float64). A file that crashes the GPU "
+                   "decoder ends the run (the reader workers would record it and go on); rerun, and the files that were being "
+                   "decoded are read by the workers. Not with --fast-jpeg or --engine ray")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="'local': decode worker processes + models on this machine (default); 'ray': the same stages on Ray Data "
                    "(decode tasks on the cluster's CPUs, one model actor per GPU), needs pip install 'curator-cxr[ray]'")

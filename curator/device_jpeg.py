@@ -23,7 +23,8 @@ again by the exact path, so its error (or image) is the same as without the opti
 
 Limits: the decoding happens in the main process, so a file that crashes the decoder itself (a
 segfault in nvJPEG or libjpeg-turbo) ends the run instead of being recorded as
-``decoder_crashed`` as the reader workers' crashes are; the resize runs in float64 (about 0.5
+``decoder_crashed`` as the reader workers' crashes are (the run leaves a note of the files in
+hand, and the next run has the reader workers read those); the resize runs in float64 (about 0.5
 GFLOP per film), fast on data-centre GPUs (A100, H100, H200), slower on cards with slow float64
 (most consumer and inference cards); each film needs about twice its size in float64 on the device
 while it is resized (the gathered spans), which is why JPEGs go in groups of bounded pixels.

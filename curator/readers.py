@@ -59,6 +59,9 @@ class ReadOptions:
     # Opt-in: hand grayscale JPEG files over undecoded, to be decoded and letterboxed on the
     # model's device (curator.device_jpeg; `curator embed --gpu-jpeg`). Local engine only.
     jpeg_on_device: bool = False
+    # ... except these paths: a run stopped (crashed) while the device decoded them, so the
+    # reader workers, whose crashes are recorded per file, read them this time.
+    device_skip: frozenset[str] = frozenset()
 
 
 @dataclass

@@ -6,6 +6,7 @@ bottleneck), feeding batches to the checkpoints in the main process.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -268,6 +269,12 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                         "new way. To have the whole archive read the new way, embed it into a new workspace.", changed)
         ws.commit(checkpoints=ck_meta, ensemble=[c.sha256 for c in refs], prompt_sets=sets, finding_columns=cols, modality_filter=modalities,
                   reading=reading)
+        in_hand = ws.root / IN_HAND_NOTE
+        suspects = frozenset(_read_in_hand(in_hand)) if cfg.read_options.jpeg_on_device and in_hand.exists() else frozenset()
+        if suspects:
+            log.warning("the last run stopped while %d JPEG(s) were being decoded on the device (first: %s); the reader "
+                        "workers read them this time, recording any that crash the decoder", len(suspects), min(suspects, default="?"))
+            cfg = replace(cfg, read_options=replace(cfg.read_options, device_skip=cfg.read_options.device_skip | suspects))
         prompt_sets = active_prompt_sets(ws)
 
         known = KnownFiles(ws, retry_filtered)
@@ -337,6 +344,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             synced = sync_index(ws)
             if synced is not None:
                 log.info("index updated: %d images", synced.count)
+            in_hand.unlink(missing_ok=True)  # the files a crash left in it were read by the workers this time
         except KeyboardInterrupt:
             status = "interrupted"
             writer.flush()
@@ -423,8 +431,13 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device) -> tuple[torc
     parts = [batch["tensors"].to(device)] if batch["tensors"] is not None else []
     where = device if device.type == "cuda" else torch.device("cpu")
     rejected: list[int] = []
+    in_hand = Path(cfg.workspace) / IN_HAND_NOTE
+    before = sorted(cfg.read_options.device_skip)
     for group in _pixel_groups(jpeg_rows, DEVICE_GROUP_PIXELS):
         done: list[int] = []
+        # A decoder crash here ends the process with no error row; the note lets the next run
+        # hand these files to the reader workers instead (run_embed reads it).
+        _write_in_hand(in_hand, before + [jpeg_rows[i]["path"] for i in group])
         try:
             images = device_jpeg.decode([jpegs[i] for i in group], where)
             # (a decoded size other than the header's: not what the row says; the exact path decides)
@@ -438,6 +451,7 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device) -> tuple[torc
             log.warning("out of GPU memory decoding %d JPEGs on %s; they are read the exact way (lower --batch-size)", len(group), where)
         finally:
             images = None  # the full-size images go before the next group
+            _write_in_hand(in_hand, before)
         rejected += [i for i in group if i not in done]
     if rejected:
         log.info("%d JPEG(s) of this batch not decoded on %s, read the exact way (first: %s)", len(rejected), where, jpeg_rows[rejected[0]]["path"])
@@ -451,6 +465,24 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device) -> tuple[torc
         else:
             errors.append(item["error"])
     return (torch.cat(parts) if parts else None), rows, errors
+
+
+IN_HAND_NOTE = "gpu-jpeg-in-hand.json"  # in the workspace: the paths being decoded on the device
+
+
+def _write_in_hand(note: Path, paths: list[str]) -> None:
+    if paths:
+        note.write_text(json.dumps(paths))
+    else:
+        note.unlink(missing_ok=True)
+
+
+def _read_in_hand(note: Path) -> list[str]:
+    try:
+        paths = json.loads(note.read_text())
+        return [p for p in paths if isinstance(p, str)] if isinstance(paths, list) else []
+    except (OSError, ValueError):  # a note cut short by the crash: whatever it held is lost, not the run
+        return []
 
 
 DEVICE_GROUP_PIXELS = 1 << 30  # decoded pixels (bytes) per group of JPEGs on the device: ~128 films of 8 MP

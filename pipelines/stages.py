@@ -41,7 +41,7 @@ def read_item(entry: FileEntry, options: ReadOptions, cfg: preprocess.Preprocess
             with open(entry.path, "rb") as f:
                 data = f.read()
             content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
-            if options.jpeg_on_device and (size := device_jpeg.deferrable(data)) is not None:
+            if options.jpeg_on_device and entry.path not in options.device_skip and (size := device_jpeg.deferrable(data)) is not None:
                 return _deferred_item(entry, data, content_hash, *size, t0)
             result = read_image(entry.path, options, data=data)
             tensor = preprocess.model_input(result.image, cfg)

@@ -262,3 +262,40 @@ def test_files_the_device_path_rejects_are_read_the_exact_way(tmp_path, tiny_che
     for p, row in cat_d.items():
         assert row["conversion"] == "raster", p  # every grey JPEG here fell back
         np.testing.assert_array_equal(emb_d[p], emb_e[p])
+
+
+def test_files_in_hand_when_a_run_died_go_to_the_reader_workers_next_time(tmp_path, tiny_checkpoints, monkeypatch, caplog):
+    """A decoder crash on the device takes the whole process (no error row); the note it leaves
+    makes the next run read those files in the workers, whose crashes are recorded per file."""
+    import json
+
+    from pipelines import embed as embed_mod
+
+    arc = tmp_path / "arc"
+    arc.mkdir()
+    for i in range(3):
+        (arc / f"f{i}.jpg").write_bytes(_jpeg(_film(600 + 50 * i, 500, seed=i), quality=90))
+    ws = tmp_path / "ws"
+    common = dict(archives=[str(arc)], workspace=str(ws), checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, workers=0,
+                  threads=1, batch_size=8, read_options=ON_DEVICE)
+    real_decode, notes = device_jpeg.decode, []
+
+    def decode(blobs, device):
+        notes.append(sorted(json.loads((ws / embed_mod.IN_HAND_NOTE).read_text())))
+        return real_decode(blobs, device)
+
+    monkeypatch.setattr(device_jpeg, "decode", decode)
+    run_embed(EmbedConfig(**common))
+    assert notes == [sorted(str(arc / f"f{i}.jpg") for i in range(3))]  # named while in hand
+    assert not (ws / embed_mod.IN_HAND_NOTE).exists()  # and not after
+    # a crash while decoding a new file: its note stays behind
+    (arc / "new.jpg").write_bytes(_jpeg(_film(700, 640, seed=9), quality=90))
+    (ws / embed_mod.IN_HAND_NOTE).write_text(json.dumps([str(arc / "new.jpg")]))
+    notes.clear()
+    with caplog.at_level("WARNING"):
+        s = run_embed(EmbedConfig(**common))
+    assert s.processed == 1 and notes == []  # read by the workers' path, not handed to the device
+    assert any("stopped while 1 JPEG" in r.getMessage() for r in caplog.records)
+    conv = {r["path"]: r["conversion"] for r in Workspace(ws).read_table("catalog").to_pylist()}
+    assert conv[str(arc / "new.jpg")] == "raster" and conv[str(arc / "f0.jpg")] == "raster+cpu-jpeg"
+    assert not (ws / embed_mod.IN_HAND_NOTE).exists()
