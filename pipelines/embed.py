@@ -431,7 +431,7 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device) -> tuple[torc
     parts = [batch["tensors"].to(device)] if batch["tensors"] is not None else []
     where = device if device.type == "cuda" else torch.device("cpu")
     rejected: list[int] = []
-    in_hand = Path(cfg.workspace) / IN_HAND_NOTE
+    in_hand = Path(cfg.workspace).expanduser().resolve() / IN_HAND_NOTE  # (as Workspace resolves it)
     before = sorted(cfg.read_options.device_skip)
     for group in _pixel_groups(jpeg_rows, DEVICE_GROUP_PIXELS):
         done: list[int] = []
