@@ -103,6 +103,8 @@ def embed(archive: Path, ws: Path, ck: str, device: str, workers: int, batch: in
     s = run_embed(EmbedConfig(archives=[str(archive)], workspace=str(ws), checkpoints=[ck], device=device, progress=False, workers=workers,
                               batch_size=batch, threads=threads, read_options=ReadOptions(jpeg_on_device=on_device)))
     assert s.processed and not s.failed, s.lines()
+    if on_device:  # all of them on the device, or the rate is not the device path's (e.g. no nvJPEG in this torchvision)
+        assert s.device_decoded == s.processed and not s.device_rejected, s.lines()
     return s.processed / s.seconds
 
 

@@ -74,6 +74,8 @@ class EmbedSummary:
     retired: int = 0  # catalogued files that changed and now fail: their old rows left the catalog
     pruned: int = 0  # catalogued files gone from the archive (--prune): their rows left the catalog
     prune_refused: list = field(default_factory=list)  # (folder, gone, catalogued) not pruned
+    device_decoded: int = 0  # --gpu-jpeg: JPEGs decoded on the model's device
+    device_rejected: int = 0  # ... handed to it but read the exact way (decoder rejected, wrong size, out of memory)
     seconds: float = 0.0
     device: str = ""
 
@@ -100,6 +102,10 @@ class EmbedSummary:
             out.append(f"  pruned (gone from the archive): {self.pruned}")
             out += [f"    not pruned: {folder}: {gone} of {total} catalogued files gone (is it fully mounted? --prune-force prunes anyway)"
                     for folder, gone, total in self.prune_refused]
+        if self.device_decoded or self.device_rejected:
+            out.append(f"  --gpu-jpeg:          {self.device_decoded} JPEGs decoded on the device"
+                       + (f", {self.device_rejected} handed to it but read the exact way (rejected by its decoder, or out of GPU "
+                          f"memory; see the log)" if self.device_rejected else ""))
         if self.ignored:
             out.append(f"  ignored by name:     {sum(self.ignored.values())}")
             out += [f"    {k}: {v}" for k, v in sorted(self.ignored.items())]
@@ -363,6 +369,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             summary.failed = writer.stats.failed
             summary.filtered = writer.stats.filtered
             summary.retired = writer.stats.retired
+            summary.device_decoded, summary.device_rejected = timing.get("device_decoded", 0), timing.get("device_rejected", 0)
             summary.seconds = time.perf_counter() - t_start
             counts = {
                 "discovered": summary.discovered,
@@ -374,6 +381,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                 "ignored": dict(summary.ignored),
                 "retired": summary.retired,
                 "pruned": summary.pruned,
+                **({"device_decoded": summary.device_decoded, "device_rejected": summary.device_rejected} if cfg.read_options.jpeg_on_device else {}),
             }
             record = run_record(
                 run_id, "embed", status, started,
@@ -404,7 +412,7 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
         mapped = None
         tensors, rows, errors = batch["tensors"], batch["rows"], batch["errors"]
         if batch["jpegs"]:
-            tensors, rows, errors = on_device(batch, cfg, device)
+            tensors, rows, errors = on_device(batch, cfg, device, timing)
         if tensors is not None:
             t0 = time.perf_counter()
             if "mapper" not in state:
@@ -415,7 +423,7 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
         yield rows, mapped, errors
 
 
-def on_device(batch: dict, cfg: EmbedConfig, device: torch.device) -> tuple[torch.Tensor | None, list[dict], list[dict]]:
+def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict | None = None) -> tuple[torch.Tensor | None, list[dict], list[dict]]:
     """Decode and preprocess a batch's undecoded JPEGs on ``device`` (curator.device_jpeg).
 
     Returns the batch's model inputs on ``device`` with their rows, in one order, and its error
@@ -423,7 +431,8 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device) -> tuple[torc
     read again by the exact path here, so it ends as it would without the option: an image (rows
     say 'raster') or an error row. Decoding happens on CUDA devices; for any other the CPU decodes.
     The JPEGs go in groups of at most ``DEVICE_GROUP_PIXELS`` decoded pixels; a group that runs
-    the GPU out of memory is read the exact way too.
+    the GPU out of memory is read the exact way too. ``counts`` gets ``device_decoded`` and
+    ``device_rejected`` added to.
     """
     jpegs = batch["jpegs"]
     ahead = len(batch["rows"]) - len(jpegs)
@@ -453,6 +462,9 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device) -> tuple[torc
             images = None  # the full-size images go before the next group
             _write_in_hand(in_hand, before)
         rejected += [i for i in group if i not in done]
+    if counts is not None:
+        counts["device_decoded"] = counts.get("device_decoded", 0) + len(jpegs) - len(rejected)
+        counts["device_rejected"] = counts.get("device_rejected", 0) + len(rejected)
     if rejected:
         log.info("%d JPEG(s) of this batch not decoded on %s, read the exact way (first: %s)", len(rejected), where, jpeg_rows[rejected[0]]["path"])
     exact = replace(cfg.read_options, jpeg_on_device=False)

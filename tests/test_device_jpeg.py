@@ -181,6 +181,9 @@ def test_embed_on_device_equals_the_exact_path(tmp_path, tiny_checkpoints, worke
     exact = run_embed(EmbedConfig(workspace=str(tmp_path / "exact"), **common))
     dev = run_embed(EmbedConfig(workspace=str(tmp_path / "dev"), read_options=ON_DEVICE, **common))
     assert dev.processed == exact.processed == 6 and dev.failed == exact.failed
+    assert (dev.device_decoded, dev.device_rejected) == (4, 0)  # g0-g2 and gutted.jpg; not the colour JPEG
+    assert any("4 JPEGs decoded on the device" in line for line in dev.lines())
+    assert not any("--gpu-jpeg" in line for line in exact.lines())
     w_e, cat_e, emb_e, err_e = _tables(tmp_path / "exact")
     w_d, cat_d, emb_d, err_d = _tables(tmp_path / "dev")
     assert cat_d.keys() == cat_e.keys() and err_d == err_e
@@ -255,6 +258,8 @@ def test_files_the_device_path_rejects_are_read_the_exact_way(tmp_path, tiny_che
     s = run_embed(EmbedConfig(workspace=str(tmp_path / "dev"), read_options=ON_DEVICE, **common))
     assert sorted(decode.seen) == ["g0.jpg", "g1.jpg", "g2.jpg", "gutted.jpg"]  # one call per group, grey JPEGs only
     assert s.processed == 5 and s.failed == {"vanished": 1, "corrupt_image": 1, "empty_file": 1}
+    assert (s.device_decoded, s.device_rejected) == (0, 4)
+    assert any("4 handed to it but read the exact way" in line for line in s.lines())
     _, cat_e, emb_e, _ = _tables(tmp_path / "exact")
     _, cat_d, emb_d, err_d = _tables(tmp_path / "dev")
     assert err_d[str(arc / "g2.jpg")] == "vanished"
