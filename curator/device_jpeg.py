@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from curator import constants as C
-from curator.preprocess import DEFAULT_CFG, PreprocessCfg, normalize, resize_to_input
+from curator.preprocess import DEFAULT_CFG, PreprocessCfg, letterbox_size, normalize, resize_to_input
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,9 @@ def _banded(in_size: int, out_size: int, device: str) -> tuple[torch.Tensor, tor
     m = resample_matrix(in_size, out_size)
     blocks = -(-out_size // BLOCK)
     m = np.vstack([m, np.zeros((blocks * BLOCK - out_size, in_size), np.int64)])  # padded outputs: all weights 0
-    live = m != 0
-    first = np.array([np.argmax(live[b * BLOCK : (b + 1) * BLOCK].any(axis=0)) for b in range(blocks)])
-    last = np.array([in_size - np.argmax(live[b * BLOCK : (b + 1) * BLOCK].any(axis=0)[::-1]) for b in range(blocks)])
-    span = int((last - first).max())
+    used = (m != 0).reshape(blocks, BLOCK, in_size).any(axis=1)  # (blocks, in_size): inputs each block reads
+    first = used.argmax(axis=1)
+    span = int((in_size - used[:, ::-1].argmax(axis=1) - first).max())
     index = np.minimum(first[:, None] + np.arange(span)[None, :], in_size - 1)
     weights = np.zeros((blocks, span, BLOCK), np.float64)
     for b in range(blocks):
@@ -144,8 +143,7 @@ def resize_like_pillow(image: torch.Tensor, width: int, height: int) -> torch.Te
 def letterbox(image: torch.Tensor, size: int = C.CANVAS_SIZE) -> torch.Tensor:
     """:func:`curator.preprocess.letterbox` for an (H, W) uint8 tensor, on the tensor's device."""
     h, w = image.shape
-    ratio = float(size) / max(w, h)
-    nw, nh = int(w * ratio), int(h * ratio)
+    nw, nh = letterbox_size(w, h, size)
     resized = image if (nw, nh) == (w, h) else resize_like_pillow(image, nw, nh)
     canvas = torch.zeros((size, size), dtype=torch.uint8, device=image.device)
     top, left = (size - nh) // 2, (size - nw) // 2
@@ -155,8 +153,7 @@ def letterbox(image: torch.Tensor, size: int = C.CANVAS_SIZE) -> torch.Tensor:
 
 def letterbox_fits(width: int, height: int, size: int = C.CANVAS_SIZE) -> bool:
     """Whether the letterbox leaves both sides at least one pixel (otherwise the exact path reports the error)."""
-    ratio = float(size) / max(width, height)
-    return int(width * ratio) >= 1 and int(height * ratio) >= 1
+    return min(letterbox_size(width, height, size)) >= 1
 
 
 def deferrable(data: bytes) -> tuple[int, int] | None:

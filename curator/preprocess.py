@@ -30,6 +30,12 @@ class PreprocessCfg:
 DEFAULT_CFG = PreprocessCfg()
 
 
+def letterbox_size(w: int, h: int, size: int = C.CANVAS_SIZE) -> tuple[int, int]:
+    """CheXzero's resized (width, height) on the ``size`` canvas: ``s = size / max(w, h)``, truncated."""
+    ratio = float(size) / max(w, h)
+    return int(w * ratio), int(h * ratio)
+
+
 def letterbox(image: Image.Image, size: int = C.CANVAS_SIZE) -> Image.Image:
     """Resize the longer side to ``size`` (Lanczos) and paste centred on a black square.
 
@@ -48,8 +54,7 @@ def letterbox(image: Image.Image, size: int = C.CANVAS_SIZE) -> Image.Image:
     if image.mode not in ("L", "RGB"):
         raise ValueError(f"letterbox expects an 8-bit L or RGB image, got mode {image.mode!r}")
     w, h = image.size
-    ratio = float(size) / max(w, h)
-    new_size = (int(w * ratio), int(h * ratio))
+    new_size = letterbox_size(w, h, size)
     resized = image
     if new_size[0] != w:
         resized = resized.resize((new_size[0], h), Image.Resampling.LANCZOS)

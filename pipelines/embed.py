@@ -442,26 +442,28 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict 
     rejected: list[int] = []
     in_hand = Path(cfg.workspace).expanduser().resolve() / IN_HAND_NOTE  # (as Workspace resolves it)
     before = sorted(cfg.read_options.device_skip)
-    for group in _pixel_groups(jpeg_rows, DEVICE_GROUP_PIXELS):
-        done: list[int] = []
-        # A decoder crash here ends the process with no error row; the note lets the next run
-        # hand these files to the reader workers instead (run_embed reads it).
-        _write_in_hand(in_hand, before + [jpeg_rows[i]["path"] for i in group])
-        try:
-            images = device_jpeg.decode([jpegs[i] for i in group], where)
-            # (a decoded size other than the header's: not what the row says; the exact path decides)
-            done = [i for i, im in zip(group, images) if im is not None and tuple(im.shape) == (jpeg_rows[i]["height"], jpeg_rows[i]["width"])]
-            if done:
-                parts.append(device_jpeg.model_inputs([im for i, im in zip(group, images) if i in done], cfg.preprocess).to(device))
-                rows += [{**jpeg_rows[i], "conversion": f"{RASTER_CONVERSION}+{where.type}-jpeg"} for i in done]
-        except torch.cuda.OutOfMemoryError:
-            done = []
-            torch.cuda.empty_cache()
-            log.warning("out of GPU memory decoding %d JPEGs on %s; they are read the exact way (lower --batch-size)", len(group), where)
-        finally:
-            images = None  # the full-size images go before the next group
-            _write_in_hand(in_hand, before)
-        rejected += [i for i in group if i not in done]
+    # A decoder crash below ends the process with no error row; the note lets the next run hand
+    # these files to the reader workers instead (run_embed reads it).
+    _write_in_hand(in_hand, before + [r["path"] for r in jpeg_rows])
+    try:
+        for group in _pixel_groups(jpeg_rows, DEVICE_GROUP_PIXELS):
+            ok: list[tuple[int, torch.Tensor]] = []
+            try:
+                images = device_jpeg.decode([jpegs[i] for i in group], where)
+                # (a decoded size other than the header's: not what the row says; the exact path decides)
+                ok = [(i, im) for i, im in zip(group, images) if im is not None and tuple(im.shape) == (jpeg_rows[i]["height"], jpeg_rows[i]["width"])]
+                images = None  # the full-size images that failed go now; those in ok after their letterbox
+                if ok:
+                    parts.append(device_jpeg.model_inputs([im for _, im in ok], cfg.preprocess).to(device))
+                    rows += [{**jpeg_rows[i], "conversion": f"{RASTER_CONVERSION}+{where.type}-jpeg"} for i, _ in ok]
+            except torch.cuda.OutOfMemoryError:
+                ok = images = None
+                torch.cuda.empty_cache()
+                log.warning("out of GPU memory decoding %d JPEGs on %s; they are read the exact way (lower --batch-size)", len(group), where)
+            done = {i for i, _ in ok or ()}
+            rejected += [i for i in group if i not in done]
+    finally:
+        _write_in_hand(in_hand, before)
     if counts is not None:
         counts["device_decoded"] = counts.get("device_decoded", 0) + len(jpegs) - len(rejected)
         counts["device_rejected"] = counts.get("device_rejected", 0) + len(rejected)

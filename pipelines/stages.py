@@ -76,12 +76,11 @@ def read_item(entry: FileEntry, options: ReadOptions, cfg: preprocess.Preprocess
 
 
 def _deferred_item(entry: FileEntry, data: bytes, content_hash: str, width: int, height: int, t0: float) -> dict:
-    """A grayscale JPEG handed over undecoded (``jpeg_on_device``): its bytes as a uint8 tensor,
-    which DataLoader workers pass through shared memory; the mapper side decodes it."""
+    """A grayscale JPEG handed over undecoded (``jpeg_on_device``): its bytes (a read-only view,
+    copied once, by :func:`collate`, into the tensor that goes to the main process)."""
     row = {"path": entry.path, "file_format": "jpeg", "size": entry.size, "mtime_ns": entry.mtime_ns, "content_hash": content_hash,
            "conversion": None, "width": width, "height": height, **{k: None for k in DICOM_COLUMNS}, "rows": height, "columns": width}
-    blob = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return {"ok": True, "jpeg": blob, "row": row, "seconds": time.perf_counter() - t0}
+    return {"ok": True, "jpeg": np.frombuffer(data, np.uint8), "row": row, "seconds": time.perf_counter() - t0}
 
 
 def _error_item(entry: FileEntry, stage: str, kind: str, message: str, exception: str) -> dict:
@@ -112,7 +111,7 @@ def collate(items: list[dict]) -> dict:
     return {
         "tensors": torch.stack([it["tensor"] for it in good]) if good else None,
         "rows": [it["row"] for it in good] + [it["row"] for it in deferred],
-        "jpeg_bytes": torch.cat([it["jpeg"] for it in deferred]) if deferred else None,
+        "jpeg_bytes": torch.from_numpy(np.concatenate([it["jpeg"] for it in deferred])) if deferred else None,
         "jpeg_sizes": [len(it["jpeg"]) for it in deferred],
         "errors": [it["error"] for it in items if not it["ok"]],
     }
