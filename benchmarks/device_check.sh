@@ -27,7 +27,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 # A dry run on a CPU machine where curator is installed: DEVICE=cpu SMALL=1 SKIP_INSTALL=1 bash benchmarks/device_check.sh
 DEVICE=${DEVICE:-cuda}
-if [ -n "${SMALL:-}" ]; then N=(16 4 2 8 16); else N=(1024 64 16 256 256); fi  # images, distinct, workers, batch, throughput images
+if [ -n "${SMALL:-}" ]; then N=(16 4 2 8 16 48); else N=(2048 64 16 256 256 16384); fi  # images, distinct, workers, batch, throughput images, --gpu-jpeg images
 if [ -z "${SKIP_INSTALL:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
@@ -37,10 +37,10 @@ python3 -c "import open_clip, duckdb, pydicom, torchvision.io, curator.pipelines
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; nproc; python3 -c "import torch, torchvision, PIL; print(torch.__version__, torchvision.__version__, PIL.__version__)"; } | tee "$OUT/machine.txt"
 
 # 1. The tests that take the GPU path where one is present (device JPEG decode/resize, replicas, --device cuda).
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_device_jpeg.py tests/test_multi_device.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_device_jpeg.py tests/test_multi_device.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
 
 # 2. --gpu-jpeg against the exact path: throughput and deviation (issue 6, item 5).
-timeout 220 python3 benchmarks/gpu_jpeg.py --device "$DEVICE" --images ${N[0]} --distinct ${N[1]} --workers ${N[2]} --batch-size ${N[3]} --repeats 2 --json \
+timeout 240 python3 benchmarks/gpu_jpeg.py --device "$DEVICE" --images ${N[0]} --distinct ${N[1]} --workers ${N[2]} --batch-size ${N[3]} --device-images ${N[5]} --repeats 2 --json \
   >"$OUT/gpu_jpeg.json" 2>"$OUT/gpu_jpeg.err"; echo "gpu_jpeg rc $?"; tail -c 1500 "$OUT/gpu_jpeg.json"; grep '^{' "$OUT/gpu_jpeg.err" | tail -2
 
 # 3. Issue 2's four figures on the GPU (JPEG; the CheXzero-flow baseline runs batch 1, so few images).

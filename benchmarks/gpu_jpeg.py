@@ -44,15 +44,19 @@ def films(folder: Path, distinct: int, total: int, width: int, height: int) -> l
         with Image.open(p) as im:
             im.load()
             im.save(p, quality=95)
-    out = folder / "all"
+    return links(src, folder / "all", total)
+
+
+def links(src: list[Path], out: Path, total: int) -> list[Path]:
+    """``total`` files in ``out``, hard links to ``src`` in turn (copies where links fail)."""
     out.mkdir()
     paths = []
     for i in range(total):
-        dst = out / f"f{i:05d}.jpg"
+        dst = out / f"f{i:06d}.jpg"
         try:
-            os.link(src[i % distinct], dst)
+            os.link(src[i % len(src)], dst)
         except OSError:
-            dst.write_bytes(src[i % distinct].read_bytes())
+            dst.write_bytes(src[i % len(src)].read_bytes())
         paths.append(dst)
     return paths
 
@@ -96,7 +100,8 @@ def canvas_deviation(paths: list[Path], device: torch.device) -> tuple[float, in
     return differ / total, worst
 
 
-def embed(archive: Path, ws: Path, ck: str, device: str, workers: int, batch: int, threads: int, on_device: bool) -> float:
+def embed(archive: Path, ws: Path, ck: str, device: str, workers: int, batch: int, threads: int, on_device: bool,
+          breakdown: list | None = None) -> float:
     from curator.pipelines.embed import EmbedConfig, run_embed
     from curator.readers import ReadOptions
 
@@ -105,6 +110,11 @@ def embed(archive: Path, ws: Path, ck: str, device: str, workers: int, batch: in
     assert s.processed and not s.failed, s.lines()
     if on_device:  # all of them on the device, or the rate is not the device path's (e.g. no nvJPEG in this torchvision)
         assert s.device_decoded == s.processed and not s.device_rejected, s.lines()
+    if breakdown is not None:  # where the run's seconds went (its run record): waiting for the readers, device decode, model
+        from curator.workspace import Workspace
+
+        timings = json.loads(Workspace(ws).read_table("runs").to_pylist()[-1]["timings"])
+        breakdown.append({k: round(v, 3) for k, v in timings.items() if v is not None})
     return s.processed / s.seconds
 
 
@@ -113,6 +123,9 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--distinct", type=int, default=16)
+    ap.add_argument("--device-images", type=int, default=None,
+                    help="files for the --gpu-jpeg embed runs (default: --images); more than --images where that path is so fast "
+                         "that a run's fixed costs (model load, prompts, worker start) would hide its rate")
     ap.add_argument("--width", type=int, default=2000)
     ap.add_argument("--height", type=int, default=2500)
     ap.add_argument("--repeats", type=int, default=3)
@@ -135,6 +148,11 @@ def main() -> int:
         tmp = Path(tmp)
         paths = films(tmp, args.distinct, args.images, args.width, args.height)
         distinct = sorted((tmp / "src").iterdir())
+        device_archive = tmp / "all"
+        if args.device_images and args.device_images != args.images:
+            device_archive = tmp / "many"
+            links(distinct, device_archive, args.device_images)
+        res["device_images"] = args.device_images or args.images
         ck = str(vit_b32_checkpoint(tmp / "vitb32.pt"))
         share, worst = canvas_deviation(distinct, device)
         res["canvas_pixels_differing"], res["canvas_max_diff"] = share, worst
@@ -150,9 +168,11 @@ def main() -> int:
         for r in range(args.repeats):
             runs["decode_exact"].append(bench_decode_only(paths, args.workers, args.batch_size))
             runs["decode_device"].append(device_stage_rate(paths, device, args.batch_size))
-            runs["embed_exact"].append(embed(tmp / "all", tmp / f"e{r}", ck, args.device, args.workers, args.batch_size, threads, False))
-            runs["embed_device"].append(embed(tmp / "all", tmp / f"d{r}", ck, args.device, args.workers, args.batch_size, threads, True))
-            print(json.dumps(runs), file=sys.stderr, flush=True)
+            runs["embed_exact"].append(embed(tmp / "all", tmp / f"e{r}", ck, args.device, args.workers, args.batch_size, threads, False,
+                                             res.setdefault("breakdown_exact", [])))
+            runs["embed_device"].append(embed(device_archive, tmp / f"d{r}", ck, args.device, args.workers, args.batch_size, threads, True,
+                                              res.setdefault("breakdown_device", [])))
+            print(json.dumps({**runs, "breakdown_exact": res["breakdown_exact"], "breakdown_device": res["breakdown_device"]}), file=sys.stderr, flush=True)
         res.update({k: statistics.median(v) for k, v in runs.items()}, runs=runs)
     if args.json:
         print(json.dumps(res, indent=1))
@@ -162,7 +182,8 @@ def main() -> int:
     print(f"  decode+preprocess, exact (workers)      {res['decode_exact']:8.1f} images/s")
     print(f"  decode+preprocess, on {device.type:<4}             {res['decode_device']:8.1f} images/s")
     print(f"  curator embed, exact                    {res['embed_exact']:8.1f} images/s")
-    print(f"  curator embed, --gpu-jpeg               {res['embed_device']:8.1f} images/s   ({res['embed_device'] / res['embed_exact']:.2f}x)")
+    print(f"  curator embed, --gpu-jpeg               {res['embed_device']:8.1f} images/s   ({res['embed_device'] / res['embed_exact']:.2f}x; "
+          f"{res['device_images']} files)")
     print(f"  canvas pixels differing from the exact path: {100 * share:.4f}% (largest difference {worst} grey levels)")
     print(f"  |p_device - p_exact| ({args.checkpoint}, {dev.shape[0]} films x {dev.shape[1]} findings): max {dev.max():.2e}, mean {dev.mean():.2e}")
     return 0

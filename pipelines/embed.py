@@ -387,7 +387,8 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                 run_id, "embed", status, started,
                 [{"sha256": c.sha256, "path": c.path} for c in refs],
                 [p.id for p in prompt_sets], counts,
-                {"total_s": summary.seconds, "model_s": timing["model_s"] if cfg.engine == "local" else None},
+                {"total_s": summary.seconds, **({"model_s": timing["model_s"], "wait_s": timing.get("wait_s", 0.0),
+                                                 "device_jpeg_s": timing.get("device_jpeg_s", 0.0)} if cfg.engine == "local" else {"model_s": None})},
                 {"archives": cfg.archives, "device": summary.device, "batch_size": cfg.batch_size, "engine": cfg.engine,
                  "dicom_conversion": cfg.read_options.dicom_conversion, "fast_jpeg": cfg.read_options.jpeg_draft_min_side is not None,
                  "gpu_jpeg": cfg.read_options.jpeg_on_device,
@@ -407,12 +408,20 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
     """
     state = {} if state is None else state
     device = checkpoints[0].device
-    for batch in batches(todo, cfg, device.type == "cuda"):
+    source = batches(todo, cfg, device.type == "cuda")
+    while True:
+        t0 = time.perf_counter()
+        batch = next(source, None)
+        timing["wait_s"] = timing.get("wait_s", 0.0) + time.perf_counter() - t0
+        if batch is None:
+            break
         faults.reached("batch")
         mapped = None
         tensors, rows, errors = batch["tensors"], batch["rows"], batch["errors"]
         if batch["jpegs"]:
+            t0 = time.perf_counter()
             tensors, rows, errors = on_device(batch, cfg, device, timing)
+            timing["device_jpeg_s"] = timing.get("device_jpeg_s", 0.0) + time.perf_counter() - t0
         if tensors is not None:
             t0 = time.perf_counter()
             if "mapper" not in state:
