@@ -28,6 +28,10 @@ export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 # A dry run on a CPU machine where curator is installed: DEVICE=cpu SMALL=1 SKIP_INSTALL=1 bash benchmarks/device_check.sh
 DEVICE=${DEVICE:-cuda}
 if [ -n "${SMALL:-}" ]; then N=(16 4 2 8 16 48); else N=(2048 64 16 256 256 16384); fi  # images, distinct, workers, batch, throughput images, --gpu-jpeg images
+[ -n "${GJ:-}" ] && read -r -a N <<<"$GJ"  # e.g. GJ="512 32 16 256 256 16384": a shorter exact half for a second run
+# Which checks (default: all but the profile); e.g. PARTS="tests profile gpu_jpeg" REPEATS=1 for a second, shorter run.
+PARTS=" ${PARTS:-tests gpu_jpeg throughput} "
+has() { [[ "$PARTS" == *" $1 "* ]]; }
 if [ -z "${SKIP_INSTALL:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
@@ -37,12 +41,19 @@ python3 -c "import open_clip, duckdb, pydicom, torchvision.io, curator.pipelines
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; nproc; python3 -c "import torch, torchvision, PIL; print(torch.__version__, torchvision.__version__, PIL.__version__)"; } | tee "$OUT/machine.txt"
 
 # 1. The tests that take the GPU path where one is present (device JPEG decode/resize, replicas, --device cuda).
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_device_jpeg.py tests/test_multi_device.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
+has tests && timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_device_jpeg.py tests/test_multi_device.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
 
-# 2. --gpu-jpeg against the exact path: throughput and deviation (issue 6, item 5).
-timeout 240 python3 benchmarks/gpu_jpeg.py --device "$DEVICE" --images ${N[0]} --distinct ${N[1]} --workers ${N[2]} --batch-size ${N[3]} --device-images ${N[5]} --repeats 2 --json \
-  >"$OUT/gpu_jpeg.json" 2>"$OUT/gpu_jpeg.err"; echo "gpu_jpeg rc $?"; tail -c 1500 "$OUT/gpu_jpeg.json"; grep '^{' "$OUT/gpu_jpeg.err" | tail -2
+# 2. Where the device stage's time goes: nvJPEG decode vs the letterbox (film by film, stacked), by film size.
+if has profile; then
+  if [ -n "${SMALL:-}" ]; then P=(--size 1000x1250 --batch 8 --films 4); else P=(--size 2000x2500 --size 1000x1250 --batch 64 --batch 256 --films 16); fi
+  timeout 150 python3 benchmarks/gpu_decode_profile.py --device "$DEVICE" "${P[@]}" --repeats 3 >"$OUT/gpu_decode_profile.json" 2>"$OUT/gpu_decode_profile.err"
+  echo "gpu_decode_profile rc $?"; grep -E '"size"|_ips|_mps' -A0 "$OUT/gpu_decode_profile.json" | tr -d ' \n'; echo
+fi
 
-# 3. Issue 2's four figures on the GPU (JPEG; the CheXzero-flow baseline runs batch 1, so few images).
-timeout 150 python3 benchmarks/embed_throughput.py --device "$DEVICE" --images ${N[4]} --batch-size ${N[3]} --workers ${N[2]} --repeats 1 --format jpeg --json \
-  >"$OUT/embed_throughput.json" 2>"$OUT/embed_throughput.err"; echo "embed_throughput rc $?"; grep -E '"(a|b|c|d)_|bound|a_over' "$OUT/embed_throughput.json"
+# 3. --gpu-jpeg against the exact path: throughput and deviation (issue 6, item 5).
+has gpu_jpeg && { timeout 240 python3 benchmarks/gpu_jpeg.py --device "$DEVICE" --images ${N[0]} --distinct ${N[1]} --workers ${N[2]} --batch-size ${N[3]} --device-images ${N[5]} --repeats ${REPEATS:-2} --json \
+  >"$OUT/gpu_jpeg.json" 2>"$OUT/gpu_jpeg.err"; echo "gpu_jpeg rc $?"; tail -c 1500 "$OUT/gpu_jpeg.json"; grep '^{' "$OUT/gpu_jpeg.err" | tail -2; }
+
+# 4. Issue 2's four figures on the GPU (JPEG; the CheXzero-flow baseline runs batch 1, so few images).
+has throughput && { timeout 150 python3 benchmarks/embed_throughput.py --device "$DEVICE" --images ${N[4]} --batch-size ${N[3]} --workers ${N[2]} --repeats 1 --format jpeg --json \
+  >"$OUT/embed_throughput.json" 2>"$OUT/embed_throughput.err"; echo "embed_throughput rc $?"; grep -E '"(a|b|c|d)_|bound|a_over' "$OUT/embed_throughput.json"; }

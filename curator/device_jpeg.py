@@ -125,30 +125,61 @@ def _clip8(sums: torch.Tensor) -> torch.Tensor:
 
 
 def resize_like_pillow(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """An (H, W) uint8 image resized to (height, width) as Pillow's ``resize(..., LANCZOS)`` on mode L
-    did before version 12.2 (and curator's exact letterbox does on any version, see
-    :func:`curator.preprocess.letterbox`): the horizontal pass first, each pass rounded to 8 bits."""
-    h, w = image.shape
+    """An (..., H, W) uint8 image (or stack of same-sized images) resized to (..., height, width) as
+    Pillow's ``resize(..., LANCZOS)`` on mode L did before version 12.2 (and curator's exact
+    letterbox does on any version, see :func:`curator.preprocess.letterbox`): the horizontal pass
+    first, each pass rounded to 8 bits."""
+    *lead, h, w = image.shape
     dev = str(image.device)
     x = image.to(torch.float64)
     if width != w:  # Pillow's need_horizontal
         index, weights = _banded(w, width, dev)
-        x = _clip8(torch.einsum("hbs,bso->hbo", x[:, index], weights).reshape(h, -1)[:, :width])
+        x = _clip8(torch.einsum("...hbs,bso->...hbo", x[..., index], weights).reshape(*lead, h, -1)[..., :width])
     if height != h:
         index, weights = _banded(h, height, dev)
-        x = _clip8(torch.einsum("bsw,bso->bow", x[index, :], weights).reshape(-1, x.shape[1])[:height])
+        x = _clip8(torch.einsum("...bsw,bso->...bow", x[..., index, :], weights).reshape(*lead, -1, x.shape[-1])[..., :height, :])
     return x.to(torch.uint8)
 
 
 def letterbox(image: torch.Tensor, size: int = C.CANVAS_SIZE) -> torch.Tensor:
-    """:func:`curator.preprocess.letterbox` for an (H, W) uint8 tensor, on the tensor's device."""
-    h, w = image.shape
+    """:func:`curator.preprocess.letterbox` for an (H, W) uint8 tensor, or an (N, H, W) stack of
+    same-sized images, on the tensor's device."""
+    *lead, h, w = image.shape
     nw, nh = letterbox_size(w, h, size)
     resized = image if (nw, nh) == (w, h) else resize_like_pillow(image, nw, nh)
-    canvas = torch.zeros((size, size), dtype=torch.uint8, device=image.device)
+    canvas = torch.zeros((*lead, size, size), dtype=torch.uint8, device=image.device)
     top, left = (size - nh) // 2, (size - nw) // 2
-    canvas[top : top + nh, left : left + nw] = resized
+    canvas[..., top : top + nh, left : left + nw] = resized
     return canvas
+
+
+STACK_VALUES = 1 << 27  # float64 values the first pass of one stacked resize may gather (1 GiB): ~22 films of 2000x2500
+
+
+def letterbox_all(images: list[torch.Tensor], size: int = C.CANVAS_SIZE, stack: bool | None = None) -> torch.Tensor:
+    """(N, size, size) canvases of (H, W) uint8 images on one device, in order.
+
+    With ``stack`` (default: on a CUDA device) images of one size are letterboxed as stacks, one
+    product per pass for many films instead of a dozen small kernels per film (an archive's films
+    come in a few sizes), each stack small enough that its gathered float64 spans stay within
+    ``STACK_VALUES``. On a CPU film by film is faster (a film's spans stay in cache).
+    """
+    if not images:
+        return torch.zeros((0, size, size), dtype=torch.uint8)
+    if not (images[0].device.type == "cuda" if stack is None else stack):
+        return torch.stack([letterbox(im, size) for im in images])
+    out = torch.empty((len(images), size, size), dtype=torch.uint8, device=images[0].device)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        by_shape.setdefault(tuple(im.shape), []).append(i)
+    for (h, w), idx in by_shape.items():
+        nw, _ = letterbox_size(w, h, size)
+        span = _banded(w, nw, str(images[idx[0]].device))[0].numel() if nw != w else w
+        per_stack = max(1, STACK_VALUES // (h * span))
+        for k in range(0, len(idx), per_stack):
+            part = idx[k : k + per_stack]
+            out[part] = letterbox(torch.stack([images[i] for i in part]), size)
+    return out
 
 
 def letterbox_fits(width: int, height: int, size: int = C.CANVAS_SIZE) -> bool:
@@ -222,5 +253,5 @@ def decode(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor
 
 def model_inputs(images: list[torch.Tensor], cfg: PreprocessCfg = DEFAULT_CFG) -> torch.Tensor:
     """The CheXzero transform of decoded (H, W) uint8 images: (N, 3, 224, 224) float32 on their device."""
-    canvases = torch.stack([letterbox(im, cfg.canvas_size) for im in images]).to(torch.float32)
+    canvases = letterbox_all(images, cfg.canvas_size).to(torch.float32)
     return resize_to_input(normalize(canvases.unsqueeze(1).expand(-1, 3, -1, -1), cfg), cfg)

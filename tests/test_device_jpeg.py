@@ -118,6 +118,19 @@ def test_letterbox_equals_the_exact_path(h, w):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_stacked_letterbox_equals_the_exact_path_film_by_film(device, monkeypatch):
+    # films of three sizes, interleaved; stacks forced small so one size spans several of them
+    monkeypatch.setattr(device_jpeg, "STACK_VALUES", 3 * 900 * 700)
+    shapes = [(900, 700), (500, 800), (900, 700), (320, 320), (900, 700), (500, 800), (900, 700), (900, 700), (900, 700)]
+    arrs = [_film(h, w, seed=i) for i, (h, w) in enumerate(shapes)]
+    want = np.stack([np.asarray(pil_letterbox(Image.fromarray(a))) for a in arrs])
+    for stack in (True, False, None):
+        got = device_jpeg.letterbox_all([torch.from_numpy(a).to(device) for a in arrs], stack=stack).cpu().numpy()
+        assert got.shape == (len(arrs), 320, 320) and np.array_equal(got, want), stack
+    assert device_jpeg.letterbox_all([]).shape == (0, 320, 320)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_decode_equals_pillow_and_reports_bad_files(device):
     arrs = [_film(600, 500, 1), _film(480, 640, 2)]
     blobs = [_jpeg(arrs[0], quality=90), _jpeg(arrs[1], quality=95, progressive=True), b"\xff\xd8\xff\xe0 not a jpeg at all \xff\xd9"]
