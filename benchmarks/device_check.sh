@@ -54,6 +54,6 @@ fi
 has gpu_jpeg && { timeout 240 python3 benchmarks/gpu_jpeg.py --device "$DEVICE" --images ${N[0]} --distinct ${N[1]} --workers ${N[2]} --batch-size ${N[3]} --device-images ${N[5]} --repeats ${REPEATS:-2} --json \
   >"$OUT/gpu_jpeg.json" 2>"$OUT/gpu_jpeg.err"; echo "gpu_jpeg rc $?"; tail -c 1500 "$OUT/gpu_jpeg.json"; grep '^{' "$OUT/gpu_jpeg.err" | tail -2; }
 
-# 4. Issue 2's four figures on the GPU (JPEG; the CheXzero-flow baseline runs batch 1, so few images).
-has throughput && { timeout 150 python3 benchmarks/embed_throughput.py --device "$DEVICE" --images ${N[4]} --batch-size ${N[3]} --workers ${N[2]} --repeats 1 --format jpeg --json \
+# 4. Issue 2's four figures on the GPU (FORMAT=jpeg by default, or dicom; the CheXzero-flow baseline runs batch 1, so few images).
+has throughput && { timeout 150 python3 benchmarks/embed_throughput.py --device "$DEVICE" --images ${N[4]} --batch-size ${N[3]} --workers ${N[2]} --repeats 1 --format ${FORMAT:-jpeg} --json \
   >"$OUT/embed_throughput.json" 2>"$OUT/embed_throughput.err"; echo "embed_throughput rc $?"; grep -E '"(a|b|c|d)_|bound|a_over' "$OUT/embed_throughput.json"; }
