@@ -96,9 +96,11 @@ def read_options(fast_jpeg: bool):
     return ReadOptions(jpeg_draft_min_side=C.CANVAS_SIZE if fast_jpeg else None)
 
 
-def bench_curator(archive: Path, ck: Path, workers: int, batch: int, threads: int, device: str = "cpu", fast_jpeg: bool = False) -> float:
+def bench_curator(archive: Path, ck: Path, workers: int, batch: int, threads: int, device: str = "cpu", fast_jpeg: bool = False,
+                  breakdown: list | None = None) -> float:
     from curator.model import load_checkpoints
     from curator.pipelines.embed import EmbedConfig, run_embed
+    from curator.workspace import Workspace
 
     cks = load_checkpoints([ck], device)
     with tempfile.TemporaryDirectory() as ws:
@@ -106,6 +108,9 @@ def bench_curator(archive: Path, ck: Path, workers: int, batch: int, threads: in
         s = run_embed(EmbedConfig(archives=[str(archive)], workspace=ws, checkpoints=[str(ck)], device=device, workers=workers, batch_size=batch,
                                   threads=threads, progress=False, read_options=read_options(fast_jpeg)), checkpoints=cks)
         dt = time.perf_counter() - t0
+        if breakdown is not None:  # the run record's stage times: waiting for the readers, model, total
+            timings = json.loads(Workspace(ws).read_table("runs").to_pylist()[-1]["timings"])
+            breakdown.append({k: round(v, 3) for k, v in timings.items() if v is not None})
     assert s.processed and not s.failed, s.lines()
     return s.processed / dt
 
@@ -207,10 +212,11 @@ def main() -> int:
         for fmt in args.format or ["jpeg", "dicom"]:
             paths = make_archive(tmp / fmt, args.images, fmt, args.width, args.height)
             runs: dict[str, list[float]] = {k: [] for k in ("a", "b", "c", "d", "bound", "a_over_b", "a_over_bound")}
+            breakdown: list[dict] = []
             for _ in range(args.repeats):
                 c = bench_model_only(args.images, ck, args.batch_size, threads, args.device)
                 d = bench_decode_only(paths, workers, args.batch_size, args.fast_jpeg)
-                a = bench_curator(tmp / fmt, ck, workers, args.batch_size, threads, args.device, args.fast_jpeg)
+                a = bench_curator(tmp / fmt, ck, workers, args.batch_size, threads, args.device, args.fast_jpeg, breakdown)
                 b = bench_chexzero_baseline(paths, ck, threads, args.device)
                 # On the CPU decode and model share the cores (their times add); with a GPU they run side by side.
                 bound = 1 / (1 / c + 1 / d) if args.device == "cpu" else min(c, d)
@@ -218,7 +224,7 @@ def main() -> int:
                     runs[k].append(v)
             a, b, c, d, bound, a_over_b, a_over_bound = (statistics.median(v) for v in runs.values())
             r = {"a_curator": a, "b_chexzero_flow": b, "c_model_only": c, "d_decode_only": d, "bound": bound,
-                 "a_over_b": a_over_b, "a_over_bound": a_over_bound, "runs": runs}
+                 "a_over_b": a_over_b, "a_over_bound": a_over_bound, "runs": runs, "a_breakdown": breakdown}
             results["formats"][fmt] = r
             if not args.json:
                 print(f"{fmt} ({args.images} images {args.width}x{args.height}, {args.device}, {cores} cores, {threads} threads, {workers} workers, "
