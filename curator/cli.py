@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "cuda:1 = that GPU, cuda:0,cuda:2 = those GPUs, cpu (the default without a GPU); --batch-size is split "
                    "across the replicas")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per model batch (default 32)")
-    p.add_argument("--workers", type=_nonneg_int, default=None, help="decode worker processes (default: one per CPU core, at most 8; 0 = decode in the main process)")
+    p.add_argument("--workers", type=_nonneg_int, default=None, help="decode worker processes (default: one per CPU core, at most 8 when the model runs on the CPU; 0 = decode in the main process)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads in the main process (default: torch's)")
     p.add_argument("--dicom-conversion", choices=["mimic", "voi"], default="mimic",
                    help="DICOM to 8-bit: 'mimic' = MIMIC-CXR-JPG recipe, what CheXzero was trained on (default); 'voi' = VOI LUT / window")

@@ -408,7 +408,7 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
     """
     state = {} if state is None else state
     device = checkpoints[0].device
-    source = batches(todo, cfg, device.type == "cuda")
+    source = batches(todo, cfg, gpu=device.type == "cuda")
     while True:
         t0 = time.perf_counter()
         batch = next(source, None)
@@ -525,7 +525,19 @@ def _pixel_groups(rows: list[dict], limit: int) -> list[list[int]]:
     return groups
 
 
-def batches(todo: list[FileEntry], cfg: EmbedConfig, pin: bool = False):
+def default_workers(gpu: bool) -> int:
+    """Decode workers when --workers is not given: one per CPU core this process may use, at most
+    8 when the model runs on the CPU (it needs cores too); all of them when it runs on a GPU, where
+    decoding is the limit (an H200 node's 16 cores decode ~130 full-size films/s against the
+    model's ~15,000/s: benchmarks/README.md)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores if gpu else min(8, cores))
+
+
+def batches(todo: list[FileEntry], cfg: EmbedConfig, gpu: bool = False):
     """Model batches of ``cfg.batch_size`` good images (plus the errors met on the way).
 
     Worker processes read small chunks, so every worker is busy even when the archive is
@@ -539,7 +551,7 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, pin: bool = False):
     check). A worker ended any other way (killed, out of memory) still fails the run. With
     ``workers=0`` the reading happens in this process, which such a file takes down.
     """
-    workers = cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
+    workers = cfg.workers if cfg.workers is not None else default_workers(gpu)
     chunk = max(1, min(8, cfg.batch_size // max(1, workers))) if workers else cfg.batch_size
     inflight = tempfile.mkdtemp(prefix="curator-reading-") if workers else None
     restore = _no_async_worker_errors() if workers else None
@@ -553,7 +565,7 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, pin: bool = False):
                 num_workers=workers,
                 collate_fn=collate,
                 worker_init_fn=_worker_init if workers else None,
-                pin_memory=pin,
+                pin_memory=gpu,
                 prefetch_factor=max(2, 2 * cfg.batch_size // chunk // max(1, workers)) if workers else None,
             )
             it = iter(loader)

@@ -62,3 +62,13 @@ def test_device_lists_are_checked():
             resolve_devices("cuda:0,cuda:1")
     else:
         assert resolve_devices("cuda") == [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+
+
+def test_default_decode_workers_use_every_core_when_the_model_is_on_a_gpu(monkeypatch):
+    from curator.pipelines import embed
+
+    monkeypatch.setattr(embed.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert embed.default_workers(gpu=True) == 16  # decoding is the limit there
+    assert embed.default_workers(gpu=False) == 8  # the CPU model needs cores too
+    monkeypatch.setattr(embed.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert embed.default_workers(gpu=True) == 2 and embed.default_workers(gpu=False) == 2
