@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of issues 2 and 6 in one prepared run, for a session lent the H200 device machine
-# (15 minutes of device time per session, start included: one call of this script, ~5 minutes).
+# (15 minutes of device time per session, start included). Every part (PARTS below) takes ~9 minutes
+# with the limits set here; what 2026-12-04 measured already (benchmarks/README.md) can be left out,
+# e.g. PARTS="tests gpu_letterbox" (~4 minutes) for the first measurement of --gpu-letterbox.
 #
 # That machine has Python 3.12 with torch, torchvision, numpy, pandas, pyarrow, pillow and pytest,
 # but not curator's other dependencies, and it cannot download: they travel as wheels.
@@ -29,8 +31,8 @@ export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 DEVICE=${DEVICE:-cuda}
 if [ -n "${SMALL:-}" ]; then N=(16 4 2 8 16 48); else N=(2048 64 16 256 256 16384); fi  # images, distinct, workers, batch, throughput images, --gpu-jpeg images
 [ -n "${GJ:-}" ] && read -r -a N <<<"$GJ"  # e.g. GJ="512 32 16 256 256 16384": a shorter exact half for a second run
-# Which checks (default: all but the profile); e.g. PARTS="tests profile gpu_jpeg" REPEATS=1 for a second, shorter run.
-PARTS=" ${PARTS:-tests gpu_jpeg throughput} "
+# Which checks (default: tests gpu_jpeg gpu_letterbox throughput); e.g. PARTS="tests profile gpu_jpeg" REPEATS=1 for a second, shorter run.
+PARTS=" ${PARTS:-tests gpu_jpeg gpu_letterbox throughput} "
 has() { [[ "$PARTS" == *" $1 "* ]]; }
 if [ -z "${SKIP_INSTALL:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -54,6 +56,10 @@ fi
 has gpu_jpeg && { timeout 240 python3 benchmarks/gpu_jpeg.py --device "$DEVICE" --images ${N[0]} --distinct ${N[1]} --workers ${N[2]} --batch-size ${N[3]} --device-images ${N[5]} --repeats ${REPEATS:-2} --json \
   >"$OUT/gpu_jpeg.json" 2>"$OUT/gpu_jpeg.err"; echo "gpu_jpeg rc $?"; tail -c 1500 "$OUT/gpu_jpeg.json"; grep '^{' "$OUT/gpu_jpeg.err" | tail -2; }
 
-# 4. Issue 2's four figures on the GPU (FORMAT=jpeg by default, or dicom; the CheXzero-flow baseline runs batch 1, so few images).
+# 4. --gpu-letterbox against the default path: the workers' rate, the device letterbox, end to end, the deviation.
+has gpu_letterbox && { timeout 200 python3 benchmarks/gpu_letterbox.py --device "$DEVICE" --images ${N[4]} --workers ${N[2]} --batch-size ${N[3]} --repeats ${REPEATS:-2} --json \
+  >"$OUT/gpu_letterbox.json" 2>"$OUT/gpu_letterbox.err"; echo "gpu_letterbox rc $?"; tail -c 2500 "$OUT/gpu_letterbox.json"; }
+
+# 5. Issue 2's four figures on the GPU (FORMAT=jpeg by default, or dicom; the CheXzero-flow baseline runs batch 1, so few images).
 has throughput && { timeout 150 python3 benchmarks/embed_throughput.py --device "$DEVICE" --images ${N[4]} --batch-size ${N[3]} --workers ${N[2]} --repeats 1 --format ${FORMAT:-jpeg} --json \
   >"$OUT/embed_throughput.json" 2>"$OUT/embed_throughput.err"; echo "embed_throughput rc $?"; grep -E '"(a|b|c|d)_|bound|a_over' "$OUT/embed_throughput.json"; }

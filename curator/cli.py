@@ -126,7 +126,8 @@ def cmd_embed(args) -> int:
         workers=args.workers,
         threads=args.threads,
         read_options=ReadOptions(dicom_conversion=args.dicom_conversion, modalities=args.modality,
-                                 jpeg_draft_min_side=C.CANVAS_SIZE if args.fast_jpeg else None, jpeg_on_device=args.gpu_jpeg),
+                                 jpeg_draft_min_side=C.CANVAS_SIZE if args.fast_jpeg else None, jpeg_on_device=args.gpu_jpeg,
+                                 letterbox_on_device=args.gpu_letterbox),
         flush_rows=args.flush_rows,
         progress=not args.quiet,
         engine=args.engine,
@@ -140,6 +141,8 @@ def cmd_embed(args) -> int:
         raise CliError("--gpu-jpeg and --fast-jpeg are two ways of reading JPEGs: choose one")
     if args.gpu_jpeg and args.engine != "local":
         raise CliError("--gpu-jpeg works with --engine local (the decoding happens beside the model, on its GPU)")
+    if args.gpu_letterbox and args.engine != "local":
+        raise CliError("--gpu-letterbox works with --engine local (the letterbox happens beside the model, on its GPU)")
     summary = run_embed(cfg)
     for line in summary.lines():
         print(line)
@@ -521,6 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "than the default). Meant for data-centre GPUs (fast float64). A file that crashes the GPU "
                    "decoder ends the run (the reader workers would record it and go on); rerun, and the files that were being "
                    "decoded are read by the workers. Not with --fast-jpeg or --engine ray")
+    p.add_argument("--gpu-letterbox", action="store_true",
+                   help="letterbox and transform grayscale images on the model's GPU instead of in the reader workers, which then "
+                   "only decode and convert: on a GPU node the workers are the limit, and the Lanczos resize of a full-size film "
+                   "costs them about as much as decoding it. Exact: the resize repeats Pillow's arithmetic to the bit, so the "
+                   "canvases are the default path's and rows keep their usual conversion. Any format (DICOM, PNG, JPEG); colour "
+                   "images are letterboxed by the workers as usual. Works beside --gpu-jpeg and --fast-jpeg; not with --engine ray")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="'local': decode worker processes + models on this machine (default); 'ray': the same stages on Ray Data "
                    "(decode tasks on the cluster's CPUs, one model actor per GPU), needs pip install 'curator-cxr[ray]'")

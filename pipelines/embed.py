@@ -223,6 +223,8 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
         raise ValueError(f"unknown engine {cfg.engine!r}; expected 'local' or 'ray'")
     if cfg.read_options.jpeg_on_device and (cfg.engine != "local" or cfg.read_options.jpeg_draft_min_side is not None):
         raise ValueError("decoding JPEGs on the device (--gpu-jpeg) works with --engine local and without --fast-jpeg")
+    if cfg.read_options.letterbox_on_device and cfg.engine != "local":
+        raise ValueError("letterboxing on the device (--gpu-letterbox) works with --engine local")
     devices = [torch.device("cpu")] if cfg.engine == "ray" else resolve_devices(cfg.device)
     if checkpoints is not None:
         if not checkpoints:
@@ -234,6 +236,9 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
     if cfg.read_options.jpeg_on_device and (checkpoints[0].device if checkpoints else devices[0]).type != "cuda":
         log.warning("--gpu-jpeg on the CPU: grayscale JPEGs are decoded in the main process, beside the model, not by the reader "
                     "workers; it is meant for a GPU (on the CPU, --fast-jpeg is the fast path)")
+    if cfg.read_options.letterbox_on_device and (checkpoints[0].device if checkpoints else devices[0]).type != "cuda":
+        log.warning("--gpu-letterbox on the CPU: images are letterboxed in the main process, beside the model, not by the reader "
+                    "workers; it is meant for a GPU")
     summary = EmbedSummary(run_id=run_id, device="ray cluster" if cfg.engine == "ray" else ", ".join(str(d) for d in devices))
     ws = Workspace(cfg.workspace)
     for root in cfg.archives:  # fail before any work (and before a workspace appears) on a mistyped folder
@@ -388,10 +393,12 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                 [{"sha256": c.sha256, "path": c.path} for c in refs],
                 [p.id for p in prompt_sets], counts,
                 {"total_s": summary.seconds, **({"model_s": timing["model_s"], "wait_s": timing.get("wait_s", 0.0),
-                                                 "device_jpeg_s": timing.get("device_jpeg_s", 0.0)} if cfg.engine == "local" else {"model_s": None})},
+                                                 "device_jpeg_s": timing.get("device_jpeg_s", 0.0),
+                                                 "device_letterbox_s": timing.get("device_letterbox_s", 0.0)}
+                                                if cfg.engine == "local" else {"model_s": None})},
                 {"archives": cfg.archives, "device": summary.device, "batch_size": cfg.batch_size, "engine": cfg.engine,
                  "dicom_conversion": cfg.read_options.dicom_conversion, "fast_jpeg": cfg.read_options.jpeg_draft_min_side is not None,
-                 "gpu_jpeg": cfg.read_options.jpeg_on_device,
+                 "gpu_jpeg": cfg.read_options.jpeg_on_device, "gpu_letterbox": cfg.read_options.letterbox_on_device,
                  "modalities": sorted(cfg.read_options.modalities) if cfg.read_options.modalities else None},
             )
             ws.commit(add=[ws.write_part("runs", record)])
@@ -417,6 +424,10 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
             break
         faults.reached("batch")
         mapped = None
+        if batch["images"]:  # letterboxed here; their rows already follow the tensors' (_batch)
+            t0 = time.perf_counter()
+            batch = {**batch, "tensors": letterbox_on_device(batch, cfg, device)}
+            timing["device_letterbox_s"] = timing.get("device_letterbox_s", 0.0) + time.perf_counter() - t0
         tensors, rows, errors = batch["tensors"], batch["rows"], batch["errors"]
         if batch["jpegs"]:
             t0 = time.perf_counter()
@@ -430,6 +441,16 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
             timing["model_s"] += time.perf_counter() - t0
             faults.reached("mapped")
         yield rows, mapped, errors
+
+
+def letterbox_on_device(batch: dict, cfg: EmbedConfig, device: torch.device) -> torch.Tensor:
+    """The batch's model inputs on ``device``: its preprocessed tensors, then its grayscale images
+    letterboxed and transformed there (on a CUDA device; on the CPU in this process otherwise),
+    with Pillow's arithmetic to the bit (curator.device_jpeg), in the order of its rows."""
+    where = device if device.type == "cuda" else torch.device("cpu")
+    images = [im.to(where, non_blocking=True) for im in batch["images"]]  # (pinned by the loader on a GPU)
+    x = device_jpeg.model_inputs(images, cfg.preprocess).to(device)
+    return torch.cat([batch["tensors"].to(device), x]) if batch["tensors"] is not None else x
 
 
 def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict | None = None) -> tuple[torch.Tensor | None, list[dict], list[dict]]:
@@ -478,7 +499,7 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict 
         counts["device_rejected"] = counts.get("device_rejected", 0) + len(rejected)
     if rejected:
         log.info("%d JPEG(s) of this batch not decoded on %s, read the exact way (first: %s)", len(rejected), where, jpeg_rows[rejected[0]]["path"])
-    exact = replace(cfg.read_options, jpeg_on_device=False)
+    exact = replace(cfg.read_options, jpeg_on_device=False, letterbox_on_device=False)
     for i in rejected:
         r = jpeg_rows[i]
         item = read_item(FileEntry(r["path"], r["size"], r["mtime_ns"]), exact, cfg.preprocess)
@@ -557,7 +578,7 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, gpu: bool = False):
     restore = _no_async_worker_errors() if workers else None
     try:
         remaining = list(todo)
-        tensors, rows, jpeg_rows, jpegs, errors = [], [], [], [], []
+        tensors, rows, image_rows, images, jpeg_rows, jpegs, errors = [], [], [], [], [], [], []
         while remaining:
             loader = DataLoader(
                 FileDataset(remaining, cfg.read_options, cfg.preprocess, inflight),
@@ -586,15 +607,20 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, gpu: bool = False):
                 done += len(part["rows"]) + len(part["errors"])
                 if part["tensors"] is not None:
                     tensors.append(part["tensors"])
-                decoded = len(part["rows"]) - len(part["jpeg_sizes"])  # rows of tensors first, then of the JPEG bytes (collate)
+                # rows of tensors first, then of the images before their letterbox, then of the JPEG bytes (collate)
+                decoded = 0 if part["tensors"] is None else len(part["tensors"])
+                shapes = part["image_shapes"]
                 rows += part["rows"][:decoded]
-                jpeg_rows += part["rows"][decoded:]
+                image_rows += part["rows"][decoded : decoded + len(shapes)]
+                jpeg_rows += part["rows"][decoded + len(shapes) :]
+                if part["image_pixels"] is not None:  # views, one per image
+                    images += [v.view(h, w) for v, (h, w) in zip(torch.split(part["image_pixels"], [h * w for h, w in shapes]), shapes)]
                 if part["jpeg_bytes"] is not None:
                     jpegs += torch.split(part["jpeg_bytes"], part["jpeg_sizes"])  # views, one per file
                 errors += part["errors"]
-                if len(rows) + len(jpegs) >= cfg.batch_size:
-                    yield _batch(tensors, rows, jpeg_rows, jpegs, errors)
-                    tensors, rows, jpeg_rows, jpegs, errors = [], [], [], [], []
+                if len(rows) + len(images) + len(jpegs) >= cfg.batch_size:
+                    yield _batch(tensors, rows, image_rows, images, jpeg_rows, jpegs, errors)
+                    tensors, rows, image_rows, images, jpeg_rows, jpegs, errors = [], [], [], [], [], [], []
             del it, loader  # shuts the workers down
             if not crashed:
                 break
@@ -605,8 +631,8 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, gpu: bool = False):
                                           "(touch it to try again)", "WorkerDied")["error"])
             lost = {e.path for e, _ in crashed}
             remaining = [e for e in remaining[done:] if e.path not in lost]
-        if rows or jpegs or errors:
-            yield _batch(tensors, rows, jpeg_rows, jpegs, errors)
+        if rows or images or jpegs or errors:
+            yield _batch(tensors, rows, image_rows, images, jpeg_rows, jpegs, errors)
     finally:
         if inflight:
             shutil.rmtree(inflight, ignore_errors=True)
@@ -614,10 +640,14 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, gpu: bool = False):
             restore()
 
 
-def _batch(tensors: list[torch.Tensor], rows: list[dict], jpeg_rows: list[dict], jpegs: list[torch.Tensor], errors: list[dict]) -> dict:
-    """A model batch: ``rows`` are those of ``tensors`` (decoded by the readers), then those of
-    ``jpegs`` (grayscale JPEG bytes left for the device, ``ReadOptions.jpeg_on_device``)."""
-    return {"tensors": torch.cat(tensors) if tensors else None, "rows": rows + jpeg_rows, "jpegs": jpegs, "errors": errors}
+def _batch(tensors: list[torch.Tensor], rows: list[dict], image_rows: list[dict], images: list[torch.Tensor], jpeg_rows: list[dict],
+           jpegs: list[torch.Tensor], errors: list[dict]) -> dict:
+    """A model batch: ``rows`` are those of ``tensors`` (decoded and preprocessed by the readers),
+    then those of ``images`` (grayscale 8-bit images to letterbox on the device,
+    ``ReadOptions.letterbox_on_device``), then those of ``jpegs`` (grayscale JPEG bytes left for
+    the device, ``ReadOptions.jpeg_on_device``)."""
+    return {"tensors": torch.cat(tensors) if tensors else None, "rows": rows + image_rows + jpeg_rows, "images": images, "jpegs": jpegs,
+            "errors": errors}
 
 
 def _no_async_worker_errors():

@@ -44,7 +44,10 @@ def read_item(entry: FileEntry, options: ReadOptions, cfg: preprocess.Preprocess
             if options.jpeg_on_device and entry.path not in options.device_skip and (size := device_jpeg.deferrable(data)) is not None:
                 return _deferred_item(entry, data, content_hash, *size, t0)
             result = read_image(entry.path, options, data=data)
-            tensor = preprocess.model_input(result.image, cfg)
+            if options.letterbox_on_device and result.image.mode == "L" and device_jpeg.letterbox_fits(*result.image.size):
+                tensor = None  # letterboxed beside the model (collate joins the pixels)
+            else:
+                tensor = preprocess.model_input(result.image, cfg)
         w, h = result.image.size
         if "+dct/" in result.conversion or "+j2k/" in result.conversion:  # decoded reduced: record the file's own size
             w, h = result.meta["columns"], result.meta["rows"]
@@ -59,6 +62,8 @@ def read_item(entry: FileEntry, options: ReadOptions, cfg: preprocess.Preprocess
             "height": h,
             **{k: result.meta.get(k) for k in DICOM_COLUMNS},
         }
+        if tensor is None:
+            return {"ok": True, "image": np.asarray(result.image), "row": row, "seconds": time.perf_counter() - t0}
         return {"ok": True, "tensor": tensor, "row": row, "seconds": time.perf_counter() - t0}
     except ReadError as exc:
         return _error_item(entry, exc.stage, exc.kind, str(exc), "ReadError")
@@ -101,16 +106,20 @@ def _error_item(entry: FileEntry, stage: str, kind: str, message: str, exception
 def collate(items: list[dict]) -> dict:
     """Batch reader items: stack the good tensors, keep rows and errors as lists.
 
-    Items handed over undecoded (``jpeg_on_device``) come after the decoded ones: ``rows`` holds
-    the rows of ``tensors`` first, then those of the files in ``jpeg_bytes``, whose contents are
-    joined in one uint8 tensor (one shared-memory transfer from a worker, not one per file) and
-    split by ``jpeg_sizes``.
+    ``rows`` holds the rows of ``tensors`` first; then those of the grayscale images handed over
+    before their letterbox (``letterbox_on_device``), whose pixels are joined in ``image_pixels``
+    and cut by ``image_shapes``; then those of the files handed over undecoded
+    (``jpeg_on_device``), whose contents are joined in ``jpeg_bytes`` and cut by ``jpeg_sizes``
+    (one shared-memory transfer from a worker each, not one per file).
     """
     good = [it for it in items if it["ok"] and "tensor" in it]
+    images = [it for it in items if it["ok"] and "image" in it]
     deferred = [it for it in items if it["ok"] and "jpeg" in it]
     return {
         "tensors": torch.stack([it["tensor"] for it in good]) if good else None,
-        "rows": [it["row"] for it in good] + [it["row"] for it in deferred],
+        "rows": [it["row"] for it in good] + [it["row"] for it in images] + [it["row"] for it in deferred],
+        "image_pixels": torch.from_numpy(np.concatenate([it["image"].ravel() for it in images])) if images else None,
+        "image_shapes": [it["image"].shape for it in images],
         "jpeg_bytes": torch.from_numpy(np.concatenate([it["jpeg"] for it in deferred])) if deferred else None,
         "jpeg_sizes": [len(it["jpeg"]) for it in deferred],
         "errors": [it["error"] for it in items if not it["ok"]],

@@ -7,6 +7,7 @@ decoder, the float64 resize on the CPU) and check it against Pillow, which the e
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -213,6 +214,77 @@ def test_embed_on_device_equals_the_exact_path(tmp_path, tiny_checkpoints, worke
     assert w_d.manifest["reading"].get("jpeg_on_device") is True and "jpeg_on_device" not in w_e.manifest["reading"]
 
 
+def _mixed_archive(folder):
+    """Every kind of input the letterbox on the device takes or leaves to the workers."""
+    from tests.dicom_factory import write_dicom
+
+    _archive(folder)
+    Image.fromarray(_film(1800, 300, 20)).save(folder / "tall.png")  # about 6:1: the pass order matters
+    Image.fromarray((_film(900, 700, 21).astype(np.uint16) * 257)).save(folder / "sixteen.png")  # 16-bit PNG -> 8 bits
+    Image.fromarray(_film(7, 3000, 22)).save(folder / "sliver.png")  # a 0-pixel side on the canvas: the same error either way
+    write_dicom(folder / "film.dcm", (_film(1100, 900, 23).astype(np.uint16) * 16), bits_stored=12)
+    write_dicom(folder / "mono1.dcm", (_film(800, 1000, 24).astype(np.uint16) * 16), bits_stored=12, photometric="MONOCHROME1")
+
+
+@pytest.mark.parametrize("workers,gpu_jpeg", [(0, False), (2, False), (2, True)])
+def test_letterbox_on_device_equals_the_exact_path(tmp_path, tiny_checkpoints, workers, gpu_jpeg):
+    arc = tmp_path / "arc"
+    _mixed_archive(arc)
+    common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, workers=workers, threads=1,
+                  batch_size=4)
+    exact = run_embed(EmbedConfig(workspace=str(tmp_path / "exact"), **common))
+    dev = run_embed(EmbedConfig(workspace=str(tmp_path / "dev"), read_options=ReadOptions(letterbox_on_device=True, jpeg_on_device=gpu_jpeg),
+                                **common))
+    assert dev.processed == exact.processed == 10 and dev.failed == exact.failed
+    w_e, cat_e, emb_e, err_e = _tables(tmp_path / "exact")
+    w_d, cat_d, emb_d, err_d = _tables(tmp_path / "dev")
+    assert cat_d.keys() == cat_e.keys() and err_d == err_e and str(arc / "sliver.png") in err_d
+    for p, row in cat_d.items():  # the same rows, conversion included (the same canvas: exact), but the JPEGs --gpu-jpeg took
+        for k in row.keys() - {"image_id", "run_id", "added_at"} - ({"conversion"} if gpu_jpeg else set()):
+            assert row[k] == cat_e[p][k], (p, k)
+        np.testing.assert_array_equal(emb_d[p], emb_e[p])  # the same canvas, the same model: the same numbers
+    p_e, p_d = _probabilities(w_e, cat_e), _probabilities(w_d, cat_d)
+    assert p_d.keys() == p_e.keys() and all(p_d[k] == p_e[k] for k in p_e)
+    assert "letterbox_on_device" not in w_d.manifest["reading"]  # not a way of reading: unchanged files stay unchanged
+    runs = w_d.read_table("runs").to_pylist()
+    assert json.loads(runs[-1]["options"])["gpu_letterbox"] is True and json.loads(runs[-1]["timings"])["device_letterbox_s"] > 0
+
+
+def test_letterbox_on_device_keeps_the_rows_in_order(tmp_path):
+    """One batch holding all three kinds (tensors from the workers, images to letterbox, JPEG bytes):
+    each row goes with its own image."""
+    from curator.discover import FileEntry
+    from curator.pipelines.embed import batches, letterbox_on_device, on_device
+    from curator.preprocess import DEFAULT_CFG
+    from curator.readers import read_image
+
+    arc = tmp_path / "arc"
+    arc.mkdir()
+    films = {}
+    for i, (h, w) in enumerate([(600, 500), (500, 640), (700, 450), (480, 480), (900, 300), (350, 800)]):
+        films[i] = _film(h, w, seed=30 + i)
+        if i % 3 == 0:  # colour PNG: preprocessed by the workers
+            Image.fromarray(np.stack([films[i], 255 - films[i], films[i] // 2], axis=-1)).save(arc / f"f{i}.png")
+        elif i % 3 == 1:  # grey PNG: letterboxed beside the model
+            Image.fromarray(films[i]).save(arc / f"f{i}.png")
+        else:  # grey JPEG: decoded beside the model
+            (arc / f"f{i}.jpg").write_bytes(_jpeg(films[i], quality=95))
+    entries = [FileEntry(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(arc.iterdir())]
+    cfg = EmbedConfig(archives=[str(arc)], workspace=str(tmp_path / "ws"), checkpoints=[], workers=2, batch_size=6,
+                      read_options=ReadOptions(letterbox_on_device=True, jpeg_on_device=True))
+    (tmp_path / "ws").mkdir()  # (on_device notes the JPEGs in hand there)
+    (batch,) = list(batches(entries, cfg))
+    assert len(batch["images"]) == 2 and len(batch["jpegs"]) == 2 and batch["tensors"].shape[0] == 2
+    batch = {**batch, "tensors": letterbox_on_device(batch, cfg, torch.device("cpu"))}
+    tensors, rows, errors = on_device(batch, cfg, torch.device("cpu"))
+    assert not errors and len(rows) == tensors.shape[0] == 6
+    for row, x in zip(rows, tensors):
+        i = int(row["path"].rsplit("f", 1)[1].split(".")[0])
+        want = model_input(read_image(row["path"], ReadOptions()).image, DEFAULT_CFG)  # the exact path, file by file
+        assert torch.equal(x, want), row["path"]
+        assert (row["height"], row["width"]) == films[i].shape
+
+
 def test_cli_flag_and_its_conflicts(tmp_path, tiny_checkpoints, capsys, caplog):
     arc = tmp_path / "arc"
     arc.mkdir()
@@ -222,6 +294,8 @@ def test_cli_flag_and_its_conflicts(tmp_path, tiny_checkpoints, capsys, caplog):
     assert "--gpu-jpeg" in capsys.readouterr().err
     assert main([*base, "--gpu-jpeg", "--engine", "ray"]) == 2
     assert "--engine local" in capsys.readouterr().err
+    assert main([*base, "--gpu-letterbox", "--engine", "ray"]) == 2
+    assert "--gpu-letterbox works with --engine local" in capsys.readouterr().err
     assert not (tmp_path / "ws").exists()
     with caplog.at_level("WARNING"):
         assert main([*base, "--gpu-jpeg", "--workers", "0"]) == 0
