@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "cuda:1 = that GPU, cuda:0,cuda:2 = those GPUs, cpu (the default without a GPU); --batch-size is split "
                    "across the replicas")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per model batch (default 32)")
-    p.add_argument("--workers", type=_nonneg_int, default=None, help="decode worker processes (default: one per CPU core, at most 8 when the model runs on the CPU; 0 = decode in the main process)")
+    p.add_argument("--workers", type=_nonneg_int, default=None, help="decode worker processes (default: one per CPU core, at most 8 unless the model runs on a CUDA GPU; 0 = decode in the main process)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads in the main process (default: torch's)")
     p.add_argument("--dicom-conversion", choices=["mimic", "voi"], default="mimic",
                    help="DICOM to 8-bit: 'mimic' = MIMIC-CXR-JPG recipe, what CheXzero was trained on (default); 'voi' = VOI LUT / window")
@@ -528,8 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="letterbox and transform grayscale images on the model's GPU instead of in the reader workers, which then "
                    "only decode and convert: on a GPU node the workers are the limit, and the Lanczos resize of a full-size film "
                    "costs them about as much as decoding it. Exact: the resize repeats Pillow's arithmetic to the bit, so the "
-                   "canvases are the default path's and rows keep their usual conversion. Any format (DICOM, PNG, JPEG); colour "
-                   "images are letterboxed by the workers as usual. Works beside --gpu-jpeg and --fast-jpeg; not with --engine ray")
+                   "canvases are the default path's and rows keep their usual conversion (on a GPU the normalisation and the 224 "
+                   "resize then run there too, equal within float rounding). Any format (DICOM, PNG, JPEG); colour images are "
+                   "letterboxed by the workers as usual. The workers hand full-size images over through shared memory (/dev/shm: "
+                   "5-10 MB per film in flight; a container needs room there) and a model batch of them is held in pinned memory. "
+                   "Works beside --gpu-jpeg and --fast-jpeg; not with --engine ray")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="'local': decode worker processes + models on this machine (default); 'ray': the same stages on Ray Data "
                    "(decode tasks on the cluster's CPUs, one model actor per GPU), needs pip install 'curator-cxr[ray]'")

@@ -65,6 +65,7 @@ class ReadOptions:
     # Opt-in: the reader workers decode (and convert) as usual but hand grayscale images over
     # before the letterbox, which runs on the model's device with Pillow's arithmetic to the bit
     # (curator.device_jpeg.letterbox_all; `curator embed --gpu-letterbox`). Local engine only.
+    # decode_timeout_s then covers reading and decoding, not the letterbox.
     letterbox_on_device: bool = False
 
 

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from curator import device_jpeg, faults, query_cache
 from curator.discover import FileEntry, WalkReport, walk
 from curator.model import Checkpoint, load_checkpoints, resolve_devices
-from curator.preprocess import DEFAULT_CFG, PreprocessCfg
+from curator.preprocess import DEFAULT_CFG, PreprocessCfg, model_input
 from curator.prompts import PromptSet, default_prompt_set
 from curator.readers import RASTER_CONVERSION, ReadOptions
 from curator.workspace import Workspace, WorkspaceError
@@ -446,11 +447,24 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
 def letterbox_on_device(batch: dict, cfg: EmbedConfig, device: torch.device) -> torch.Tensor:
     """The batch's model inputs on ``device``: its preprocessed tensors, then its grayscale images
     letterboxed and transformed there (on a CUDA device; on the CPU in this process otherwise),
-    with Pillow's arithmetic to the bit (curator.device_jpeg), in the order of its rows."""
+    with Pillow's arithmetic to the bit (curator.device_jpeg), in the order of its rows.
+
+    The images go in groups of at most ``DEVICE_GROUP_PIXELS`` pixels; a group that runs the GPU
+    out of memory is letterboxed by Pillow here instead, as the reader workers would have.
+    """
     where = device if device.type == "cuda" else torch.device("cpu")
-    images = [im.to(where, non_blocking=True) for im in batch["images"]]  # (pinned by the loader on a GPU)
-    x = device_jpeg.model_inputs(images, cfg.preprocess).to(device)
-    return torch.cat([batch["tensors"].to(device), x]) if batch["tensors"] is not None else x
+    images = batch["images"]
+    parts = [batch["tensors"].to(device)] if batch["tensors"] is not None else []
+    for group in _pixel_groups([{"width": im.shape[1], "height": im.shape[0]} for im in images], DEVICE_GROUP_PIXELS):
+        try:
+            on = [images[i].to(where, non_blocking=True) for i in group]  # (pinned by the loader on a GPU)
+            parts.append(device_jpeg.model_inputs(on, cfg.preprocess).to(device))
+        except torch.cuda.OutOfMemoryError:
+            on = None
+            torch.cuda.empty_cache()
+            log.warning("out of GPU memory letterboxing %d images on %s; Pillow letterboxes them here (lower --batch-size)", len(group), where)
+            parts.append(torch.stack([model_input(Image.fromarray(images[i].numpy()), cfg.preprocess) for i in group]).to(device))
+    return torch.cat(parts)
 
 
 def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict | None = None) -> tuple[torch.Tensor | None, list[dict], list[dict]]:

@@ -44,7 +44,7 @@ def read_item(entry: FileEntry, options: ReadOptions, cfg: preprocess.Preprocess
             if options.jpeg_on_device and entry.path not in options.device_skip and (size := device_jpeg.deferrable(data)) is not None:
                 return _deferred_item(entry, data, content_hash, *size, t0)
             result = read_image(entry.path, options, data=data)
-            if options.letterbox_on_device and result.image.mode == "L" and device_jpeg.letterbox_fits(*result.image.size):
+            if options.letterbox_on_device and result.image.mode == "L" and device_jpeg.letterbox_fits(*result.image.size, cfg.canvas_size):
                 tensor = None  # letterboxed beside the model (collate joins the pixels)
             else:
                 tensor = preprocess.model_input(result.image, cfg)

@@ -285,6 +285,47 @@ def test_letterbox_on_device_keeps_the_rows_in_order(tmp_path):
         assert (row["height"], row["width"]) == films[i].shape
 
 
+def test_letterbox_on_device_groups_and_out_of_memory(monkeypatch):
+    """Images go in groups of bounded pixels; a group that runs out of GPU memory is letterboxed by
+    Pillow instead, with the same result, in the same place."""
+    from curator.pipelines import embed
+    from curator.preprocess import DEFAULT_CFG
+
+    arrs = [_film(h, w, seed=40 + i) for i, (h, w) in enumerate([(600, 500), (500, 640), (700, 450), (480, 480), (900, 300)])]
+    monkeypatch.setattr(embed, "DEVICE_GROUP_PIXELS", 700 * 500)  # about two films a group
+    calls, real = [], device_jpeg.model_inputs
+
+    def model_inputs(images, cfg):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(images, cfg)
+
+    monkeypatch.setattr(device_jpeg, "model_inputs", model_inputs)
+    head = torch.stack([model_input(Image.fromarray(_film(320, 320, 49)))])
+    batch = {"tensors": head, "images": [torch.from_numpy(a) for a in arrs]}
+    cfg = EmbedConfig(archives=[], workspace="", checkpoints=[])
+    got = embed.letterbox_on_device(batch, cfg, torch.device("cpu"))
+    assert len(calls) >= 3  # several groups, the second one failed
+    want = torch.cat([head, torch.stack([model_input(Image.fromarray(a), DEFAULT_CFG) for a in arrs])])
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_letterbox_on_device_checks_the_configured_canvas(tmp_path):
+    """A film whose short side vanishes on a smaller canvas gets the default path's error row."""
+    from curator.discover import FileEntry
+    from curator.pipelines.stages import read_item
+    from curator.preprocess import PreprocessCfg
+
+    p = tmp_path / "sliver.png"
+    Image.fromarray(_film(40, 3000, 50)).save(p)  # 3000 x 40: fits a 320 canvas (4 px), not a 64 one
+    entry = FileEntry(str(p), p.stat().st_size, p.stat().st_mtime_ns)
+    small = PreprocessCfg(canvas_size=64)
+    default, option = read_item(entry, ReadOptions(), small), read_item(entry, ReadOptions(letterbox_on_device=True), small)
+    assert not default["ok"] and not option["ok"] and option["error"] == default["error"]
+    assert "image" in read_item(entry, ReadOptions(letterbox_on_device=True))  # on the 320 canvas it goes to the device
+
+
 def test_cli_flag_and_its_conflicts(tmp_path, tiny_checkpoints, capsys, caplog):
     arc = tmp_path / "arc"
     arc.mkdir()
