@@ -52,7 +52,7 @@ def links(src: list[Path], out: Path, total: int) -> list[Path]:
     out.mkdir()
     paths = []
     for i in range(total):
-        dst = out / f"f{i:06d}.jpg"
+        dst = out / f"f{i:06d}{src[i % len(src)].suffix}"
         try:
             os.link(src[i % len(src)], dst)
         except OSError:

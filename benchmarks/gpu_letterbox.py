@@ -3,7 +3,8 @@
 On a GPU node the reader workers are the limit, and a full-size film's Lanczos letterbox costs
 them about as much as decoding it. With the option they only decode and convert; the letterbox
 runs on the model's device with Pillow's arithmetic to the bit (curator.device_jpeg). For
-synthetic 2000x2500 films of each --format, in one process, medians of --repeats:
+synthetic 2000x2500 films of each --format (--films distinct ones, hard-linked up to --images
+files), in one process, medians of --repeats:
   reader stage       images/s out of --workers processes, default vs with the option (the
                      workers' share of the work; this is what a GPU node's cores limit);
   device letterbox   images/s of device_jpeg.model_inputs on decoded films on --device
@@ -13,8 +14,8 @@ synthetic 2000x2500 films of each --format, in one process, medians of --repeats
   max |p_option - p_default| on the films with --checkpoint (default: the demo model): the
                      canvases are the same, so 0 on a CPU; on a GPU the model's fp16 batches move it.
 
-    python benchmarks/gpu_letterbox.py --device cuda --images 1024 --workers 16 --batch-size 256
-    python benchmarks/gpu_letterbox.py --device cpu --images 32 --workers 2 --batch-size 16
+    python benchmarks/gpu_letterbox.py --device cuda --images 1024 --films 32 --workers 16 --batch-size 256
+    python benchmarks/gpu_letterbox.py --device cpu --images 64 --films 64 --workers 2 --batch-size 16
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from embed_throughput import make_archive, vit_b32_checkpoint  # noqa: E402  (sibling benchmark scripts)
+from gpu_jpeg import links  # noqa: E402
 from ray_overhead import probabilities  # noqa: E402
 
 
@@ -100,6 +102,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: number of cores)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--films", type=int, default=32, help="distinct films written per format; the archive hard-links them up to --images")
     ap.add_argument("--distinct", type=int, default=8, help="films for the probability deviation")
     ap.add_argument("--checkpoint", default="demo", help="for the probability deviation (default: the bundled demo model)")
     ap.add_argument("--json", action="store_true")
@@ -119,7 +122,8 @@ def main() -> int:
         demo = resolve_checkpoint_arg(args.checkpoint)
         for fmt in args.format or ["jpeg", "dicom"]:
             folder = tmp / fmt
-            make_archive(folder, args.images, fmt, args.width, args.height)
+            src = make_archive(tmp / f"{fmt}-src", min(args.films, args.images), fmt, args.width, args.height)
+            links(src, folder, args.images)
             few = tmp / f"{fmt}-few"
             make_archive(few, args.distinct, fmt, args.width, args.height, seed=1)
             r: dict = {}
