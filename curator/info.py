@@ -20,7 +20,7 @@ def workspace_info(root: str) -> dict:
         by_conversion = dict(con.execute("SELECT conversion, count(*) FROM catalog GROUP BY ALL ORDER BY 1").fetchall())
         errors = con.execute("SELECT stage, kind, count(*) FROM errors GROUP BY ALL ORDER BY 3 DESC, 1, 2").fetchall()
         runs = con.execute(
-            "SELECT run_id, command, status, started, finished, counts FROM runs ORDER BY started DESC LIMIT 10"
+            "SELECT run_id, command, status, started, finished, counts, timings FROM runs ORDER BY started DESC LIMIT 10"
         ).fetchall()
     finally:
         con.close()
@@ -48,7 +48,8 @@ def workspace_info(root: str) -> dict:
         ],
         "errors": [{"stage": s, "kind": k, "count": n} for s, k, n in errors],
         "runs": [
-            {"run_id": r[0], "command": r[1], "status": r[2], "started": r[3], "finished": r[4], "counts": json.loads(r[5] or "{}")}
+            {"run_id": r[0], "command": r[1], "status": r[2], "started": r[3], "finished": r[4], "counts": json.loads(r[5] or "{}"),
+             "timings": json.loads(r[6] or "{}")}
             for r in runs
         ],
         "index": None if idx is None else {**idx.__dict__, "stale": idx_stale is not None, "stale_reason": idx_stale},
@@ -85,4 +86,11 @@ def format_info(info: dict) -> str:
         c = r["counts"]
         brief = ", ".join(f"{k} {v}" for k, v in c.items() if isinstance(v, int))
         lines.append(f"  {r['run_id']} {r['command']} {r['status']}: {brief}")
+        t = r.get("timings") or {}
+        if t.get("total_s") is not None and t.get("model_s") is not None and "wait_s" in t:
+            # where an embed run's time went: what limits it (the readers: --workers; the device stages; the model)
+            stages = [(name, t.get(key) or 0.0) for name, key in (("waiting for the readers", "wait_s"), ("model", "model_s"),
+                                                                  ("--gpu-jpeg decode", "device_jpeg_s"),
+                                                                  ("--gpu-letterbox", "device_letterbox_s"))]
+            lines.append(f"    {t['total_s']:.1f} s: " + ", ".join(f"{name} {v:.1f} s" for name, v in stages if v >= 0.05 or name == "model"))
     return "\n".join(lines)

@@ -321,6 +321,10 @@ def test_info_reports_counts(built):
     assert info["images"] == 12 and len(info["checkpoints"]) == 2
     assert info["prompt_sets"][0]["columns"][0] == "atelectasis"
     assert info["runs"][0]["counts"]["processed"] == 12
+    t = info["runs"][0]["timings"]  # where the embed run's time went, and that the parts fit in the whole
+    assert t["model_s"] > 0 and t["wait_s"] >= 0 and t["model_s"] + t["wait_s"] <= t["total_s"]
+    text = _cli("info", "--workspace", ws).stdout
+    assert f"{t['total_s']:.1f} s: " in text and "model" in text
 
 
 def test_decoding_in_worker_processes_gives_the_same_rows(tmp_path, tiny_checkpoints):
