@@ -96,11 +96,32 @@ def read_options(fast_jpeg: bool):
     return ReadOptions(jpeg_draft_min_side=C.CANVAS_SIZE if fast_jpeg else None)
 
 
+def run_timings(ws: Path | str) -> dict:
+    """Where the workspace's latest run spent its seconds (its run record): total, waiting for the
+    readers, the device stages, the model."""
+    from curator.workspace import Workspace
+
+    timings = json.loads(Workspace(ws).read_table("runs").to_pylist()[-1]["timings"])
+    return {k: round(v, 3) for k, v in timings.items() if v is not None}
+
+
+def timed_embed(archive: Path, ws: Path, ck: str, device: str, workers: int, batch: int, threads: int, read_options,
+                breakdown: list | None = None):
+    """One `curator embed` run into a fresh workspace; its summary (``breakdown`` gets its stage times)."""
+    from curator.pipelines.embed import EmbedConfig, run_embed
+
+    s = run_embed(EmbedConfig(archives=[str(archive)], workspace=str(ws), checkpoints=[ck], device=device, progress=False, workers=workers,
+                              batch_size=batch, threads=threads, read_options=read_options))
+    assert s.processed and not s.failed, s.lines()
+    if breakdown is not None:
+        breakdown.append(run_timings(ws))
+    return s
+
+
 def bench_curator(archive: Path, ck: Path, workers: int, batch: int, threads: int, device: str = "cpu", fast_jpeg: bool = False,
                   breakdown: list | None = None) -> float:
     from curator.model import load_checkpoints
     from curator.pipelines.embed import EmbedConfig, run_embed
-    from curator.workspace import Workspace
 
     cks = load_checkpoints([ck], device)
     with tempfile.TemporaryDirectory() as ws:
@@ -108,9 +129,8 @@ def bench_curator(archive: Path, ck: Path, workers: int, batch: int, threads: in
         s = run_embed(EmbedConfig(archives=[str(archive)], workspace=ws, checkpoints=[str(ck)], device=device, workers=workers, batch_size=batch,
                                   threads=threads, progress=False, read_options=read_options(fast_jpeg)), checkpoints=cks)
         dt = time.perf_counter() - t0
-        if breakdown is not None:  # the run record's stage times: waiting for the readers, model, total
-            timings = json.loads(Workspace(ws).read_table("runs").to_pylist()[-1]["timings"])
-            breakdown.append({k: round(v, 3) for k, v in timings.items() if v is not None})
+        if breakdown is not None:
+            breakdown.append(run_timings(ws))
     assert s.processed and not s.failed, s.lines()
     return s.processed / dt
 

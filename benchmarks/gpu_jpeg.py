@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from embed_throughput import bench_decode_only, make_archive, vit_b32_checkpoint  # noqa: E402  (sibling benchmark scripts)
+from embed_throughput import bench_decode_only, make_archive, timed_embed, vit_b32_checkpoint  # noqa: E402  (sibling benchmark scripts)
 from ray_overhead import probabilities  # noqa: E402
 
 
@@ -102,19 +102,11 @@ def canvas_deviation(paths: list[Path], device: torch.device) -> tuple[float, in
 
 def embed(archive: Path, ws: Path, ck: str, device: str, workers: int, batch: int, threads: int, on_device: bool,
           breakdown: list | None = None) -> float:
-    from curator.pipelines.embed import EmbedConfig, run_embed
     from curator.readers import ReadOptions
 
-    s = run_embed(EmbedConfig(archives=[str(archive)], workspace=str(ws), checkpoints=[ck], device=device, progress=False, workers=workers,
-                              batch_size=batch, threads=threads, read_options=ReadOptions(jpeg_on_device=on_device)))
-    assert s.processed and not s.failed, s.lines()
+    s = timed_embed(archive, ws, ck, device, workers, batch, threads, ReadOptions(jpeg_on_device=on_device), breakdown)
     if on_device:  # all of them on the device, or the rate is not the device path's (e.g. no nvJPEG in this torchvision)
         assert s.device_decoded == s.processed and not s.device_rejected, s.lines()
-    if breakdown is not None:  # where the run's seconds went (its run record): waiting for the readers, device decode, model
-        from curator.workspace import Workspace
-
-        timings = json.loads(Workspace(ws).read_table("runs").to_pylist()[-1]["timings"])
-        breakdown.append({k: round(v, 3) for k, v in timings.items() if v is not None})
     return s.processed / s.seconds
 
 

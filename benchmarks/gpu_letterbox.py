@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from embed_throughput import make_archive, vit_b32_checkpoint  # noqa: E402  (sibling benchmark scripts)
+from embed_throughput import make_archive, timed_embed, vit_b32_checkpoint  # noqa: E402  (sibling benchmark scripts)
 from gpu_jpeg import links  # noqa: E402
 from ray_overhead import probabilities  # noqa: E402
 
@@ -78,16 +78,9 @@ def device_letterbox_rate(folder: Path, device: torch.device, batch: int) -> flo
 
 def embed(archive: Path, ws: Path, ck: str, device: str, workers: int, batch: int, threads: int, on_device: bool,
           breakdown: list | None = None) -> float:
-    from curator.pipelines.embed import EmbedConfig, run_embed
     from curator.readers import ReadOptions
-    from curator.workspace import Workspace
 
-    s = run_embed(EmbedConfig(archives=[str(archive)], workspace=str(ws), checkpoints=[ck], device=device, progress=False, workers=workers,
-                              batch_size=batch, threads=threads, read_options=ReadOptions(letterbox_on_device=on_device)))
-    assert s.processed and not s.failed, s.lines()
-    if breakdown is not None:
-        timings = json.loads(Workspace(ws).read_table("runs").to_pylist()[-1]["timings"])
-        breakdown.append({k: round(v, 3) for k, v in timings.items() if v is not None})
+    s = timed_embed(archive, ws, ck, device, workers, batch, threads, ReadOptions(letterbox_on_device=on_device), breakdown)
     return s.processed / s.seconds
 
 

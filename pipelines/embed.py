@@ -293,7 +293,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
         writer = WorkspaceWriter(ws, run_id, prompt_sets, [c.sha256 for c in refs], flush_rows=cfg.flush_rows)
         report = WalkReport()
         status = "completed"
-        timing = {"model_s": 0.0}
+        timing = dict.fromkeys(STAGE_TIMES, 0.0)  # the local engine's seconds per stage (and --gpu-jpeg's counts)
         state: dict = {}  # engine state kept across chunks (the local engine's mapper)
         try:
             # Discover and embed chunk by chunk, so memory does not grow with the archive.
@@ -393,10 +393,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                 run_id, "embed", status, started,
                 [{"sha256": c.sha256, "path": c.path} for c in refs],
                 [p.id for p in prompt_sets], counts,
-                {"total_s": summary.seconds, **({"model_s": timing["model_s"], "wait_s": timing.get("wait_s", 0.0),
-                                                 "device_jpeg_s": timing.get("device_jpeg_s", 0.0),
-                                                 "device_letterbox_s": timing.get("device_letterbox_s", 0.0)}
-                                                if cfg.engine == "local" else {"model_s": None})},
+                {"total_s": summary.seconds, **({k: timing[k] for k in STAGE_TIMES} if cfg.engine == "local" else {"model_s": None})},
                 {"archives": cfg.archives, "device": summary.device, "batch_size": cfg.batch_size, "engine": cfg.engine,
                  "dicom_conversion": cfg.read_options.dicom_conversion, "fast_jpeg": cfg.read_options.jpeg_draft_min_side is not None,
                  "gpu_jpeg": cfg.read_options.jpeg_on_device, "gpu_letterbox": cfg.read_options.letterbox_on_device,
@@ -420,7 +417,7 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
     while True:
         t0 = time.perf_counter()
         batch = next(source, None)
-        timing["wait_s"] = timing.get("wait_s", 0.0) + time.perf_counter() - t0
+        timing["wait_s"] += time.perf_counter() - t0
         if batch is None:
             break
         faults.reached("batch")
@@ -428,12 +425,12 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
         if batch["images"]:  # letterboxed here; their rows already follow the tensors' (_batch)
             t0 = time.perf_counter()
             batch = {**batch, "tensors": letterbox_on_device(batch, cfg, device)}
-            timing["device_letterbox_s"] = timing.get("device_letterbox_s", 0.0) + time.perf_counter() - t0
+            timing["device_letterbox_s"] += time.perf_counter() - t0
         tensors, rows, errors = batch["tensors"], batch["rows"], batch["errors"]
         if batch["jpegs"]:
             t0 = time.perf_counter()
             tensors, rows, errors = on_device(batch, cfg, device, timing)
-            timing["device_jpeg_s"] = timing.get("device_jpeg_s", 0.0) + time.perf_counter() - t0
+            timing["device_jpeg_s"] += time.perf_counter() - t0
         if tensors is not None:
             t0 = time.perf_counter()
             if "mapper" not in state:
@@ -524,6 +521,10 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict 
             errors.append(item["error"])
     return (torch.cat(parts) if parts else None), rows, errors
 
+
+# A run record's stage times (local engine): the model, waiting for the reader workers, --gpu-jpeg's
+# decode + letterbox, --gpu-letterbox's letterbox (`curator info` shows them).
+STAGE_TIMES = ("model_s", "wait_s", "device_jpeg_s", "device_letterbox_s")
 
 IN_HAND_NOTE = "gpu-jpeg-in-hand.json"  # in the workspace: the paths being decoded on the device
 
