@@ -3,6 +3,10 @@
 # (15 minutes of device time per session, start included). Every part (PARTS below) takes ~9 minutes
 # with the limits set here; what 2026-12-04 measured already (benchmarks/README.md) can be left out,
 # e.g. PARTS="tests gpu_letterbox" (~4 minutes) for the first measurement of --gpu-letterbox.
+# Not yet measured on a GPU (2026-12-04, third session): the device stage beside the model and the
+# workers' share of --gpu-jpeg, and --gpu-letterbox. Two calls cover them:
+#   PARTS="tests gpu_jpeg" REPEATS=1 GJ="512 32 16 256 256 16384"   (~5 minutes)
+#   PARTS="gpu_letterbox" REPEATS=2                                  (~3 minutes)
 #
 # That machine has Python 3.12 with torch, torchvision, numpy, pandas, pyarrow, pillow and pytest,
 # but not curator's other dependencies, and it cannot download: they travel as wheels.
@@ -43,7 +47,7 @@ python3 -c "import open_clip, duckdb, pydicom, torchvision.io, curator.pipelines
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; nproc; python3 -c "import torch, torchvision, PIL; print(torch.__version__, torchvision.__version__, PIL.__version__)"; } | tee "$OUT/machine.txt"
 
 # 1. The tests that take the GPU path where one is present (device JPEG decode/resize, replicas, --device cuda).
-has tests && timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_device_jpeg.py tests/test_multi_device.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
+has tests && timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_device_jpeg.py tests/test_multi_device.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
 
 # 2. Where the device stage's time goes: nvJPEG decode vs the letterbox (film by film, stacked), by film size.
 if has profile; then
@@ -52,8 +56,9 @@ if has profile; then
   echo "gpu_decode_profile rc $?"; grep -E '"size"|_ips|_mps' -A0 "$OUT/gpu_decode_profile.json" | tr -d ' \n'; echo
 fi
 
-# 3. --gpu-jpeg against the exact path: throughput and deviation (issue 6, item 5).
-has gpu_jpeg && { timeout 240 python3 benchmarks/gpu_jpeg.py --device "$DEVICE" --images ${N[0]} --distinct ${N[1]} --workers ${N[2]} --batch-size ${N[3]} --device-images ${N[5]} --repeats ${REPEATS:-2} --json \
+# 3. --gpu-jpeg against the exact path: throughput and deviation (issue 6, item 5); the device path in turn with
+#    the model, beside it (overlap), with the workers' adaptive share, and that with --gpu-letterbox (~200 s a repeat).
+has gpu_jpeg && { timeout 330 python3 benchmarks/gpu_jpeg.py --device "$DEVICE" --images ${N[0]} --distinct ${N[1]} --workers ${N[2]} --batch-size ${N[3]} --device-images ${N[5]} --repeats ${REPEATS:-2} --json \
   >"$OUT/gpu_jpeg.json" 2>"$OUT/gpu_jpeg.err"; echo "gpu_jpeg rc $?"; tail -c 1500 "$OUT/gpu_jpeg.json"; grep '^{' "$OUT/gpu_jpeg.err" | tail -2; }
 
 # 4. --gpu-letterbox against the default path: the workers' rate, the device letterbox, end to end, the deviation.

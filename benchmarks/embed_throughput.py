@@ -106,12 +106,13 @@ def run_timings(ws: Path | str) -> dict:
 
 
 def timed_embed(archive: Path, ws: Path, ck: str, device: str, workers: int, batch: int, threads: int, read_options,
-                breakdown: list | None = None):
-    """One `curator embed` run into a fresh workspace; its summary (``breakdown`` gets its stage times)."""
+                breakdown: list | None = None, **config):
+    """One `curator embed` run into a fresh workspace; its summary (``breakdown`` gets its stage
+    times). ``config``: further EmbedConfig fields (e.g. overlap, worker_jpeg_share)."""
     from curator.pipelines.embed import EmbedConfig, run_embed
 
     s = run_embed(EmbedConfig(archives=[str(archive)], workspace=str(ws), checkpoints=[ck], device=device, progress=False, workers=workers,
-                              batch_size=batch, threads=threads, read_options=read_options))
+                              batch_size=batch, threads=threads, read_options=read_options, **config))
     assert s.processed and not s.failed, s.lines()
     if breakdown is not None:
         breakdown.append(run_timings(ws))

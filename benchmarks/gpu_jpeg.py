@@ -5,6 +5,9 @@ links them up to --images files, then prints, medians of --repeats runs in this 
   decode + preprocess only: the exact reader stage (--workers processes) and the device stage
       (a batch of --batch-size files decoded, letterboxed and turned into model inputs there);
   `curator embed` end to end, exact vs --gpu-jpeg, with a ViT-B/32-sized checkpoint (random weights);
+      --gpu-jpeg three ways: all on the device in turn with the model, the device stage beside the
+      model (overlap), beside it with the reader workers' adaptive share (curator's GPU default), and
+      that with --gpu-letterbox (the workers' share only decoded by them);
   how far the device path moves things on the distinct films: share of 320x320 canvas pixels that
       differ from the exact path's and the largest difference (grey levels), and
       max |p_device - p_exact| over every film and finding with --checkpoint (default: the bundled
@@ -101,12 +104,19 @@ def canvas_deviation(paths: list[Path], device: torch.device) -> tuple[float, in
 
 
 def embed(archive: Path, ws: Path, ck: str, device: str, workers: int, batch: int, threads: int, on_device: bool,
-          breakdown: list | None = None) -> float:
+          breakdown: list | None = None, overlap: bool | None = False, share: float | str = 0.0, letterbox: bool = False) -> float:
+    """images/s of one run. On the device path: ``overlap`` (the device stage beside the model; None:
+    curator's default), ``share`` (the reader workers' share of the JPEGs, or "auto") and
+    ``letterbox`` (--gpu-letterbox: the JPEGs the workers decode are letterboxed on the device)."""
     from curator.readers import ReadOptions
 
-    s = timed_embed(archive, ws, ck, device, workers, batch, threads, ReadOptions(jpeg_on_device=on_device), breakdown)
-    if on_device:  # all of them on the device, or the rate is not the device path's (e.g. no nvJPEG in this torchvision)
+    extra = {"overlap": overlap, "worker_jpeg_share": share} if on_device else {}
+    options = ReadOptions(jpeg_on_device=on_device, letterbox_on_device=letterbox)
+    s = timed_embed(archive, ws, ck, device, workers, batch, threads, options, breakdown, **extra)
+    if on_device and share == 0.0:  # all of them on the device, or the rate is not the device path's (e.g. no nvJPEG in this torchvision)
         assert s.device_decoded == s.processed and not s.device_rejected, s.lines()
+    if on_device and breakdown is not None:  # the split between the device and the workers
+        breakdown[-1].update(device_decoded=s.device_decoded, worker_decoded=s.worker_decoded, worker_share=s.worker_share)
     return s.processed / s.seconds
 
 
@@ -156,15 +166,22 @@ def main() -> int:
         dev = np.abs(np.stack([pd[k] - pe[k] for k in pe]))
         res["prob_max_abs_diff"], res["prob_mean_abs_diff"] = float(dev.max()), float(dev.mean())
         print(json.dumps(res), file=sys.stderr, flush=True)  # what is measured so far, in case the rest runs out of time
-        runs: dict[str, list[float]] = {"decode_exact": [], "decode_device": [], "embed_exact": [], "embed_device": []}
+        # the device path three ways: in turn with the model, all on the device (as first measured); beside the model
+        # (overlap); beside the model with the reader workers decoding an adaptive share (curator's default on a GPU)
+        # and the same with --gpu-letterbox, so the workers' share is only decoded by them
+        variants = {"embed_device": (False, 0.0, False), "embed_device_overlap": (True, 0.0, False), "embed_device_auto": (True, "auto", False),
+                    "embed_device_auto_letterbox": (True, "auto", True)}
+        runs: dict[str, list[float]] = {"decode_exact": [], "decode_device": [], "embed_exact": [], **{k: [] for k in variants}}
         for r in range(args.repeats):
             runs["decode_exact"].append(bench_decode_only(paths, args.workers, args.batch_size))
             runs["decode_device"].append(device_stage_rate(paths, device, args.batch_size))
             runs["embed_exact"].append(embed(tmp / "all", tmp / f"e{r}", ck, args.device, args.workers, args.batch_size, threads, False,
                                              res.setdefault("breakdown_exact", [])))
-            runs["embed_device"].append(embed(device_archive, tmp / f"d{r}", ck, args.device, args.workers, args.batch_size, threads, True,
-                                              res.setdefault("breakdown_device", [])))
-            print(json.dumps({**runs, "breakdown_exact": res["breakdown_exact"], "breakdown_device": res["breakdown_device"]}), file=sys.stderr, flush=True)
+            for name, (overlap, worker_share, letterbox) in variants.items():
+                runs[name].append(embed(device_archive, tmp / f"{name}{r}", ck, args.device, args.workers, args.batch_size, threads, True,
+                                        res.setdefault(f"breakdown_{name.removeprefix('embed_')}", []), overlap=overlap, share=worker_share,
+                                        letterbox=letterbox))
+            print(json.dumps({**runs, **{k: v for k, v in res.items() if k.startswith("breakdown_")}}), file=sys.stderr, flush=True)
         res.update({k: statistics.median(v) for k, v in runs.items()}, runs=runs)
     if args.json:
         print(json.dumps(res, indent=1))
@@ -175,7 +192,17 @@ def main() -> int:
     print(f"  decode+preprocess, on {device.type:<4}             {res['decode_device']:8.1f} images/s")
     print(f"  curator embed, exact                    {res['embed_exact']:8.1f} images/s")
     print(f"  curator embed, --gpu-jpeg               {res['embed_device']:8.1f} images/s   ({res['embed_device'] / res['embed_exact']:.2f}x; "
-          f"{res['device_images']} files)")
+          f"{res['device_images']} files; all on the device, in turn with the model)")
+    print(f"    ... device stage beside the model     {res['embed_device_overlap']:8.1f} images/s   "
+          f"({res['embed_device_overlap'] / res['embed_device']:.2f}x the line above)")
+    auto = res["breakdown_device_auto"][-1]
+    print(f"    ... and the workers' adaptive share   {res['embed_device_auto']:8.1f} images/s   "
+          f"({res['embed_device_auto'] / res['embed_device']:.2f}x; last run: {auto['worker_decoded']} of {res['device_images']} "
+          f"by the workers, share {auto['worker_share']:.2f} at the end)")
+    auto = res["breakdown_device_auto_letterbox"][-1]
+    print(f"    ... and --gpu-letterbox               {res['embed_device_auto_letterbox']:8.1f} images/s   "
+          f"({res['embed_device_auto_letterbox'] / res['embed_device']:.2f}x; last run: {auto['worker_decoded']} by the workers, "
+          f"share {auto['worker_share']:.2f})")
     print(f"  canvas pixels differing from the exact path: {100 * share:.4f}% (largest difference {worst} grey levels)")
     print(f"  |p_device - p_exact| ({args.checkpoint}, {dev.shape[0]} films x {dev.shape[1]} findings): max {dev.max():.2e}, mean {dev.mean():.2e}")
     return 0

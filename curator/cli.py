@@ -74,6 +74,19 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _share(value: str) -> float | str:
+    """'auto', or a fraction from 0 to 1."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number from 0 to 1, got {value!r}") from None
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number from 0 to 1, got {x}")
+    return x
+
+
 def _positive_float(value: str) -> float:
     try:
         x = float(value)
@@ -134,11 +147,14 @@ def cmd_embed(args) -> int:
         ray_address=args.address,
         prune=args.prune or args.prune_force,
         prune_force=args.prune_force,
+        worker_jpeg_share=args.worker_jpeg_share,
     )
     if args.address and args.engine != "ray":
         raise CliError("--address is for --engine ray")
     if args.gpu_jpeg and args.fast_jpeg:
         raise CliError("--gpu-jpeg and --fast-jpeg are two ways of reading JPEGs: choose one")
+    if args.worker_jpeg_share is not None and not args.gpu_jpeg:
+        raise CliError("--worker-jpeg-share is the reader workers' share of --gpu-jpeg's JPEGs: add --gpu-jpeg, or leave it out")
     if args.gpu_jpeg and args.engine != "local":
         raise CliError("--gpu-jpeg works with --engine local (the decoding happens beside the model, on its GPU)")
     if args.gpu_letterbox and args.engine != "local":
@@ -524,6 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "than the default). Meant for data-centre GPUs (fast float64). A file that crashes the GPU "
                    "decoder ends the run (the reader workers would record it and go on); rerun, and the files that were being "
                    "decoded are read by the workers. Not with --fast-jpeg or --engine ray")
+    p.add_argument("--worker-jpeg-share", type=_share, default=None, metavar="auto|F",
+                   help="with --gpu-jpeg: the share of grayscale JPEGs the reader workers decode themselves, the exact way, beside "
+                   "the GPU's decoder (their rows keep conversion 'raster'). 'auto' adapts it after every model batch so that "
+                   "neither waits for the other (on a GPU node the workers are otherwise mostly idle); a number from 0 to 1 fixes "
+                   "it (0: every one on the GPU). Default: auto on a GPU, 0 on the CPU")
     p.add_argument("--gpu-letterbox", action="store_true",
                    help="letterbox and transform grayscale images on the model's GPU instead of in the reader workers, which then "
                    "only decode and convert: on a GPU node the workers are the limit, and the Lanczos resize of a full-size film "

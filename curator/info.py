@@ -20,7 +20,7 @@ def workspace_info(root: str) -> dict:
         by_conversion = dict(con.execute("SELECT conversion, count(*) FROM catalog GROUP BY ALL ORDER BY 1").fetchall())
         errors = con.execute("SELECT stage, kind, count(*) FROM errors GROUP BY ALL ORDER BY 3 DESC, 1, 2").fetchall()
         runs = con.execute(
-            "SELECT run_id, command, status, started, finished, counts, timings FROM runs ORDER BY started DESC LIMIT 10"
+            "SELECT run_id, command, status, started, finished, counts, timings, options FROM runs ORDER BY started DESC LIMIT 10"
         ).fetchall()
     finally:
         con.close()
@@ -49,7 +49,7 @@ def workspace_info(root: str) -> dict:
         "errors": [{"stage": s, "kind": k, "count": n} for s, k, n in errors],
         "runs": [
             {"run_id": r[0], "command": r[1], "status": r[2], "started": r[3], "finished": r[4], "counts": json.loads(r[5] or "{}"),
-             "timings": json.loads(r[6] or "{}")}
+             "timings": json.loads(r[6] or "{}"), "options": json.loads(r[7] or "{}")}
             for r in runs
         ],
         "index": None if idx is None else {**idx.__dict__, "stale": idx_stale is not None, "stale_reason": idx_stale},
@@ -92,5 +92,9 @@ def format_info(info: dict) -> str:
             stages = [(name, t.get(key) or 0.0) for name, key in (("waiting for the readers", "wait_s"), ("model", "model_s"),
                                                                   ("--gpu-jpeg decode", "device_jpeg_s"),
                                                                   ("--gpu-letterbox", "device_letterbox_s"))]
-            lines.append(f"    {t['total_s']:.1f} s: " + ", ".join(f"{name} {v:.1f} s" for name, v in stages if v >= 0.05 or name == "model"))
+            beside = (r.get("options") or {}).get("device_overlap")
+            if beside:  # the device stages ran in a thread beside the model: what the model waited for them
+                stages.append(("waiting for the device stages", t.get("device_wait_s") or 0.0))
+            lines.append(f"    {t['total_s']:.1f} s: " + ", ".join(f"{name} {v:.1f} s" for name, v in stages if v >= 0.05 or name == "model")
+                         + (" (the device stages ran beside the model)" if beside else ""))
     return "\n".join(lines)

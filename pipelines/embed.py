@@ -59,6 +59,14 @@ class EmbedConfig:
     ray_address: str | None = None  # Ray cluster to join; None: the running one or a new local one
     prune: bool = False  # retire the rows of catalogued files the walk no longer finds (pipelines/prune.py)
     prune_force: bool = False  # ... even where more than half of a folder's files are gone
+    # --gpu-jpeg / --gpu-letterbox: run batch n+1's device stage beside batch n's model and writes
+    # (local_mapped_batches); None: on when the model is on a CUDA device (on the CPU both compete
+    # for the same cores). Results are the same either way.
+    overlap: bool | None = None
+    # --gpu-jpeg: share of the grayscale JPEGs the reader workers decode themselves (exact path)
+    # beside the device: a number in [0, 1] (fixed), "auto" (adapted during the run: WorkerShare),
+    # or None: "auto" when the model is on a CUDA device, 0 otherwise.
+    worker_jpeg_share: float | str | None = None
 
 
 @dataclass
@@ -77,6 +85,8 @@ class EmbedSummary:
     prune_refused: list = field(default_factory=list)  # (folder, gone, catalogued) not pruned
     device_decoded: int = 0  # --gpu-jpeg: JPEGs decoded on the model's device
     device_rejected: int = 0  # ... handed to it but read the exact way (decoder rejected, wrong size, out of memory)
+    worker_decoded: int = 0  # ... decoded by the reader workers instead, as their share beside the device
+    worker_share: float | None = None  # that share at the end of the run
     seconds: float = 0.0
     device: str = ""
 
@@ -103,8 +113,10 @@ class EmbedSummary:
             out.append(f"  pruned (gone from the archive): {self.pruned}")
             out += [f"    not pruned: {folder}: {gone} of {total} catalogued files gone (is it fully mounted? --prune-force prunes anyway)"
                     for folder, gone, total in self.prune_refused]
-        if self.device_decoded or self.device_rejected:
+        if self.device_decoded or self.device_rejected or self.worker_decoded:
             out.append(f"  --gpu-jpeg:          {self.device_decoded} JPEGs decoded on the device"
+                       + (f", {self.worker_decoded} by the reader workers beside it (their share at the end: "
+                          f"{self.worker_share:.2f})" if self.worker_decoded else "")
                        + (f", {self.device_rejected} handed to it but read the exact way (rejected by its decoder, or out of GPU "
                           f"memory; see the log)" if self.device_rejected else ""))
         if self.ignored:
@@ -234,12 +246,21 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             devices = [checkpoints[0].device]  # checkpoints handed in already placed: no replicas
     elif not cfg.checkpoints:
         raise ValueError("at least one --checkpoint is needed")
-    if cfg.read_options.jpeg_on_device and (checkpoints[0].device if checkpoints else devices[0]).type != "cuda":
+    on_cuda = (checkpoints[0].device if checkpoints else devices[0]).type == "cuda"
+    # (batch n+1's device stage beside batch n's model: local_mapped_batches)
+    overlapped = cfg.engine == "local" and (cfg.read_options.jpeg_on_device or cfg.read_options.letterbox_on_device) and (
+        cfg.overlap if cfg.overlap is not None else on_cuda)
+    if cfg.read_options.jpeg_on_device and not on_cuda:
         log.warning("--gpu-jpeg on the CPU: grayscale JPEGs are decoded in the main process, beside the model, not by the reader "
                     "workers; it is meant for a GPU (on the CPU, --fast-jpeg is the fast path)")
-    if cfg.read_options.letterbox_on_device and (checkpoints[0].device if checkpoints else devices[0]).type != "cuda":
+    if cfg.read_options.letterbox_on_device and not on_cuda:
         log.warning("--gpu-letterbox on the CPU: images are letterboxed in the main process, beside the model, not by the reader "
                     "workers; it is meant for a GPU")
+    share = None
+    if cfg.read_options.jpeg_on_device:  # the workers' share of the grayscale JPEGs, read by them per file
+        wanted = cfg.worker_jpeg_share if cfg.worker_jpeg_share is not None else ("auto" if on_cuda else 0.0)
+        share = WorkerShare(None if wanted == "auto" else float(wanted))
+        cfg = replace(cfg, read_options=replace(cfg.read_options, device_share=share.shared))
     summary = EmbedSummary(run_id=run_id, device="ray cluster" if cfg.engine == "ray" else ", ".join(str(d) for d in devices))
     ws = Workspace(cfg.workspace)
     for root in cfg.archives:  # fail before any work (and before a workspace appears) on a mistyped folder
@@ -294,7 +315,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
         report = WalkReport()
         status = "completed"
         timing = dict.fromkeys(STAGE_TIMES, 0.0)  # the local engine's seconds per stage (and --gpu-jpeg's counts)
-        state: dict = {}  # engine state kept across chunks (the local engine's mapper)
+        state: dict = {"share": share}  # engine state kept across chunks (the local engine's mapper, --gpu-jpeg's share)
         try:
             # Discover and embed chunk by chunk, so memory does not grow with the archive.
             bar = _progress(None, cfg.progress)
@@ -376,6 +397,8 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             summary.filtered = writer.stats.filtered
             summary.retired = writer.stats.retired
             summary.device_decoded, summary.device_rejected = timing.get("device_decoded", 0), timing.get("device_rejected", 0)
+            summary.worker_decoded = timing.get("worker_decoded", 0)
+            summary.worker_share = share.value if share is not None else None
             summary.seconds = time.perf_counter() - t_start
             counts = {
                 "discovered": summary.discovered,
@@ -387,7 +410,8 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                 "ignored": dict(summary.ignored),
                 "retired": summary.retired,
                 "pruned": summary.pruned,
-                **({"device_decoded": summary.device_decoded, "device_rejected": summary.device_rejected} if cfg.read_options.jpeg_on_device else {}),
+                **({"device_decoded": summary.device_decoded, "device_rejected": summary.device_rejected,
+                    "worker_decoded": summary.worker_decoded} if cfg.read_options.jpeg_on_device else {}),
             }
             record = run_record(
                 run_id, "embed", status, started,
@@ -396,7 +420,8 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                 {"total_s": summary.seconds, **({k: timing[k] for k in STAGE_TIMES} if cfg.engine == "local" else {"model_s": None})},
                 {"archives": cfg.archives, "device": summary.device, "batch_size": cfg.batch_size, "engine": cfg.engine,
                  "dicom_conversion": cfg.read_options.dicom_conversion, "fast_jpeg": cfg.read_options.jpeg_draft_min_side is not None,
-                 "gpu_jpeg": cfg.read_options.jpeg_on_device, "gpu_letterbox": cfg.read_options.letterbox_on_device,
+                 "gpu_jpeg": cfg.read_options.jpeg_on_device, "gpu_letterbox": cfg.read_options.letterbox_on_device, "device_overlap": overlapped,
+                 "worker_jpeg_share": None if share is None else ("auto" if share.fixed is None else share.fixed),
                  "modalities": sorted(cfg.read_options.modalities) if cfg.read_options.modalities else None},
             )
             ws.commit(add=[ws.write_part("runs", record)])
@@ -410,35 +435,97 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
 
     The mapper (and its text encoding) is made once the decode workers have started, so text
     encoding overlaps the first reads; it is kept in ``state`` for the next chunk of files.
+
+    With the device stages on (--gpu-jpeg, --gpu-letterbox) and ``cfg.overlap`` (default: on a
+    CUDA device), batch n+1's device decode and letterbox run in a thread, on their own CUDA
+    stream, while this thread runs the model on batch n and the caller writes it: the device
+    stage, the reader workers and the writer then work at the same time instead of in turn.
+    Batches keep their order; one device stage runs at a time (the in-hand note names its files).
     """
     state = {} if state is None else state
     device = checkpoints[0].device
+    device_work = cfg.read_options.jpeg_on_device or cfg.read_options.letterbox_on_device
+    overlap = device_work and (cfg.overlap if cfg.overlap is not None else device.type == "cuda")
     source = batches(todo, cfg, gpu=device.type == "cuda")
-    while True:
+    pool = None
+    if overlap:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="curator-device-stage")
+    pending = None  # batch n's device stage (a future), while batch n+1 is read
+    try:
+        while True:
+            t0 = time.perf_counter()
+            batch = next(source, None)
+            reader_wait = time.perf_counter() - t0
+            timing["wait_s"] += reader_wait
+            if batch is not None:
+                faults.reached("batch")
+                timing["worker_decoded"] = timing.get("worker_decoded", 0) + batch["kept"]
+            ready = None
+            t0 = time.perf_counter()
+            if pool is None:
+                ready = _device_stage(batch, cfg, device, timing) if batch is not None else None
+            else:
+                ahead = pool.submit(_device_stage_on_stream, batch, cfg, device, timing, state) if batch is not None else None
+                if pending is not None:
+                    ready = pending.result()
+                    timing["device_wait_s"] += time.perf_counter() - t0
+                pending = ahead
+            if state.get("share") is not None and batch is not None and (batch["jpegs"] or batch["kept"]):
+                state["share"].update(reader_wait, time.perf_counter() - t0)  # what this thread waited for: readers or device
+            if ready is not None:
+                yield _model_stage(ready, checkpoints, prompt_sets, devices, timing, state)
+            if batch is None:
+                break
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # (a stage under way finishes: it holds the GPU and the in-hand note)
+
+
+def _device_stage(batch: dict, cfg: EmbedConfig, device: torch.device, timing: dict) -> tuple[torch.Tensor | None, list[dict], list[dict]]:
+    """A batch's model inputs on ``device`` with their rows, and its error rows: the letterbox of
+    --gpu-letterbox's images, the decode of --gpu-jpeg's JPEGs (nothing to do without them)."""
+    if batch["images"]:  # letterboxed here; their rows already follow the tensors' (_batch)
         t0 = time.perf_counter()
-        batch = next(source, None)
-        timing["wait_s"] += time.perf_counter() - t0
-        if batch is None:
-            break
-        faults.reached("batch")
-        mapped = None
-        if batch["images"]:  # letterboxed here; their rows already follow the tensors' (_batch)
-            t0 = time.perf_counter()
-            batch = {**batch, "tensors": letterbox_on_device(batch, cfg, device)}
-            timing["device_letterbox_s"] += time.perf_counter() - t0
-        tensors, rows, errors = batch["tensors"], batch["rows"], batch["errors"]
-        if batch["jpegs"]:
-            t0 = time.perf_counter()
-            tensors, rows, errors = on_device(batch, cfg, device, timing)
-            timing["device_jpeg_s"] += time.perf_counter() - t0
-        if tensors is not None:
-            t0 = time.perf_counter()
-            if "mapper" not in state:
-                state["mapper"] = Mapper(checkpoints, prompt_sets, devices)
-            mapped = state["mapper"](tensors)
-            timing["model_s"] += time.perf_counter() - t0
-            faults.reached("mapped")
-        yield rows, mapped, errors
+        batch = {**batch, "tensors": letterbox_on_device(batch, cfg, device)}
+        timing["device_letterbox_s"] += time.perf_counter() - t0
+    if batch["jpegs"]:
+        t0 = time.perf_counter()
+        out = on_device(batch, cfg, device, timing)
+        timing["device_jpeg_s"] += time.perf_counter() - t0
+        return out
+    return batch["tensors"], batch["rows"], batch["errors"]
+
+
+def _device_stage_on_stream(batch: dict, cfg: EmbedConfig, device: torch.device, timing: dict, state: dict):
+    """:func:`_device_stage` in the overlap thread: on a CUDA device, on a stream of its own,
+    synchronised before the model (on the default stream) reads the result."""
+    if device.type != "cuda":
+        return _device_stage(batch, cfg, device, timing)
+    stream = state.get("device_stream")
+    if stream is None:
+        stream = state["device_stream"] = torch.cuda.Stream(device)
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        out = _device_stage(batch, cfg, device, timing)
+    stream.synchronize()
+    return out
+
+
+def _model_stage(ready: tuple, checkpoints: list[Checkpoint], prompt_sets: list[PromptSet], devices: list[torch.device] | None,
+                 timing: dict, state: dict) -> tuple[list[dict], dict | None, list[dict]]:
+    tensors, rows, errors = ready
+    mapped = None
+    if tensors is not None:
+        t0 = time.perf_counter()
+        if tensors.is_cuda:  # made on the device stage's stream: its memory is not reused before the model is done with it
+            tensors.record_stream(torch.cuda.current_stream(tensors.device))
+        if "mapper" not in state:
+            state["mapper"] = Mapper(checkpoints, prompt_sets, devices)
+        mapped = state["mapper"](tensors)
+        timing["model_s"] += time.perf_counter() - t0
+        faults.reached("mapped")
+    return rows, mapped, errors
 
 
 def letterbox_on_device(batch: dict, cfg: EmbedConfig, device: torch.device) -> torch.Tensor:
@@ -523,8 +610,9 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict 
 
 
 # A run record's stage times (local engine): the model, waiting for the reader workers, --gpu-jpeg's
-# decode + letterbox, --gpu-letterbox's letterbox (`curator info` shows them).
-STAGE_TIMES = ("model_s", "wait_s", "device_jpeg_s", "device_letterbox_s")
+# decode + letterbox, --gpu-letterbox's letterbox, and (with the overlap, where those two run
+# beside the model) waiting for them (`curator info` shows them).
+STAGE_TIMES = ("model_s", "wait_s", "device_jpeg_s", "device_letterbox_s", "device_wait_s")
 
 IN_HAND_NOTE = "gpu-jpeg-in-hand.json"  # in the workspace: the paths being decoded on the device
 
@@ -561,6 +649,42 @@ def _pixel_groups(rows: list[dict], limit: int) -> list[list[int]]:
     return groups
 
 
+class WorkerShare:
+    """The share of grayscale JPEGs the reader workers decode themselves under --gpu-jpeg, beside
+    the device's decoder, so that neither waits for the other (on a GPU node nvJPEG decodes ~1,000
+    full-size films/s and leaves the workers, which then only read and hash, mostly idle).
+
+    ``shared`` is a float in shared memory that forked workers read per file
+    (stages.kept_by_workers). With ``fixed`` None it adapts after every model batch: up by
+    ``STEP`` when this process waited longer for the device stage than for the readers, down
+    when it waited longer for the readers (within ``[0, MAX]``); a number fixes it.
+    """
+
+    STEP = 0.05
+    MAX = 0.95  # the device keeps some: its rate is measured only while it works
+
+    def __init__(self, fixed: float | None = None):
+        import multiprocessing
+
+        if fixed is not None and not 0.0 <= fixed <= 1.0:
+            raise ValueError(f"the workers' share of the JPEGs must be within 0 and 1, not {fixed}")
+        self.fixed = fixed
+        self.shared = multiprocessing.RawValue("d", 0.0 if fixed is None else float(fixed))
+
+    @property
+    def value(self) -> float:
+        return self.shared.value
+
+    def update(self, reader_wait: float, device_wait: float) -> None:
+        """One model batch's waits (seconds): for the reader workers, for the device stage."""
+        if self.fixed is not None:
+            return
+        if device_wait > reader_wait:
+            self.shared.value = min(self.MAX, self.shared.value + self.STEP)
+        elif reader_wait > device_wait:
+            self.shared.value = max(0.0, self.shared.value - self.STEP)
+
+
 def default_workers(gpu: bool) -> int:
     """Decode workers when --workers is not given: one per CPU core this process may use, at most
     8 when the model runs on the CPU (it needs cores too); all of them when it runs on a GPU, where
@@ -594,6 +718,7 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, gpu: bool = False):
     try:
         remaining = list(todo)
         tensors, rows, image_rows, images, jpeg_rows, jpegs, errors = [], [], [], [], [], [], []
+        kept = 0  # JPEGs of the batch the workers decoded as their share beside the device
         while remaining:
             loader = DataLoader(
                 FileDataset(remaining, cfg.read_options, cfg.preprocess, inflight),
@@ -633,9 +758,11 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, gpu: bool = False):
                 if part["jpeg_bytes"] is not None:
                     jpegs += torch.split(part["jpeg_bytes"], part["jpeg_sizes"])  # views, one per file
                 errors += part["errors"]
+                kept += part["kept"]
                 if len(rows) + len(images) + len(jpegs) >= cfg.batch_size:
-                    yield _batch(tensors, rows, image_rows, images, jpeg_rows, jpegs, errors)
+                    yield _batch(tensors, rows, image_rows, images, jpeg_rows, jpegs, errors, kept)
                     tensors, rows, image_rows, images, jpeg_rows, jpegs, errors = [], [], [], [], [], [], []
+                    kept = 0
             del it, loader  # shuts the workers down
             if not crashed:
                 break
@@ -647,7 +774,7 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, gpu: bool = False):
             lost = {e.path for e, _ in crashed}
             remaining = [e for e in remaining[done:] if e.path not in lost]
         if rows or images or jpegs or errors:
-            yield _batch(tensors, rows, image_rows, images, jpeg_rows, jpegs, errors)
+            yield _batch(tensors, rows, image_rows, images, jpeg_rows, jpegs, errors, kept)
     finally:
         if inflight:
             shutil.rmtree(inflight, ignore_errors=True)
@@ -656,13 +783,13 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, gpu: bool = False):
 
 
 def _batch(tensors: list[torch.Tensor], rows: list[dict], image_rows: list[dict], images: list[torch.Tensor], jpeg_rows: list[dict],
-           jpegs: list[torch.Tensor], errors: list[dict]) -> dict:
+           jpegs: list[torch.Tensor], errors: list[dict], kept: int = 0) -> dict:
     """A model batch: ``rows`` are those of ``tensors`` (decoded and preprocessed by the readers),
     then those of ``images`` (grayscale 8-bit images to letterbox on the device,
     ``ReadOptions.letterbox_on_device``), then those of ``jpegs`` (grayscale JPEG bytes left for
     the device, ``ReadOptions.jpeg_on_device``)."""
     return {"tensors": torch.cat(tensors) if tensors else None, "rows": rows + image_rows + jpeg_rows, "images": images, "jpegs": jpegs,
-            "errors": errors}
+            "errors": errors, "kept": kept}
 
 
 def _no_async_worker_errors():

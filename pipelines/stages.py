@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import traceback
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -41,8 +42,11 @@ def read_item(entry: FileEntry, options: ReadOptions, cfg: preprocess.Preprocess
             with open(entry.path, "rb") as f:
                 data = f.read()
             content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
+            kept = False  # a JPEG --gpu-jpeg could take, decoded here as its share of the reader workers
             if options.jpeg_on_device and entry.path not in options.device_skip and (size := device_jpeg.deferrable(data)) is not None:
-                return _deferred_item(entry, data, content_hash, *size, t0)
+                if not kept_by_workers(entry.path, options.device_share):
+                    return _deferred_item(entry, data, content_hash, *size, t0)
+                kept = True
             result = read_image(entry.path, options, data=data)
             if options.letterbox_on_device and result.image.mode == "L" and device_jpeg.letterbox_fits(*result.image.size, cfg.canvas_size):
                 tensor = None  # letterboxed beside the model (collate joins the pixels)
@@ -63,8 +67,8 @@ def read_item(entry: FileEntry, options: ReadOptions, cfg: preprocess.Preprocess
             **{k: result.meta.get(k) for k in DICOM_COLUMNS},
         }
         if tensor is None:
-            return {"ok": True, "image": np.asarray(result.image), "row": row, "seconds": time.perf_counter() - t0}
-        return {"ok": True, "tensor": tensor, "row": row, "seconds": time.perf_counter() - t0}
+            return {"ok": True, "image": np.asarray(result.image), "row": row, "seconds": time.perf_counter() - t0, "kept": kept}
+        return {"ok": True, "tensor": tensor, "row": row, "seconds": time.perf_counter() - t0, "kept": kept}
     except ReadError as exc:
         return _error_item(entry, exc.stage, exc.kind, str(exc), "ReadError")
     except DecodeTimeout as exc:
@@ -78,6 +82,14 @@ def read_item(entry: FileEntry, options: ReadOptions, cfg: preprocess.Preprocess
     except Exception as exc:  # a decoder bug must not take the run down
         log.debug("unexpected error reading %s:\n%s", entry.path, traceback.format_exc())
         return _error_item(entry, "read", "unexpected", f"{type(exc).__name__}: {exc}", type(exc).__name__)
+
+
+def kept_by_workers(path: str, share) -> bool:
+    """Whether the reader workers decode this grayscale JPEG themselves instead of handing it to the
+    device: a fixed pseudo-random draw from the path (CRC-32), below the current ``share.value``."""
+    if share is None or share.value <= 0:
+        return False
+    return zlib.crc32(path.encode("utf-8", "surrogateescape")) < share.value * 2**32
 
 
 def _deferred_item(entry: FileEntry, data: bytes, content_hash: str, width: int, height: int, t0: float) -> dict:
@@ -123,6 +135,7 @@ def collate(items: list[dict]) -> dict:
         "jpeg_bytes": torch.from_numpy(np.concatenate([it["jpeg"] for it in deferred])) if deferred else None,
         "jpeg_sizes": [len(it["jpeg"]) for it in deferred],
         "errors": [it["error"] for it in items if not it["ok"]],
+        "kept": sum(1 for it in items if it.get("kept")),  # JPEGs decoded here as the workers' share (kept_by_workers)
     }
 
 

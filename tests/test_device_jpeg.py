@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from PIL import Image
 
 from curator import device_jpeg
 from curator.cli import main
+from curator.info import format_info, workspace_info
 from curator.pipelines.embed import EmbedConfig, run_embed
 from curator.preprocess import letterbox as pil_letterbox
 from curator.preprocess import model_input
@@ -226,15 +228,15 @@ def _mixed_archive(folder):
     write_dicom(folder / "mono1.dcm", (_film(800, 1000, 24).astype(np.uint16) * 16), bits_stored=12, photometric="MONOCHROME1")
 
 
-@pytest.mark.parametrize("workers,gpu_jpeg", [(0, False), (2, False), (2, True)])
-def test_letterbox_on_device_equals_the_exact_path(tmp_path, tiny_checkpoints, workers, gpu_jpeg):
+@pytest.mark.parametrize("workers,gpu_jpeg,overlap", [(0, False, False), (2, False, False), (2, True, False), (2, True, True)])
+def test_letterbox_on_device_equals_the_exact_path(tmp_path, tiny_checkpoints, workers, gpu_jpeg, overlap):
     arc = tmp_path / "arc"
     _mixed_archive(arc)
     common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, workers=workers, threads=1,
                   batch_size=4)
     exact = run_embed(EmbedConfig(workspace=str(tmp_path / "exact"), **common))
     dev = run_embed(EmbedConfig(workspace=str(tmp_path / "dev"), read_options=ReadOptions(letterbox_on_device=True, jpeg_on_device=gpu_jpeg),
-                                **common))
+                                overlap=overlap, **common))
     assert dev.processed == exact.processed == 10 and dev.failed == exact.failed
     w_e, cat_e, emb_e, err_e = _tables(tmp_path / "exact")
     w_d, cat_d, emb_d, err_d = _tables(tmp_path / "dev")
@@ -248,6 +250,114 @@ def test_letterbox_on_device_equals_the_exact_path(tmp_path, tiny_checkpoints, w
     assert "letterbox_on_device" not in w_d.manifest["reading"]  # not a way of reading: unchanged files stay unchanged
     runs = w_d.read_table("runs").to_pylist()
     assert json.loads(runs[-1]["options"])["gpu_letterbox"] is True and json.loads(runs[-1]["timings"])["device_letterbox_s"] > 0
+    assert json.loads(runs[-1]["options"])["device_overlap"] is overlap  # (off on the CPU unless asked for)
+    text = format_info(workspace_info(str(tmp_path / "dev")))
+    assert ("(the device stages ran beside the model)" in text) is overlap and ("waiting for the device stages" in text) is overlap
+
+
+def test_device_stage_runs_beside_the_model(tmp_path, tiny_checkpoints, monkeypatch):
+    """With the overlap, batch n+1's device stage runs in its own thread while the model runs on
+    batch n; batches still reach the writer in order, each row with its own image."""
+    import threading
+    import time
+
+    from curator.pipelines import embed as embed_mod
+    from curator.pipelines.stages import Mapper
+
+    arc = tmp_path / "arc"
+    arc.mkdir()
+    for i in range(12):
+        Image.fromarray(_film(300 + 10 * i, 260, seed=40 + i)).save(arc / f"f{i:02d}.png")
+    common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, workers=0, threads=1,
+                  batch_size=3, read_options=ReadOptions(letterbox_on_device=True))
+    spans = {"device": [], "model": []}
+    real_stage, real_call = embed_mod._device_stage, Mapper.__call__
+
+    def device_stage(batch, *a, **kw):
+        t0 = time.perf_counter()
+        time.sleep(0.3)  # long enough for the model call on the batch before to start meanwhile
+        out = real_stage(batch, *a, **kw)
+        spans["device"].append((t0, time.perf_counter(), threading.current_thread().name))
+        return out
+
+    def model(self, tensors):
+        t0 = time.perf_counter()
+        time.sleep(0.3)
+        out = real_call(self, tensors)
+        spans["model"].append((t0, time.perf_counter(), threading.current_thread().name))
+        return out
+
+    monkeypatch.setattr(embed_mod, "_device_stage", device_stage)
+    monkeypatch.setattr(Mapper, "__call__", model)
+    exact = run_embed(EmbedConfig(workspace=str(tmp_path / "exact"), **{**common, "read_options": ReadOptions()}))
+    # (without the option there is no device work to overlap: everything in this thread, in turn)
+    assert {name for *_, name in spans["device"] + spans["model"]} == {threading.main_thread().name} and len(spans["model"]) == 4
+    spans["device"].clear(), spans["model"].clear()
+    dev = run_embed(EmbedConfig(workspace=str(tmp_path / "dev"), overlap=True, **common))
+    assert dev.processed == exact.processed == 12 and len(spans["device"]) == len(spans["model"]) == 4
+    assert {name for *_, name in spans["device"]} == {"curator-device-stage_0"}
+    assert {name for *_, name in spans["model"]} == {threading.main_thread().name}
+    # each model call after the first ran while the next batch's device stage did
+    beside = sum(any(d0 < m1 and m0 < d1 for d0, d1, _ in spans["device"]) for m0, m1, _ in spans["model"])
+    assert beside >= 3, spans
+    _, cat_e, emb_e, _ = _tables(tmp_path / "exact")
+    _, cat_d, emb_d, _ = _tables(tmp_path / "dev")
+    assert cat_d.keys() == cat_e.keys()
+    for p in cat_d:
+        np.testing.assert_array_equal(emb_d[p], emb_e[p])
+    assert [cat_d[p]["image_id"] for p in sorted(cat_d)] == [cat_e[p]["image_id"] for p in sorted(cat_e)]  # written in the same order
+    t = json.loads(Workspace(tmp_path / "dev").read_table("runs").to_pylist()[-1]["timings"])
+    assert t["device_letterbox_s"] > 0 and "device_wait_s" in t and t["model_s"] >= 4 * 0.3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_overlap_gives_the_same_workspace_on_each_device(tmp_path, tiny_checkpoints, device):
+    """The device stage in its thread (on CUDA: on its own stream) against the same stage in turn
+    with the model, on the same device: the same rows in the same order, the same numbers."""
+    arc = tmp_path / "arc"
+    _mixed_archive(arc)
+    common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], device=device, progress=False, workers=2, threads=1,
+                  batch_size=3, read_options=ReadOptions(letterbox_on_device=True, jpeg_on_device=True), worker_jpeg_share=0.0)
+    a = run_embed(EmbedConfig(workspace=str(tmp_path / "a"), overlap=False, **common))
+    b = run_embed(EmbedConfig(workspace=str(tmp_path / "b"), overlap=True, **common))
+    assert a.processed == b.processed == 10 and a.failed == b.failed and a.device_decoded == b.device_decoded == 4
+    _, cat_a, emb_a, err_a = _tables(tmp_path / "a")
+    w_b, cat_b, emb_b, err_b = _tables(tmp_path / "b")
+    assert err_a == err_b and [cat_a[p]["image_id"] for p in sorted(cat_a)] == [cat_b[p]["image_id"] for p in sorted(cat_b)]
+    for p in cat_a:
+        assert {k: v for k, v in cat_a[p].items() if k not in ("run_id", "added_at")} == {
+            k: v for k, v in cat_b[p].items() if k not in ("run_id", "added_at")}
+        np.testing.assert_allclose(emb_b[p], emb_a[p], rtol=0, atol=0 if device == "cpu" else 1e-6)
+    assert json.loads(w_b.read_table("runs").to_pylist()[-1]["options"])["device_overlap"] is True
+
+
+def test_a_device_stage_that_fails_ends_the_run_and_its_thread(tmp_path, tiny_checkpoints, monkeypatch):
+    import threading
+
+    from curator.pipelines import embed as embed_mod
+
+    arc = tmp_path / "arc"
+    arc.mkdir()
+    for i in range(6):
+        Image.fromarray(_film(300, 260, seed=60 + i)).save(arc / f"f{i}.png")
+    calls = []
+
+    def device_stage(batch, *a, **kw):
+        calls.append(len(batch["rows"]))
+        if len(calls) == 2:
+            raise RuntimeError("device stage failed (simulated)")
+        return real(batch, *a, **kw)
+
+    real = embed_mod._device_stage
+    monkeypatch.setattr(embed_mod, "_device_stage", device_stage)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_embed(EmbedConfig(archives=[str(arc)], workspace=str(tmp_path / "ws"), checkpoints=[str(tiny_checkpoints[0])], device="cpu",
+                              progress=False, workers=0, threads=1, batch_size=2, overlap=True, flush_rows=1,
+                              read_options=ReadOptions(letterbox_on_device=True)))
+    assert not any(t.name.startswith("curator-device-stage") for t in threading.enumerate())
+    w = Workspace(tmp_path / "ws")
+    assert w.row_count("catalog") == 2  # the first batch was written; nothing after the failure
+    assert w.read_table("runs").to_pylist()[-1]["status"] == "failed"
 
 
 def test_letterbox_on_device_keeps_the_rows_in_order(tmp_path):
@@ -337,6 +447,12 @@ def test_cli_flag_and_its_conflicts(tmp_path, tiny_checkpoints, capsys, caplog):
     assert "--engine local" in capsys.readouterr().err
     assert main([*base, "--gpu-letterbox", "--engine", "ray"]) == 2
     assert "--gpu-letterbox works with --engine local" in capsys.readouterr().err
+    assert main([*base, "--worker-jpeg-share", "0.5"]) == 2  # (a share of nothing)
+    assert "add --gpu-jpeg" in capsys.readouterr().err
+    for bad in ("1.5", "-0.1", "half"):
+        with pytest.raises(SystemExit):
+            main([*base, "--gpu-jpeg", "--worker-jpeg-share", bad])
+        assert "expected 'auto' or a number from 0 to 1" in capsys.readouterr().err
     assert not (tmp_path / "ws").exists()
     with caplog.at_level("WARNING"):
         assert main([*base, "--gpu-jpeg", "--workers", "0"]) == 0
@@ -350,7 +466,7 @@ def test_files_the_device_path_rejects_are_read_the_exact_way(tmp_path, tiny_che
     its header, a group that runs out of GPU memory, and a rejected file that is gone by then."""
     import os
 
-    from pipelines import embed as embed_mod
+    from curator.pipelines import embed as embed_mod
 
     arc = tmp_path / "arc"
     _archive(arc)
@@ -402,7 +518,7 @@ def test_files_in_hand_when_a_run_died_go_to_the_reader_workers_next_time(tmp_pa
     makes the next run read those files in the workers, whose crashes are recorded per file."""
     import json
 
-    from pipelines import embed as embed_mod
+    from curator.pipelines import embed as embed_mod
 
     arc = tmp_path / "arc"
     arc.mkdir()
@@ -432,3 +548,104 @@ def test_files_in_hand_when_a_run_died_go_to_the_reader_workers_next_time(tmp_pa
     conv = {r["path"]: r["conversion"] for r in Workspace(ws).read_table("catalog").to_pylist()}
     assert conv[str(arc / "new.jpg")] == "raster" and conv[str(arc / "f0.jpg")] == "raster+cpu-jpeg"
     assert not (ws / embed_mod.IN_HAND_NOTE).exists()
+
+
+def test_worker_share_moves_towards_the_stage_that_waits_and_stays_when_fixed():
+    from curator.pipelines.embed import WorkerShare
+
+    auto = WorkerShare()
+    assert auto.value == 0.0
+    auto.update(reader_wait=0.0, device_wait=0.5)  # waited for the device: the workers take more
+    auto.update(reader_wait=0.1, device_wait=0.2)
+    assert auto.value == pytest.approx(2 * WorkerShare.STEP)
+    auto.update(reader_wait=0.3, device_wait=0.0)  # waited for the readers: they take less
+    assert auto.value == pytest.approx(WorkerShare.STEP)
+    for _ in range(5):
+        auto.update(reader_wait=1.0, device_wait=0.0)
+    assert auto.value == 0.0  # not below 0
+    for _ in range(100):
+        auto.update(reader_wait=0.0, device_wait=1.0)
+    assert auto.value == pytest.approx(WorkerShare.MAX)  # nor above MAX: the device keeps some
+    fixed = WorkerShare(0.25)
+    fixed.update(reader_wait=0.0, device_wait=9.0)
+    assert fixed.value == 0.25
+    with pytest.raises(ValueError, match="within 0 and 1"):
+        WorkerShare(1.5)
+
+
+def test_kept_by_workers_draws_a_fixed_share_of_paths():
+    import multiprocessing
+    import zlib
+
+    from curator.pipelines.stages import kept_by_workers
+
+    paths = [f"/archive/p{i:05d}/s{i * 7:06d}/film.jpg" for i in range(2000)]
+    share = multiprocessing.RawValue("d", 0.0)
+    assert not any(kept_by_workers(p, share) for p in paths) and not kept_by_workers(paths[0], None)
+    share.value = 1.0
+    assert all(kept_by_workers(p, share) for p in paths)
+    share.value = 0.3
+    kept = [p for p in paths if kept_by_workers(p, share)]
+    assert 0.25 < len(kept) / len(paths) < 0.35
+    assert kept == [p for p in paths if zlib.crc32(p.encode()) / 2**32 < 0.3]  # independent draw from the path alone
+    share.value = 0.6
+    assert set(kept) <= {p for p in paths if kept_by_workers(p, share)}  # a larger share keeps what a smaller one kept
+
+
+@pytest.mark.parametrize("share,letterbox", [(1.0, False), (0.5, True)])
+def test_jpegs_the_workers_keep_as_their_share_end_as_the_exact_path(tmp_path, tiny_checkpoints, share, letterbox):
+    """A fixed share: those JPEGs are decoded by the workers (rows 'raster'), the rest on the device;
+    every embedding equals the exact path's either way."""
+    import multiprocessing
+
+    from curator.pipelines.stages import kept_by_workers
+
+    arc = tmp_path / "arc"
+    arc.mkdir()
+    for i in range(10):
+        (arc / f"f{i}.jpg").write_bytes(_jpeg(_film(400 + 20 * i, 330, seed=70 + i), quality=90))
+    common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, workers=2, threads=1,
+                  batch_size=4)
+    run_embed(EmbedConfig(workspace=str(tmp_path / "exact"), **common))
+    s = run_embed(EmbedConfig(workspace=str(tmp_path / "dev"), read_options=ReadOptions(jpeg_on_device=True, letterbox_on_device=letterbox),
+                              worker_jpeg_share=share, **common))
+    drawn = multiprocessing.RawValue("d", share)
+    want_kept = {str(p) for p in arc.iterdir() if kept_by_workers(str(p), drawn)}
+    assert s.processed == 10 and (s.worker_decoded, s.device_decoded) == (len(want_kept), 10 - len(want_kept))
+    assert 0 < len(want_kept) <= 10 and s.worker_share == share
+    assert any("by the reader workers beside it" in line for line in s.lines())
+    _, cat_e, emb_e, _ = _tables(tmp_path / "exact")
+    w_d, cat_d, emb_d, _ = _tables(tmp_path / "dev")
+    assert cat_d.keys() == cat_e.keys()
+    for p, row in cat_d.items():
+        assert row["conversion"] == ("raster" if p in want_kept else "raster+cpu-jpeg"), p
+        np.testing.assert_array_equal(emb_d[p], emb_e[p])
+    run = w_d.read_table("runs").to_pylist()[-1]
+    assert json.loads(run["options"])["worker_jpeg_share"] == share and json.loads(run["counts"])["worker_decoded"] == len(want_kept)
+
+
+def test_auto_share_gives_the_workers_jpegs_when_the_device_is_the_wait(tmp_path, tiny_checkpoints, monkeypatch):
+    """'auto': a slow device stage (simulated) makes this process wait for it, not for the readers,
+    so the share climbs and the workers decode some of the JPEGs themselves."""
+    import time
+
+    arc = tmp_path / "arc"
+    arc.mkdir()
+    for i in range(40):
+        (arc / f"f{i:02d}.jpg").write_bytes(_jpeg(_film(300, 260, seed=100 + i), quality=90))
+    real_decode = device_jpeg.decode
+
+    def slow_decode(blobs, device):
+        time.sleep(0.15)
+        return real_decode(blobs, device)
+
+    monkeypatch.setattr(device_jpeg, "decode", slow_decode)
+    common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, workers=2, threads=1,
+                  batch_size=2, read_options=ON_DEVICE)
+    off = run_embed(EmbedConfig(workspace=str(tmp_path / "off"), **common))  # on the CPU the default is 0
+    assert (off.device_decoded, off.worker_decoded, off.worker_share) == (40, 0, 0.0)
+    s = run_embed(EmbedConfig(workspace=str(tmp_path / "auto"), worker_jpeg_share="auto", **common))
+    assert s.processed == 40 and s.device_decoded + s.worker_decoded == 40
+    assert s.worker_decoded >= 5 and s.worker_share >= 0.3, s.lines()
+    conv = Counter(r["conversion"] for r in Workspace(tmp_path / "auto").read_table("catalog").to_pylist())
+    assert conv == {"raster": s.worker_decoded, "raster+cpu-jpeg": s.device_decoded}
