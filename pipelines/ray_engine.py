@@ -123,6 +123,21 @@ class EmbedActor:
 # ---------------------------------------------------------------------------------------------
 # driver side
 # ---------------------------------------------------------------------------------------------
+def actor_plan(resources: dict, device: str | None, threads: int | None) -> tuple[int, int, float, str]:
+    """``(model actors, GPUs each, CPUs each, device)`` for a cluster's resources: one actor per GPU
+    (each holding one) when the cluster has GPUs and ``device`` is None or CUDA; else a single CPU
+    actor with ``threads`` CPUs (leaving at least one to the decode tasks)."""
+    gpus = int(resources.get("GPU", 0))
+    want_cuda = device is not None and str(device).startswith("cuda")
+    if want_cuda and not gpus:
+        raise RuntimeError(f"--device {device} was asked for, but the Ray cluster has no GPU")
+    if gpus > 0 and (device is None or want_cuda):
+        return gpus, 1, 0.0, "cuda"
+    # A CPU actor asks for a hair less than whole CPUs: Ray Data fuses consecutive map stages with
+    # equal resource requests, which would run every decode inside the single model actor.
+    return 1, 0, min(float(threads or 1), max(1.0, float(resources.get("CPU", 1)) - 1)) - 0.01, "cpu"
+
+
 def mapped_batches(
     todo: list[FileEntry],
     cfg,
@@ -135,17 +150,9 @@ def mapped_batches(
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the embed job draws its own bar
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    want_cuda = cfg.device is not None and str(cfg.device).startswith("cuda")
-    if want_cuda and not gpus:
-        raise RuntimeError(f"--device {cfg.device} was asked for, but the Ray cluster has no GPU")
-    use_gpu = gpus > 0 and (cfg.device is None or want_cuda)
-    actors = gpus if use_gpu else 1
-    # A CPU actor asks for a hair less than whole CPUs: Ray Data fuses consecutive map stages with
-    # equal resource requests, which would run every decode inside the single model actor.
-    actor_cpus = 0 if use_gpu else min(float(cfg.threads or 1), max(1.0, float(resources.get("CPU", 1)) - 1)) - 0.01
-    device = "cuda" if use_gpu else "cpu"
-    log.info("ray: %d CPU, %d GPU in the cluster; %d model actor(s) on %s", int(resources.get("CPU", 0)), gpus, actors, device)
+    actors, gpus_each, actor_cpus, device = actor_plan(resources, cfg.device, cfg.threads)
+    log.info("ray: %d CPU, %d GPU in the cluster; %d model actor(s) on %s", int(resources.get("CPU", 0)), int(resources.get("GPU", 0)),
+             actors, device)
 
     chunk = max(1, min(4, cfg.batch_size))
     ds = ray.data.from_items(
@@ -159,7 +166,7 @@ def mapped_batches(
     ds = ds.map_batches(
         EmbedActor, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=1 if use_gpu else 0, num_cpus=actor_cpus,
+        num_gpus=gpus_each, num_cpus=actor_cpus,
         fn_constructor_kwargs={
             "checkpoint_paths": [c.path for c in checkpoints],
             "sha256s": [c.sha256 for c in checkpoints],

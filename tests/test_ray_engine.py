@@ -86,3 +86,17 @@ def test_address_without_ray_engine_is_refused(tmp_path, tiny_checkpoints, capsy
     assert rc == 2
     assert "--address is for --engine ray" in capsys.readouterr().err
     assert not (tmp_path / "ws").exists()
+
+
+def test_actor_plan_puts_one_model_actor_on_each_gpu():
+    """The model actors for a cluster's resources (a pure function: a GPU cluster cannot be started here)."""
+    from curator.pipelines.ray_engine import actor_plan
+
+    assert actor_plan({"CPU": 64.0, "GPU": 8.0}, None, None) == (8, 1, 0.0, "cuda")  # one per GPU, no CPU taken from the decoders
+    assert actor_plan({"CPU": 64.0, "GPU": 8.0}, "cuda", 4) == (8, 1, 0.0, "cuda")
+    n, gpus, cpus, device = actor_plan({"CPU": 64.0, "GPU": 8.0}, "cpu", 4)  # asked for the CPU on a GPU cluster
+    assert (n, gpus, device) == (1, 0, "cpu") and cpus == pytest.approx(3.99)
+    n, gpus, cpus, device = actor_plan({"CPU": 2.0}, None, 8)  # CPU cluster: one actor, leaving a CPU to the decode tasks
+    assert (n, gpus, device) == (1, 0, "cpu") and cpus == pytest.approx(0.99)
+    with pytest.raises(RuntimeError, match="has no GPU"):
+        actor_plan({"CPU": 16.0}, "cuda:0", None)
