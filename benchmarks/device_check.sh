@@ -58,7 +58,7 @@ fi
 
 # 3. --gpu-jpeg against the exact path: throughput and deviation (issue 6, item 5); the device path in turn with
 #    the model, beside it (overlap), with the workers' adaptive share, and that with --gpu-letterbox (~200 s a repeat).
-has gpu_jpeg && { timeout 330 python3 benchmarks/gpu_jpeg.py --device "$DEVICE" --images ${N[0]} --distinct ${N[1]} --workers ${N[2]} --batch-size ${N[3]} --device-images ${N[5]} --repeats ${REPEATS:-2} --json \
+has gpu_jpeg && { timeout 330 python3 benchmarks/gpu_jpeg.py --device "$DEVICE" --images ${N[0]} --distinct ${N[1]} --workers ${N[2]} --batch-size ${N[3]} --device-images ${N[5]} --repeats ${REPEATS:-1} --json \
   >"$OUT/gpu_jpeg.json" 2>"$OUT/gpu_jpeg.err"; echo "gpu_jpeg rc $?"; tail -c 1500 "$OUT/gpu_jpeg.json"; grep '^{' "$OUT/gpu_jpeg.err" | tail -2; }
 
 # 4. --gpu-letterbox against the default path: the workers' rate, the device letterbox, end to end, the deviation.

@@ -544,7 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --gpu-jpeg: the share of grayscale JPEGs the reader workers decode themselves, the exact way, beside "
                    "the GPU's decoder (their rows keep conversion 'raster'). 'auto' adapts it after every model batch so that "
                    "neither waits for the other (on a GPU node the workers are otherwise mostly idle); a number from 0 to 1 fixes "
-                   "it (0: every one on the GPU). Default: auto on a GPU, 0 on the CPU")
+                   "it (0: every one on the GPU). With auto, which files each side decodes depends on timing: fix a number "
+                   "for runs that must repeat to the bit (nvJPEG may differ from libjpeg-turbo by a grey level). Default: auto "
+                   "on a GPU, 0 on the CPU")
     p.add_argument("--gpu-letterbox", action="store_true",
                    help="letterbox and transform grayscale images on the model's GPU instead of in the reader workers, which then "
                    "only decode and convert: on a GPU node the workers are the limit, and the Lanczos resize of a full-size film "
@@ -552,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "canvases are the default path's and rows keep their usual conversion (on a GPU the normalisation and the 224 "
                    "resize then run there too, equal within float rounding). Any format (DICOM, PNG, JPEG); colour images are "
                    "letterboxed by the workers as usual. The workers hand full-size images over through shared memory (/dev/shm: "
-                   "5-10 MB per film in flight; a container needs room there) and a model batch of them is held in pinned memory. "
+                   "5-10 MB per film in flight; a container needs room there) and a model batch of them is held in pinned memory "
+                   "(two on a GPU, where the next batch's letterbox runs beside the model). "
                    "Works beside --gpu-jpeg and --fast-jpeg; not with --engine ray")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="'local': decode worker processes + models on this machine (default); 'ray': the same stages on Ray Data "

@@ -99,6 +99,15 @@ def resample_matrix(in_size: int, out_size: int) -> np.ndarray:
 BLOCK = 32  # output pixels per block of the banded products
 
 
+def _place(device: torch.device) -> str:
+    """:func:`_banded`'s cache key for ``device``: on CUDA with the current stream, so that a cached
+    tensor is used (and, once evicted, freed) only on the stream that made it (pipelines.embed runs
+    the device stage on a stream of its own beside the model)."""
+    if device.type == "cuda":
+        return f"{device}#{torch.cuda.current_stream(device).stream_id}"
+    return str(device)
+
+
 @functools.lru_cache(maxsize=64)
 def _banded(in_size: int, out_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`resample_matrix` cut into blocks of ``BLOCK`` output pixels, each with the input span it reads.
@@ -119,6 +128,7 @@ def _banded(in_size: int, out_size: int, device: str) -> tuple[torch.Tensor, tor
     for b in range(blocks):
         n = min(span, in_size - first[b])
         weights[b, :n] = m[b * BLOCK : (b + 1) * BLOCK, first[b] : first[b] + n].T
+    device = device.split("#")[0]  # (the stream, if any, is part of the cache key only: _place)
     return torch.from_numpy(index).to(device), torch.from_numpy(weights).to(device)
 
 
@@ -133,7 +143,7 @@ def resize_like_pillow(image: torch.Tensor, width: int, height: int) -> torch.Te
     letterbox does on any version, see :func:`curator.preprocess.letterbox`): the horizontal pass
     first, each pass rounded to 8 bits."""
     *lead, h, w = image.shape
-    dev = str(image.device)
+    dev = _place(image.device)
     x = image.to(torch.float64)
     if width != w:  # Pillow's need_horizontal
         index, weights = _banded(w, width, dev)
@@ -177,7 +187,7 @@ def letterbox_all(images: list[torch.Tensor], size: int = C.CANVAS_SIZE, stack: 
         by_shape.setdefault(tuple(im.shape), []).append(i)
     for (h, w), idx in by_shape.items():
         nw, _ = letterbox_size(w, h, size)
-        span = _banded(w, nw, str(images[idx[0]].device))[0].numel() if nw != w else w
+        span = _banded(w, nw, _place(images[idx[0]].device))[0].numel() if nw != w else w
         per_stack = max(1, STACK_VALUES // (h * span))
         for k in range(0, len(idx), per_stack):
             part = idx[k : k + per_stack]

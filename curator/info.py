@@ -95,6 +95,7 @@ def format_info(info: dict) -> str:
             beside = (r.get("options") or {}).get("device_overlap")
             if beside:  # the device stages ran in a thread beside the model: what the model waited for them
                 stages.append(("waiting for the device stages", t.get("device_wait_s") or 0.0))
-            lines.append(f"    {t['total_s']:.1f} s: " + ", ".join(f"{name} {v:.1f} s" for name, v in stages if v >= 0.05 or name == "model")
+            lines.append(f"    {t['total_s']:.1f} s: " + ", ".join(f"{name} {v:.1f} s" for name, v in stages
+                                                         if v >= 0.05 or name in ("model", "waiting for the device stages"))
                          + (" (the device stages ran beside the model)" if beside else ""))
     return "\n".join(lines)

@@ -6,6 +6,7 @@ bottleneck), feeding batches to the checkpoints in the main process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -65,7 +66,9 @@ class EmbedConfig:
     overlap: bool | None = None
     # --gpu-jpeg: share of the grayscale JPEGs the reader workers decode themselves (exact path)
     # beside the device: a number in [0, 1] (fixed), "auto" (adapted during the run: WorkerShare),
-    # or None: "auto" when the model is on a CUDA device, 0 otherwise.
+    # or None: "auto" when the model is on a CUDA device, 0 otherwise. With "auto", which files
+    # each side decodes depends on timing, so two runs can differ where nvJPEG's pixels differ
+    # from libjpeg-turbo's (a grey level at most, seen on none of the H200's test films).
     worker_jpeg_share: float | str | None = None
 
 
@@ -353,9 +356,10 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                         if [c.sha256 for c in checkpoints] != [r.sha256 for r in refs]:
                             raise WorkspaceError("a checkpoint file changed while this run started; rerun")
                     source = local_mapped_batches(todo, cfg, checkpoints, prompt_sets, timing, state, devices)
-                for rows, mapped, errors in source:
-                    writer.add(rows, mapped, errors)
-                    bar.update(len(rows) + len(errors))
+                with contextlib.closing(source):  # stopped early (an error, Ctrl-C): its device-stage thread ends now, not at GC
+                    for rows, mapped, errors in source:
+                        writer.add(rows, mapped, errors)
+                        bar.update(len(rows) + len(errors))
             bar.close()
             summary.ignored = report.ignored
             summary.unreadable = len(report.unreadable)
@@ -473,9 +477,9 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
                     timing["device_wait_s"] += time.perf_counter() - t0
                 pending = ahead
             if state.get("share") is not None and batch is not None and (batch["jpegs"] or batch["kept"]):
-                state["share"].update(reader_wait, time.perf_counter() - t0)  # what this thread waited for: readers or device
+                state["share"].update(reader_wait, time.perf_counter() - t0, overlapped=pool is not None)
             if ready is not None:
-                yield _model_stage(ready, checkpoints, prompt_sets, devices, timing, state)
+                yield _model_stage(ready, cfg, checkpoints, prompt_sets, devices, timing, state)
             if batch is None:
                 break
     finally:
@@ -483,19 +487,22 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
             pool.shutdown(wait=True, cancel_futures=True)  # (a stage under way finishes: it holds the GPU and the in-hand note)
 
 
-def _device_stage(batch: dict, cfg: EmbedConfig, device: torch.device, timing: dict) -> tuple[torch.Tensor | None, list[dict], list[dict]]:
-    """A batch's model inputs on ``device`` with their rows, and its error rows: the letterbox of
-    --gpu-letterbox's images, the decode of --gpu-jpeg's JPEGs (nothing to do without them)."""
+def _device_stage(batch: dict, cfg: EmbedConfig, device: torch.device, timing: dict) -> tuple:
+    """A batch's model inputs on ``device`` with their rows, its error rows, and the rows of the
+    JPEGs the device rejected (read the exact way by :func:`_model_stage`, in the main thread,
+    where the per-file time limit works): the letterbox of --gpu-letterbox's images, the decode
+    of --gpu-jpeg's JPEGs (nothing to do without them)."""
     if batch["images"]:  # letterboxed here; their rows already follow the tensors' (_batch)
         t0 = time.perf_counter()
         batch = {**batch, "tensors": letterbox_on_device(batch, cfg, device)}
         timing["device_letterbox_s"] += time.perf_counter() - t0
     if batch["jpegs"]:
         t0 = time.perf_counter()
-        out = on_device(batch, cfg, device, timing)
+        rejected: list[dict] = []
+        out = on_device(batch, cfg, device, timing, rejected=rejected)
         timing["device_jpeg_s"] += time.perf_counter() - t0
-        return out
-    return batch["tensors"], batch["rows"], batch["errors"]
+        return (*out, rejected)
+    return batch["tensors"], batch["rows"], batch["errors"], []
 
 
 def _device_stage_on_stream(batch: dict, cfg: EmbedConfig, device: torch.device, timing: dict, state: dict):
@@ -512,14 +519,18 @@ def _device_stage_on_stream(batch: dict, cfg: EmbedConfig, device: torch.device,
     return out
 
 
-def _model_stage(ready: tuple, checkpoints: list[Checkpoint], prompt_sets: list[PromptSet], devices: list[torch.device] | None,
-                 timing: dict, state: dict) -> tuple[list[dict], dict | None, list[dict]]:
-    tensors, rows, errors = ready
+def _model_stage(ready: tuple, cfg: EmbedConfig, checkpoints: list[Checkpoint], prompt_sets: list[PromptSet],
+                 devices: list[torch.device] | None, timing: dict, state: dict) -> tuple[list[dict], dict | None, list[dict]]:
+    tensors, rows, errors, rejected = ready
+    if tensors is not None and tensors.is_cuda:  # made on the device stage's stream: not reused before this stream is done with it
+        tensors.record_stream(torch.cuda.current_stream(tensors.device))
+    if rejected:  # read the exact way, after the rows of the device's tensors (as on_device would)
+        t0 = time.perf_counter()
+        tensors, rows, errors = read_exactly(rejected, cfg, checkpoints[0].device, tensors, rows, errors)
+        timing["device_jpeg_s"] += time.perf_counter() - t0
     mapped = None
     if tensors is not None:
         t0 = time.perf_counter()
-        if tensors.is_cuda:  # made on the device stage's stream: its memory is not reused before the model is done with it
-            tensors.record_stream(torch.cuda.current_stream(tensors.device))
         if "mapper" not in state:
             state["mapper"] = Mapper(checkpoints, prompt_sets, devices)
         mapped = state["mapper"](tensors)
@@ -551,7 +562,8 @@ def letterbox_on_device(batch: dict, cfg: EmbedConfig, device: torch.device) -> 
     return torch.cat(parts)
 
 
-def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict | None = None) -> tuple[torch.Tensor | None, list[dict], list[dict]]:
+def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict | None = None,
+              rejected: list[dict] | None = None) -> tuple[torch.Tensor | None, list[dict], list[dict]]:
     """Decode and preprocess a batch's undecoded JPEGs on ``device`` (curator.device_jpeg).
 
     Returns the batch's model inputs on ``device`` with their rows, in one order, and its error
@@ -560,14 +572,15 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict 
     say 'raster') or an error row. Decoding happens on CUDA devices; for any other the CPU decodes.
     The JPEGs go in groups of at most ``DEVICE_GROUP_PIXELS`` decoded pixels; a group that runs
     the GPU out of memory is read the exact way too. ``counts`` gets ``device_decoded`` and
-    ``device_rejected`` added to.
+    ``device_rejected`` added to. With ``rejected`` (a list), the rejected files' rows go there
+    instead, for the caller to read (:func:`read_exactly`).
     """
     jpegs = batch["jpegs"]
     ahead = len(batch["rows"]) - len(jpegs)
     rows, jpeg_rows, errors = list(batch["rows"][:ahead]), batch["rows"][ahead:], list(batch["errors"])
     parts = [batch["tensors"].to(device)] if batch["tensors"] is not None else []
     where = device if device.type == "cuda" else torch.device("cpu")
-    rejected: list[int] = []
+    refused: list[int] = []
     in_hand = Path(cfg.workspace).expanduser().resolve() / IN_HAND_NOTE  # (as Workspace resolves it)
     before = sorted(cfg.read_options.device_skip)
     # A decoder crash below ends the process with no error row; the note lets the next run hand
@@ -589,17 +602,30 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict 
                 torch.cuda.empty_cache()
                 log.warning("out of GPU memory decoding %d JPEGs on %s; they are read the exact way (lower --batch-size)", len(group), where)
             done = {i for i, _ in ok or ()}
-            rejected += [i for i in group if i not in done]
+            refused += [i for i in group if i not in done]
     finally:
         _write_in_hand(in_hand, before)
     if counts is not None:
-        counts["device_decoded"] = counts.get("device_decoded", 0) + len(jpegs) - len(rejected)
-        counts["device_rejected"] = counts.get("device_rejected", 0) + len(rejected)
-    if rejected:
-        log.info("%d JPEG(s) of this batch not decoded on %s, read the exact way (first: %s)", len(rejected), where, jpeg_rows[rejected[0]]["path"])
+        counts["device_decoded"] = counts.get("device_decoded", 0) + len(jpegs) - len(refused)
+        counts["device_rejected"] = counts.get("device_rejected", 0) + len(refused)
+    if refused:
+        log.info("%d JPEG(s) of this batch not decoded on %s, read the exact way (first: %s)", len(refused), where, jpeg_rows[refused[0]]["path"])
+    tensors = torch.cat(parts) if parts else None
+    if rejected is not None:
+        rejected += [jpeg_rows[i] for i in refused]
+        return tensors, rows, errors
+    return read_exactly([jpeg_rows[i] for i in refused], cfg, device, tensors, rows, errors)
+
+
+def read_exactly(jpeg_rows: list[dict], cfg: EmbedConfig, device: torch.device, tensors: torch.Tensor | None, rows: list[dict],
+                 errors: list[dict]) -> tuple[torch.Tensor | None, list[dict], list[dict]]:
+    """The files of ``jpeg_rows`` (handed to the device, which rejected them) read by the exact
+    path, appended to a batch's model inputs, rows and error rows; call it in the main thread (the
+    per-file time limit is a signal)."""
     exact = replace(cfg.read_options, jpeg_on_device=False, letterbox_on_device=False)
-    for i in rejected:
-        r = jpeg_rows[i]
+    parts = [tensors] if tensors is not None else []
+    rows, errors = list(rows), list(errors)
+    for r in jpeg_rows:
         item = read_item(FileEntry(r["path"], r["size"], r["mtime_ns"]), exact, cfg.preprocess)
         if item["ok"]:
             parts.append(item["tensor"].unsqueeze(0).to(device))
@@ -654,14 +680,19 @@ class WorkerShare:
     the device's decoder, so that neither waits for the other (on a GPU node nvJPEG decodes ~1,000
     full-size films/s and leaves the workers, which then only read and hash, mostly idle).
 
-    ``shared`` is a float in shared memory that forked workers read per file
-    (stages.kept_by_workers). With ``fixed`` None it adapts after every model batch: up by
-    ``STEP`` when this process waited longer for the device stage than for the readers, down
-    when it waited longer for the readers (within ``[0, MAX]``); a number fixes it.
+    ``shared`` is a float in shared memory that the worker processes read per file
+    (stages.kept_by_workers). With ``fixed`` None it adapts after every model batch by ``STEP``
+    (within ``[0, MAX]``), towards whichever side keeps up: with the device stage beside the
+    model (overlap), up when this process waited longer for the device stage than for the
+    readers, down when the other way round; in turn with the model, up while the readers keep up
+    (this process hardly waits for them: the device stage's work moves to idle workers), down when
+    it waits for them. Waits within ``BAND`` of each other (a share of the larger, plus 1 ms)
+    leave it: the model is then the limit. A number fixes it.
     """
 
     STEP = 0.05
     MAX = 0.95  # the device keeps some: its rate is measured only while it works
+    BAND = 0.1
 
     def __init__(self, fixed: float | None = None):
         import multiprocessing
@@ -675,13 +706,21 @@ class WorkerShare:
     def value(self) -> float:
         return self.shared.value
 
-    def update(self, reader_wait: float, device_wait: float) -> None:
-        """One model batch's waits (seconds): for the reader workers, for the device stage."""
+    def update(self, reader_wait: float, device_wait: float, overlapped: bool = True) -> None:
+        """One model batch's seconds: waiting for the reader workers, and waiting for the device
+        stage (``overlapped``: it ran beside the model) or running it (in turn with the model)."""
         if self.fixed is not None:
             return
-        if device_wait > reader_wait:
+        band = self.BAND * max(reader_wait, device_wait) + 0.001
+        if overlapped:
+            more = device_wait > reader_wait + band
+            less = reader_wait > device_wait + band
+        else:  # the readers keep up when this process hardly waits for them
+            more = reader_wait <= band
+            less = not more
+        if more:
             self.shared.value = min(self.MAX, self.shared.value + self.STEP)
-        elif reader_wait > device_wait:
+        elif less:
             self.shared.value = max(0.0, self.shared.value - self.STEP)
 
 

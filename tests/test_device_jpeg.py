@@ -259,7 +259,6 @@ def test_device_stage_runs_beside_the_model(tmp_path, tiny_checkpoints, monkeypa
     """With the overlap, batch n+1's device stage runs in its own thread while the model runs on
     batch n; batches still reach the writer in order, each row with its own image."""
     import threading
-    import time
 
     from curator.pipelines import embed as embed_mod
     from curator.pipelines.stages import Mapper
@@ -270,36 +269,39 @@ def test_device_stage_runs_beside_the_model(tmp_path, tiny_checkpoints, monkeypa
         Image.fromarray(_film(300 + 10 * i, 260, seed=40 + i)).save(arc / f"f{i:02d}.png")
     common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, workers=0, threads=1,
                   batch_size=3, read_options=ReadOptions(letterbox_on_device=True))
-    spans = {"device": [], "model": []}
     real_stage, real_call = embed_mod._device_stage, Mapper.__call__
+    # The device stage of batch n+1 waits (up to 5 s) until the model call on batch n has started,
+    # and that model call waits until the stage has seen it: both only happen if they run at once.
+    model_started = [threading.Event() for _ in range(8)]
+    stage_saw_it = [threading.Event() for _ in range(8)]
+    log = {"stages": [], "models": 0, "waits": []}
 
     def device_stage(batch, *a, **kw):
-        t0 = time.perf_counter()
-        time.sleep(0.3)  # long enough for the model call on the batch before to start meanwhile
-        out = real_stage(batch, *a, **kw)
-        spans["device"].append((t0, time.perf_counter(), threading.current_thread().name))
-        return out
+        n = len(log["stages"])
+        log["stages"].append(threading.current_thread().name)
+        if n >= 1:
+            log["waits"].append(model_started[n - 1].wait(5))
+            stage_saw_it[n - 1].set()
+        return real_stage(batch, *a, **kw)
 
     def model(self, tensors):
-        t0 = time.perf_counter()
-        time.sleep(0.3)
-        out = real_call(self, tensors)
-        spans["model"].append((t0, time.perf_counter(), threading.current_thread().name))
-        return out
+        n = log["models"]
+        log["models"] += 1
+        model_started[n].set()
+        if n + 1 < 4:  # the last batch has no next stage to meet
+            log["waits"].append(stage_saw_it[n].wait(5))
+        return real_call(self, tensors)
 
     monkeypatch.setattr(embed_mod, "_device_stage", device_stage)
     monkeypatch.setattr(Mapper, "__call__", model)
-    exact = run_embed(EmbedConfig(workspace=str(tmp_path / "exact"), **{**common, "read_options": ReadOptions()}))
-    # (without the option there is no device work to overlap: everything in this thread, in turn)
-    assert {name for *_, name in spans["device"] + spans["model"]} == {threading.main_thread().name} and len(spans["model"]) == 4
-    spans["device"].clear(), spans["model"].clear()
     dev = run_embed(EmbedConfig(workspace=str(tmp_path / "dev"), overlap=True, **common))
-    assert dev.processed == exact.processed == 12 and len(spans["device"]) == len(spans["model"]) == 4
-    assert {name for *_, name in spans["device"]} == {"curator-device-stage_0"}
-    assert {name for *_, name in spans["model"]} == {threading.main_thread().name}
-    # each model call after the first ran while the next batch's device stage did
-    beside = sum(any(d0 < m1 and m0 < d1 for d0, d1, _ in spans["device"]) for m0, m1, _ in spans["model"])
-    assert beside >= 3, spans
+    assert dev.processed == 12 and log["models"] == 4 and len(log["stages"]) == 4
+    assert set(log["stages"]) == {"curator-device-stage_0"}
+    assert log["waits"] == [True] * 6, log  # every meeting happened: stage n+1 ran while model n did
+    monkeypatch.setattr(embed_mod, "_device_stage", real_stage)
+    monkeypatch.setattr(Mapper, "__call__", real_call)
+    exact = run_embed(EmbedConfig(workspace=str(tmp_path / "exact"), **{**common, "read_options": ReadOptions()}))
+    assert exact.processed == 12
     _, cat_e, emb_e, _ = _tables(tmp_path / "exact")
     _, cat_d, emb_d, _ = _tables(tmp_path / "dev")
     assert cat_d.keys() == cat_e.keys()
@@ -307,7 +309,39 @@ def test_device_stage_runs_beside_the_model(tmp_path, tiny_checkpoints, monkeypa
         np.testing.assert_array_equal(emb_d[p], emb_e[p])
     assert [cat_d[p]["image_id"] for p in sorted(cat_d)] == [cat_e[p]["image_id"] for p in sorted(cat_e)]  # written in the same order
     t = json.loads(Workspace(tmp_path / "dev").read_table("runs").to_pylist()[-1]["timings"])
-    assert t["device_letterbox_s"] > 0 and "device_wait_s" in t and t["model_s"] >= 4 * 0.3
+    assert t["device_letterbox_s"] > 0 and 0 <= t["device_wait_s"] < t["total_s"]
+
+
+def test_without_the_overlap_the_stages_take_turns(tmp_path, tiny_checkpoints, monkeypatch):
+    """The check above, with the overlap off: the stage never sees the model call start (so the
+    handshake can fail, and the test above means something)."""
+    import threading
+
+    from curator.pipelines import embed as embed_mod
+    from curator.pipelines.stages import Mapper
+
+    arc = tmp_path / "arc"
+    arc.mkdir()
+    for i in range(6):
+        Image.fromarray(_film(300, 260, seed=50 + i)).save(arc / f"f{i}.png")
+    model_started, seen = threading.Event(), []
+    real_stage, real_call = embed_mod._device_stage, Mapper.__call__
+
+    def device_stage(batch, *a, **kw):
+        seen.append((threading.current_thread().name, model_started.is_set()))
+        return real_stage(batch, *a, **kw)
+
+    def model(self, tensors):
+        model_started.set()
+        out = real_call(self, tensors)
+        model_started.clear()
+        return out
+
+    monkeypatch.setattr(embed_mod, "_device_stage", device_stage)
+    monkeypatch.setattr(Mapper, "__call__", model)
+    run_embed(EmbedConfig(archives=[str(arc)], workspace=str(tmp_path / "ws"), checkpoints=[str(tiny_checkpoints[0])], device="cpu",
+                          progress=False, workers=0, threads=1, batch_size=2, overlap=False, read_options=ReadOptions(letterbox_on_device=True)))
+    assert seen == [(threading.main_thread().name, False)] * 3
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -329,6 +363,34 @@ def test_overlap_gives_the_same_workspace_on_each_device(tmp_path, tiny_checkpoi
             k: v for k, v in cat_b[p].items() if k not in ("run_id", "added_at")}
         np.testing.assert_allclose(emb_b[p], emb_a[p], rtol=0, atol=0 if device == "cpu" else 1e-6)
     assert json.loads(w_b.read_table("runs").to_pylist()[-1]["options"])["device_overlap"] is True
+
+
+def test_a_writer_that_fails_ends_the_device_stage_thread_at_once(tmp_path, tiny_checkpoints, monkeypatch):
+    """The run's loop stops early (here: the writer fails): the device-stage thread ends with the
+    run, not when the generator is collected (pytest.raises keeps the frames alive)."""
+    import threading
+
+    from curator.pipelines.stages import WorkspaceWriter
+
+    arc = tmp_path / "arc"
+    arc.mkdir()
+    for i in range(8):
+        Image.fromarray(_film(300, 260, seed=80 + i)).save(arc / f"f{i}.png")
+    real_add = WorkspaceWriter.add
+
+    def add(self, *a, **kw):
+        if getattr(self, "_calls", 0) == 1:
+            raise OSError("disk full (simulated)")
+        self._calls = getattr(self, "_calls", 0) + 1
+        return real_add(self, *a, **kw)
+
+    monkeypatch.setattr(WorkspaceWriter, "add", add)
+    with pytest.raises(OSError, match="simulated") as failed:  # (held: its traceback keeps run_embed's frame, and so the generator)
+        run_embed(EmbedConfig(archives=[str(arc)], workspace=str(tmp_path / "ws"), checkpoints=[str(tiny_checkpoints[0])], device="cpu",
+                              progress=False, workers=0, threads=1, batch_size=2, overlap=True,
+                              read_options=ReadOptions(letterbox_on_device=True)))
+    assert not any(t.name.startswith("curator-device-stage") for t in threading.enumerate())
+    assert failed.value.__traceback__ is not None
 
 
 def test_a_device_stage_that_fails_ends_the_run_and_its_thread(tmp_path, tiny_checkpoints, monkeypatch):
@@ -461,10 +523,13 @@ def test_cli_flag_and_its_conflicts(tmp_path, tiny_checkpoints, capsys, caplog):
     assert [r["conversion"] for r in cat] == ["raster+cpu-jpeg"]
 
 
-def test_files_the_device_path_rejects_are_read_the_exact_way(tmp_path, tiny_checkpoints, monkeypatch):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_files_the_device_path_rejects_are_read_the_exact_way(tmp_path, tiny_checkpoints, monkeypatch, overlap):
     """The fallbacks of `on_device`: a file the decoder rejects, one it decodes to another size than
-    its header, a group that runs out of GPU memory, and a rejected file that is gone by then."""
+    its header, a group that runs out of GPU memory, and a rejected file that is gone by then. They
+    are read in the main thread (where the per-file time limit works), also with the overlap."""
     import os
+    import threading
 
     from curator.pipelines import embed as embed_mod
 
@@ -499,7 +564,15 @@ def test_files_the_device_path_rejects_are_read_the_exact_way(tmp_path, tiny_che
     monkeypatch.setattr(device_jpeg, "decode", decode)
     monkeypatch.setattr(device_jpeg, "model_inputs", model_inputs)
     monkeypatch.setattr(embed_mod, "DEVICE_GROUP_PIXELS", 1)  # one file per group
-    s = run_embed(EmbedConfig(workspace=str(tmp_path / "dev"), read_options=ON_DEVICE, **common))
+    real_read, readers = embed_mod.read_item, []
+
+    def read_item(entry, *a, **kw):
+        readers.append(threading.current_thread().name)
+        return real_read(entry, *a, **kw)
+
+    monkeypatch.setattr(embed_mod, "read_item", read_item)  # (the exact re-reads: the workers' reads are stages.read_item)
+    s = run_embed(EmbedConfig(workspace=str(tmp_path / "dev"), read_options=ON_DEVICE, overlap=overlap, **common))
+    assert readers == [threading.main_thread().name] * 4
     assert sorted(decode.seen) == ["g0.jpg", "g1.jpg", "g2.jpg", "gutted.jpg"]  # one call per group, grey JPEGs only
     assert s.processed == 5 and s.failed == {"vanished": 1, "corrupt_image": 1, "empty_file": 1}
     assert (s.device_decoded, s.device_rejected) == (0, 4)
@@ -566,6 +639,14 @@ def test_worker_share_moves_towards_the_stage_that_waits_and_stays_when_fixed():
     for _ in range(100):
         auto.update(reader_wait=0.0, device_wait=1.0)
     assert auto.value == pytest.approx(WorkerShare.MAX)  # nor above MAX: the device keeps some
+    auto.update(reader_wait=0.100, device_wait=0.105)  # about equal (the model is the limit): it stays
+    assert auto.value == pytest.approx(WorkerShare.MAX)
+    turn = WorkerShare()  # in turn with the model: up while the readers keep up, whatever the device stage took
+    turn.update(reader_wait=0.0, device_wait=0.01, overlapped=False)
+    turn.update(reader_wait=0.0005, device_wait=2.0, overlapped=False)
+    assert turn.value == pytest.approx(2 * WorkerShare.STEP)
+    turn.update(reader_wait=0.2, device_wait=0.5, overlapped=False)  # this process waited for the readers: less
+    assert turn.value == pytest.approx(WorkerShare.STEP)
     fixed = WorkerShare(0.25)
     fixed.update(reader_wait=0.0, device_wait=9.0)
     assert fixed.value == 0.25
@@ -602,17 +683,20 @@ def test_jpegs_the_workers_keep_as_their_share_end_as_the_exact_path(tmp_path, t
 
     arc = tmp_path / "arc"
     arc.mkdir()
-    for i in range(10):
-        (arc / f"f{i}.jpg").write_bytes(_jpeg(_film(400 + 20 * i, 330, seed=70 + i), quality=90))
+    drawn = multiprocessing.RawValue("d", share)
+    names = [f"f{i}.jpg" for i in range(200)]  # (the draw depends on the whole path: pick names that give both sides some)
+    kept_names = [n for n in names if kept_by_workers(str(arc / n), drawn)][: 10 if share == 1.0 else 5]
+    names = kept_names + [n for n in names if not kept_by_workers(str(arc / n), drawn)][: 10 - len(kept_names)]
+    for i, name in enumerate(names):
+        (arc / name).write_bytes(_jpeg(_film(400 + 20 * i, 330, seed=70 + i), quality=90))
     common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, workers=2, threads=1,
                   batch_size=4)
     run_embed(EmbedConfig(workspace=str(tmp_path / "exact"), **common))
     s = run_embed(EmbedConfig(workspace=str(tmp_path / "dev"), read_options=ReadOptions(jpeg_on_device=True, letterbox_on_device=letterbox),
                               worker_jpeg_share=share, **common))
-    drawn = multiprocessing.RawValue("d", share)
     want_kept = {str(p) for p in arc.iterdir() if kept_by_workers(str(p), drawn)}
     assert s.processed == 10 and (s.worker_decoded, s.device_decoded) == (len(want_kept), 10 - len(want_kept))
-    assert 0 < len(want_kept) <= 10 and s.worker_share == share
+    assert len(want_kept) == (10 if share == 1.0 else 5) and s.worker_share == share
     assert any("by the reader workers beside it" in line for line in s.lines())
     _, cat_e, emb_e, _ = _tables(tmp_path / "exact")
     w_d, cat_d, emb_d, _ = _tables(tmp_path / "dev")
