@@ -72,3 +72,67 @@ def test_default_decode_workers_use_every_core_when_the_model_is_on_a_gpu(monkey
     assert embed.default_workers(gpu=False) == 8  # the CPU model needs cores too
     monkeypatch.setattr(embed.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert embed.default_workers(gpu=True) == 2 and embed.default_workers(gpu=False) == 2
+
+
+# (on a machine with a GPU, also two replicas on it: the sharded stage's streams and copies on CUDA)
+@pytest.mark.parametrize("devices,overlap", [("cpu,cpu", False), ("cpu,cpu,cpu", True)]
+                         + ([("cuda:0,cuda:0", True)] if torch.cuda.is_available() else []))
+def test_device_stage_is_shared_by_every_device(tmp_path, tiny_checkpoints, monkeypatch, devices, overlap):
+    """--gpu-jpeg / --gpu-letterbox with several devices: each takes a contiguous share of every
+    batch's images and JPEGs; the workspace equals the one-device run's, image ids included, and
+    the in-hand note names all of a batch's JPEGs while they are decoded."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from curator.pipelines import embed as embed_mod
+    from curator.readers import ReadOptions
+
+    rng = np.random.default_rng(3)
+    arc = tmp_path / "arc"
+    arc.mkdir()
+    for i in range(14):
+        film = (rng.random((260 + 20 * i, 240)) * 255).astype(np.uint8)
+        if i % 2:
+            buf = io.BytesIO()
+            Image.fromarray(film).save(buf, format="JPEG", quality=90)
+            (arc / f"f{i:02d}.jpg").write_bytes(buf.getvalue())  # decoded beside the model (--gpu-jpeg)
+        else:
+            Image.fromarray(film).save(arc / f"f{i:02d}.png")  # letterboxed beside the model (--gpu-letterbox)
+    (arc / "broken.jpg").write_bytes(buf.getvalue()[:300])
+    common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], progress=False, workers=2, batch_size=6, threads=1,
+                  read_options=ReadOptions(jpeg_on_device=True, letterbox_on_device=True), overlap=overlap)
+    one = run_embed(EmbedConfig(workspace=str(tmp_path / "one"), device=devices.split(",")[0], **common))
+    calls, notes, real_stage, real_decode = [], [], embed_mod._device_stage, embed_mod.device_jpeg.decode
+
+    def stage(part, cfg, device, timing, note=True):
+        calls.append((len(part["images"]), len(part["jpegs"]), note))
+        return real_stage(part, cfg, device, timing, note)
+
+    def decode(blobs, device):
+        notes.append(len(json.loads((tmp_path / "many" / embed_mod.IN_HAND_NOTE).read_text())))
+        return real_decode(blobs, device)
+
+    monkeypatch.setattr(embed_mod, "_device_stage", stage)
+    monkeypatch.setattr(embed_mod.device_jpeg, "decode", decode)
+    many = run_embed(EmbedConfig(workspace=str(tmp_path / "many"), device=devices, **common))
+    n = devices.count(",") + 1
+    assert many.processed == one.processed == 14 and many.failed == one.failed
+    assert (many.device_decoded, many.device_rejected) == (one.device_decoded, one.device_rejected) == (7, 0)
+    assert calls and all(not note for *_, note in calls) and max(i + j for i, j, _ in calls) <= -(-6 // n) * 2
+    batches = -(-14 // 6)
+    assert len(calls) > batches and sum(i for i, _, _ in calls) == 7 and sum(j for _, j, _ in calls) == 7  # batches were shared out
+    assert notes and min(notes) >= max(j for _, j, _ in calls)  # the note holds the whole batch's JPEGs, not one share
+    ws = {root: Workspace(tmp_path / root) for root in ("one", "many")}
+    cat = {r: {row["path"]: row for row in ws[r].read_table("catalog").to_pylist()} for r in ws}
+    assert cat["one"].keys() == cat["many"].keys()
+    for path, row in cat["one"].items():
+        assert {k: v for k, v in row.items() if k not in ("run_id", "added_at")} == {
+            k: v for k, v in cat["many"][path].items() if k not in ("run_id", "added_at")}, path  # image ids: the same order
+    emb = {r: {row["image_id"]: np.asarray(row["embedding"]) for row in ws[r].read_table("embeddings").to_pylist()} for r in ws}
+    assert emb["one"].keys() == emb["many"].keys()
+    for k in emb["one"]:
+        # (on CUDA the model runs in fp16 autocast, and the replicas batch the films differently)
+        np.testing.assert_allclose(emb["many"][k], emb["one"][k], atol=1e-6 if devices.startswith("cpu") else 2e-3, rtol=0)
+    assert {r["path"] for r in ws["many"].read_table("errors").to_pylist()} == {str(arc / "broken.jpg")}
