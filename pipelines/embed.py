@@ -445,22 +445,17 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
     stream, while this thread runs the model on batch n and the caller writes it: the device
     stage, the reader workers and the writer then work at the same time instead of in turn.
     Batches keep their order; one device stage runs at a time (the in-hand note names its files).
-    With several ``devices`` (one model replica each), every one of them takes a share of each
-    batch's device stage (:func:`_device_stage_sharded`).
     """
     state = {} if state is None else state
     device = checkpoints[0].device
     device_work = cfg.read_options.jpeg_on_device or cfg.read_options.letterbox_on_device
     overlap = device_work and (cfg.overlap if cfg.overlap is not None else device.type == "cuda")
     source = batches(todo, cfg, gpu=device.type == "cuda")
-    devices = list(devices or [device])
-    pool = shards = None
-    from concurrent.futures import ThreadPoolExecutor
-
+    pool = None
     if overlap:
+        from concurrent.futures import ThreadPoolExecutor
+
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="curator-device-stage")
-    if device_work and len(devices) > 1:  # every replica's device decodes / letterboxes a share of each batch
-        shards = ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="curator-device-shard")
     pending = None  # batch n's device stage (a future), while batch n+1 is read
     try:
         while True:
@@ -474,9 +469,9 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
             ready = None
             t0 = time.perf_counter()
             if pool is None:
-                ready = _run_device_stage(batch, cfg, devices, timing, state, shards) if batch is not None else None
+                ready = _device_stage(batch, cfg, device, timing) if batch is not None else None
             else:
-                ahead = pool.submit(_run_device_stage, batch, cfg, devices, timing, state, shards, True) if batch is not None else None
+                ahead = pool.submit(_device_stage_on_stream, batch, cfg, device, timing, state) if batch is not None else None
                 if pending is not None:
                     ready = pending.result()
                     timing["device_wait_s"] += time.perf_counter() - t0
@@ -490,11 +485,9 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)  # (a stage under way finishes: it holds the GPU and the in-hand note)
-        if shards is not None:
-            shards.shutdown(wait=True)
 
 
-def _device_stage(batch: dict, cfg: EmbedConfig, device: torch.device, timing: dict, note: bool = True) -> tuple:
+def _device_stage(batch: dict, cfg: EmbedConfig, device: torch.device, timing: dict) -> tuple:
     """A batch's model inputs on ``device`` with their rows, its error rows, and the rows of the
     JPEGs the device rejected (read the exact way by :func:`_model_stage`, in the main thread,
     where the per-file time limit works): the letterbox of --gpu-letterbox's images, the decode
@@ -506,96 +499,24 @@ def _device_stage(batch: dict, cfg: EmbedConfig, device: torch.device, timing: d
     if batch["jpegs"]:
         t0 = time.perf_counter()
         rejected: list[dict] = []
-        out = on_device(batch, cfg, device, timing, rejected=rejected, note=note)
+        out = on_device(batch, cfg, device, timing, rejected=rejected)
         timing["device_jpeg_s"] += time.perf_counter() - t0
         return (*out, rejected)
     return batch["tensors"], batch["rows"], batch["errors"], []
 
 
-def _device_stage_on_stream(batch: dict, cfg: EmbedConfig, device: torch.device, timing: dict, state: dict, note: bool = True):
-    """:func:`_device_stage` off the main thread: on a CUDA device, on a stream of its own (one per
-    device), synchronised before the model (on the default stream) reads the result."""
+def _device_stage_on_stream(batch: dict, cfg: EmbedConfig, device: torch.device, timing: dict, state: dict):
+    """:func:`_device_stage` in the overlap thread: on a CUDA device, on a stream of its own,
+    synchronised before the model (on the default stream) reads the result."""
     if device.type != "cuda":
-        return _device_stage(batch, cfg, device, timing, note)
-    streams = state.setdefault("device_streams", {})
-    stream = streams.get(device)
+        return _device_stage(batch, cfg, device, timing)
+    stream = state.get("device_stream")
     if stream is None:
-        stream = streams[device] = torch.cuda.Stream(device)
+        stream = state["device_stream"] = torch.cuda.Stream(device)
     with torch.cuda.device(device), torch.cuda.stream(stream):
-        out = _device_stage(batch, cfg, device, timing, note)
+        out = _device_stage(batch, cfg, device, timing)
     stream.synchronize()
     return out
-
-
-def _run_device_stage(batch: dict, cfg: EmbedConfig, devices: list[torch.device], timing: dict, state: dict, shards=None,
-                      threaded: bool = False) -> tuple:
-    """The device stage of a batch: on the first device (``threaded``: off the main thread, so on a
-    stream of its own), or with ``shards`` (a pool of one thread per device) over every device."""
-    if shards is not None:
-        return _device_stage_sharded(batch, cfg, devices, timing, state, shards)
-    if threaded:
-        return _device_stage_on_stream(batch, cfg, devices[0], timing, state)
-    return _device_stage(batch, cfg, devices[0], timing)
-
-
-def _cuts(n: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous ranges covering ``range(n)``, as even as they go."""
-    edges = [round(i * n / parts) for i in range(parts + 1)]
-    return list(zip(edges[:-1], edges[1:]))
-
-
-def _device_stage_sharded(batch: dict, cfg: EmbedConfig, devices: list[torch.device], timing: dict, state: dict, shards) -> tuple:
-    """:func:`_device_stage` over several devices (one model replica each): the batch's images and
-    JPEGs are cut into one contiguous share per device, each letterboxed / decoded on its device in
-    a thread of its own (on CUDA, on a stream of its own), and the results gathered on
-    ``devices[0]`` in the order of the unsharded stage (worker tensors, images, JPEGs), so a node's
-    every GPU decodes instead of the first alone. The in-hand note names all the batch's JPEGs
-    while any device decodes them. Stage seconds count the slowest device's."""
-    images, jpegs = batch["images"], batch["jpegs"]
-    ahead = len(batch["rows"]) - len(images) - len(jpegs)
-    image_rows, jpeg_rows = batch["rows"][ahead : ahead + len(images)], batch["rows"][ahead + len(images) :]
-    image_cuts, jpeg_cuts = _cuts(len(images), len(devices)), _cuts(len(jpegs), len(devices))
-
-    def one(i: int) -> tuple:
-        (a, b), (c, d) = image_cuts[i], jpeg_cuts[i]
-        part = {"tensors": None, "rows": image_rows[a:b] + jpeg_rows[c:d], "images": images[a:b], "jpegs": jpegs[c:d], "errors": [], "kept": 0}
-        own: dict = dict.fromkeys(STAGE_TIMES, 0.0)
-        if b == a and d == c:
-            return None, [], [], [], own, b - a
-        return (*_device_stage_on_stream(part, cfg, devices[i], own, state, note=False), own, b - a)
-
-    in_hand = Path(cfg.workspace).expanduser().resolve() / IN_HAND_NOTE
-    before = sorted(cfg.read_options.device_skip)
-    if jpegs:
-        _write_in_hand(in_hand, before + [r["path"] for r in jpeg_rows])
-    try:
-        done = list(shards.map(one, range(len(devices))))
-    finally:
-        if jpegs:
-            _write_in_hand(in_hand, before)
-    first = devices[0]
-    parts = [batch["tensors"].to(first)] if batch["tensors"] is not None else []
-    rows, errors, rejected = list(batch["rows"][:ahead]), list(batch["errors"]), []
-    # each device's output holds its images first (as many as it took), then its JPEGs decoded
-    for tensors, out_rows, _, _, _, n_images in done:
-        if n_images:
-            parts.append(tensors[:n_images].to(first))
-            rows += out_rows[:n_images]
-    for tensors, out_rows, out_errors, out_rejected, _, n_images in done:
-        if tensors is not None and len(tensors) > n_images:
-            parts.append(tensors[n_images:].to(first))
-        rows += out_rows[n_images:]
-        errors += out_errors
-        rejected += out_rejected
-    out = torch.cat(parts) if parts else None
-    if first.type == "cuda":
-        torch.cuda.current_stream(first).synchronize()  # the copies are done before the other devices' memory is reused
-    for _, _, _, _, own, _ in done:
-        for k in ("device_decoded", "device_rejected"):
-            timing[k] = timing.get(k, 0) + own.get(k, 0)
-    for k in ("device_letterbox_s", "device_jpeg_s"):
-        timing[k] += max(own[k] for *_, own, _ in done)
-    return out, rows, errors, rejected
 
 
 def _model_stage(ready: tuple, cfg: EmbedConfig, checkpoints: list[Checkpoint], prompt_sets: list[PromptSet],
@@ -642,7 +563,7 @@ def letterbox_on_device(batch: dict, cfg: EmbedConfig, device: torch.device) -> 
 
 
 def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict | None = None,
-              rejected: list[dict] | None = None, note: bool = True) -> tuple[torch.Tensor | None, list[dict], list[dict]]:
+              rejected: list[dict] | None = None) -> tuple[torch.Tensor | None, list[dict], list[dict]]:
     """Decode and preprocess a batch's undecoded JPEGs on ``device`` (curator.device_jpeg).
 
     Returns the batch's model inputs on ``device`` with their rows, in one order, and its error
@@ -652,8 +573,7 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict 
     The JPEGs go in groups of at most ``DEVICE_GROUP_PIXELS`` decoded pixels; a group that runs
     the GPU out of memory is read the exact way too. ``counts`` gets ``device_decoded`` and
     ``device_rejected`` added to. With ``rejected`` (a list), the rejected files' rows go there
-    instead, for the caller to read (:func:`read_exactly`). ``note`` False: the caller keeps the
-    in-hand note (several devices decoding one batch's shares at once).
+    instead, for the caller to read (:func:`read_exactly`).
     """
     jpegs = batch["jpegs"]
     ahead = len(batch["rows"]) - len(jpegs)
@@ -665,8 +585,7 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict 
     before = sorted(cfg.read_options.device_skip)
     # A decoder crash below ends the process with no error row; the note lets the next run hand
     # these files to the reader workers instead (run_embed reads it).
-    if note:
-        _write_in_hand(in_hand, before + [r["path"] for r in jpeg_rows])
+    _write_in_hand(in_hand, before + [r["path"] for r in jpeg_rows])
     try:
         for group in _pixel_groups(jpeg_rows, DEVICE_GROUP_PIXELS):
             ok: list[tuple[int, torch.Tensor]] = []
@@ -685,8 +604,7 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict 
             done = {i for i, _ in ok or ()}
             refused += [i for i in group if i not in done]
     finally:
-        if note:
-            _write_in_hand(in_hand, before)
+        _write_in_hand(in_hand, before)
     if counts is not None:
         counts["device_decoded"] = counts.get("device_decoded", 0) + len(jpegs) - len(refused)
         counts["device_rejected"] = counts.get("device_rejected", 0) + len(refused)
