@@ -524,10 +524,9 @@ def _model_stage(ready: tuple, cfg: EmbedConfig, checkpoints: list[Checkpoint], 
     tensors, rows, errors, rejected = ready
     if tensors is not None and tensors.is_cuda:  # made on the device stage's stream: not reused before this stream is done with it
         tensors.record_stream(torch.cuda.current_stream(tensors.device))
-    if rejected:  # read the exact way, after the rows of the device's tensors (as on_device would)
-        t0 = time.perf_counter()
+    if rejected:  # read the exact way, after the rows of the device's tensors (as on_device would); (untimed: rare, and
+        # device_jpeg_s belongs to the device-stage thread, whose updates this thread must not race)
         tensors, rows, errors = read_exactly(rejected, cfg, checkpoints[0].device, tensors, rows, errors)
-        timing["device_jpeg_s"] += time.perf_counter() - t0
     mapped = None
     if tensors is not None:
         t0 = time.perf_counter()
