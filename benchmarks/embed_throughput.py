@@ -96,6 +96,12 @@ def read_options(fast_jpeg: bool):
     return ReadOptions(jpeg_draft_min_side=C.CANVAS_SIZE if fast_jpeg else None)
 
 
+def machine(device: torch.device) -> dict:
+    """The head of a GPU benchmark's result: device, GPU name, torch version, CPU cores."""
+    return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
+            "cores": os.cpu_count()}
+
+
 def run_timings(ws: Path | str) -> dict:
     """Where the workspace's latest run spent its seconds (its run record): total, waiting for the
     readers, the device stages, the model."""

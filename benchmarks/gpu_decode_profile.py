@@ -29,7 +29,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from embed_throughput import make_archive  # noqa: E402  (sibling benchmark script)
+from embed_throughput import machine, make_archive  # noqa: E402  (sibling benchmark script)
 
 
 def _sync(device: torch.device) -> None:
@@ -103,8 +103,7 @@ def main() -> int:
     args = ap.parse_args()
     device = torch.device(args.device)
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in (args.size or ["2000x2500"])]
-    res = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-           "torch": torch.__version__, "cores": os.cpu_count(), "profiles": []}
+    res = {**machine(device), "profiles": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (w, h) in enumerate(sizes):
             res["profiles"].append(profile(Path(tmp) / f"s{i}", w, h, args.films, args.batch or [64], args.repeats, device))

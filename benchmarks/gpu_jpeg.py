@@ -34,7 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from embed_throughput import bench_decode_only, make_archive, timed_embed, vit_b32_checkpoint  # noqa: E402  (sibling benchmark scripts)
+from embed_throughput import bench_decode_only, machine, make_archive, timed_embed, vit_b32_checkpoint  # noqa: E402  (sibling benchmark scripts)
 from ray_overhead import probabilities  # noqa: E402
 
 
@@ -143,8 +143,7 @@ def main() -> int:
 
     from curator.cli import resolve_checkpoint_arg
 
-    res: dict = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
-                 "cores": os.cpu_count(), "workers": args.workers, "threads": threads, "batch_size": args.batch_size, "images": args.images,
+    res: dict = {**machine(device), "workers": args.workers, "threads": threads, "batch_size": args.batch_size, "images": args.images,
                  "distinct": args.distinct, "size": [args.width, args.height]}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from embed_throughput import make_archive, timed_embed, vit_b32_checkpoint  # noqa: E402  (sibling benchmark scripts)
+from embed_throughput import machine, make_archive, timed_embed, vit_b32_checkpoint  # noqa: E402  (sibling benchmark scripts)
 from gpu_jpeg import links  # noqa: E402
 from ray_overhead import probabilities  # noqa: E402
 
@@ -106,8 +106,7 @@ def main() -> int:
 
     from curator.cli import resolve_checkpoint_arg
 
-    res: dict = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
-                 "cores": os.cpu_count(), "workers": args.workers, "threads": threads, "batch_size": args.batch_size, "images": args.images,
+    res: dict = {**machine(device), "workers": args.workers, "threads": threads, "batch_size": args.batch_size, "images": args.images,
                  "size": [args.width, args.height], "formats": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
