@@ -155,8 +155,9 @@ def cmd_embed(args) -> int:
         raise CliError("--gpu-jpeg and --fast-jpeg are two ways of reading JPEGs: choose one")
     if args.worker_jpeg_share is not None and not args.gpu_jpeg:
         raise CliError("--worker-jpeg-share is the reader workers' share of --gpu-jpeg's JPEGs: add --gpu-jpeg, or leave it out")
-    if args.gpu_jpeg and args.engine != "local":
-        raise CliError("--gpu-jpeg works with --engine local (the decoding happens beside the model, on its GPU)")
+    if args.worker_jpeg_share == "auto" and args.engine == "ray":
+        raise CliError("--worker-jpeg-share auto adapts only with --engine local; with --engine ray give a number from 0 to 1 "
+                       "(default 0: every grayscale JPEG is decoded by a model actor, on its GPU)")
     if args.gpu_letterbox and args.engine != "local":
         raise CliError("--gpu-letterbox works with --engine local (the letterbox happens beside the model, on its GPU)")
     summary = run_embed(cfg)
@@ -539,14 +540,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "decoded this way have conversion 'raster+cuda-jpeg' ('raster+cpu-jpeg' without a GPU, where it is slower "
                    "than the default). Meant for data-centre GPUs (fast float64). A file that crashes the GPU "
                    "decoder ends the run (the reader workers would record it and go on); rerun, and the files that were being "
-                   "decoded are read by the workers. Not with --fast-jpeg or --engine ray")
+                   "decoded are read by the workers. With --engine ray each model actor decodes on its own GPU (so every GPU of a "
+                   "node decodes); a batch whose decode kills an actor is read the exact way when Ray retries it, in the same run. "
+                   "Not with --fast-jpeg")
     p.add_argument("--worker-jpeg-share", type=_share, default=None, metavar="auto|F",
                    help="with --gpu-jpeg: the share of grayscale JPEGs the reader workers decode themselves, the exact way, beside "
                    "the GPU's decoder (their rows keep conversion 'raster'). 'auto' adapts it after every model batch so that "
                    "neither waits for the other (on a GPU node the workers are otherwise mostly idle); a number from 0 to 1 fixes "
                    "it (0: every one on the GPU). With auto, which files each side decodes depends on timing: fix a number "
                    "for runs that must repeat to the bit (nvJPEG may differ from libjpeg-turbo by a grey level). Default: auto "
-                   "on a GPU, 0 on the CPU")
+                   "on a GPU, 0 on the CPU and with --engine ray (which takes a number only: its decode tasks are spread over the "
+                   "cluster)")
     p.add_argument("--gpu-letterbox", action="store_true",
                    help="letterbox and transform grayscale images on the model's GPU instead of in the reader workers, which then "
                    "only decode and convert: on a GPU node the workers are the limit, and the Lanczos resize of a full-size film "

@@ -42,3 +42,15 @@ def reached_reading(path: str) -> None:
     text = os.environ.get(_READ_ENV)
     if text and text in path:
         os.abort()
+
+
+_DECODE_ENV = "CURATOR_ABORT_DECODING"
+
+
+def reached_decoding(paths: list[str]) -> None:
+    """``CURATOR_ABORT_DECODING=text``: a process aborts as it starts decoding a batch of JPEGs on
+    its device (--gpu-jpeg) when one of their paths contains ``text`` (as a GPU decoder that
+    faults on a file would take it down). Tests only."""
+    text = os.environ.get(_DECODE_ENV)
+    if text and any(text in p for p in paths):
+        os.abort()

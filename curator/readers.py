@@ -57,7 +57,8 @@ class ReadOptions:
     # benchmarks/README.md). None: exact decode (default).
     jpeg_draft_min_side: int | None = None
     # Opt-in: hand grayscale JPEG files over undecoded, to be decoded and letterboxed on the
-    # model's device (curator.device_jpeg; `curator embed --gpu-jpeg`). Local engine only.
+    # model's device (curator.device_jpeg; `curator embed --gpu-jpeg`): the local engine's main
+    # process, or the Ray engine's model actors.
     jpeg_on_device: bool = False
     # ... except these paths: a run stopped (crashed) while the device decoded them, so the
     # reader workers, whose crashes are recorded per file, read them this time.

@@ -36,7 +36,7 @@ from curator.workspace import Workspace, WorkspaceError
 
 from .known import KnownFiles, path_keys
 from .prune import prune
-from .stages import Mapper, WorkspaceWriter, _error_item, collate, read_item, run_record, utcnow
+from .stages import FixedShare, Mapper, WorkspaceWriter, _error_item, collate, read_item, run_record, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +237,10 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
         torch.set_num_threads(cfg.threads)
     if cfg.engine not in ("local", "ray"):
         raise ValueError(f"unknown engine {cfg.engine!r}; expected 'local' or 'ray'")
-    if cfg.read_options.jpeg_on_device and (cfg.engine != "local" or cfg.read_options.jpeg_draft_min_side is not None):
-        raise ValueError("decoding JPEGs on the device (--gpu-jpeg) works with --engine local and without --fast-jpeg")
+    if cfg.read_options.jpeg_on_device and cfg.read_options.jpeg_draft_min_side is not None:
+        raise ValueError("decoding JPEGs on the device (--gpu-jpeg) works without --fast-jpeg")
+    if cfg.read_options.jpeg_on_device and cfg.engine == "ray" and cfg.worker_jpeg_share == "auto":
+        raise ValueError("the workers' share of --gpu-jpeg adapts only with --engine local; with --engine ray give a number from 0 to 1")
     if cfg.read_options.letterbox_on_device and cfg.engine != "local":
         raise ValueError("letterboxing on the device (--gpu-letterbox) works with --engine local")
     devices = [torch.device("cpu")] if cfg.engine == "ray" else resolve_devices(cfg.device)
@@ -253,14 +255,17 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
     # (batch n+1's device stage beside batch n's model: local_mapped_batches)
     overlapped = cfg.engine == "local" and (cfg.read_options.jpeg_on_device or cfg.read_options.letterbox_on_device) and (
         cfg.overlap if cfg.overlap is not None else on_cuda)
-    if cfg.read_options.jpeg_on_device and not on_cuda:
+    if cfg.read_options.jpeg_on_device and not on_cuda and cfg.engine == "local":
         log.warning("--gpu-jpeg on the CPU: grayscale JPEGs are decoded in the main process, beside the model, not by the reader "
                     "workers; it is meant for a GPU (on the CPU, --fast-jpeg is the fast path)")
     if cfg.read_options.letterbox_on_device and not on_cuda:
         log.warning("--gpu-letterbox on the CPU: images are letterboxed in the main process, beside the model, not by the reader "
                     "workers; it is meant for a GPU")
     share = None
-    if cfg.read_options.jpeg_on_device:  # the workers' share of the grayscale JPEGs, read by them per file
+    if cfg.read_options.jpeg_on_device and cfg.engine == "ray":  # a fixed share (0 unless given), read by the reader tasks
+        share = WorkerShare(float(cfg.worker_jpeg_share or 0.0))
+        cfg = replace(cfg, read_options=replace(cfg.read_options, device_share=FixedShare(share.value)))
+    elif cfg.read_options.jpeg_on_device:  # the workers' share of the grayscale JPEGs, read by them per file
         wanted = cfg.worker_jpeg_share if cfg.worker_jpeg_share is not None else ("auto" if on_cuda else 0.0)
         share = WorkerShare(None if wanted == "auto" else float(wanted))
         cfg = replace(cfg, read_options=replace(cfg.read_options, device_share=share.shared))
@@ -349,7 +354,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                 if cfg.engine == "ray":
                     from .ray_engine import mapped_batches
 
-                    source = mapped_batches(todo, cfg, refs, prompt_sets)
+                    source = mapped_batches(todo, cfg, refs, prompt_sets, run_id, timing)
                 else:
                     if checkpoints is None:
                         checkpoints = load_checkpoints(cfg.checkpoints, devices[0])
@@ -579,31 +584,18 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict 
     rows, jpeg_rows, errors = list(batch["rows"][:ahead]), batch["rows"][ahead:], list(batch["errors"])
     parts = [batch["tensors"].to(device)] if batch["tensors"] is not None else []
     where = device if device.type == "cuda" else torch.device("cpu")
-    refused: list[int] = []
     in_hand = Path(cfg.workspace).expanduser().resolve() / IN_HAND_NOTE  # (as Workspace resolves it)
     before = sorted(cfg.read_options.device_skip)
     # A decoder crash below ends the process with no error row; the note lets the next run hand
     # these files to the reader workers instead (run_embed reads it).
     _write_in_hand(in_hand, before + [r["path"] for r in jpeg_rows])
     try:
-        for group in _pixel_groups(jpeg_rows, DEVICE_GROUP_PIXELS):
-            ok: list[tuple[int, torch.Tensor]] = []
-            try:
-                images = device_jpeg.decode([jpegs[i] for i in group], where)
-                # (a decoded size other than the header's: not what the row says; the exact path decides)
-                ok = [(i, im) for i, im in zip(group, images) if im is not None and tuple(im.shape) == (jpeg_rows[i]["height"], jpeg_rows[i]["width"])]
-                images = None  # the full-size images that failed go now; those in ok after their letterbox
-                if ok:
-                    parts.append(device_jpeg.model_inputs([im for _, im in ok], cfg.preprocess).to(device))
-                    rows += [{**jpeg_rows[i], "conversion": f"{RASTER_CONVERSION}+{where.type}-jpeg"} for i, _ in ok]
-            except torch.cuda.OutOfMemoryError:
-                ok = images = None
-                torch.cuda.empty_cache()
-                log.warning("out of GPU memory decoding %d JPEGs on %s; they are read the exact way (lower --batch-size)", len(group), where)
-            done = {i for i, _ in ok or ()}
-            refused += [i for i in group if i not in done]
+        faults.reached_decoding([r["path"] for r in jpeg_rows])
+        decoded, decoded_rows, refused = decode_jpegs(jpegs, jpeg_rows, cfg.preprocess, device)
     finally:
         _write_in_hand(in_hand, before)
+    parts += decoded
+    rows += decoded_rows
     if counts is not None:
         counts["device_decoded"] = counts.get("device_decoded", 0) + len(jpegs) - len(refused)
         counts["device_rejected"] = counts.get("device_rejected", 0) + len(refused)
@@ -614,6 +606,36 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict 
         rejected += [jpeg_rows[i] for i in refused]
         return tensors, rows, errors
     return read_exactly([jpeg_rows[i] for i in refused], cfg, device, tensors, rows, errors)
+
+
+def decode_jpegs(jpegs: list[torch.Tensor], jpeg_rows: list[dict], cfg: PreprocessCfg, device: torch.device
+                 ) -> tuple[list[torch.Tensor], list[dict], list[int]]:
+    """Decode grayscale JPEGs (their bytes, with their reader rows) and make their model inputs on
+    ``device`` (curator.device_jpeg): ``(input tensors, rows of those inputs in order, indices the
+    decoder refused)``. Refused: rejected by the decoder, decoded to another size than the header
+    says, or in a group of ``DEVICE_GROUP_PIXELS`` decoded pixels that ran the GPU out of memory.
+    Decoding happens on CUDA devices; for any other the CPU decodes."""
+    where = device if device.type == "cuda" else torch.device("cpu")
+    parts: list[torch.Tensor] = []
+    rows: list[dict] = []
+    refused: list[int] = []
+    for group in _pixel_groups(jpeg_rows, DEVICE_GROUP_PIXELS):
+        ok: list[tuple[int, torch.Tensor]] = []
+        try:
+            images = device_jpeg.decode([jpegs[i] for i in group], where)
+            # (a decoded size other than the header's: not what the row says; the exact path decides)
+            ok = [(i, im) for i, im in zip(group, images) if im is not None and tuple(im.shape) == (jpeg_rows[i]["height"], jpeg_rows[i]["width"])]
+            images = None  # the full-size images that failed go now; those in ok after their letterbox
+            if ok:
+                parts.append(device_jpeg.model_inputs([im for _, im in ok], cfg).to(device))
+                rows += [{**jpeg_rows[i], "conversion": f"{RASTER_CONVERSION}+{where.type}-jpeg"} for i, _ in ok]
+        except torch.cuda.OutOfMemoryError:
+            ok = images = None
+            torch.cuda.empty_cache()
+            log.warning("out of GPU memory decoding %d JPEGs on %s; they are read the exact way (lower --batch-size)", len(group), where)
+        done = {i for i, _ in ok or ()}
+        refused += [i for i in group if i not in done]
+    return parts, rows, refused
 
 
 def read_exactly(jpeg_rows: list[dict], cfg: EmbedConfig, device: torch.device, tensors: torch.Tensor | None, rows: list[dict],

@@ -2,9 +2,15 @@
 
 Reader: stateless Ray tasks (one CPU each) that call :func:`stages.read_item` on chunks of files.
 Mapper: a pool of actors, one per GPU (or a single CPU actor when the cluster has no GPU), each
-holding every checkpoint and the prompt sets' text weights (:class:`stages.Mapper`).
+holding every checkpoint and the prompt sets' text weights (:class:`stages.Mapper`). With
+--gpu-jpeg the reader tasks hand grayscale JPEGs over undecoded and each actor decodes them on its
+own GPU (one nvJPEG decoder per process, so on a multi-GPU node every GPU decodes).
 Writer: stays in the driver, the only process that holds the workspace lock, so a Ray run writes
 exactly the parts a local run writes and the crash-safety rules do not change.
+
+A file whose decoder kills the process reading it (a task, or an actor decoding on its device)
+is recorded as an error row after two such deaths instead of being retried for ever
+(pipelines/crash_notes.py).
 
 Files are read by the Ray workers, so the archive (and the checkpoint files) must be visible at
 the same paths on every node: a shared file system, or an object store mounted as one.
@@ -15,17 +21,24 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import torch
 
+from curator import faults
 from curator.constants import ENSEMBLE_MEMBER
 from curator.discover import FileEntry
 from curator.model import Checkpoint
+from curator.preprocess import DEFAULT_CFG, PreprocessCfg
 from curator.prompts import PromptSet, parse_prompt_set
+from curator.readers import ReadOptions
 
-from .stages import Mapper, read_item
+from . import crash_notes
+from .crash_notes import CrashNote
+from .stages import Mapper, _error_item, read_item
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +72,53 @@ def connect(address: str | None) -> None:
 # ---------------------------------------------------------------------------------------------
 # reader tasks
 # ---------------------------------------------------------------------------------------------
-def _read_chunk(batch: dict, options, cfg) -> dict:
-    """Ray task: files -> preprocessed tensors plus pickled catalog rows / error rows."""
+# How each row of a model batch was read (the "how" column): by a reader task (exact path); decoded
+# on the actor's device (--gpu-jpeg); handed to the device but read the exact way by the actor
+# (rejected by its decoder, or in a batch whose device decode killed an actor before); decoded by a
+# reader task as its share beside the device (--worker-jpeg-share).
+BY_READER, ON_DEVICE, DEVICE_REJECTED, READER_SHARE = 0, 1, 2, 3
+
+
+def read_noted(entries: list[FileEntry], options: ReadOptions, cfg: PreprocessCfg, note: CrashNote, keys: list[int] | None = None) -> list[dict]:
+    """:func:`stages.read_item` for each file, noting the one in hand (``note``, under index
+    ``keys[i]``, default its position); a file in hand at ``crash_notes.DEATHS`` deaths of the
+    reading process is not read again but becomes an error row (``decoder_crashed``)."""
+    items = []
+    for key, entry in zip(keys if keys is not None else range(len(entries)), entries):
+        deaths = note.crashed(key)
+        if deaths >= crash_notes.DEATHS:
+            log.warning("%s: the process reading it died %d times (Ray engine); recorded as an error, the run goes on", entry.path, deaths)
+            items.append(_error_item(entry, "read", "decoder_crashed",
+                                     f"reading this file ended the process reading it {deaths} times (a decoder crash, or killed, e.g. "
+                                     "out of memory); it is skipped until it changes (touch it to try again)", "WorkerDied"))
+            continue
+        note.hold(key)
+        items.append(read_item(entry, options, cfg))
+        faults.reached_reading(entry.path)
+    return items
+
+
+def _read_chunk(batch: dict, options: ReadOptions, cfg: PreprocessCfg, run_id: str) -> dict:
+    """Ray task: files -> preprocessed tensors (or, with --gpu-jpeg, the bytes of grayscale JPEGs)
+    plus pickled catalog rows / error rows."""
     torch.set_num_threads(1)
-    items = [
-        read_item(FileEntry(str(p), int(s), int(m)), options, cfg)
-        for p, s, m in zip(batch["path"], batch["size"], batch["mtime_ns"])
-    ]
-    shape = next((tuple(it["tensor"].shape) for it in items if it["ok"]), (3, cfg.input_size, cfg.input_size))
+    entries = [FileEntry(str(p), int(s), int(m)) for p, s, m in zip(batch["path"], batch["size"], batch["mtime_ns"])]
+    note = CrashNote(crash_notes.folder(run_id), "read", [e.path for e in entries])
+    try:
+        items = read_noted(entries, options, cfg, note)
+    finally:
+        note.done()
+    shape = next((tuple(it["tensor"].shape) for it in items if "tensor" in it), (3, cfg.input_size, cfg.input_size))
     tensors = np.zeros((len(items), *shape), dtype=np.float32)
     for i, it in enumerate(items):
-        if it["ok"]:
+        if "tensor" in it:
             tensors[i] = it["tensor"].numpy()
     return {
         "ok": np.array([it["ok"] for it in items], dtype=bool),
         "tensor": tensors,
         "record": np.array([pickle.dumps(it["row"] if it["ok"] else it["error"]) for it in items], dtype=object),
+        "jpeg": np.array([it["jpeg"].tobytes() if "jpeg" in it else b"" for it in items], dtype=object),
+        "how": np.array([READER_SHARE if it.get("kept") else BY_READER for it in items], dtype=np.int8),
     }
 
 
@@ -82,9 +126,11 @@ def _read_chunk(batch: dict, options, cfg) -> dict:
 # mapper actors
 # ---------------------------------------------------------------------------------------------
 class EmbedActor:
-    """Ray actor: loads the checkpoints once, then maps tensor batches to embeddings + probabilities."""
+    """Ray actor: loads the checkpoints once, then maps batches from the reader tasks to embeddings
+    + probabilities. With --gpu-jpeg it first decodes the batch's grayscale JPEGs on its device."""
 
-    def __init__(self, checkpoint_paths: list[str], sha256s: list[str], prompt_specs: list[dict], device: str | None, threads: int | None):
+    def __init__(self, checkpoint_paths: list[str], sha256s: list[str], prompt_specs: list[dict], device: str | None, threads: int | None,
+                 read_options: ReadOptions | None = None, preprocess: PreprocessCfg = DEFAULT_CFG, run_id: str = "run"):
         from curator.model import load_checkpoints
 
         if threads:
@@ -97,27 +143,77 @@ class EmbedActor:
         self.mapper = Mapper(cks, sets)
         self.sha256s = sha256s
         self.set_ids = [ps.id for ps in sets]
+        self.device = cks[0].device
+        # for --gpu-jpeg: how the files the device does not decode are read (the exact path)
+        self.exact = replace(read_options or ReadOptions(), jpeg_on_device=False, letterbox_on_device=False, device_share=None)
+        self.preprocess = preprocess
+        self.run_id = run_id
 
     def __call__(self, batch: dict) -> dict:
         ok = np.asarray(batch["ok"], dtype=bool)
-        n = len(ok)
-        out = {"ok": ok, "record": batch["record"]}
-        mapped = self.mapper(torch.from_numpy(np.ascontiguousarray(batch["tensor"][ok]))) if ok.any() else None
+        records = [pickle.loads(r) for r in batch["record"]]
+        jpeg, how_in = batch["jpeg"], np.asarray(batch["how"])
+        plain = [i for i in range(len(ok)) if ok[i] and not len(jpeg[i])]
+        deferred = [i for i in range(len(ok)) if ok[i] and len(jpeg[i])]
+        rows, how = [records[i] for i in plain], [int(how_in[i]) for i in plain]
+        errors = [records[i] for i in range(len(ok)) if not ok[i]]
+        error_how = [BY_READER] * len(errors)
+        parts = [torch.from_numpy(np.ascontiguousarray(batch["tensor"][plain]))] if plain else []
+        if deferred:
+            self._on_device([records[i] for i in deferred], [jpeg[i] for i in deferred], parts, rows, how, errors, error_how)
+        n = len(rows) + len(errors)
+        out = {"ok": np.array([True] * len(rows) + [False] * len(errors), dtype=bool),
+               "record": np.array([pickle.dumps(r) for r in rows + errors], dtype=object),
+               "how": np.array(how + error_how, dtype=np.int8)}
+        mapped = self.mapper(torch.cat([t.to(self.device) for t in parts])) if parts else None
         for i, sha in enumerate(self.sha256s):
-            d = self.mapper.checkpoints[i].embed_dim
-            emb = np.zeros((n, d), dtype=np.float32)
+            emb = np.zeros((n, self.mapper.checkpoints[i].embed_dim), dtype=np.float32)
             if mapped is not None:
-                emb[ok] = mapped["embeddings"][sha]
+                emb[: len(rows)] = mapped["embeddings"][sha]
             out[f"emb_{i}"] = emb
         for j, ps_id in enumerate(self.set_ids):
             nf = len(self.mapper.prompt_sets[j].findings)
             for k, member in enumerate([*self.sha256s, None]):
                 p = np.zeros((n, nf), dtype=np.float32)
                 if mapped is not None:
-                    members = mapped["probabilities"][ps_id]
-                    p[ok] = members[member if member is not None else ENSEMBLE_MEMBER]
+                    p[: len(rows)] = mapped["probabilities"][ps_id][member if member is not None else ENSEMBLE_MEMBER]
                 out[f"prob_{j}_{k}"] = p
         return out
+
+    def _on_device(self, jpeg_rows: list[dict], jpegs: list[bytes], parts: list, rows: list, how: list, errors: list,
+                   error_how: list) -> None:
+        """--gpu-jpeg: decode the batch's grayscale JPEGs on this actor's device; the ones it refuses,
+        and all of them in a batch whose device decode killed an actor before, read the exact way
+        here, each noted (a file whose exact read kills the actor twice becomes an error row).
+        Appends to the batch's model inputs, rows, errors and their "how"."""
+        from .embed import decode_jpegs
+
+        note = CrashNote(crash_notes.folder(self.run_id), "device", [r["path"] for r in jpeg_rows])
+        try:
+            if note.crashed(crash_notes.DEVICE):
+                log.warning("an actor died decoding a batch of %d JPEGs on its device (first: %s); they are read the exact way",
+                            len(jpeg_rows), jpeg_rows[0]["path"])
+                refused = list(range(len(jpeg_rows)))
+            else:
+                note.hold(crash_notes.DEVICE)
+                tensors = [torch.from_numpy(np.frombuffer(b, dtype=np.uint8).copy()) for b in jpegs]
+                faults.reached_decoding([r["path"] for r in jpeg_rows])
+                decoded, decoded_rows, refused = decode_jpegs(tensors, jpeg_rows, self.preprocess, self.device)
+                parts += decoded
+                rows += decoded_rows
+                how += [ON_DEVICE] * len(decoded_rows)
+            if refused:
+                entries = [FileEntry(jpeg_rows[i]["path"], jpeg_rows[i]["size"], jpeg_rows[i]["mtime_ns"]) for i in refused]
+                for item in read_noted(entries, self.exact, self.preprocess, note, keys=refused):
+                    if item["ok"]:
+                        parts.append(item["tensor"].unsqueeze(0))
+                        rows.append(item["row"])
+                        how.append(DEVICE_REJECTED)
+                    else:
+                        errors.append(item["error"])
+                        error_how.append(DEVICE_REJECTED)
+        finally:
+            note.done()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,8 +239,12 @@ def mapped_batches(
     cfg,
     checkpoints: list[Checkpoint],
     prompt_sets: list[PromptSet],
+    run_id: str = "run",
+    counts: dict | None = None,
 ) -> Iterator[tuple[list[dict], dict | None, list[dict]]]:
-    """Yield ``(catalog rows, mapped, error rows)`` as :meth:`WorkspaceWriter.add` takes them."""
+    """Yield ``(catalog rows, mapped, error rows)`` as :meth:`WorkspaceWriter.add` takes them.
+    ``counts`` gets --gpu-jpeg's ``device_decoded``, ``device_rejected`` and ``worker_decoded``
+    added to."""
     ray = _import_ray()
     connect(cfg.ray_address)
     ctx = ray.data.DataContext.get_current()
@@ -153,6 +253,9 @@ def mapped_batches(
     actors, gpus_each, actor_cpus, device = actor_plan(resources, cfg.device, cfg.threads)
     log.info("ray: %d CPU, %d GPU in the cluster; %d model actor(s) on %s", int(resources.get("CPU", 0)), int(resources.get("GPU", 0)),
              actors, device)
+    if cfg.read_options.jpeg_on_device and device == "cpu":
+        log.warning("--gpu-jpeg on a Ray cluster without GPUs: the model actor decodes the grayscale JPEGs on its CPU, beside the "
+                    "model, instead of the decode tasks; it is meant for GPU actors")
 
     chunk = max(1, min(4, cfg.batch_size))
     ds = ray.data.from_items(
@@ -161,7 +264,7 @@ def mapped_batches(
     )
     ds = ds.map_batches(
         _read_chunk, batch_size=chunk, batch_format="numpy", num_cpus=1,
-        fn_kwargs={"options": cfg.read_options, "cfg": cfg.preprocess},
+        fn_kwargs={"options": cfg.read_options, "cfg": cfg.preprocess, "run_id": run_id},
     )
     ds = ds.map_batches(
         EmbedActor, batch_size=cfg.batch_size, batch_format="numpy",
@@ -173,27 +276,37 @@ def mapped_batches(
             "prompt_specs": [_spec(ps) for ps in prompt_sets],
             "device": device,
             "threads": cfg.threads,
+            "read_options": cfg.read_options,
+            "preprocess": cfg.preprocess,
+            "run_id": run_id,
         },
     )
     shas = [c.sha256 for c in checkpoints]
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        ok = np.asarray(batch["ok"], dtype=bool)
-        records = [pickle.loads(r) for r in batch["record"]]
-        rows = [r for r, good in zip(records, ok) if good]
-        errors = [r for r, good in zip(records, ok) if not good]
-        mapped = None
-        if rows:
-            mapped = {
-                "embeddings": {sha: np.asarray(batch[f"emb_{i}"])[ok] for i, sha in enumerate(shas)},
-                "probabilities": {
-                    ps.id: {
-                        (shas[k] if k < len(shas) else ENSEMBLE_MEMBER): np.asarray(batch[f"prob_{j}_{k}"])[ok]
-                        for k in range(len(shas) + 1)
-                    }
-                    for j, ps in enumerate(prompt_sets)
-                },
-            }
-        yield rows, mapped, errors
+    counts = {} if counts is None else counts
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            ok = np.asarray(batch["ok"], dtype=bool)
+            how = np.asarray(batch["how"])
+            for key, code in (("device_decoded", ON_DEVICE), ("device_rejected", DEVICE_REJECTED), ("worker_decoded", READER_SHARE)):
+                counts[key] = counts.get(key, 0) + int((how == code).sum())
+            records = [pickle.loads(r) for r in batch["record"]]
+            rows = [r for r, good in zip(records, ok) if good]
+            errors = [r for r, good in zip(records, ok) if not good]
+            mapped = None
+            if rows:
+                mapped = {
+                    "embeddings": {sha: np.asarray(batch[f"emb_{i}"])[ok] for i, sha in enumerate(shas)},
+                    "probabilities": {
+                        ps.id: {
+                            (shas[k] if k < len(shas) else ENSEMBLE_MEMBER): np.asarray(batch[f"prob_{j}_{k}"])[ok]
+                            for k in range(len(shas) + 1)
+                        }
+                        for j, ps in enumerate(prompt_sets)
+                    },
+                }
+            yield rows, mapped, errors
+    finally:
+        shutil.rmtree(crash_notes.folder(run_id), ignore_errors=True)  # (this node's; elsewhere a note goes with its batch)
 
 
 def _spec(ps: PromptSet) -> dict:

@@ -92,6 +92,14 @@ def kept_by_workers(path: str, share) -> bool:
     return zlib.crc32(path.encode("utf-8", "surrogateescape")) < share.value * 2**32
 
 
+@dataclass(frozen=True)
+class FixedShare:
+    """A fixed workers' share of --gpu-jpeg's JPEGs (``.value``, as :func:`kept_by_workers` reads
+    it), for processes a shared float cannot reach (the Ray engine's reader tasks)."""
+
+    value: float
+
+
 def _deferred_item(entry: FileEntry, data: bytes, content_hash: str, width: int, height: int, t0: float) -> dict:
     """A grayscale JPEG handed over undecoded (``jpeg_on_device``): its bytes (a read-only view,
     copied once, by :func:`collate`, into the tensor that goes to the main process)."""

@@ -505,8 +505,8 @@ def test_cli_flag_and_its_conflicts(tmp_path, tiny_checkpoints, capsys, caplog):
     base = ["-q", "embed", str(arc), "--workspace", str(tmp_path / "ws"), "--checkpoint", str(tiny_checkpoints[0]), "--device", "cpu"]
     assert main([*base, "--gpu-jpeg", "--fast-jpeg"]) == 2
     assert "--gpu-jpeg" in capsys.readouterr().err
-    assert main([*base, "--gpu-jpeg", "--engine", "ray"]) == 2
-    assert "--engine local" in capsys.readouterr().err
+    assert main([*base, "--gpu-jpeg", "--engine", "ray", "--worker-jpeg-share", "auto"]) == 2
+    assert "adapts only with --engine local" in capsys.readouterr().err
     assert main([*base, "--gpu-letterbox", "--engine", "ray"]) == 2
     assert "--gpu-letterbox works with --engine local" in capsys.readouterr().err
     assert main([*base, "--worker-jpeg-share", "0.5"]) == 2  # (a share of nothing)

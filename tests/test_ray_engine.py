@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+
 import numpy as np
 import pytest
 import ray
@@ -10,6 +12,7 @@ from PIL import Image
 
 from curator.cli import main
 from curator.pipelines.embed import EmbedConfig, run_embed
+from curator.preprocess import DEFAULT_CFG
 from curator.workspace import Workspace
 from tests.conftest import write_raster_archive
 
@@ -43,7 +46,9 @@ def _by_path(ws: Workspace):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    # (files named *poison-read* / *poison-device* kill the process reading / decoding them on the device: curator.faults)
+    env = {"CURATOR_ABORT_READING": "poison-read", "CURATOR_ABORT_DECODING": "poison-device"}
+    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     try:
         yield
     finally:
@@ -100,3 +105,161 @@ def test_actor_plan_puts_one_model_actor_on_each_gpu():
     assert (n, gpus, device) == (1, 0, "cpu") and cpus == pytest.approx(0.99)
     with pytest.raises(RuntimeError, match="has no GPU"):
         actor_plan({"CPU": 16.0}, "cuda:0", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# --gpu-jpeg on Ray, and files that kill the process reading them
+# ---------------------------------------------------------------------------------------------
+def _tables(ws):
+    w = Workspace(ws)
+    cat = {r["path"]: r for r in w.read_table("catalog").to_pylist()}
+    ids = {r["image_id"]: p for p, r in cat.items()}
+    emb = {ids[r["image_id"]]: np.asarray(r["embedding"], dtype=np.float32) for r in w.read_table("embeddings").to_pylist()}
+    skip = ("image_id", "prompt_set", "member")
+    preds = {(ids[r["image_id"]], r["member"]): np.array([v for k, v in sorted(r.items()) if k not in skip], dtype=np.float64)
+             for r in w.read_table("predictions").to_pylist()}
+    errors = {r["path"]: (r["stage"], r["kind"], r["error"]) for r in w.read_table("errors").to_pylist()}
+    return w, cat, emb, preds, errors
+
+
+def _same_images(a, b, conversions_too: bool = True):
+    """Two workspaces hold the same rows (every catalog column but the run's own; conversion only
+    if asked), the same error kinds, and embeddings / probabilities within 1e-6."""
+    _, cat_a, emb_a, pred_a, err_a = _tables(a)
+    _, cat_b, emb_b, pred_b, err_b = _tables(b)
+    assert cat_a.keys() == cat_b.keys()
+    skip = SKIP_COLS | (set() if conversions_too else {"conversion"})
+    for p in cat_a:
+        assert {k: v for k, v in cat_a[p].items() if k not in skip} == {k: v for k, v in cat_b[p].items() if k not in skip}, p
+    assert {p: e[:2] for p, e in err_a.items()} == {p: e[:2] for p, e in err_b.items()}
+    assert emb_a.keys() == emb_b.keys() and pred_a.keys() == pred_b.keys()
+    for k in emb_a:
+        np.testing.assert_allclose(emb_a[k], emb_b[k], atol=1e-6, rtol=0)
+    assert max(float(np.abs(pred_a[k] - pred_b[k]).max()) for k in pred_a) <= 1e-6
+    return cat_a, cat_b, err_a, err_b
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_gpu_jpeg_on_ray_decodes_in_the_model_actors_as_the_local_engine_does(tmp_path, tiny_checkpoints, ray_cluster, share):
+    import zlib
+
+    from curator.readers import ReadOptions
+    from tests.test_device_jpeg import _archive as jpeg_archive
+
+    arc = tmp_path / "arc"
+    jpeg_archive(arc)  # 4 grayscale JPEGs (one progressive, one gutted), a colour JPEG, a PNG, a truncated and an empty JPEG
+    common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, threads=1, batch_size=3,
+                  read_options=ReadOptions(jpeg_on_device=True), worker_jpeg_share=share)
+    local = run_embed(EmbedConfig(workspace=str(tmp_path / "local"), workers=0, **common))
+    remote = run_embed(EmbedConfig(workspace=str(tmp_path / "ray"), engine="ray", **common))
+    exact = run_embed(EmbedConfig(**{**common, "read_options": ReadOptions(), "worker_jpeg_share": None}, workspace=str(tmp_path / "exact"),
+                                  workers=0))
+
+    assert remote.processed == local.processed == 6 and remote.failed == local.failed == {"corrupt_image": 1, "empty_file": 1}
+    grey = sorted(str(p) for p in arc.rglob("*.jpg") if p.name in ("g0.jpg", "g1.jpg", "g2.jpg", "gutted.jpg"))
+    kept = {p for p in grey if zlib.crc32(p.encode()) < share * 2**32}  # the workers' share: a fixed draw from the path
+    assert (remote.device_decoded, remote.worker_decoded, remote.device_rejected) == (len(grey) - len(kept), len(kept), 0)
+    assert (local.device_decoded, local.worker_decoded, local.device_rejected) == (len(grey) - len(kept), len(kept), 0)
+    cat_l, cat_r, _, _ = _same_images(tmp_path / "local", tmp_path / "ray")  # conversions too
+    for p, row in cat_r.items():
+        assert row["conversion"] == ("raster+cpu-jpeg" if p in grey and p not in kept else "raster"), p
+    _same_images(tmp_path / "exact", tmp_path / "ray", conversions_too=False)  # on the CPU the decode is the exact one
+    w = Workspace(tmp_path / "ray")
+    run = w.read_table("runs").to_pylist()[-1]
+    options, counts = json.loads(run["options"]), json.loads(run["counts"])
+    assert options["engine"] == "ray" and options["gpu_jpeg"] is True and options["worker_jpeg_share"] == share
+    assert (counts["device_decoded"], counts["worker_decoded"]) == (len(grey) - len(kept), len(kept))
+    assert w.manifest["reading"].get("jpeg_on_device") is True
+
+
+def _films(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    for name in names:
+        Image.fromarray((rng.random((240, 200)) * 255).astype(np.uint8)).save(folder / name)
+    return [str(folder / n) for n in names]
+
+
+def test_a_file_that_kills_its_ray_reader_task_is_recorded_and_the_run_goes_on(tmp_path, tiny_checkpoints, ray_cluster, monkeypatch):
+    """Ray runs a task again for ever when its process dies: reading b-poison-read.png aborts the
+    process (CURATOR_ABORT_READING, set in the cluster by the fixture), and the crash notes turn the
+    second death into an error row instead of a loop."""
+    from curator.pipelines import crash_notes
+
+    names = [f"a{i}.png" for i in range(4)] + ["b-poison-read.png"] + [f"c{i}.png" for i in range(3)]
+    paths = _films(tmp_path / "arc", names)
+    common = dict(archives=[str(tmp_path / "arc")], checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, threads=1,
+                  batch_size=3)
+    remote = run_embed(EmbedConfig(workspace=str(tmp_path / "ray"), engine="ray", **common))
+    assert remote.processed == 7 and remote.failed == {"decoder_crashed": 1}
+    assert not crash_notes.folder(remote.run_id).exists()  # the run's notes go with it
+    monkeypatch.setenv("CURATOR_ABORT_READING", "poison-read")
+    local = run_embed(EmbedConfig(workspace=str(tmp_path / "local"), workers=2, **common))  # the local engine's own crash handling
+    assert local.failed == {"decoder_crashed": 1}
+    cat_l, cat_r, err_l, err_r = _same_images(tmp_path / "local", tmp_path / "ray")
+    assert sorted(cat_r) == sorted(p for p in paths if "poison" not in p)
+    poison = str(tmp_path / "arc" / "b-poison-read.png")
+    assert err_r[poison][:2] == ("read", "decoder_crashed")
+    assert err_r[poison][2].startswith("reading this file ended the process reading it 2 times"), err_r[poison]
+    again = run_embed(EmbedConfig(workspace=str(tmp_path / "ray"), engine="ray", **common))
+    assert again.processed == 0 and again.known_errors == 1 and again.unchanged == 7
+
+
+def test_a_batch_whose_device_decode_kills_a_ray_actor_is_read_the_exact_way(tmp_path, tiny_checkpoints, ray_cluster):
+    """With --gpu-jpeg an actor that dies decoding a batch (CURATOR_ABORT_DECODING: a path with
+    'poison-device' in the batch) is restarted by Ray, which hands it the batch again: the crash
+    note has the actor read that batch's JPEGs the exact way, in the same run."""
+    from curator.readers import ReadOptions
+    from tests.test_device_jpeg import _film, _jpeg
+
+    arc = tmp_path / "arc"
+    arc.mkdir()
+    names = ["a0.jpg", "a1.jpg", "b-poison-device.jpg", "c0.jpg", "c1.jpg", "c2.jpg"]
+    for i, name in enumerate(names):
+        (arc / name).write_bytes(_jpeg(_film(500 + 40 * i, 420, seed=i), quality=90))
+    common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, threads=1, batch_size=3)
+    remote = run_embed(EmbedConfig(workspace=str(tmp_path / "ray"), engine="ray", read_options=ReadOptions(jpeg_on_device=True), **common))
+    exact = run_embed(EmbedConfig(workspace=str(tmp_path / "exact"), workers=0, **common))
+    assert remote.processed == exact.processed == 6 and not remote.failed
+    _, cat_r, _, _ = _same_images(tmp_path / "exact", tmp_path / "ray", conversions_too=False)
+    again = {p for p, r in cat_r.items() if r["conversion"] == "raster"}  # read the exact way by the restarted actor
+    assert str(arc / "b-poison-device.jpg") in again
+    assert remote.device_rejected == len(again) and remote.device_decoded == 6 - len(again) > 0
+    assert all(r["conversion"] == "raster+cpu-jpeg" for p, r in cat_r.items() if p not in again)
+
+
+def test_crash_notes_count_the_deaths_of_each_file_in_hand(tmp_path):
+    from curator.discover import FileEntry
+    from curator.pipelines.crash_notes import DEATHS, CrashNote
+    from curator.pipelines.ray_engine import read_noted
+    from curator.readers import ReadOptions
+
+    batch = ["/a.png", "/b.png"]
+    first = CrashNote(tmp_path, "read", batch)
+    assert first.crashed(0) == first.crashed(1) == 0
+    first.hold(0)
+    first.hold(1)  # ... and the process dies holding index 1
+    second = CrashNote(tmp_path, "read", batch)
+    assert (second.crashed(0), second.crashed(1)) == (0, 1)
+    assert CrashNote(tmp_path, "device", batch).crashed(1) == 0 and CrashNote(tmp_path, "read", batch[:1]).crashed(1) == 0  # other notes
+    second.hold(1)  # dies again
+    third = CrashNote(tmp_path, "read", batch)
+    assert third.crashed(1) == 2 == DEATHS
+    third.hold(0)  # (a death at another index adds to that index)
+    assert CrashNote(tmp_path, "read", batch).deaths == {0: 1, 1: 2}
+    third.done()
+    assert CrashNote(tmp_path, "read", batch).deaths == {}
+    for junk in ('{"at": 1, "deaths": {"0"', '[1, 2]', '{"at": 1, "deaths": {"x": 1}}', '{"at": 0, "deaths": null}'):
+        third.path.write_text(junk)  # not a whole note: as none (the last one: the death it records)
+        assert CrashNote(tmp_path, "read", batch).deaths == ({0: 1} if "null" in junk else {}), junk
+
+    # read_noted: a file at DEATHS deaths is an error row without being read; the others are read
+    arc = tmp_path / "arc"
+    paths = _films(arc, ["x0.png", "x1.png", "x2.png"])
+    entries = [FileEntry(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
+    note = CrashNote(tmp_path / "notes", "read", paths)
+    note.deaths = {1: DEATHS, 2: DEATHS - 1}
+    items = read_noted(entries, ReadOptions(), DEFAULT_CFG, note)
+    assert [it["ok"] for it in items] == [True, False, True]
+    assert items[1]["error"]["kind"] == "decoder_crashed" and items[1]["error"]["path"] == paths[1]
+    assert json.loads(note.path.read_text())["at"] == 2  # the last file read was in hand
