@@ -38,7 +38,8 @@ _READ_ENV = "CURATOR_ABORT_READING"
 
 def reached_reading(path: str) -> None:
     """``CURATOR_ABORT_READING=text``: a reader process aborts (SIGABRT, as a C library's failed
-    assertion does) once it has read a file whose path contains ``text``. Tests only."""
+    assertion does) once it has read and decoded a file whose path contains ``text`` (not when it
+    only handed the file's bytes over for --gpu-jpeg). Tests only."""
     text = os.environ.get(_READ_ENV)
     if text and text in path:
         os.abort()

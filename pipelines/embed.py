@@ -149,7 +149,8 @@ class FileDataset(Dataset):
         path = entry.path.encode("utf-8", "surrogateescape")
         os.pwrite(fd, struct.pack("<I", len(path)) + path, 0)  # a few microseconds, no open/close
         item = read_item(entry, self.options, self.cfg)
-        faults.reached_reading(entry.path)
+        if "jpeg" not in item:  # (a JPEG handed to the device as bytes was not decoded here)
+            faults.reached_reading(entry.path)
         os.pwrite(fd, b"\0\0\0\0", 0)  # nothing in hand between files
         return item
 
@@ -354,7 +355,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                 if cfg.engine == "ray":
                     from .ray_engine import mapped_batches
 
-                    source = mapped_batches(todo, cfg, refs, prompt_sets, run_id, timing)
+                    source = mapped_batches(todo, cfg, refs, prompt_sets, timing)
                 else:
                     if checkpoints is None:
                         checkpoints = load_checkpoints(cfg.checkpoints, devices[0])

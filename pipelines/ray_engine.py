@@ -22,6 +22,7 @@ import logging
 import os
 import pickle
 import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -94,32 +95,37 @@ def read_noted(entries: list[FileEntry], options: ReadOptions, cfg: PreprocessCf
             continue
         note.hold(key)
         items.append(read_item(entry, options, cfg))
-        faults.reached_reading(entry.path)
+        if "jpeg" not in items[-1]:  # (a JPEG handed to the device as bytes was not decoded here)
+            faults.reached_reading(entry.path)
     return items
 
 
-def _read_chunk(batch: dict, options: ReadOptions, cfg: PreprocessCfg, run_id: str) -> dict:
-    """Ray task: files -> preprocessed tensors (or, with --gpu-jpeg, the bytes of grayscale JPEGs)
-    plus pickled catalog rows / error rows."""
+def _read_chunk(batch: dict, options: ReadOptions, cfg: PreprocessCfg, notes: str) -> dict:
+    """Ray task: files -> preprocessed tensors plus pickled catalog rows / error rows. With
+    --gpu-jpeg, grayscale JPEGs go as their bytes ("jpeg") and the tensors as bytes too
+    ("tensor_bytes"), so that no row carries a tensor it does not have."""
     torch.set_num_threads(1)
     entries = [FileEntry(str(p), int(s), int(m)) for p, s, m in zip(batch["path"], batch["size"], batch["mtime_ns"])]
-    note = CrashNote(crash_notes.folder(run_id), "read", [e.path for e in entries])
+    note = CrashNote(crash_notes.folder(notes), "read", [e.path for e in entries])
     try:
         items = read_noted(entries, options, cfg, note)
     finally:
         note.done()
-    shape = next((tuple(it["tensor"].shape) for it in items if "tensor" in it), (3, cfg.input_size, cfg.input_size))
-    tensors = np.zeros((len(items), *shape), dtype=np.float32)
-    for i, it in enumerate(items):
-        if "tensor" in it:
-            tensors[i] = it["tensor"].numpy()
-    return {
+    out = {
         "ok": np.array([it["ok"] for it in items], dtype=bool),
-        "tensor": tensors,
         "record": np.array([pickle.dumps(it["row"] if it["ok"] else it["error"]) for it in items], dtype=object),
         "jpeg": np.array([it["jpeg"].tobytes() if "jpeg" in it else b"" for it in items], dtype=object),
         "how": np.array([READER_SHARE if it.get("kept") else BY_READER for it in items], dtype=np.int8),
     }
+    if options.jpeg_on_device:
+        out["tensor_bytes"] = np.array([it["tensor"].numpy().tobytes() if "tensor" in it else b"" for it in items], dtype=object)
+        return out
+    shape = next((tuple(it["tensor"].shape) for it in items if "tensor" in it), (3, cfg.input_size, cfg.input_size))
+    out["tensor"] = np.zeros((len(items), *shape), dtype=np.float32)
+    for i, it in enumerate(items):
+        if "tensor" in it:
+            out["tensor"][i] = it["tensor"].numpy()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +136,7 @@ class EmbedActor:
     + probabilities. With --gpu-jpeg it first decodes the batch's grayscale JPEGs on its device."""
 
     def __init__(self, checkpoint_paths: list[str], sha256s: list[str], prompt_specs: list[dict], device: str | None, threads: int | None,
-                 read_options: ReadOptions | None = None, preprocess: PreprocessCfg = DEFAULT_CFG, run_id: str = "run"):
+                 read_options: ReadOptions | None = None, preprocess: PreprocessCfg = DEFAULT_CFG, notes: str = "notes"):
         from curator.model import load_checkpoints
 
         if threads:
@@ -147,7 +153,7 @@ class EmbedActor:
         # for --gpu-jpeg: how the files the device does not decode are read (the exact path)
         self.exact = replace(read_options or ReadOptions(), jpeg_on_device=False, letterbox_on_device=False, device_share=None)
         self.preprocess = preprocess
-        self.run_id = run_id
+        self.notes = notes
 
     def __call__(self, batch: dict) -> dict:
         ok = np.asarray(batch["ok"], dtype=bool)
@@ -158,7 +164,13 @@ class EmbedActor:
         rows, how = [records[i] for i in plain], [int(how_in[i]) for i in plain]
         errors = [records[i] for i in range(len(ok)) if not ok[i]]
         error_how = [BY_READER] * len(errors)
-        parts = [torch.from_numpy(np.ascontiguousarray(batch["tensor"][plain]))] if plain else []
+        parts = []
+        if plain and "tensor" in batch:
+            parts.append(torch.from_numpy(np.ascontiguousarray(batch["tensor"][plain])))
+        elif plain:  # (--gpu-jpeg: as bytes)
+            size = self.preprocess.input_size
+            parts.append(torch.from_numpy(np.stack([np.frombuffer(batch["tensor_bytes"][i], dtype=np.float32).reshape(-1, size, size)
+                                                    for i in plain])))
         if deferred:
             self._on_device([records[i] for i in deferred], [jpeg[i] for i in deferred], parts, rows, how, errors, error_how)
         n = len(rows) + len(errors)
@@ -188,7 +200,7 @@ class EmbedActor:
         Appends to the batch's model inputs, rows, errors and their "how"."""
         from .embed import decode_jpegs
 
-        note = CrashNote(crash_notes.folder(self.run_id), "device", [r["path"] for r in jpeg_rows])
+        note = CrashNote(crash_notes.folder(self.notes), "device", [r["path"] for r in jpeg_rows])
         try:
             if note.crashed(crash_notes.DEVICE):
                 log.warning("an actor died decoding a batch of %d JPEGs on its device (first: %s); they are read the exact way",
@@ -239,14 +251,14 @@ def mapped_batches(
     cfg,
     checkpoints: list[Checkpoint],
     prompt_sets: list[PromptSet],
-    run_id: str = "run",
     counts: dict | None = None,
 ) -> Iterator[tuple[list[dict], dict | None, list[dict]]]:
     """Yield ``(catalog rows, mapped, error rows)`` as :meth:`WorkspaceWriter.add` takes them.
     ``counts`` gets --gpu-jpeg's ``device_decoded``, ``device_rejected`` and ``worker_decoded``
-    added to."""
+    added to. The crash notes (pipelines/crash_notes.py) are named by ``cfg.workspace``."""
     ray = _import_ray()
     connect(cfg.ray_address)
+    notes = crash_notes.key(cfg.workspace)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the embed job draws its own bar
     resources = ray.cluster_resources()
@@ -262,11 +274,13 @@ def mapped_batches(
         [{"path": e.path, "size": e.size, "mtime_ns": e.mtime_ns} for e in todo],
         override_num_blocks=max(1, min(len(todo) // chunk + 1, 10_000)),
     )
-    ds = ds.map_batches(
+    ds = _map_batches(
+        ds, {"max_retries": crash_notes.RETRIES},  # (Ray Data's default: without end)
         _read_chunk, batch_size=chunk, batch_format="numpy", num_cpus=1,
-        fn_kwargs={"options": cfg.read_options, "cfg": cfg.preprocess, "run_id": run_id},
+        fn_kwargs={"options": cfg.read_options, "cfg": cfg.preprocess, "notes": notes},
     )
-    ds = ds.map_batches(
+    ds = _map_batches(
+        ds, {"max_task_retries": crash_notes.RETRIES},
         EmbedActor, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus_each, num_cpus=actor_cpus,
@@ -278,35 +292,48 @@ def mapped_batches(
             "threads": cfg.threads,
             "read_options": cfg.read_options,
             "preprocess": cfg.preprocess,
-            "run_id": run_id,
+            "notes": notes,
         },
     )
     shas = [c.sha256 for c in checkpoints]
     counts = {} if counts is None else counts
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            ok = np.asarray(batch["ok"], dtype=bool)
-            how = np.asarray(batch["how"])
-            for key, code in (("device_decoded", ON_DEVICE), ("device_rejected", DEVICE_REJECTED), ("worker_decoded", READER_SHARE)):
-                counts[key] = counts.get(key, 0) + int((how == code).sum())
-            records = [pickle.loads(r) for r in batch["record"]]
-            rows = [r for r, good in zip(records, ok) if good]
-            errors = [r for r, good in zip(records, ok) if not good]
-            mapped = None
-            if rows:
-                mapped = {
-                    "embeddings": {sha: np.asarray(batch[f"emb_{i}"])[ok] for i, sha in enumerate(shas)},
-                    "probabilities": {
-                        ps.id: {
-                            (shas[k] if k < len(shas) else ENSEMBLE_MEMBER): np.asarray(batch[f"prob_{j}_{k}"])[ok]
-                            for k in range(len(shas) + 1)
-                        }
-                        for j, ps in enumerate(prompt_sets)
-                    },
-                }
-            yield rows, mapped, errors
-    finally:
-        shutil.rmtree(crash_notes.folder(run_id), ignore_errors=True)  # (this node's; elsewhere a note goes with its batch)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        ok = np.asarray(batch["ok"], dtype=bool)
+        how = np.asarray(batch["how"])
+        for key, code in (("device_decoded", ON_DEVICE), ("device_rejected", DEVICE_REJECTED), ("worker_decoded", READER_SHARE)):
+            counts[key] = counts.get(key, 0) + int((how == code).sum())
+        records = [pickle.loads(r) for r in batch["record"]]
+        rows = [r for r, good in zip(records, ok) if good]
+        errors = [r for r, good in zip(records, ok) if not good]
+        mapped = None
+        if rows:
+            mapped = {
+                "embeddings": {sha: np.asarray(batch[f"emb_{i}"])[ok] for i, sha in enumerate(shas)},
+                "probabilities": {
+                    ps.id: {
+                        (shas[k] if k < len(shas) else ENSEMBLE_MEMBER): np.asarray(batch[f"prob_{j}_{k}"])[ok]
+                        for k in range(len(shas) + 1)
+                    }
+                    for j, ps in enumerate(prompt_sets)
+                },
+            }
+        yield rows, mapped, errors
+    # Every batch is done: this node's notes left are those of retries that ran elsewhere. (Kept
+    # when the run fails, so that the next run goes on counting.)
+    shutil.rmtree(crash_notes.folder(notes), ignore_errors=True)
+
+
+def _map_batches(ds, retries: dict, *args, **kwargs):
+    """``ds.map_batches(*args, **kwargs)`` with Ray's retry bounds ``retries``, which Ray Data takes
+    only among its ``ray_remote_args`` (deprecated since Ray 2.60, to be removed in 2.64: where
+    refused, without them, and a task whose process dies is retried as Ray sees fit)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        try:
+            return ds.map_batches(*args, **kwargs, **retries)
+        except TypeError as exc:
+            log.warning("this Ray does not take %s (%s): retries after a worker died are not bounded", ", ".join(retries), exc)
+            return ds.map_batches(*args, **kwargs)
 
 
 def _spec(ps: PromptSet) -> dict:

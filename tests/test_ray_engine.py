@@ -192,7 +192,7 @@ def test_a_file_that_kills_its_ray_reader_task_is_recorded_and_the_run_goes_on(t
                   batch_size=3)
     remote = run_embed(EmbedConfig(workspace=str(tmp_path / "ray"), engine="ray", **common))
     assert remote.processed == 7 and remote.failed == {"decoder_crashed": 1}
-    assert not crash_notes.folder(remote.run_id).exists()  # the run's notes go with it
+    assert not crash_notes.folder(crash_notes.key(tmp_path / "ray")).exists()  # a completed run's notes go
     monkeypatch.setenv("CURATOR_ABORT_READING", "poison-read")
     local = run_embed(EmbedConfig(workspace=str(tmp_path / "local"), workers=2, **common))  # the local engine's own crash handling
     assert local.failed == {"decoder_crashed": 1}
@@ -214,17 +214,26 @@ def test_a_batch_whose_device_decode_kills_a_ray_actor_is_read_the_exact_way(tmp
 
     arc = tmp_path / "arc"
     arc.mkdir()
-    names = ["a0.jpg", "a1.jpg", "b-poison-device.jpg", "c0.jpg", "c1.jpg", "c2.jpg"]
+    # d-...: kills the actor decoding it on the device, then twice more when read the exact way there: an error row
+    names = ["a0.jpg", "a1.jpg", "b-poison-device.jpg", "c0.jpg", "c1.jpg", "c2.jpg", "d-poison-device-poison-read.jpg", "e0.jpg"]
     for i, name in enumerate(names):
         (arc / name).write_bytes(_jpeg(_film(500 + 40 * i, 420, seed=i), quality=90))
     common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, threads=1, batch_size=3)
     remote = run_embed(EmbedConfig(workspace=str(tmp_path / "ray"), engine="ray", read_options=ReadOptions(jpeg_on_device=True), **common))
-    exact = run_embed(EmbedConfig(workspace=str(tmp_path / "exact"), workers=0, **common))
-    assert remote.processed == exact.processed == 6 and not remote.failed
-    _, cat_r, _, _ = _same_images(tmp_path / "exact", tmp_path / "ray", conversions_too=False)
+    exact = run_embed(EmbedConfig(workspace=str(tmp_path / "exact"), workers=0, **common))  # (no crash without reader workers)
+    crasher = str(arc / names[6])
+    assert exact.processed == 8 and remote.processed == 7 and remote.failed == {"decoder_crashed": 1}
+    _, cat_r, _, _, err_r = _tables(tmp_path / "ray")
+    assert err_r[crasher][:2] == ("read", "decoder_crashed") and "2 times" in err_r[crasher][2]
+    _, cat_e, emb_e, pred_e, _ = _tables(tmp_path / "exact")
+    _, _, emb_r, pred_r, _ = _tables(tmp_path / "ray")
+    assert sorted(cat_r) == sorted(p for p in cat_e if p != crasher)
+    for p in cat_r:
+        np.testing.assert_allclose(emb_r[p], emb_e[p], atol=1e-6, rtol=0)  # the CPU decode is the exact one
+    assert max(float(np.abs(pred_r[k] - pred_e[k]).max()) for k in pred_r) <= 1e-6
     again = {p for p, r in cat_r.items() if r["conversion"] == "raster"}  # read the exact way by the restarted actor
     assert str(arc / "b-poison-device.jpg") in again
-    assert remote.device_rejected == len(again) and remote.device_decoded == 6 - len(again) > 0
+    assert remote.device_rejected == len(again) + 1 and remote.device_decoded == 7 - len(again) > 0  # (+1: the crasher)
     assert all(r["conversion"] == "raster+cpu-jpeg" for p, r in cat_r.items() if p not in again)
 
 
@@ -238,11 +247,13 @@ def test_crash_notes_count_the_deaths_of_each_file_in_hand(tmp_path):
     first = CrashNote(tmp_path, "read", batch)
     assert first.crashed(0) == first.crashed(1) == 0
     first.hold(0)
-    first.hold(1)  # ... and the process dies holding index 1
+    first.hold(1)  # ... and the process dies holding index 1 (the test closes its file)
+    os.close(first._fd)
     second = CrashNote(tmp_path, "read", batch)
     assert (second.crashed(0), second.crashed(1)) == (0, 1)
     assert CrashNote(tmp_path, "device", batch).crashed(1) == 0 and CrashNote(tmp_path, "read", batch[:1]).crashed(1) == 0  # other notes
     second.hold(1)  # dies again
+    os.close(second._fd)
     third = CrashNote(tmp_path, "read", batch)
     assert third.crashed(1) == 2 == DEATHS
     third.hold(0)  # (a death at another index adds to that index)
@@ -252,6 +263,19 @@ def test_crash_notes_count_the_deaths_of_each_file_in_hand(tmp_path):
     for junk in ('{"at": 1, "deaths": {"0"', '[1, 2]', '{"at": 1, "deaths": {"x": 1}}', '{"at": 0, "deaths": null}'):
         third.path.write_text(junk)  # not a whole note: as none (the last one: the death it records)
         assert CrashNote(tmp_path, "read", batch).deaths == ({0: 1} if "null" in junk else {}), junk
+
+    # a notes folder that is not a real folder of this user's (here a link) is not used: no notes
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    linked = CrashNote(tmp_path / "link", "read", batch)
+    linked.hold(0)
+    linked.done()
+    assert list(real.iterdir()) == []
+    fresh = CrashNote(tmp_path / "made", "read", batch)
+    fresh.hold(0)
+    assert (tmp_path / "made").stat().st_mode & 0o777 == 0o700 and fresh.path.exists()
+    fresh.done()
 
     # read_noted: a file at DEATHS deaths is an error row without being read; the others are read
     arc = tmp_path / "arc"
