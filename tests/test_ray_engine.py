@@ -172,6 +172,25 @@ def test_gpu_jpeg_on_ray_decodes_in_the_model_actors_as_the_local_engine_does(tm
     assert w.manifest["reading"].get("jpeg_on_device") is True
 
 
+@pytest.fixture
+def deadline():
+    """Fail a test whose Ray run does not end within 180 s, as a run retrying a dying task for ever
+    would (SIGALRM in the main thread; the per-file time limit of an exact read in this process
+    takes the same timer over, so the deadline covers what runs before one)."""
+    import signal
+
+    def expired(signum, frame):
+        raise TimeoutError("the Ray run did not end within 180 s: retrying a dying task for ever?")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(180)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _films(folder, names):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(3)
@@ -180,7 +199,7 @@ def _films(folder, names):
     return [str(folder / n) for n in names]
 
 
-def test_a_file_that_kills_its_ray_reader_task_is_recorded_and_the_run_goes_on(tmp_path, tiny_checkpoints, ray_cluster, monkeypatch):
+def test_a_file_that_kills_its_ray_reader_task_is_recorded_and_the_run_goes_on(tmp_path, tiny_checkpoints, ray_cluster, monkeypatch, deadline):
     """Ray runs a task again for ever when its process dies: reading b-poison-read.png aborts the
     process (CURATOR_ABORT_READING, set in the cluster by the fixture), and the crash notes turn the
     second death into an error row instead of a loop."""
@@ -205,7 +224,7 @@ def test_a_file_that_kills_its_ray_reader_task_is_recorded_and_the_run_goes_on(t
     assert again.processed == 0 and again.known_errors == 1 and again.unchanged == 7
 
 
-def test_a_batch_whose_device_decode_kills_a_ray_actor_is_read_the_exact_way(tmp_path, tiny_checkpoints, ray_cluster):
+def test_a_batch_whose_device_decode_kills_a_ray_actor_is_read_the_exact_way(tmp_path, tiny_checkpoints, ray_cluster, deadline):
     """With --gpu-jpeg an actor that dies decoding a batch (CURATOR_ABORT_DECODING: a path with
     'poison-device' in the batch) is restarted by Ray, which hands it the batch again: the crash
     note has the actor read that batch's JPEGs the exact way, in the same run."""
@@ -287,3 +306,25 @@ def test_crash_notes_count_the_deaths_of_each_file_in_hand(tmp_path):
     assert [it["ok"] for it in items] == [True, False, True]
     assert items[1]["error"]["kind"] == "decoder_crashed" and items[1]["error"]["path"] == paths[1]
     assert json.loads(note.path.read_text())["at"] == 2  # the last file read was in hand
+
+
+def test_ray_retries_are_bounded_and_a_rerun_goes_on_counting_deaths(tmp_path, tiny_checkpoints, ray_cluster, monkeypatch, deadline):
+    """With one retry allowed, the second death of the process reading b-poison-read.png leaves
+    Ray no retry: the run fails (instead of looping) and keeps its crash notes; the rerun reads
+    them, records the file at once and completes, removing them."""
+    from curator.pipelines import crash_notes
+
+    _films(tmp_path / "arc", ["a0.png", "b-poison-read.png", "c0.png"])
+    common = dict(archives=[str(tmp_path / "arc")], workspace=str(tmp_path / "ws"), checkpoints=[str(tiny_checkpoints[0])], device="cpu",
+                  progress=False, threads=1, batch_size=3, engine="ray")
+    notes = crash_notes.folder(crash_notes.key(tmp_path / "ws"))
+    monkeypatch.setattr(crash_notes, "RETRIES", 1)
+    with pytest.raises(Exception):
+        run_embed(EmbedConfig(**common))
+    assert [json.loads(p.read_text()) for p in notes.iterdir()] == [{"at": 1, "deaths": {"1": 1}}]  # (two deaths: one counted, one "at")
+    runs = Workspace(tmp_path / "ws").read_table("runs").to_pylist()
+    assert [r["status"] for r in runs] == ["failed"]
+    monkeypatch.setattr(crash_notes, "RETRIES", 0)  # the rerun needs no retry at all
+    again = run_embed(EmbedConfig(**common))
+    assert again.processed == 2 and again.failed == {"decoder_crashed": 1}
+    assert not notes.exists()
