@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import struct
 import sys
