@@ -3,9 +3,9 @@
 # (15 minutes of device time per session, start included). Every part (PARTS below) takes ~9 minutes
 # with the limits set here; what 2026-12-04 measured already (benchmarks/README.md) can be left out,
 # e.g. PARTS="tests gpu_letterbox" (~4 minutes) for the first measurement of --gpu-letterbox.
-# Not yet measured on a GPU (2026-12-04, third session): the device stage beside the model and the
-# workers' share of --gpu-jpeg, and --gpu-letterbox. Two calls cover them:
-#   PARTS="tests gpu_jpeg" REPEATS=1 GJ="512 32 16 256 256 16384"   (~5 minutes)
+# Not yet measured on a GPU (2026-12-04, fifth session): the device stage beside the model and the
+# workers' share of --gpu-jpeg (exact, and with --fast-jpeg), and --gpu-letterbox. Two calls cover them:
+#   PARTS="tests gpu_jpeg" REPEATS=1 GJ="512 32 16 256 256 16384"   (~6 minutes: timeout_s=480)
 #   PARTS="gpu_letterbox" REPEATS=2                                  (~3 minutes)
 #
 # That machine has Python 3.12 with torch, torchvision, numpy, pandas, pyarrow, pillow and pytest,
@@ -57,8 +57,9 @@ if has profile; then
 fi
 
 # 3. --gpu-jpeg against the exact path: throughput and deviation (issue 6, item 5); the device path in turn with
-#    the model, beside it (overlap), with the workers' adaptive share, and that with --gpu-letterbox (~200 s a repeat).
-has gpu_jpeg && { timeout 330 python3 benchmarks/gpu_jpeg.py --device "$DEVICE" --images ${N[0]} --distinct ${N[1]} --workers ${N[2]} --batch-size ${N[3]} --device-images ${N[5]} --repeats ${REPEATS:-1} --json \
+#    the model, beside it (overlap), with the workers' adaptive share, that with --gpu-letterbox, and that with
+#    --fast-jpeg for the workers' share (~240 s a repeat).
+has gpu_jpeg && { timeout 380 python3 benchmarks/gpu_jpeg.py --device "$DEVICE" --images ${N[0]} --distinct ${N[1]} --workers ${N[2]} --batch-size ${N[3]} --device-images ${N[5]} --repeats ${REPEATS:-1} --json \
   >"$OUT/gpu_jpeg.json" 2>"$OUT/gpu_jpeg.err"; echo "gpu_jpeg rc $?"; tail -c 1500 "$OUT/gpu_jpeg.json"; grep '^{' "$OUT/gpu_jpeg.err" | tail -2; }
 
 # 4. --gpu-letterbox against the default path: the workers' rate, the device letterbox, end to end, the deviation.

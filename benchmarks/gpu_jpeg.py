@@ -6,8 +6,9 @@ links them up to --images files, then prints, medians of --repeats runs in this 
       (a batch of --batch-size files decoded, letterboxed and turned into model inputs there);
   `curator embed` end to end, exact vs --gpu-jpeg, with a ViT-B/32-sized checkpoint (random weights);
       --gpu-jpeg three ways: all on the device in turn with the model, the device stage beside the
-      model (overlap), beside it with the reader workers' adaptive share (curator's GPU default), and
-      that with --gpu-letterbox (the workers' share only decoded by them);
+      model (overlap), beside it with the reader workers' adaptive share (curator's GPU default),
+      that with --gpu-letterbox (the workers' share only decoded by them), and that with --fast-jpeg
+      (the workers' share decoded in the DCT domain; the GPU's films stay exact);
   how far the device path moves things on the distinct films: share of 320x320 canvas pixels that
       differ from the exact path's and the largest difference (grey levels), and
       max |p_device - p_exact| over every film and finding with --checkpoint (default: the bundled
@@ -104,14 +105,16 @@ def canvas_deviation(paths: list[Path], device: torch.device) -> tuple[float, in
 
 
 def embed(archive: Path, ws: Path, ck: str, device: str, workers: int, batch: int, threads: int, on_device: bool,
-          breakdown: list | None = None, overlap: bool | None = False, share: float | str = 0.0, letterbox: bool = False) -> float:
+          breakdown: list | None = None, overlap: bool | None = False, share: float | str = 0.0, letterbox: bool = False,
+          fast: bool = False) -> float:
     """images/s of one run. On the device path: ``overlap`` (the device stage beside the model; None:
     curator's default), ``share`` (the reader workers' share of the JPEGs, or "auto") and
-    ``letterbox`` (--gpu-letterbox: the JPEGs the workers decode are letterboxed on the device)."""
+    ``letterbox`` (--gpu-letterbox: the JPEGs the workers decode are letterboxed on the device) and
+    ``fast`` (--fast-jpeg: the JPEGs the workers decode are decoded in the DCT domain)."""
     from curator.readers import ReadOptions
 
     extra = {"overlap": overlap, "worker_jpeg_share": share} if on_device else {}
-    options = ReadOptions(jpeg_on_device=on_device, letterbox_on_device=letterbox)
+    options = ReadOptions(jpeg_on_device=on_device, letterbox_on_device=letterbox, jpeg_draft_min_side=320 if fast else None)
     s = timed_embed(archive, ws, ck, device, workers, batch, threads, options, breakdown, **extra)
     if on_device and share == 0.0:  # all of them on the device, or the rate is not the device path's (e.g. no nvJPEG in this torchvision)
         assert s.device_decoded == s.processed and not s.device_rejected, s.lines()
@@ -167,19 +170,23 @@ def main() -> int:
         print(json.dumps(res), file=sys.stderr, flush=True)  # what is measured so far, in case the rest runs out of time
         # the device path three ways: in turn with the model, all on the device (as first measured); beside the model
         # (overlap); beside the model with the reader workers decoding an adaptive share (curator's default on a GPU)
-        # and the same with --gpu-letterbox, so the workers' share is only decoded by them
-        variants = {"embed_device": (False, 0.0, False), "embed_device_overlap": (True, 0.0, False), "embed_device_auto": (True, "auto", False),
-                    "embed_device_auto_letterbox": (True, "auto", True)}
-        runs: dict[str, list[float]] = {"decode_exact": [], "decode_device": [], "embed_exact": [], **{k: [] for k in variants}}
+        # and the same with --gpu-letterbox, so the workers' share is only decoded by them, or with --fast-jpeg, so
+        # the workers' share is decoded in the DCT domain
+        variants = {"embed_device": (False, 0.0, False, False), "embed_device_overlap": (True, 0.0, False, False),
+                    "embed_device_auto": (True, "auto", False, False), "embed_device_auto_letterbox": (True, "auto", True, False),
+                    "embed_device_auto_fast": (True, "auto", False, True)}
+        runs: dict[str, list[float]] = {"decode_exact": [], "decode_fast": [], "decode_device": [], "embed_exact": [],
+                                        **{k: [] for k in variants}}
         for r in range(args.repeats):
             runs["decode_exact"].append(bench_decode_only(paths, args.workers, args.batch_size))
+            runs["decode_fast"].append(bench_decode_only(paths, args.workers, args.batch_size, fast_jpeg=True))
             runs["decode_device"].append(device_stage_rate(paths, device, args.batch_size))
             runs["embed_exact"].append(embed(tmp / "all", tmp / f"e{r}", ck, args.device, args.workers, args.batch_size, threads, False,
                                              res.setdefault("breakdown_exact", [])))
-            for name, (overlap, worker_share, letterbox) in variants.items():
+            for name, (overlap, worker_share, letterbox, fast) in variants.items():
                 runs[name].append(embed(device_archive, tmp / f"{name}{r}", ck, args.device, args.workers, args.batch_size, threads, True,
                                         res.setdefault(f"breakdown_{name.removeprefix('embed_')}", []), overlap=overlap, share=worker_share,
-                                        letterbox=letterbox))
+                                        letterbox=letterbox, fast=fast))
             print(json.dumps({**runs, **{k: v for k, v in res.items() if k.startswith("breakdown_")}}), file=sys.stderr, flush=True)
         res.update({k: statistics.median(v) for k, v in runs.items()}, runs=runs)
     if args.json:
@@ -188,6 +195,7 @@ def main() -> int:
     print(f"{args.images} JPEG files ({args.distinct} distinct films, {args.width}x{args.height}, q95) on {res['gpu'] or device}; "
           f"{args.workers} workers, {threads} threads, batch {args.batch_size}; medians of {args.repeats}")
     print(f"  decode+preprocess, exact (workers)      {res['decode_exact']:8.1f} images/s")
+    print(f"  decode+preprocess, --fast-jpeg (workers){res['decode_fast']:8.1f} images/s")
     print(f"  decode+preprocess, on {device.type:<4}             {res['decode_device']:8.1f} images/s")
     print(f"  curator embed, exact                    {res['embed_exact']:8.1f} images/s")
     print(f"  curator embed, --gpu-jpeg               {res['embed_device']:8.1f} images/s   ({res['embed_device'] / res['embed_exact']:.2f}x; "
@@ -201,6 +209,10 @@ def main() -> int:
     auto = res["breakdown_device_auto_letterbox"][-1]
     print(f"    ... and --gpu-letterbox               {res['embed_device_auto_letterbox']:8.1f} images/s   "
           f"({res['embed_device_auto_letterbox'] / res['embed_device']:.2f}x; last run: {auto['worker_decoded']} by the workers, "
+          f"share {auto['worker_share']:.2f})")
+    auto = res["breakdown_device_auto_fast"][-1]
+    print(f"    ... and --fast-jpeg (workers' share)  {res['embed_device_auto_fast']:8.1f} images/s   "
+          f"({res['embed_device_auto_fast'] / res['embed_device']:.2f}x; last run: {auto['worker_decoded']} by the workers, "
           f"share {auto['worker_share']:.2f})")
     print(f"  canvas pixels differing from the exact path: {100 * share:.4f}% (largest difference {worst} grey levels)")
     print(f"  |p_device - p_exact| ({args.checkpoint}, {dev.shape[0]} films x {dev.shape[1]} findings): max {dev.max():.2e}, mean {dev.mean():.2e}")

@@ -151,15 +151,11 @@ def cmd_embed(args) -> int:
     )
     if args.address and args.engine != "ray":
         raise CliError("--address is for --engine ray")
-    if args.gpu_jpeg and args.fast_jpeg:
-        raise CliError("--gpu-jpeg and --fast-jpeg are two ways of reading JPEGs: choose one")
     if args.worker_jpeg_share is not None and not args.gpu_jpeg:
         raise CliError("--worker-jpeg-share is the reader workers' share of --gpu-jpeg's JPEGs: add --gpu-jpeg, or leave it out")
     if args.worker_jpeg_share == "auto" and args.engine == "ray":
         raise CliError("--worker-jpeg-share auto adapts only with --engine local; with --engine ray give a number from 0 to 1 "
                        "(default 0: every grayscale JPEG is decoded by a model actor, on its GPU)")
-    if args.gpu_letterbox and args.engine != "local":
-        raise CliError("--gpu-letterbox works with --engine local (the letterbox happens beside the model, on its GPU)")
     summary = run_embed(cfg)
     for line in summary.lines():
         print(line)
@@ -530,22 +526,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "DICOMs from a lower resolution level of the codestream (both sides stay >= 320 px): several times faster on "
                    "full-size films (JPEG 2000 about 10x), but not CheXzero-exact (probabilities move slightly; see "
                    "benchmarks/README.md). Rows read this way have conversion 'raster+dct/N', 'mimic+dct/N' or 'mimic+j2k/N' in "
-                   "the catalog. Default: exact decode")
+                   "the catalog. With --gpu-jpeg, the GPU decodes its JPEGs in full and this applies to what the CPU reads (the reader "
+                   "workers' share, other formats). Default: exact decode")
     p.add_argument("--gpu-jpeg", action="store_true",
                    help="decode grayscale JPEG files on the model's GPU (nvJPEG, through torchvision) and letterbox them there, "
                    "instead of in the reader workers: on a GPU node the CPU cores decoding full-size films are the limit. The "
                    "resize repeats Pillow's Lanczos arithmetic exactly, so the 320x320 canvas equals the exact path's wherever "
                    "the decoder returns libjpeg-turbo's pixels (nvJPEG may differ by a grey level; see benchmarks/README.md). "
-                   "Colour JPEGs, PNGs and DICOMs are read as usual; a JPEG the GPU decoder rejects is read the exact way. Rows "
+                   "Colour JPEGs, PNGs and DICOMs are read as usual; a JPEG the GPU decoder rejects is read on the CPU. Rows "
                    "decoded this way have conversion 'raster+cuda-jpeg' ('raster+cpu-jpeg' without a GPU, where it is slower "
                    "than the default). Meant for data-centre GPUs (fast float64). A file that crashes the GPU "
                    "decoder ends the run (the reader workers would record it and go on); rerun, and the files that were being "
                    "decoded are read by the workers. With --engine ray each model actor decodes on its own GPU (so every GPU of a "
-                   "node decodes); a batch whose decode kills an actor is read the exact way when Ray retries it, in the same run. "
-                   "Not with --fast-jpeg")
+                   "node decodes); a batch whose decode kills an actor is read on the CPU when Ray retries it, in the same run. "
+                   "With --fast-jpeg, the JPEGs the CPU reads (see --worker-jpeg-share) are decoded in the DCT domain, which "
+                   "makes the workers' share faster; the GPU's stay exact")
     p.add_argument("--worker-jpeg-share", type=_share, default=None, metavar="auto|F",
-                   help="with --gpu-jpeg: the share of grayscale JPEGs the reader workers decode themselves, the exact way, beside "
-                   "the GPU's decoder (their rows keep conversion 'raster'). 'auto' adapts it after every model batch so that "
+                   help="with --gpu-jpeg: the share of grayscale JPEGs the reader workers decode themselves, the exact way (in the DCT "
+                   "domain with --fast-jpeg), beside the GPU's decoder (their rows keep conversion 'raster', or 'raster+dct/N'). 'auto' adapts it after every model batch so that "
                    "neither waits for the other (on a GPU node the workers are otherwise mostly idle); a number from 0 to 1 fixes "
                    "it (0: every one on the GPU). With auto, which files each side decodes depends on timing: fix a number "
                    "for runs that must repeat to the bit (nvJPEG may differ from libjpeg-turbo by a grey level). Default: auto "
@@ -560,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "letterboxed by the workers as usual. The workers hand full-size images over through shared memory (/dev/shm: "
                    "5-10 MB per film in flight; a container needs room there) and a model batch of them is held in pinned memory "
                    "(two on a GPU, where the next batch's letterbox runs beside the model). "
-                   "Works beside --gpu-jpeg and --fast-jpeg; not with --engine ray")
+                   "Works beside --gpu-jpeg and --fast-jpeg, and with --engine ray (each model actor letterboxes its batches on its "
+                   "GPU; the decode tasks send the decoded images through Ray's object store)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="'local': decode worker processes + models on this machine (default); 'ray': the same stages on Ray Data "
                    "(decode tasks on the cluster's CPUs, one model actor per GPU), needs pip install 'curator-cxr[ray]'")

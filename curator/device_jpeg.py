@@ -254,7 +254,7 @@ def decode(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor
         if not _warned:
             _warned.append(True)
             log.warning("the JPEG decoder on %s failed on a batch (%s: %s); its files are decoded one by one, and those it "
-                        "rejects are read the exact way (said once)", device, type(exc).__name__, str(exc).splitlines()[0][:200])
+                        "rejects are read on the CPU (said once)", device, type(exc).__name__, str(exc).splitlines()[0][:200])
         images = []
         for b in blobs:
             try:

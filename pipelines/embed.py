@@ -63,8 +63,8 @@ class EmbedConfig:
     # (local_mapped_batches); None: on when the model is on a CUDA device (on the CPU both compete
     # for the same cores). Results are the same either way.
     overlap: bool | None = None
-    # --gpu-jpeg: share of the grayscale JPEGs the reader workers decode themselves (exact path)
-    # beside the device: a number in [0, 1] (fixed), "auto" (adapted during the run: WorkerShare),
+    # --gpu-jpeg: share of the grayscale JPEGs the reader workers decode themselves (the exact
+    # path, or in the DCT domain with --fast-jpeg) beside the device: a number in [0, 1] (fixed), "auto" (adapted during the run: WorkerShare),
     # or None: "auto" when the model is on a CUDA device, 0 otherwise. With "auto", which files
     # each side decodes depends on timing, so two runs can differ where nvJPEG's pixels differ
     # from libjpeg-turbo's (a grey level at most, seen on none of the H200's test films).
@@ -86,9 +86,10 @@ class EmbedSummary:
     pruned: int = 0  # catalogued files gone from the archive (--prune): their rows left the catalog
     prune_refused: list = field(default_factory=list)  # (folder, gone, catalogued) not pruned
     device_decoded: int = 0  # --gpu-jpeg: JPEGs decoded on the model's device
-    device_rejected: int = 0  # ... handed to it but read the exact way (decoder rejected, wrong size, out of memory)
+    device_rejected: int = 0  # ... handed to it but read on the CPU (decoder rejected, wrong size, out of memory)
     worker_decoded: int = 0  # ... decoded by the reader workers instead, as their share beside the device
     worker_share: float | None = None  # that share at the end of the run
+    device_letterboxed: int = 0  # --gpu-letterbox: images letterboxed on the model's device
     seconds: float = 0.0
     device: str = ""
 
@@ -117,10 +118,12 @@ class EmbedSummary:
                     for folder, gone, total in self.prune_refused]
         if self.device_decoded or self.device_rejected or self.worker_decoded:
             out.append(f"  --gpu-jpeg:          {self.device_decoded} JPEGs decoded on the device"
-                       + (f", {self.worker_decoded} by the reader workers beside it (their share at the end: "
+                       + (f", {self.worker_decoded} by the CPU readers beside it (their share at the end: "
                           f"{self.worker_share:.2f})" if self.worker_decoded else "")
-                       + (f", {self.device_rejected} handed to it but read the exact way (rejected by its decoder, or out of GPU "
+                       + (f", {self.device_rejected} handed to it but read on the CPU (rejected by its decoder, or out of GPU "
                           f"memory; see the log)" if self.device_rejected else ""))
+        if self.device_letterboxed:
+            out.append(f"  --gpu-letterbox:     {self.device_letterboxed} images letterboxed on the device")
         if self.ignored:
             out.append(f"  ignored by name:     {sum(self.ignored.values())}")
             out += [f"    {k}: {v}" for k, v in sorted(self.ignored.items())]
@@ -237,12 +240,8 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
         torch.set_num_threads(cfg.threads)
     if cfg.engine not in ("local", "ray"):
         raise ValueError(f"unknown engine {cfg.engine!r}; expected 'local' or 'ray'")
-    if cfg.read_options.jpeg_on_device and cfg.read_options.jpeg_draft_min_side is not None:
-        raise ValueError("decoding JPEGs on the device (--gpu-jpeg) works without --fast-jpeg")
     if cfg.read_options.jpeg_on_device and cfg.engine == "ray" and cfg.worker_jpeg_share == "auto":
         raise ValueError("the workers' share of --gpu-jpeg adapts only with --engine local; with --engine ray give a number from 0 to 1")
-    if cfg.read_options.letterbox_on_device and cfg.engine != "local":
-        raise ValueError("letterboxing on the device (--gpu-letterbox) works with --engine local")
     devices = [torch.device("cpu")] if cfg.engine == "ray" else resolve_devices(cfg.device)
     if checkpoints is not None:
         if not checkpoints:
@@ -407,6 +406,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             summary.retired = writer.stats.retired
             summary.device_decoded, summary.device_rejected = timing.get("device_decoded", 0), timing.get("device_rejected", 0)
             summary.worker_decoded = timing.get("worker_decoded", 0)
+            summary.device_letterboxed = timing.get("device_letterboxed", 0)
             summary.worker_share = share.value if share is not None else None
             summary.seconds = time.perf_counter() - t_start
             counts = {
@@ -421,6 +421,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                 "pruned": summary.pruned,
                 **({"device_decoded": summary.device_decoded, "device_rejected": summary.device_rejected,
                     "worker_decoded": summary.worker_decoded} if cfg.read_options.jpeg_on_device else {}),
+                **({"device_letterboxed": summary.device_letterboxed} if cfg.read_options.letterbox_on_device else {}),
             }
             record = run_record(
                 run_id, "embed", status, started,
@@ -499,8 +500,9 @@ def _device_stage(batch: dict, cfg: EmbedConfig, device: torch.device, timing: d
     of --gpu-jpeg's JPEGs (nothing to do without them)."""
     if batch["images"]:  # letterboxed here; their rows already follow the tensors' (_batch)
         t0 = time.perf_counter()
-        batch = {**batch, "tensors": letterbox_on_device(batch, cfg, device)}
+        batch = {**batch, "tensors": letterbox_on_device(batch, cfg.preprocess, device)}
         timing["device_letterbox_s"] += time.perf_counter() - t0
+        timing["device_letterboxed"] = timing.get("device_letterboxed", 0) + len(batch["images"])
     if batch["jpegs"]:
         t0 = time.perf_counter()
         rejected: list[dict] = []
@@ -543,7 +545,7 @@ def _model_stage(ready: tuple, cfg: EmbedConfig, checkpoints: list[Checkpoint], 
     return rows, mapped, errors
 
 
-def letterbox_on_device(batch: dict, cfg: EmbedConfig, device: torch.device) -> torch.Tensor:
+def letterbox_on_device(batch: dict, pcfg: PreprocessCfg, device: torch.device) -> torch.Tensor:
     """The batch's model inputs on ``device``: its preprocessed tensors, then its grayscale images
     letterboxed and transformed there (on a CUDA device; on the CPU in this process otherwise),
     with Pillow's arithmetic to the bit (curator.device_jpeg), in the order of its rows.
@@ -557,12 +559,12 @@ def letterbox_on_device(batch: dict, cfg: EmbedConfig, device: torch.device) -> 
     for group in _pixel_groups([{"width": im.shape[1], "height": im.shape[0]} for im in images], DEVICE_GROUP_PIXELS):
         try:
             on = [images[i].to(where, non_blocking=True) for i in group]  # (pinned by the loader on a GPU)
-            parts.append(device_jpeg.model_inputs(on, cfg.preprocess).to(device))
+            parts.append(device_jpeg.model_inputs(on, pcfg).to(device))
         except torch.cuda.OutOfMemoryError:
             on = None
             torch.cuda.empty_cache()
             log.warning("out of GPU memory letterboxing %d images on %s; Pillow letterboxes them here (lower --batch-size)", len(group), where)
-            parts.append(torch.stack([model_input(Image.fromarray(images[i].numpy()), cfg.preprocess) for i in group]).to(device))
+            parts.append(torch.stack([model_input(Image.fromarray(images[i].numpy()), pcfg) for i in group]).to(device))
     return torch.cat(parts)
 
 
@@ -600,7 +602,7 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict 
         counts["device_decoded"] = counts.get("device_decoded", 0) + len(jpegs) - len(refused)
         counts["device_rejected"] = counts.get("device_rejected", 0) + len(refused)
     if refused:
-        log.info("%d JPEG(s) of this batch not decoded on %s, read the exact way (first: %s)", len(refused), where, jpeg_rows[refused[0]]["path"])
+        log.info("%d JPEG(s) of this batch not decoded on %s, read on the CPU instead (first: %s)", len(refused), where, jpeg_rows[refused[0]]["path"])
     tensors = torch.cat(parts) if parts else None
     if rejected is not None:
         rejected += [jpeg_rows[i] for i in refused]
@@ -632,7 +634,7 @@ def decode_jpegs(jpegs: list[torch.Tensor], jpeg_rows: list[dict], cfg: Preproce
         except torch.cuda.OutOfMemoryError:
             ok = images = None
             torch.cuda.empty_cache()
-            log.warning("out of GPU memory decoding %d JPEGs on %s; they are read the exact way (lower --batch-size)", len(group), where)
+            log.warning("out of GPU memory decoding %d JPEGs on %s; they are read on the CPU instead (lower --batch-size)", len(group), where)
         done = {i for i, _ in ok or ()}
         refused += [i for i in group if i not in done]
     return parts, rows, refused

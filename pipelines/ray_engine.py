@@ -102,8 +102,9 @@ def read_noted(entries: list[FileEntry], options: ReadOptions, cfg: PreprocessCf
 
 def _read_chunk(batch: dict, options: ReadOptions, cfg: PreprocessCfg, notes: str) -> dict:
     """Ray task: files -> preprocessed tensors plus pickled catalog rows / error rows. With
-    --gpu-jpeg, grayscale JPEGs go as their bytes ("jpeg") and the tensors as bytes too
-    ("tensor_bytes"), so that no row carries a tensor it does not have."""
+    --gpu-jpeg, grayscale JPEGs go as their bytes ("jpeg"); with --gpu-letterbox, grayscale images
+    go decoded but not letterboxed ("image" bytes, "image_h", "image_w"); with either, the tensors
+    go as bytes too ("tensor_bytes"), so that no row carries a tensor it does not have."""
     torch.set_num_threads(1)
     entries = [FileEntry(str(p), int(s), int(m)) for p, s, m in zip(batch["path"], batch["size"], batch["mtime_ns"])]
     note = CrashNote(crash_notes.folder(notes), "read", [e.path for e in entries])
@@ -117,8 +118,12 @@ def _read_chunk(batch: dict, options: ReadOptions, cfg: PreprocessCfg, notes: st
         "jpeg": np.array([it["jpeg"].tobytes() if "jpeg" in it else b"" for it in items], dtype=object),
         "how": np.array([READER_SHARE if it.get("kept") else BY_READER for it in items], dtype=np.int8),
     }
-    if options.jpeg_on_device:
+    if options.jpeg_on_device or options.letterbox_on_device:
         out["tensor_bytes"] = np.array([it["tensor"].numpy().tobytes() if "tensor" in it else b"" for it in items], dtype=object)
+        if options.letterbox_on_device:
+            out["image"] = np.array([it["image"].tobytes() if "image" in it else b"" for it in items], dtype=object)
+            out["image_h"] = np.array([it["image"].shape[0] if "image" in it else 0 for it in items], dtype=np.int32)
+            out["image_w"] = np.array([it["image"].shape[1] if "image" in it else 0 for it in items], dtype=np.int32)
         return out
     shape = next((tuple(it["tensor"].shape) for it in items if "tensor" in it), (3, cfg.input_size, cfg.input_size))
     out["tensor"] = np.zeros((len(items), *shape), dtype=np.float32)
@@ -150,7 +155,8 @@ class EmbedActor:
         self.sha256s = sha256s
         self.set_ids = [ps.id for ps in sets]
         self.device = cks[0].device
-        # for --gpu-jpeg: how the files the device does not decode are read (the exact path)
+        # for --gpu-jpeg: how the files the device does not decode are read (the CPU path: exact, or --fast-jpeg;
+        # letterboxed here, as before --gpu-letterbox)
         self.exact = replace(read_options or ReadOptions(), jpeg_on_device=False, letterbox_on_device=False, device_share=None)
         self.preprocess = preprocess
         self.notes = notes
@@ -159,24 +165,36 @@ class EmbedActor:
         ok = np.asarray(batch["ok"], dtype=bool)
         records = [pickle.loads(r) for r in batch["record"]]
         jpeg, how_in = batch["jpeg"], np.asarray(batch["how"])
-        plain = [i for i in range(len(ok)) if ok[i] and not len(jpeg[i])]
+        image = batch["image"] if "image" in batch else [b""] * len(ok)
+        # rows in the local engine's order: preprocessed tensors, images to letterbox, JPEG bytes
+        plain = [i for i in range(len(ok)) if ok[i] and not len(jpeg[i]) and not len(image[i])]
+        imaged = [i for i in range(len(ok)) if ok[i] and len(image[i])]
         deferred = [i for i in range(len(ok)) if ok[i] and len(jpeg[i])]
-        rows, how = [records[i] for i in plain], [int(how_in[i]) for i in plain]
+        rows, how = [records[i] for i in plain + imaged], [int(how_in[i]) for i in plain + imaged]
         errors = [records[i] for i in range(len(ok)) if not ok[i]]
         error_how = [BY_READER] * len(errors)
         parts = []
         if plain and "tensor" in batch:
             parts.append(torch.from_numpy(np.ascontiguousarray(batch["tensor"][plain])))
-        elif plain:  # (--gpu-jpeg: as bytes)
+        elif plain:  # (--gpu-jpeg, --gpu-letterbox: as bytes)
             size = self.preprocess.input_size
             parts.append(torch.from_numpy(np.stack([np.frombuffer(batch["tensor_bytes"][i], dtype=np.float32).reshape(-1, size, size)
                                                     for i in plain])))
+        if imaged:  # --gpu-letterbox: letterboxed (and transformed) on this actor's device
+            from .embed import letterbox_on_device
+
+            h, w = np.asarray(batch["image_h"]), np.asarray(batch["image_w"])
+            images = [torch.frombuffer(bytearray(image[i]), dtype=torch.uint8).view(int(h[i]), int(w[i])) for i in imaged]
+            parts.append(letterbox_on_device({"tensors": None, "images": images}, self.preprocess, self.device))
         if deferred:
             self._on_device([records[i] for i in deferred], [jpeg[i] for i in deferred], parts, rows, how, errors, error_how)
         n = len(rows) + len(errors)
         out = {"ok": np.array([True] * len(rows) + [False] * len(errors), dtype=bool),
                "record": np.array([pickle.dumps(r) for r in rows + errors], dtype=object),
-               "how": np.array(how + error_how, dtype=np.int8)}
+               "how": np.array(how + error_how, dtype=np.int8),
+               "letterboxed": np.zeros(n, dtype=np.int32)}  # --gpu-letterbox: the batch's count, in its first row
+        if imaged:
+            out["letterboxed"][0] = len(imaged)
         mapped = self.mapper(torch.cat([t.to(self.device) for t in parts])) if parts else None
         for i, sha in enumerate(self.sha256s):
             emb = np.zeros((n, self.mapper.checkpoints[i].embed_dim), dtype=np.float32)
@@ -203,7 +221,7 @@ class EmbedActor:
         note = CrashNote(crash_notes.folder(self.notes), "device", [r["path"] for r in jpeg_rows])
         try:
             if note.crashed(crash_notes.DEVICE):
-                log.warning("an actor died decoding a batch of %d JPEGs on its device (first: %s); they are read the exact way",
+                log.warning("an actor died decoding a batch of %d JPEGs on its device (first: %s); they are read on the CPU instead",
                             len(jpeg_rows), jpeg_rows[0]["path"])
                 refused = list(range(len(jpeg_rows)))
             else:
@@ -268,6 +286,9 @@ def mapped_batches(
     if cfg.read_options.jpeg_on_device and device == "cpu":
         log.warning("--gpu-jpeg on a Ray cluster without GPUs: the model actor decodes the grayscale JPEGs on its CPU, beside the "
                     "model, instead of the decode tasks; it is meant for GPU actors")
+    if cfg.read_options.letterbox_on_device and device == "cpu":
+        log.warning("--gpu-letterbox on a Ray cluster without GPUs: the model actor letterboxes the grayscale images on its CPU, "
+                    "beside the model, instead of the decode tasks; it is meant for GPU actors")
 
     chunk = max(1, min(4, cfg.batch_size))
     ds = ray.data.from_items(
@@ -302,6 +323,7 @@ def mapped_batches(
         how = np.asarray(batch["how"])
         for key, code in (("device_decoded", ON_DEVICE), ("device_rejected", DEVICE_REJECTED), ("worker_decoded", READER_SHARE)):
             counts[key] = counts.get(key, 0) + int((how == code).sum())
+        counts["device_letterboxed"] = counts.get("device_letterboxed", 0) + int(np.asarray(batch["letterboxed"]).sum())
         records = [pickle.loads(r) for r in batch["record"]]
         rows = [r for r, good in zip(records, ok) if good]
         errors = [r for r, good in zip(records, ok) if not good]

@@ -447,7 +447,7 @@ def test_letterbox_on_device_keeps_the_rows_in_order(tmp_path):
     (tmp_path / "ws").mkdir()  # (on_device notes the JPEGs in hand there)
     (batch,) = list(batches(entries, cfg))
     assert len(batch["images"]) == 2 and len(batch["jpegs"]) == 2 and batch["tensors"].shape[0] == 2
-    batch = {**batch, "tensors": letterbox_on_device(batch, cfg, torch.device("cpu"))}
+    batch = {**batch, "tensors": letterbox_on_device(batch, cfg.preprocess, torch.device("cpu"))}
     tensors, rows, errors = on_device(batch, cfg, torch.device("cpu"))
     assert not errors and len(rows) == tensors.shape[0] == 6
     for row, x in zip(rows, tensors):
@@ -477,7 +477,7 @@ def test_letterbox_on_device_groups_and_out_of_memory(monkeypatch):
     head = torch.stack([model_input(Image.fromarray(_film(320, 320, 49)))])
     batch = {"tensors": head, "images": [torch.from_numpy(a) for a in arrs]}
     cfg = EmbedConfig(archives=[], workspace="", checkpoints=[])
-    got = embed.letterbox_on_device(batch, cfg, torch.device("cpu"))
+    got = embed.letterbox_on_device(batch, cfg.preprocess, torch.device("cpu"))
     assert len(calls) >= 3  # several groups, the second one failed
     want = torch.cat([head, torch.stack([model_input(Image.fromarray(a), DEFAULT_CFG) for a in arrs])])
     assert got.shape == want.shape and torch.equal(got, want)
@@ -503,12 +503,8 @@ def test_cli_flag_and_its_conflicts(tmp_path, tiny_checkpoints, capsys, caplog):
     arc.mkdir()
     (arc / "a.jpg").write_bytes(_jpeg(_film(700, 500), quality=90))
     base = ["-q", "embed", str(arc), "--workspace", str(tmp_path / "ws"), "--checkpoint", str(tiny_checkpoints[0]), "--device", "cpu"]
-    assert main([*base, "--gpu-jpeg", "--fast-jpeg"]) == 2
-    assert "--gpu-jpeg" in capsys.readouterr().err
     assert main([*base, "--gpu-jpeg", "--engine", "ray", "--worker-jpeg-share", "auto"]) == 2
     assert "adapts only with --engine local" in capsys.readouterr().err
-    assert main([*base, "--gpu-letterbox", "--engine", "ray"]) == 2
-    assert "--gpu-letterbox works with --engine local" in capsys.readouterr().err
     assert main([*base, "--worker-jpeg-share", "0.5"]) == 2  # (a share of nothing)
     assert "add --gpu-jpeg" in capsys.readouterr().err
     for bad in ("1.5", "-0.1", "half"):
@@ -576,7 +572,7 @@ def test_files_the_device_path_rejects_are_read_the_exact_way(tmp_path, tiny_che
     assert sorted(decode.seen) == ["g0.jpg", "g1.jpg", "g2.jpg", "gutted.jpg"]  # one call per group, grey JPEGs only
     assert s.processed == 5 and s.failed == {"vanished": 1, "corrupt_image": 1, "empty_file": 1}
     assert (s.device_decoded, s.device_rejected) == (0, 4)
-    assert any("4 handed to it but read the exact way" in line for line in s.lines())
+    assert any("4 handed to it but read on the CPU" in line for line in s.lines())
     _, cat_e, emb_e, _ = _tables(tmp_path / "exact")
     _, cat_d, emb_d, err_d = _tables(tmp_path / "dev")
     assert err_d[str(arc / "g2.jpg")] == "vanished"
@@ -697,7 +693,7 @@ def test_jpegs_the_workers_keep_as_their_share_end_as_the_exact_path(tmp_path, t
     want_kept = {str(p) for p in arc.iterdir() if kept_by_workers(str(p), drawn)}
     assert s.processed == 10 and (s.worker_decoded, s.device_decoded) == (len(want_kept), 10 - len(want_kept))
     assert len(want_kept) == (10 if share == 1.0 else 5) and s.worker_share == share
-    assert any("by the reader workers beside it" in line for line in s.lines())
+    assert any("by the CPU readers beside it" in line for line in s.lines())
     _, cat_e, emb_e, _ = _tables(tmp_path / "exact")
     w_d, cat_d, emb_d, _ = _tables(tmp_path / "dev")
     assert cat_d.keys() == cat_e.keys()
@@ -706,6 +702,56 @@ def test_jpegs_the_workers_keep_as_their_share_end_as_the_exact_path(tmp_path, t
         np.testing.assert_array_equal(emb_d[p], emb_e[p])
     run = w_d.read_table("runs").to_pylist()[-1]
     assert json.loads(run["options"])["worker_jpeg_share"] == share and json.loads(run["counts"])["worker_decoded"] == len(want_kept)
+
+
+def test_fast_jpeg_beside_the_device_reduces_what_the_workers_decode_and_nothing_else(tmp_path, tiny_checkpoints, capsys):
+    """--gpu-jpeg --fast-jpeg: the workers' share of the grayscale JPEGs is decoded in the DCT domain
+    (rows and numbers as a --fast-jpeg run's), the device's JPEGs in full (as a --gpu-jpeg run's);
+    the colour JPEG, too small to reduce, and the PNG stay as they are."""
+    import zlib
+
+    arc = tmp_path / "arc"
+    arc.mkdir()
+
+    def kept_by_draw(name):  # the workers' share: a fixed draw from the path
+        return zlib.crc32(str(arc / name).encode()) < 0.5 * 2**32
+
+    pool = [f"f{i}.jpg" for i in range(200)]  # names that give each side five
+    names = [n for n in pool if kept_by_draw(n)][:5] + [n for n in pool if not kept_by_draw(n)][:5]
+    for i, name in enumerate(names):  # sides >= 640: libjpeg can decode them at 1/2 scale, both sides still >= the 320 canvas
+        (arc / name).write_bytes(_jpeg(_film(700 + 40 * i, 660 + 30 * i, seed=80 + i), quality=90))
+    colour = np.stack([_film(700, 600, 5), _film(700, 600, 6), _film(700, 600, 7)], axis=-1)
+    Image.fromarray(colour).save(arc / "colour.jpg", quality=90)
+    Image.fromarray(_film(800, 700, 8)).save(arc / "film.png")
+    base = ["-q", "embed", str(arc), "--checkpoint", str(tiny_checkpoints[0]), "--device", "cpu", "--workers", "2", "--threads", "1",
+            "--batch-size", "4"]
+    assert main([*base, "--workspace", str(tmp_path / "both"), "--gpu-jpeg", "--fast-jpeg", "--worker-jpeg-share", "0.5"]) == 0
+    assert main([*base, "--workspace", str(tmp_path / "fast"), "--fast-jpeg"]) == 0
+    assert main([*base, "--workspace", str(tmp_path / "dev"), "--gpu-jpeg", "--worker-jpeg-share", "0"]) == 0
+    capsys.readouterr()
+
+    grey = {str(arc / n) for n in names}
+    kept = {str(arc / n) for n in names if kept_by_draw(n)}
+    w_b, cat_b, emb_b, _ = _tables(tmp_path / "both")
+    _, cat_f, emb_f, _ = _tables(tmp_path / "fast")
+    _, cat_d, emb_d, _ = _tables(tmp_path / "dev")
+    assert cat_b.keys() == cat_f.keys() == cat_d.keys() and len(cat_b) == 12
+    for p, row in cat_b.items():
+        if p in kept:
+            want, ref, emb = "raster+dct/2", cat_f[p], emb_f
+        elif p in grey:
+            want, ref, emb = "raster+cpu-jpeg", cat_d[p], emb_d
+        else:
+            want, ref, emb = "raster", cat_d[p], emb_d
+        assert row["conversion"] == ref["conversion"] == want, p
+        assert (row["width"], row["height"], row["content_hash"]) == (ref["width"], ref["height"], ref["content_hash"]), p
+        np.testing.assert_array_equal(emb_b[p], emb[p])
+    assert len(kept) == 5
+    run = w_b.read_table("runs").to_pylist()[-1]
+    options, counts = json.loads(run["options"]), json.loads(run["counts"])
+    assert options["fast_jpeg"] is True and options["gpu_jpeg"] is True and options["worker_jpeg_share"] == 0.5
+    assert (counts["device_decoded"], counts["worker_decoded"]) == (10 - len(kept), len(kept))
+    assert w_b.manifest["reading"]["fast_jpeg"] is True and w_b.manifest["reading"]["jpeg_on_device"] is True
 
 
 def test_auto_share_gives_the_workers_jpegs_when_the_device_is_the_wait(tmp_path, tiny_checkpoints, monkeypatch):

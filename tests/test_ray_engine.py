@@ -139,37 +139,81 @@ def _same_images(a, b, conversions_too: bool = True):
     return cat_a, cat_b, err_a, err_b
 
 
-@pytest.mark.parametrize("share", [0.0, 0.5])
-def test_gpu_jpeg_on_ray_decodes_in_the_model_actors_as_the_local_engine_does(tmp_path, tiny_checkpoints, ray_cluster, share):
+@pytest.mark.parametrize("share,fast", [(0.0, False), (0.5, False), (0.5, True)])
+def test_gpu_jpeg_on_ray_decodes_in_the_model_actors_as_the_local_engine_does(tmp_path, tiny_checkpoints, ray_cluster, share, fast):
     import zlib
 
     from curator.readers import ReadOptions
     from tests.test_device_jpeg import _archive as jpeg_archive
 
-    arc = tmp_path / "arc"
+    def grey_in(arc):
+        return sorted(str(arc / n) for n in ("g0.jpg", "g1.jpg", "g2.jpg", "sub/gutted.jpg"))
+
+    def drawn(paths):  # the workers' share: a fixed draw from the path
+        return {p for p in paths if zlib.crc32(p.encode()) < share * 2**32}
+
+    # a folder name for which a share of 0.5 gives both sides some of the JPEGs
+    arc = next(a for a in (tmp_path / f"arc{i}" for i in range(100)) if share == 0 or 0 < len(drawn(grey_in(a))) < 4)
     jpeg_archive(arc)  # 4 grayscale JPEGs (one progressive, one gutted), a colour JPEG, a PNG, a truncated and an empty JPEG
     common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, threads=1, batch_size=3,
-                  read_options=ReadOptions(jpeg_on_device=True), worker_jpeg_share=share)
+                  read_options=ReadOptions(jpeg_on_device=True, jpeg_draft_min_side=320 if fast else None), worker_jpeg_share=share)
     local = run_embed(EmbedConfig(workspace=str(tmp_path / "local"), workers=0, **common))
     remote = run_embed(EmbedConfig(workspace=str(tmp_path / "ray"), engine="ray", **common))
-    exact = run_embed(EmbedConfig(**{**common, "read_options": ReadOptions(), "worker_jpeg_share": None}, workspace=str(tmp_path / "exact"),
-                                  workers=0))
+    # the CPU path alone: for the workers' share (all of them under --fast-jpeg: the device's differ from it there)
+    cpu = run_embed(EmbedConfig(**{**common, "read_options": ReadOptions(jpeg_draft_min_side=320 if fast else None), "worker_jpeg_share": None},
+                                workspace=str(tmp_path / "cpu"), workers=0))
 
     assert remote.processed == local.processed == 6 and remote.failed == local.failed == {"corrupt_image": 1, "empty_file": 1}
-    grey = sorted(str(p) for p in arc.rglob("*.jpg") if p.name in ("g0.jpg", "g1.jpg", "g2.jpg", "gutted.jpg"))
-    kept = {p for p in grey if zlib.crc32(p.encode()) < share * 2**32}  # the workers' share: a fixed draw from the path
+    grey = grey_in(arc)
+    kept = drawn(grey)
+    assert all(os.path.exists(p) for p in grey) and (not kept if share == 0 else 0 < len(kept) < 4)
     assert (remote.device_decoded, remote.worker_decoded, remote.device_rejected) == (len(grey) - len(kept), len(kept), 0)
     assert (local.device_decoded, local.worker_decoded, local.device_rejected) == (len(grey) - len(kept), len(kept), 0)
     cat_l, cat_r, _, _ = _same_images(tmp_path / "local", tmp_path / "ray")  # conversions too
     for p, row in cat_r.items():
-        assert row["conversion"] == ("raster+cpu-jpeg" if p in grey and p not in kept else "raster"), p
-    _same_images(tmp_path / "exact", tmp_path / "ray", conversions_too=False)  # on the CPU the decode is the exact one
+        on_cpu = "raster+dct/2" if fast and p in kept else "raster"  # (the colour JPEG and the PNG are too small to reduce)
+        assert row["conversion"] == ("raster+cpu-jpeg" if p in grey and p not in kept else on_cpu), p
+    if fast:  # the workers' share as a --fast-jpeg run reads it
+        cat_c, emb_c, _, _ = _by_path(Workspace(tmp_path / "cpu"))
+        _, emb_r, _, _ = _by_path(Workspace(tmp_path / "ray"))
+        assert all(cat_c[p]["conversion"] == "raster+dct/2" for p in kept)
+        shared = [k for k in emb_r if k[0] in kept]
+        assert len(shared) == len(kept)
+        for k in shared:
+            np.testing.assert_allclose(emb_r[k], emb_c[k], atol=1e-6, rtol=0)
+    else:
+        _same_images(tmp_path / "cpu", tmp_path / "ray", conversions_too=False)  # on the CPU the decode is the exact one
     w = Workspace(tmp_path / "ray")
     run = w.read_table("runs").to_pylist()[-1]
     options, counts = json.loads(run["options"]), json.loads(run["counts"])
     assert options["engine"] == "ray" and options["gpu_jpeg"] is True and options["worker_jpeg_share"] == share
     assert (counts["device_decoded"], counts["worker_decoded"]) == (len(grey) - len(kept), len(kept))
     assert w.manifest["reading"].get("jpeg_on_device") is True
+
+
+@pytest.mark.parametrize("gpu_jpeg", [False, True])
+def test_gpu_letterbox_on_ray_letterboxes_in_the_model_actors_as_the_local_engine_does(tmp_path, tiny_checkpoints, ray_cluster, gpu_jpeg):
+    from curator.readers import ReadOptions
+    from tests.test_device_jpeg import _mixed_archive
+
+    arc = tmp_path / "arc"
+    _mixed_archive(arc)  # grey and colour JPEGs, 8- and 16-bit PNGs (one tall, one too thin for the canvas), DICOM MONOCHROME1/2
+    common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, threads=1, batch_size=4)
+    options = ReadOptions(letterbox_on_device=True, jpeg_on_device=gpu_jpeg)
+    local = run_embed(EmbedConfig(workspace=str(tmp_path / "local"), workers=0, read_options=options, **common))
+    remote = run_embed(EmbedConfig(workspace=str(tmp_path / "ray"), engine="ray", read_options=options, **common))
+    exact = run_embed(EmbedConfig(workspace=str(tmp_path / "exact"), workers=0, **common))
+
+    assert remote.processed == local.processed == exact.processed == 10 and remote.failed == local.failed == exact.failed
+    # grey images that fit the canvas: 3 PNGs, 2 DICOMs, and the 4 grey JPEGs unless --gpu-jpeg decodes them
+    want = 5 + (0 if gpu_jpeg else 4)
+    assert remote.device_letterboxed == local.device_letterboxed == want
+    assert any(f"{want} images letterboxed on the device" in line for line in remote.lines())
+    assert exact.device_letterboxed == 0 and not any("--gpu-letterbox" in line for line in exact.lines())
+    _same_images(tmp_path / "local", tmp_path / "ray")  # conversions too
+    _same_images(tmp_path / "exact", tmp_path / "ray", conversions_too=not gpu_jpeg)  # the same canvases as the default path
+    run = Workspace(tmp_path / "ray").read_table("runs").to_pylist()[-1]
+    assert json.loads(run["options"])["gpu_letterbox"] is True and json.loads(run["counts"])["device_letterboxed"] == want
 
 
 @pytest.fixture
