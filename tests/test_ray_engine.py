@@ -163,7 +163,8 @@ def test_gpu_jpeg_on_ray_decodes_in_the_model_actors_as_the_local_engine_does(tm
     cpu = run_embed(EmbedConfig(**{**common, "read_options": ReadOptions(jpeg_draft_min_side=320 if fast else None), "worker_jpeg_share": None},
                                 workspace=str(tmp_path / "cpu"), workers=0))
 
-    assert remote.processed == local.processed == 6 and remote.failed == local.failed == {"corrupt_image": 1, "empty_file": 1}
+    assert remote.processed == local.processed == cpu.processed == 6
+    assert remote.failed == local.failed == cpu.failed == {"corrupt_image": 1, "empty_file": 1}
     grey = grey_in(arc)
     kept = drawn(grey)
     assert all(os.path.exists(p) for p in grey) and (not kept if share == 0 else 0 < len(kept) < 4)
