@@ -244,7 +244,7 @@ def choose_index(n: int, dim: int, budget_gb: float | None = None, kind: str = "
         raise ValueError("nothing to index")
     exact_max = EXACT_MAX if exact_max is None else exact_max
     budget = int(budget_gb * (1 << 30)) if budget_gb is not None else default_budget_bytes()
-    gb = budget / (1 << 30)
+    gb = _gb(budget / (1 << 30))
 
     def plan(k: str, reason: str) -> IndexPlan:
         nlist = ivf_nlist(n) if k in IVF_KINDS else 0
@@ -258,17 +258,17 @@ def choose_index(n: int, dim: int, budget_gb: float | None = None, kind: str = "
             p.reason += f"; its candidates re-ranked from float16 copies of the vectors on disk (~{size})"
         return p
 
-    def fits(k: str) -> tuple[bool, float]:
+    def fits(k: str) -> tuple[bool, str]:
         nlist = ivf_nlist(n) if k in IVF_KINDS else 0
         m = _pq_params(dim, budget, n, nlist)[0] if k == "ivf-pq" else 0
         need = estimate_bytes(k, n, dim, nlist, m) + _build_transient_bytes(k, n, dim, nlist)
-        return need <= budget, need / (1 << 30)
+        return need <= budget, _gb(need / (1 << 30))
 
     if kind != "auto":
         if kind not in KINDS:
             raise ValueError(f"unknown index type {kind!r}; one of auto, {', '.join(KINDS)}")
         ok, need = fits(kind)
-        return plan(kind, f"asked for {kind}" + ("" if ok else f" (needs ~{need:.1f} GB, over the {gb:.1f} GB budget)"))
+        return plan(kind, f"asked for {kind}" + ("" if ok else f" (needs ~{need} GB, over the {gb} GB budget)"))
     skipped = []
     if n <= exact_max:
         for k in EXACT_KINDS:
@@ -277,19 +277,28 @@ def choose_index(n: int, dim: int, budget_gb: float | None = None, kind: str = "
                 why = f"{n:,} vectors <= {exact_max:,}: exact search"
                 if skipped:
                     why += "; " + ", ".join(skipped)
-                return plan(k, why + f" (~{need:.2f} GB of {gb:.1f} GB budget)")
-            skipped.append(f"{k} needs ~{need:.1f} GB")
+                return plan(k, why + f" (~{need} GB of {gb} GB budget)")
+            skipped.append(f"{k} needs ~{need} GB")
     else:
         skipped.append(f"{n:,} vectors > {exact_max:,}: IVF")
     for k in ("ivf-flat", "ivf-sq8"):
         ok, need = fits(k)
         if ok:
-            return plan(k, "; ".join(skipped) + f"; {k} fits (~{need:.2f} GB of {gb:.1f} GB budget)")
-        skipped.append(f"{k} needs ~{need:.1f} GB")
+            return plan(k, "; ".join(skipped) + f"; {k} fits (~{need} GB of {gb} GB budget)")
+        skipped.append(f"{k} needs ~{need} GB")
     ok, need = fits("ivf-pq")
-    p = plan("ivf-pq", "; ".join(skipped) + f"; ivf-pq with {_pq_params(dim, budget, n, ivf_nlist(n))[0]} bytes a vector"
-             + (f" (~{need:.2f} GB of {gb:.1f} GB budget)" if ok else f" needs ~{need:.2f} GB, over the {gb:.1f} GB budget"))
-    return p
+    if not ok:  # not even the smallest codes: a clear error, not an index that is both worse and over the budget
+        raise ValueError(
+            f"no index fits a {gb} GB memory budget for {n:,} vectors of {dim} dimensions: the smallest, ivf-pq with 1 byte "
+            f"a vector, needs ~{need} GB with its build buffers ({'; '.join(skipped)}). Raise --budget-gb (default: half "
+            f"the memory, {_gb(default_budget_bytes() / (1 << 30))} GB), or name a --type to build it over the budget")
+    return plan("ivf-pq", "; ".join(skipped) + f"; ivf-pq with {_pq_params(dim, budget, n, ivf_nlist(n))[0]} bytes a vector"
+                f" (~{need} GB of {gb} GB budget)")
+
+
+def _gb(x: float) -> str:
+    """Gigabytes for a reason or an error: three significant digits (0.05, 0.418, 11.8, 1,230)."""
+    return f"{x:,.0f}" if x >= 1000 else f"{x:.3g}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1164,8 +1173,12 @@ def rebuild_index(ws: Workspace, info: IndexInfo) -> IndexInfo:
 
 def _needs_rebuild(info: IndexInfo, n: int) -> str | None:
     if info.requested in (None, "", "auto"):
-        plan = choose_index(n, info.dim, info.budget_gb, "auto")
-        if plan.kind != info.index_type:
+        try:
+            plan = choose_index(n, info.dim, info.budget_gb, "auto")
+        except ValueError as exc:  # the budget holds no index any more: keep this one (appended to) and say so
+            log.warning("%s; the index stays %s", exc, info.index_type)
+            plan = None
+        if plan is not None and plan.kind != info.index_type:
             return f"at {n:,} vectors the index to use is {plan.kind}, not {info.index_type}"
     if info.index_type in IVF_KINDS and info.built_count and n > 4 * info.built_count:
         return f"the IVF lists were trained on {info.built_count:,} vectors and would hold {n:,}"
@@ -1197,7 +1210,11 @@ def sync_index(ws: Workspace, max_rebuild: int | None = None) -> IndexInfo | Non
                         "run `curator index --workspace %s` (or the next `curator embed` does it)", why, n, ws.root)
             return info
         log.info("rebuilding the index: %s", why)
-        return rebuild_index(ws, info)
+        try:
+            return rebuild_index(ws, info)
+        except ValueError as exc:  # (its --budget-gb holds no index at this size: the images are safe, the index is stale)
+            log.warning("the index is out of date (%s) and cannot be rebuilt as it was asked for: %s", why, exc)
+            return info
 
     try:
         old, info = load_index(ws, mmap=True)
@@ -1754,8 +1771,9 @@ def range_search(index, query: np.ndarray, threshold: float, allowed_ids=None) -
     scanned in a few groups of similar errors). Hits whose code score is above ``threshold +
     error * |query|`` are in for certain; the rest are scored again (all of them while there
     are at most ``refine.RESCORE_ALL_MAX`` hits). PQ codes' errors (up to ~0.25) would pass most
-    of the index, so for PQ the margin is at most ``refine.RANGE_MARGIN_MAX``: the result is then
-    close to, not exactly, the float16 answer. For cohorts defined by a text query.
+    of the index: the members of lists whose margin would exceed ``refine.RANGE_MARGIN_MAX`` are
+    scored from the float16 copies instead, every one (exact, but read from disk: seconds at
+    millions of images; a warning says so). For cohorts defined by a text query.
     """
     faiss = _faiss()
     q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(1, -1))
@@ -1767,20 +1785,22 @@ def range_search(index, query: np.ndarray, threshold: float, allowed_ids=None) -
     cap = rf.RANGE_MARGIN_MAX if ivf is not None and isinstance(ivf, faiss.IndexIVFPQ) else np.inf
     # the codes' cut: FAISS keeps scores strictly above it, computed in float32 (1e-5 to spare)
     thr = want
-    if store is not None:
-        if store.error * qn > cap:
-            log.info("range search: the codes' error (%.3f) exceeds the margin re-scored (%.3f): close to, not exactly, "
-                     "the float16 answer", store.error * qn, cap)
-        thr = want - min(store.error * qn, cap) - 1e-5
-    keep = None
-    sel = None
+    if not np.isfinite(want) or not np.isfinite(qn):
+        raise ValueError(f"range search needs a finite threshold and query (threshold {threshold!r})")
+    allowed = None
     if allowed_ids is not None:
         allowed = _sorted_unique(allowed_ids)
         if len(allowed) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        sel, keep = _compact_selector(allowed)
     if index.ntotal == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    if store is not None:
+        thr = want - store.error * qn - 1e-5
+    keep = None
+    sel = None
+    if allowed is not None:
+        sel, keep = _compact_selector(allowed)
+    exact_s, exact_i = np.zeros(0, np.float32), np.zeros(0, np.int64)  # hits scored from the copies already
     if ivf is None:
         params = faiss.SearchParameters(sel=sel) if sel is not None else None
         lims, sims, ids = index.range_search(q, thr, params=params)
@@ -1789,14 +1809,27 @@ def range_search(index, query: np.ndarray, threshold: float, allowed_ids=None) -
         cq = (_centroids(ivf) @ q[0]).astype(np.float32)
         cut = np.full(ivf.nlist, thr, np.float32)  # each list's cut
         errs = None if store is None else store.list_errors
-        if errs is not None and len(errs) == ivf.nlist:
-            cut = (want - np.minimum(np.asarray(errs, np.float32) * qn, cap) - 1e-5).astype(np.float32)
-        reach = cq + _radii(ivf) * qn + 1e-4
+        if store is not None:
+            e = np.asarray(errs if errs is not None and len(errs) == ivf.nlist else np.full(ivf.nlist, store.error), np.float32) * qn
+            cut = (want - e - 1e-5).astype(np.float32)
+        reach = cq + _radii(ivf) * qn + 1e-4  # (a copy lies within radius + error of its centroid)
         lists = np.flatnonzero(reach > cut)
         if len(lists) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        found_s, found_i, found_m = [], [], []
-        for group in _groups_by_cut(lists, cut):  # one scan per group, at its lowest cut
+        if store is not None and np.isfinite(cap):
+            # lists whose PQ codes are too coarse to cut by (it would pass most of them): their
+            # members are scored from the copies instead, every one (exact; reads them all)
+            wide = lists[e[lists] > cap]
+            if len(wide):
+                say = log.info if getattr(store, "range_warned", False) else log.warning  # (a warning once per index)
+                store.range_warned = True
+                say("range search over PQ codes: %d of the %d lists it must visit have codes too coarse to cut by "
+                    "(error up to %.3f); their members are scored from the float16 copies (exact, but slower)",
+                    len(wide), len(lists), float(e[wide].max()))
+                exact_i, exact_s = _score_lists(ivf, store, q[0], wide, allowed)
+                lists = lists[e[lists] <= cap]
+        found_s, found_i, found_m = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+        for group in (_groups_by_cut(lists, cut) if len(lists) else []):  # one scan per group, at its lowest cut
             group = group[np.argsort(-cq[group], kind="stable")]
             low = float(cut[group].min())
             s_, i_ = _range_in_lists(ivf, q, low, group, cq, sel)
@@ -1814,10 +1847,28 @@ def range_search(index, query: np.ndarray, threshold: float, allowed_ids=None) -
             log.info("range search: %d hits; %d certain by their codes keep their code scores, %d scored again",
                      len(ids), int((~again).sum()), int(again.sum()))
         sims[again] = store.score(q[0], ids[again], sims[again])
+    sims, ids = np.concatenate([sims, exact_s]), np.concatenate([ids, exact_i])
     m = sims > want
     sims, ids = sims[m], ids[m]
     order = np.lexsort((ids, -sims))
     return ids[order], sims[order]
+
+
+def _score_lists(ivf, store, q: np.ndarray, lists: np.ndarray, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, sims)`` of every member of the IVF ``lists`` (among the sorted ``allowed``), scored
+    from the refine ``store``'s float16 copies (a member it lacks keeps a score of -inf)."""
+    faiss = _faiss()
+    il = ivf.invlists
+    parts = []
+    for lst in lists.tolist():
+        n = il.list_size(lst)
+        if n:
+            parts.append(faiss.rev_swig_ptr(il.get_ids(lst), n).astype(np.int64))
+    ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if allowed is not None:
+        ids = ids[rf.isin_sorted(ids, allowed)]
+    ids = np.sort(ids)  # (the copies are read in id order, block by block)
+    return ids, store.score(q, ids, np.full(len(ids), -np.inf, np.float32))
 
 
 def _groups_by_cut(lists: np.ndarray, cut: np.ndarray) -> list[np.ndarray]:

@@ -47,7 +47,8 @@ SUFFIXES = (".vectors.npy", ".ids.npy", ".rows.npy")
 # visits every segment)
 MAX_SEGMENTS = 8
 # range search over PQ codes: the cut is lowered by at most this (their errors can reach 0.25,
-# which would pass most of the index; 8-bit codes are lowered by their full error)
+# which would pass most of the index; 8-bit codes are lowered by their full error); the members
+# of lists whose margin would be larger are scored from the float16 copies instead
 RANGE_MARGIN_MAX = 0.05
 # range search: up to this many hits are all scored again; beyond, only those whose code score
 # does not already settle them (the similarities of the rest are their codes')

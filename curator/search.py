@@ -432,8 +432,9 @@ class Searcher:
         """Every image passing ``flt`` whose similarity to ``vector`` is above ``threshold``, most
         similar first: a cohort defined by a text (or image) query. Same columns as :meth:`search`.
 
-        Exact with respect to the stored vectors for every index type (see
-        :func:`curator.index.range_search`).
+        Exact with respect to what the index stores, for every index type: the float16 copies
+        where it keeps some (the default for 8-bit and PQ codes), else its vectors or codes (see
+        :func:`curator.index.range_search`). Raises ValueError for a threshold that is not finite.
         """
         ids, sims = faiss_index.range_search(self.index, vector, threshold, self.allowed_ids(flt))
         cols = ["rank", "image_id", "similarity", *SEARCH_COLUMNS, *self.finding_columns]

@@ -75,8 +75,9 @@ def test_choice_by_size_and_budget():
     assert (p.kind, p.nlist) == ("ivf-sq8", 12649) and p.est_bytes < 8 * 2**30
     pq = c(10_000_000, 512, 3)
     assert pq.kind == "ivf-pq" and 512 % pq.pq_m == 0 and pq.est_bytes < 3 * 2**30 and pq.pq_m >= 64
-    tiny = c(10_000_000, 512, 0.2)
-    assert tiny.kind == "ivf-pq" and "over" in tiny.reason
+    with pytest.raises(ValueError, match=r"no index fits a 0.2 GB memory budget for 10,000,000 vectors.*needs ~1.\d+ GB.*--budget-gb"):
+        c(10_000_000, 512, 0.2)  # not even 1-byte PQ codes: an error, not an index both worse and over the budget
+    assert "of 0.07 GB budget" in c(100, 512, 0.07).reason  # (three significant digits, not "0.1 GB")
     assert c(1_000, 512, 8, kind="ivf-pq").kind == "ivf-pq"
     assert "over" in c(3_000_000, 512, 1, kind="flat").reason
     assert c(2000, 512, 8, exact_max=1000).kind == "ivf-flat"
@@ -472,6 +473,32 @@ def test_cli_index_with_budget_end_to_end(tmp_path, tiny_checkpoints):
     assert json.loads(r.stdout)["results"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
     r = _cli("index", "--workspace", ws, "--budget-gb", "-1", check=False)
     assert r.returncode == 2
+    r = _cli("index", "--workspace", ws, "--budget-gb", "0.01", check=False)
+    assert r.returncode == 2 and "no index fits a 0.01 GB memory budget" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads((ws / "index" / "index.json").read_text())["index_type"] == "ivf-flat"  # the index in place stays
+
+
+def test_an_index_whose_budget_no_longer_fits_is_kept_and_appended_to(tmp_path, caplog):
+    """The archive grew past the --budget-gb the index was built with: updates warn and go on
+    (the images are in the workspace; the index keeps its type) instead of failing the embed."""
+    def need(kind, n):  # what choose_index counts, the smallest codes for PQ
+        nlist = ci.ivf_nlist(n) if kind in ci.IVF_KINDS else 0
+        return ci.estimate_bytes(kind, n, D, nlist, 1) + ci._build_transient_bytes(kind, n, D, nlist)
+
+    n0, n1 = 1000, 3000
+    smallest_at_n1 = min(need(k, n1) for k in ci.KINDS)
+    assert need("flat", n0) < smallest_at_n1
+    budget = (need("flat", n0) + smallest_at_n1) / 2 / 2**30
+    ws = _workspace(tmp_path / "ws", n0)
+    with ws.writer():
+        assert ci.build_index(ws, budget_gb=budget, recall_sample=50).index_type == "flat"
+        _add_images(ws, IDS[n0:n1], X[n0:n1])
+        with caplog.at_level("WARNING"):
+            info = ci.sync_index(ws)
+    assert info.count == n1 and info.index_type == "flat" and info.budget_gb == budget
+    assert any("no index fits" in r.getMessage() and "the index stays flat" in r.getMessage() for r in caplog.records)
+    index, _ = ci.load_index(ws)
+    assert np.array_equal(np.sort(ci.index_ids(index)), np.sort(IDS[:n1]))
 
 
 def test_bench_index_contract(capsys):
@@ -485,6 +512,19 @@ def test_bench_index_contract(capsys):
     assert main(["bench", "index", "--n", "3000", "--dim", "32", "--json", "--queries", "20", "--type", "ivf-sq8"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["index_type"] == "ivf-sq8" and out["nlist"] > 1 and out["filtered_k_returned_fraction"] == 1.0
+    # fewer images than k (every one comes back), k other than 10 (recall_at_10 stays recall@10), the budget in force
+    assert main(["bench", "index", "--n", "6", "--dim", "16", "--json", "--queries", "5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["filtered_k_returned_fraction"] == 1.0 and out["budget_default"] is True and out["budget_gb"] > 0
+    assert main(["bench", "index", "--n", "3000", "--dim", "32", "--json", "--queries", "10", "-k", "3", "--type", "ivf-pq"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["k"] == 3 and 0 < out["recall_at_10"] <= 1 and 0 < out["recall_at_k"] <= 1
+    for bad, says in ((["--n", "abc"], "invalid int value: 'abc'"), (["--n", "10", "--selectivity", "2"], "expected a share in (0, 1]")):
+        with pytest.raises(SystemExit):
+            main(["bench", "index", *bad])
+        assert says in capsys.readouterr().err
+    assert main(["bench", "index", "--n", "20000", "--dim", "512", "--budget-gb", "0.05"]) == 2
+    assert "no index fits a 0.05 GB memory budget" in capsys.readouterr().err
 
 
 def test_synthetic_vectors_do_not_depend_on_threads():

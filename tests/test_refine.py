@@ -469,26 +469,37 @@ def test_a_malformed_index_json_does_not_stop_a_build(tmp_path):
             assert ci.build_index(ws, kind="sq8", budget_gb=1, recall_sample=50).count == 2000
 
 
-def test_range_search_over_pq_codes_is_bounded(pairs, monkeypatch):
+def test_range_search_over_coarse_pq_codes_scores_the_copies_and_stays_exact(pairs, monkeypatch, caplog):
+    """PQ codes too coarse to cut by (a margin over RANGE_MARGIN_MAX): the members of such lists
+    are scored from the float16 copies instead, in blocks (here every list: every copy), and the
+    answer is the brute-force one over the copies."""
     idx, _ = pairs["ivf-pq", True]
     store = ci.refine_of(idx)
-    looked = []
-    lookup = store.lookup
-
-    def counting(ids):
-        looked.append(len(ids))
-        return lookup(ids)
-
-    monkeypatch.setattr(store, "lookup", counting)
+    read = []
+    take = rf.Segment.take
+    monkeypatch.setattr(rf.Segment, "take", lambda self, rows: (read.append(len(rows)), take(self, rows))[1])
     monkeypatch.setattr(rf, "LOOKUP_BLOCK", 128)
-    monkeypatch.setattr(store, "error", 5.0)  # as coarse as codes get: widened by that, every vector
+    monkeypatch.setattr(store, "error", 5.0)  # as coarse as codes get
+    monkeypatch.setattr(store, "range_warned", False, raising=False)  # (said once per index, as a warning)
     monkeypatch.setattr(store, "list_errors", np.full(idx.nlist, 5.0, np.float32))
-    s = X16 @ Q[0]
-    thr = float(np.sort(s)[-50])
-    ids, sims = ci.range_search(idx, Q[0], thr)
-    assert 0 < sum(looked) < N // 4 and max(looked) <= 128  # the margin is capped for PQ, the reads blocked
-    assert np.all(sims > thr) and set(ids.tolist()) <= set(IDS[s > thr].tolist())  # no false hits
-    assert len(ids) >= 40  # and most of the true ones
+    allowed = np.sort(IDS[::5])
+    for qi in range(3):
+        s = X16 @ Q[qi]
+        srt = np.sort(s)[::-1]
+        j = int(np.argmax(srt[40:80] - srt[41:81])) + 40  # a threshold in a clear gap, ~50 in the cohort
+        thr = float((srt[j] + srt[j + 1]) / 2)
+        read.clear()
+        with caplog.at_level("WARNING"):
+            ids, sims = ci.range_search(idx, Q[qi], thr)
+        assert set(ids.tolist()) == set(IDS[s > thr].tolist())  # every one, none extra
+        pos = {int(i): k for k, i in enumerate(IDS)}
+        assert np.all(np.diff(sims) <= 0) and np.allclose(sims, s[[pos[int(i)] for i in ids]], atol=1e-5)
+        assert sum(read) == N and max(read) <= 128  # every copy, in blocks
+        ids_f, _ = ci.range_search(idx, Q[qi], thr, allowed_ids=allowed)
+        assert set(ids_f.tolist()) == set(IDS[(s > thr) & np.isin(IDS, allowed)].tolist())
+    assert any("scored from the float16 copies" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="finite"):
+        ci.range_search(idx, Q[0], float("nan"))
 
 
 @pytest.mark.parametrize("kind", ["sq8", "ivf-sq8"])
@@ -567,12 +578,18 @@ def test_ivf_keeps_each_lists_largest_code_error(pairs, monkeypatch):
         store = rep.refine
         s = X16 @ Q[0]
         thr = float(np.sort(s)[-60])
-        seen = []
+        seen = [0]  # copies scored, per search
         score = store.score
-        monkeypatch.setattr(store, "score", lambda q, ids, fb: (seen.append(len(ids)), score(q, ids, fb))[1])
+
+        def counting(q, ids, fb):
+            seen[-1] += len(ids)
+            return score(q, ids, fb)
+
+        monkeypatch.setattr(store, "score", counting)
         a = ci.range_search(idx, Q[0], thr)[0]
+        seen.append(0)
         monkeypatch.setattr(store, "list_errors", None)
         b = ci.range_search(idx, Q[0], thr)[0]
         monkeypatch.undo()
         assert np.array_equal(a, b) and set(a.tolist()) == set(IDS[s > thr].tolist())
-        assert seen[0] <= seen[1], (kind, seen)
+        assert seen[0] < seen[1], (kind, seen)
