@@ -191,7 +191,11 @@ def cmd_index(args) -> int:
     if info.recall_at_10 is not None:
         probe = f", nprobe {info.nprobe} of {info.nlist} lists" if info.nlist else ""
         rerank = ", re-ranked from float16 copies" if info.refine_files else ""
-        print(f"recall@10 {info.recall_at_10:.3f} against exact search on {info.recall_queries} held-out queries{probe}{rerank}")
+        print(f"recall@10 {info.recall_at_10:.3f} against exact search on {info.recall_queries} held-out image queries{probe}{rerank}")
+    if info.recall_at_10_text is not None:
+        probe = f", nprobe {info.nprobe_text} of {info.nlist} lists for text searches" if info.nlist and info.nprobe_text else ""
+        print(f"recall@10 {info.recall_at_10_text:.3f} on {info.recall_queries_text} held-out text queries (prompt-set findings and "
+              f"common search phrases, plain and contrasted with 'no ...'){probe}")
     gpu = f" (k-means and assignment on the GPU via {info.gpu})" if info.gpu else ""
     print(f"indexed {info.count} images ({info.dim}-d, {info.index_type}, checkpoint {info.checkpoint[:12]}) in {info.build_s:.1f} s{gpu} -> {ws.root / info.file}")
     return 0
@@ -222,7 +226,7 @@ def cmd_search(args) -> int:
         raise CliError(f"{args.image}: {exc}") from exc  # (-vv shows the reader's traceback)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    df = search(ws, vec, k=args.k)
+    df = search(ws, vec, k=args.k, text=text is not None)
     finding_cols = sorted(ws.manifest.get("finding_columns", {}))
     if args.json:
         keep = ["rank", "image_id", "similarity", "path", "view_position", "study_date", *finding_cols]

@@ -674,6 +674,10 @@ class BuildReport:
     recall_at_10: float | None = None
     recall_queries: int = 0
     tune_curve: list = dataclasses.field(default_factory=list)
+    recall_at_10_text: float | None = None  # on held-out text queries (build_from_source's text_queries)
+    recall_queries_text: int = 0
+    nprobe_text: int = 0  # IVF: nprobe for text queries (0: none tuned; use nprobe)
+    tune_curve_text: list = dataclasses.field(default_factory=list)
     train_s: float = 0.0
     add_s: float = 0.0
     tune_s: float = 0.0
@@ -993,8 +997,14 @@ def _tune_nprobe(index, queries, truth, self_ids, target: float) -> tuple[int, l
 
 def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: int = RECALL_SAMPLE, seed: int = 0,
                       gpu: bool | str | None = None, on_chunk: list[Callable] | None = None, scratch_dir: Path | None = None,
-                      target_recall: float = TARGET_RECALL, refine_dir: Path | None = None, refine_prefix: str = "refine"):
+                      target_recall: float = TARGET_RECALL, refine_dir: Path | None = None, refine_prefix: str = "refine",
+                      text_queries: np.ndarray | None = None):
     """Build the planned index from ``source`` (streamed) and measure its recall@10.
+
+    ``text_queries`` (unit vectors from the text tower: curator.query_sample): half tune an IVF
+    index's ``nprobe_text`` (text queries lie apart from the images, and an index tuned on image
+    queries alone can miss their neighbours; searches by text use it, searches by image keep
+    ``nprobe``), the other half measure ``recall_at_10_text`` with it.
 
     Returns ``(index, BuildReport)``. ``on_chunk`` callables see every (ids, vectors) chunk once,
     as it is added (benchmarks compute their own ground truth there). A plan with ``refine``
@@ -1010,7 +1020,11 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
     log.info("index build: %s (%s) over %d vectors; %d training vectors, %d recall queries sampled in %.1f s",
              plan.kind, plan.describe(), source.count, len(train), len(queries), time.perf_counter() - t0)
     truth = ExactTopK(queries, RECALL_K + 1)
-    observers = [truth, *(on_chunk or [])]
+    tq = None
+    if text_queries is not None and len(text_queries):
+        tq = np.ascontiguousarray(np.asarray(text_queries, np.float32)[rng.permutation(len(text_queries))])  # (tune / held-out halves mixed)
+    truth_t = ExactTopK(tq, RECALL_K) if tq is not None else None
+    observers = [truth, *([truth_t] if truth_t is not None else []), *(on_chunk or [])]
     writer = rf.SegmentWriter(source.count, source.dim, refine_dir, refine_prefix) if plan.refine else None
     if writer is not None:
         observers.append(writer)
@@ -1049,6 +1063,8 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
     log.info("index build: trained in %.1f s, vectors added in %.1f s", rep.train_s, rep.add_s)
     t3 = time.perf_counter()
     _, gt = truth.result()
+    gt_t = truth_t.result()[1] if truth_t is not None else None
+    ev_t = slice(0, 0 if tq is None else len(tq))
     if plan.is_ivf:
         half = n_query // 2
         if half >= 1:
@@ -1057,6 +1073,10 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
         else:
             rep.nprobe = max(1, min(index.nlist, 16))
             ev = slice(0, n_query)
+        if tq is not None and len(tq) >= 2:
+            th = len(tq) // 2
+            rep.nprobe_text, rep.tune_curve_text = _tune_nprobe(index, tq[:th], gt_t[:th], None, target_recall)
+            ev_t = slice(th, len(tq))
         index.nprobe = rep.nprobe
     else:
         ev = slice(0, n_query)
@@ -1064,10 +1084,15 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
         found = _search_ids(index, queries[ev], RECALL_K + 1)
         rep.recall_at_10 = recall_at_k(found, gt[ev], RECALL_K, q_ids[ev] if q_ids is not None else None)
         rep.recall_queries = ev.stop - ev.start
+    if tq is not None and ev_t.stop > ev_t.start:
+        rep.recall_at_10_text = recall_at_k(_search_ids(index, tq[ev_t], RECALL_K, rep.nprobe_text or None), gt_t[ev_t], RECALL_K)
+        rep.recall_queries_text = ev_t.stop - ev_t.start
     rep.tune_s = time.perf_counter() - t3
     rep.build_s = time.perf_counter() - t0
-    log.info("index build: nprobe %d, recall@10 %s on %d queries (tuning %.1f s; nprobe/recall %s)", rep.nprobe,
-             "n/a" if rep.recall_at_10 is None else f"{rep.recall_at_10:.4f}", rep.recall_queries, rep.tune_s, rep.tune_curve)
+    log.info("index build: nprobe %d, recall@10 %s on %d queries (tuning %.1f s; nprobe/recall %s)%s", rep.nprobe,
+             "n/a" if rep.recall_at_10 is None else f"{rep.recall_at_10:.4f}", rep.recall_queries, rep.tune_s, rep.tune_curve,
+             "" if rep.recall_at_10_text is None else f"; text queries: nprobe {rep.nprobe_text}, recall@10 "
+             f"{rep.recall_at_10_text:.4f} on {rep.recall_queries_text} (nprobe/recall {rep.tune_curve_text})")
     return index, rep
 
 
@@ -1092,6 +1117,10 @@ class IndexInfo:
     pq_nbits: int = 0
     recall_at_10: float | None = None
     recall_queries: int = 0
+    # ... on held-out text queries (curator.query_sample); None: not measured (no checkpoint file)
+    recall_at_10_text: float | None = None
+    recall_queries_text: int = 0
+    nprobe_text: int = 0  # IVF: nprobe for searches by text (0: none tuned, they use nprobe)
     recall_count: int = 0  # vectors in the index when the recall was measured
     built_count: int = 0  # vectors the index was built (trained) with
     requested: str = "auto"
@@ -1154,12 +1183,21 @@ def build_index(ws: Workspace, checkpoint: str | None = None, *, budget_gb: floa
         raise WorkspaceError(f"{ws.root}: no embeddings to index yet")
     plan = choose_index(source.count, source.dim, budget_gb, kind, exact_max, refine=refine)
     log.debug("index: %s (%s): %s", plan.kind, plan.describe(), plan.reason)
+    texts = None
+    if recall_sample > 0:
+        from curator.query_sample import text_queries
+
+        texts = text_queries(ws, checkpoint)
+        if texts is not None and texts.shape[1] != source.dim:
+            log.warning("text queries of %d dimensions for an index of %d: not used", texts.shape[1], source.dim)
+            texts = None
     index, rep = build_from_source(source, plan, recall_sample=recall_sample, seed=seed, gpu=gpu, scratch_dir=_index_dir(ws),
-                                   refine_dir=_index_dir(ws), refine_prefix=f"{checkpoint[:12]}.refine")
+                                   refine_dir=_index_dir(ws), refine_prefix=f"{checkpoint[:12]}.refine", text_queries=texts)
     info = IndexInfo(
         checkpoint=checkpoint, count=int(index.ntotal), dim=source.dim, index_type=plan.kind, built_at="", generation=0, file="",
         description=plan.describe(), nlist=plan.nlist, nprobe=rep.nprobe, pq_m=plan.pq_m, pq_nbits=plan.pq_nbits if plan.kind == "ivf-pq" else 0,
         recall_at_10=rep.recall_at_10, recall_queries=rep.recall_queries, recall_count=int(index.ntotal), built_count=int(index.ntotal),
+        recall_at_10_text=rep.recall_at_10_text, recall_queries_text=rep.recall_queries_text, nprobe_text=rep.nprobe_text,
         requested=kind, budget_gb=budget_gb, est_gb=round(plan.est_bytes / (1 << 30), 3), reason=plan.reason,
         build_s=round(rep.build_s, 2), gpu=rep.gpu, source_key=key, refine=bool(refine),
     )
@@ -1554,19 +1592,21 @@ def _refined(index, q: np.ndarray, k: int, limit: int, search: Callable[[int], t
     return store.rescore(q, ids, sims, k)
 
 
-def search_vectors(index, queries: np.ndarray, k: int, allowed_ids=None) -> tuple[np.ndarray, np.ndarray]:
+def search_vectors(index, queries: np.ndarray, k: int, allowed_ids=None, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, ids) of the k nearest; ids of -1 (fewer hits than k) are dropped by callers.
 
     ``allowed_ids`` restricts the search to those image ids (see :func:`search_vectors_filtered`).
     An index with a refine store returns the similarities of its float16 vectors, not its codes'.
+    ``nprobe``: an IVF index's lists to probe (default: its own, tuned on image queries; searches
+    by text pass ``IndexInfo.nprobe_text``).
     """
     if allowed_ids is not None:
-        return search_vectors_filtered(index, queries, k, allowed_ids)
+        return search_vectors_filtered(index, queries, k, allowed_ids, nprobe)
     q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     k = max(1, min(int(k), int(index.ntotal)))
     ivf = _ivf_of(index)
     if ivf is not None:
-        return _refined(index, q, k, index.ntotal, lambda kk: _ivf_search(index, ivf, q, kk, None, None, enough=k))
+        return _refined(index, q, k, index.ntotal, lambda kk: _ivf_search(index, ivf, q, kk, None, nprobe, enough=k))
     return _refined(index, q, k, index.ntotal, lambda kk: index.search(q, kk))
 
 
@@ -1615,7 +1655,7 @@ def _compact_selector(allowed: np.ndarray):
     return id_selector(ids)
 
 
-def search_vectors_filtered(index, queries: np.ndarray, k: int, allowed_ids=None) -> tuple[np.ndarray, np.ndarray]:
+def search_vectors_filtered(index, queries: np.ndarray, k: int, allowed_ids=None, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Like :func:`search_vectors`, restricted to ``allowed_ids`` (None = every image).
 
     The restriction is applied inside the search (FAISS ``SearchParameters(sel=...)`` on the CPU
@@ -1633,7 +1673,7 @@ def search_vectors_filtered(index, queries: np.ndarray, k: int, allowed_ids=None
         k = max(1, min(int(k), int(index.ntotal)))
         limit = int(index.ntotal)
         if ivf is not None:
-            return _refined(index, q, k, limit, lambda kk: _ivf_search(index, ivf, q, kk, None, None, enough=k))
+            return _refined(index, q, k, limit, lambda kk: _ivf_search(index, ivf, q, kk, None, nprobe, enough=k))
         selector, keep = faiss.IDSelectorAll(), None
     else:
         allowed = _sorted_unique(allowed_ids)
@@ -1642,7 +1682,7 @@ def search_vectors_filtered(index, queries: np.ndarray, k: int, allowed_ids=None
         k = max(1, min(int(k), int(index.ntotal), len(allowed)))
         limit = min(int(index.ntotal), len(allowed))
         if ivf is not None:
-            return _refined(index, q, k, limit, lambda kk: _ivf_search(index, ivf, q, kk, allowed, None, enough=k))
+            return _refined(index, q, k, limit, lambda kk: _ivf_search(index, ivf, q, kk, allowed, nprobe, enough=k))
         selector, keep = id_selector(allowed)
     out = _refined(index, q, k, limit, lambda kk: index.search(q, kk, params=faiss.SearchParameters(sel=selector)))
     del keep  # the selector may point into it: keep it alive until here

@@ -70,8 +70,9 @@ def query_vector(ck: Checkpoint, text: str | None = None, image: str | Path | No
     return ck.encode_images(model_input(result.image).unsqueeze(0)).numpy()[0]
 
 
-def search(ws: Workspace, vector: np.ndarray, k: int = 20, index_and_info=None, allowed_ids=None) -> pd.DataFrame:
+def search(ws: Workspace, vector: np.ndarray, k: int = 20, index_and_info=None, allowed_ids=None, text: bool = False) -> pd.DataFrame:
     """Top-k images for a normalised query vector, with their catalog fields and probabilities.
+    ``text``: the vector comes from the text tower (an IVF index probes its ``nprobe_text`` lists).
 
     ``allowed_ids`` (image ids) restricts the search itself to those images: the top-k among
     them, k of them whenever at least k are allowed and indexed.
@@ -81,7 +82,7 @@ def search(ws: Workspace, vector: np.ndarray, k: int = 20, index_and_info=None, 
     what to run (:func:`curator.index.index_staleness`; cheap when the index is current).
     """
     index, info = index_and_info or faiss_index.load_index(ws)
-    sims, ids = faiss_index.search_vectors(index, vector, k, allowed_ids=allowed_ids)
+    sims, ids = faiss_index.search_vectors(index, vector, k, allowed_ids=allowed_ids, nprobe=_nprobe(info, text))
     hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0]
     con = connect(ws)
     try:
@@ -271,6 +272,12 @@ class SearchFilter:
 SEARCH_COLUMNS = ("view_position", "modality", "patient_sex", "patient_age", "study_date")
 
 
+def _nprobe(info, text: bool) -> int | None:
+    """The lists an IVF index probes for a query: ``nprobe_text`` for text queries where the build
+    tuned one (curator.query_sample), else the index's own (None)."""
+    return int(info.nprobe_text) if text and info is not None and getattr(info, "nprobe_text", 0) else None
+
+
 def load_index_checkpoint(ws: Workspace, device: str | None = None, path: str | None = None) -> Checkpoint:
     """Load only the checkpoint the index was built with (checking its sha256)."""
     from curator.model import file_sha256, load_checkpoint
@@ -398,8 +405,9 @@ class Searcher:
     def count(self, flt: SearchFilter | None = None) -> int:
         return int(self.cursor().execute(f"SELECT count(*) FROM search_rows WHERE {self.filter_sql(flt)}").fetchall()[0][0])
 
-    def search(self, vector: np.ndarray, k: int = 20, flt: SearchFilter | None = None, exclude=()) -> pd.DataFrame:
-        """Top-k images passing ``flt`` for a normalised query vector (``exclude``: ids to leave out).
+    def search(self, vector: np.ndarray, k: int = 20, flt: SearchFilter | None = None, exclude=(), text: bool = False) -> pd.DataFrame:
+        """Top-k images passing ``flt`` for a normalised query vector (``exclude``: ids to leave out;
+        ``text``: the vector comes from the text tower, see :func:`search`).
 
         Columns: rank, image_id, similarity, the filter columns and every finding's probability.
         """
@@ -411,7 +419,7 @@ class Searcher:
                 allowed = allowed[~np.isin(allowed, list(exclude))]
             else:
                 extra = len(exclude)
-        sims, ids = faiss_index.search_vectors_filtered(self.index, vector, int(k) + extra, allowed)
+        sims, ids = faiss_index.search_vectors_filtered(self.index, vector, int(k) + extra, allowed, _nprobe(self.info, text))
         hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0 and int(i) not in exclude][: int(k)]
         cols = ["rank", "image_id", "similarity", *SEARCH_COLUMNS, *self.finding_columns]
         if not hits:

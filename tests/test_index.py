@@ -154,6 +154,36 @@ def test_range_search_equals_brute_force(built):
         assert len(ci.range_search(index, Q[0], 1.5)[0]) == 0
 
 
+def _texty(n: int, seed: int) -> np.ndarray:
+    """Queries that lie apart from the vectors, as CLIP text embeddings lie apart from the images
+    (the "modality gap"): a random direction plus a little of one vector."""
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((n, D))
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    t = 0.4 * X[rng.integers(0, N, n)] + g
+    return (t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_text_queries_tune_their_own_nprobe():
+    """Half the text queries tune nprobe_text, the other half measure recall_at_10_text; held-out
+    text-like queries (checked here by brute force) need it: the image queries' nprobe misses
+    more of their neighbours."""
+    plan = ci.choose_index(N, D, 1.0, "ivf-flat", refine=False)
+    index, rep = ci.build_from_source(ci.ArrayVectors(IDS, X, chunk_rows=2500), plan, recall_sample=400, seed=0,
+                                      text_queries=_texty(80, 7))
+    assert rep.recall_queries_text == 40 and rep.recall_at_10_text >= 0.9 and rep.tune_curve_text
+    assert rep.nprobe_text > rep.nprobe and index.nprobe == rep.nprobe  # image searches keep theirs
+    held_out = _texty(40, 8)
+    truth = brute_top(X, IDS, held_out, 10)
+    at_image = ci.recall_at_k(ci.search_vectors(index, held_out, 10)[1], truth)
+    at_text = ci.recall_at_k(ci.search_vectors(index, held_out, 10, nprobe=rep.nprobe_text)[1], truth)
+    assert at_text >= 0.9 and at_text > at_image + 0.03, (at_image, at_text)
+    # an exact index has nothing to tune, and measures them all
+    plan = ci.choose_index(N, D, 1.0, "flat", refine=False)
+    _, rep = ci.build_from_source(ci.ArrayVectors(IDS, X, chunk_rows=2500), plan, recall_sample=50, text_queries=_texty(30, 9))
+    assert (rep.nprobe_text, rep.recall_queries_text, rep.recall_at_10_text) == (0, 30, 1.0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Workspace-level: build, append, mmap, CLI
 
@@ -457,12 +487,19 @@ def test_cli_index_with_budget_end_to_end(tmp_path, tiny_checkpoints):
 
     embed()
     r = _cli("index", "--workspace", ws, "--budget-gb", "1")
-    assert "chose flat (IDMap2,Flat" in r.stdout and "recall@10 1.000 against exact search on 12 held-out queries" in r.stdout
+    assert "chose flat (IDMap2,Flat" in r.stdout and "recall@10 1.000 against exact search on 12 held-out image queries" in r.stdout
     assert "indexed 12 images" in r.stdout
+    # text queries: each of the prompt set's findings and of the bundled phrases, plain and contrasted, embedded by its model
+    from curator.query_sample import query_texts
+
+    texts = query_texts(Workspace(ws))
+    assert "cardiomegaly" in texts and "small apical pneumothorax" in texts and len(texts) == len(set(texts)) > 40
+    assert f"recall@10 1.000 on {2 * len(texts)} held-out text queries" in r.stdout
     r = _cli("index", "--workspace", ws, "--budget-gb", "0.5", "--type", "ivf-flat", "--recall-sample", "12")
     assert "chose ivf-flat (IVF1,Flat" in r.stdout and "recall@10" in r.stdout and "nprobe 1 of 1 lists" in r.stdout
     meta = json.loads((ws / "index" / "index.json").read_text())
     assert meta["index_type"] == "ivf-flat" and meta["recall_at_10"] == 1.0 and meta["budget_gb"] == 0.5
+    assert meta["recall_queries_text"] == len(texts) and meta["nprobe_text"] == 1 and "held-out text queries" in r.stdout
     assert "OK: all invariants hold" in _cli("verify", "--workspace", ws).stdout
     write_raster_archive(arc, 3, seed=9, start=40)
     embed()  # appends to the IVF index
@@ -476,6 +513,30 @@ def test_cli_index_with_budget_end_to_end(tmp_path, tiny_checkpoints):
     r = _cli("index", "--workspace", ws, "--budget-gb", "0.01", check=False)
     assert r.returncode == 2 and "no index fits a 0.01 GB memory budget" in r.stderr and "Traceback" not in r.stderr
     assert json.loads((ws / "index" / "index.json").read_text())["index_type"] == "ivf-flat"  # the index in place stays
+
+
+def test_text_searches_probe_the_lists_tuned_for_text(tmp_path, caplog, monkeypatch):
+    """Without the checkpoint's file no text queries are measured (a warning says so); where an IVF
+    index has a text nprobe, searches by text use it and searches by image keep the index's."""
+    from curator import search as cs
+
+    ws = _workspace(tmp_path / "ws", 3000)
+    with ws.writer(), caplog.at_level("WARNING"):
+        info = ci.build_index(ws, kind="ivf-flat", budget_gb=1, recall_sample=100)
+    assert info.recall_at_10_text is None and info.nprobe_text == 0
+    assert any("recall on text queries is not measured" in r.getMessage() and "/nowhere/ck.pt" in r.getMessage() for r in caplog.records)
+    meta = json.loads((ws.root / "index" / "index.json").read_text())
+    meta["nprobe_text"] = info.nprobe + 7
+    (ws.root / "index" / "index.json").write_text(json.dumps(meta))
+    seen = []
+    real = ci._ivf_search
+    monkeypatch.setattr(ci, "_ivf_search", lambda index, ivf, q, k, allowed, nprobe, enough=None: (
+        seen.append(nprobe), real(index, ivf, q, k, allowed, nprobe, enough))[1])
+    searcher = cs.Searcher(ws, load_model=False)
+    a = searcher.search(Q[0], 5, text=True)
+    b = searcher.search(Q[0], 5)
+    c = cs.search(ws, Q[0], 5, text=True)
+    assert seen == [info.nprobe + 7, None, info.nprobe + 7] and len(a) == len(b) == len(c) == 5
 
 
 def test_an_index_whose_budget_no_longer_fits_is_kept_and_appended_to(tmp_path, caplog):

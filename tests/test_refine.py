@@ -377,7 +377,7 @@ def test_cli_says_it_re_ranks_and_no_refine_turns_it_off(tmp_path):
         return r.stdout
 
     out = index()
-    assert "re-ranked from float16 copies of the vectors on disk (~1 MB)" in out and "held-out queries, re-ranked from float16 copies" in out
+    assert "re-ranked from float16 copies of the vectors on disk (~1 MB)" in out and "held-out image queries, re-ranked from float16 copies" in out
     assert any(n.endswith(".vectors.npy") for n in _index_files(ws))
     out = index("--no-refine")
     assert "float16" not in out and not any(n.endswith(".npy") for n in _index_files(ws))

@@ -115,9 +115,10 @@ else:
 
 cache_key = (id(searcher), key, k, where)
 if S.get("search_cache_key") != cache_key:
-    if vector is None:
+    by_text = vector is None
+    if by_text:
         vector = searcher.text_vector(query, contrast=NEGATIVE_TEMPLATE if contrast else None)
-    S.search_results = searcher.search(vector, k, flt, exclude=exclude)
+    S.search_results = searcher.search(vector, k, flt, exclude=exclude, text=by_text)
     S.search_cache_key = cache_key
 results: pd.DataFrame = S.search_results
 
