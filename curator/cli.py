@@ -64,6 +64,16 @@ def _modalities(value: str):
     return mods
 
 
+def _similarity(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a similarity from -1 to 1, got {value!r}") from None
+    if not -1.0 <= x <= 1.0:  # (nan fails too)
+        raise argparse.ArgumentTypeError(f"expected a similarity from -1 to 1, got {value}")
+    return x
+
+
 def _positive_int(value: str) -> int:
     try:
         n = int(value)
@@ -203,7 +213,7 @@ def cmd_index(args) -> int:
 
 def cmd_search(args) -> int:
     from curator.readers import ReadError
-    from curator.search import index_checkpoint, query_vector, search
+    from curator.search import above, index_checkpoint, query_vector, search
     from curator.workspace import Workspace
 
     ws = Workspace(args.workspace)
@@ -217,6 +227,8 @@ def cmd_search(args) -> int:
         raise CliError("give a search TEXT or --image PATH (one of them)")
     if contrast is not None and args.image is not None:
         raise CliError("--contrast applies to a text search, not to --image")
+    if args.above is not None and args.k is not None:
+        raise CliError("-k and --above are two ways of saying how many: give one (--above returns every image above the similarity)")
     if args.image is not None and not os.path.lexists(args.image):
         raise CliError(f"{args.image}: no such file")
     ck = index_checkpoint(ws, args.device, [resolve_checkpoint_arg(c) for c in args.checkpoint] if args.checkpoint else None)
@@ -226,12 +238,16 @@ def cmd_search(args) -> int:
         raise CliError(f"{args.image}: {exc}") from exc  # (-vv shows the reader's traceback)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    df = search(ws, vec, k=args.k, text=text is not None)
+    if args.above is not None:
+        df = above(ws, vec, args.above)
+    else:
+        df = search(ws, vec, k=args.k or 20, text=text is not None)
     finding_cols = sorted(ws.manifest.get("finding_columns", {}))
     if args.json:
         keep = ["rank", "image_id", "similarity", "path", "view_position", "study_date", *finding_cols]
         records = json.loads(printable_frame(df[[c for c in keep if c in df.columns]]).to_json(orient="records", date_format="iso"))
-        print(json.dumps({"query": text or str(args.image), "contrast": contrast, "k": args.k, "results": records}, default=str, indent=1))
+        print(json.dumps({"query": text or str(args.image), "contrast": contrast, **({"above": args.above} if args.above is not None else
+                          {"k": args.k or 20}), "results": records}, default=str, indent=1))
         return 0
     if df.empty:
         print("no results")
@@ -610,7 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode TEXT (or --image) with the index's checkpoint and print the k most similar images with their probabilities.")
     _add_workspace(p)
     p.add_argument("text", nargs="?", default=None, help='free text, e.g. "small left pleural effusion"')
-    p.add_argument("-k", type=_positive_int, default=20, help="number of results (default 20)")
+    p.add_argument("-k", type=_positive_int, default=None, help="number of results (default 20)")
+    p.add_argument("--above", type=_similarity, default=None, metavar="S",
+                   help="instead of the top k: every image whose similarity to the query is above S (-1 to 1), most similar "
+                   "first, e.g. a cohort defined by a text query; exact for every index type (see `curator search` "
+                   "similarities for a sense of the scale; with --contrast it is the similarity to the difference vector)")
     p.add_argument("--image", default=None, metavar="PATH", help="search with this image (DICOM/PNG/JPEG) instead of text")
     p.add_argument("--contrast", nargs="?", const=C.NEGATIVE_TEMPLATE, default=None, metavar="TEMPLATE",
                    help='rank by TEXT against its negation (default template "no {}"): the zero-shot contrast of CheXzero, '

@@ -83,16 +83,30 @@ def search(ws: Workspace, vector: np.ndarray, k: int = 20, index_and_info=None, 
     """
     index, info = index_and_info or faiss_index.load_index(ws)
     sims, ids = faiss_index.search_vectors(index, vector, k, allowed_ids=allowed_ids, nprobe=_nprobe(info, text))
-    hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0]
+    keep = ids[0] >= 0
+    return _with_rows(ws, index, info, ids[0][keep], sims[0][keep])
+
+
+def above(ws: Workspace, vector: np.ndarray, threshold: float, index_and_info=None, allowed_ids=None) -> pd.DataFrame:
+    """Every image whose similarity to a normalised query vector is above ``threshold``, most
+    similar first, with the columns of :func:`search`: a cohort defined by a text (or image)
+    query. Exact for every index type (:func:`curator.index.range_search`)."""
+    index, info = index_and_info or faiss_index.load_index(ws)
+    ids, sims = faiss_index.range_search(index, vector, threshold, allowed_ids)
+    return _with_rows(ws, index, info, ids, sims)
+
+
+def _with_rows(ws: Workspace, index, info, ids: np.ndarray, sims: np.ndarray) -> pd.DataFrame:
+    """Hits (in rank order) joined with their ``images`` rows; warns when the index is stale."""
     con = connect(ws)
     try:
         stale = faiss_index.index_staleness(ws, info, index, con)
         if stale:
             log.warning("%s", stale)
-        if not hits:
+        if len(ids) == 0:
             return pd.DataFrame(columns=["rank", "image_id", "similarity", "path"])
-        con.execute("CREATE TEMP TABLE hits(rank INTEGER, image_id BIGINT, similarity DOUBLE)")
-        con.executemany("INSERT INTO hits VALUES (?, ?, ?)", [(r + 1, i, s) for r, (i, s) in enumerate(hits)])
+        con.register("hits", pd.DataFrame({"rank": np.arange(1, len(ids) + 1, dtype=np.int64), "image_id": np.asarray(ids, np.int64),
+                                           "similarity": np.asarray(sims, np.float64)}))
         df = con.execute(
             "SELECT h.rank, h.image_id, h.similarity, i.* EXCLUDE (image_id) FROM hits h "
             "JOIN images i USING (image_id) ORDER BY h.rank"

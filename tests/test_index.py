@@ -508,6 +508,20 @@ def test_cli_index_with_budget_end_to_end(tmp_path, tiny_checkpoints):
     assert "index: 15 vectors" in _cli("verify", "--workspace", ws).stdout
     r = _cli("search", "--workspace", ws, "--image", arc / "s0" / "img000.jpg", "-k", "3", "--json")
     assert json.loads(r.stdout)["results"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    # --above: every image above a similarity, against brute force over the stored embeddings
+    top = json.loads(r.stdout)["results"][0]
+    w = Workspace(ws)
+    emb = {row["image_id"]: np.asarray(row["embedding"], np.float32) for row in w.read_table("embeddings").to_pylist()}
+    sims = {i: float(v @ emb[top["image_id"]]) for i, v in emb.items()}
+    srt = sorted(sims.values(), reverse=True)
+    j = int(np.argmax([srt[i] - srt[i + 1] for i in range(3, 10)])) + 3  # a clear gap, 4-10 images above
+    thr = (srt[j] + srt[j + 1]) / 2
+    r = _cli("search", "--workspace", ws, "--image", arc / "s0" / "img000.jpg", "--above", f"{thr:.6f}", "--json")
+    got = json.loads(r.stdout)
+    assert got["above"] == pytest.approx(thr, abs=1e-6) and "k" not in got
+    assert [h["image_id"] for h in got["results"]] == sorted((i for i in sims if sims[i] > thr), key=lambda i: (-sims[i], i))
+    r = _cli("search", "--workspace", ws, "--image", arc / "s0" / "img000.jpg", "--above", "1.5", check=False)
+    assert r.returncode == 2 and "from -1 to 1" in r.stderr
     r = _cli("index", "--workspace", ws, "--budget-gb", "-1", check=False)
     assert r.returncode == 2
     r = _cli("index", "--workspace", ws, "--budget-gb", "0.01", check=False)
