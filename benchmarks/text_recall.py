@@ -94,9 +94,9 @@ def main() -> int:
                                for f in sorted(glob.glob(str(ws_path / "embeddings" / "*.parquet")))]).astype(np.float32)
         x = mixture(base, args.n, 0)
         ids = np.arange(1, args.n + 1, dtype=np.int64)
-        tune = qs.vectors(searcher.checkpoint, qs.query_texts(ws))
+        tune, groups = qs.vectors(searcher.checkpoint, qs.query_texts(ws))
         assert not set(HELD_OUT) & set(qs.query_texts(ws))
-        held = qs.vectors(searcher.checkpoint, HELD_OUT)  # plain, then contrasted
+        held, _ = qs.vectors(searcher.checkpoint, HELD_OUT)  # plain, then contrasted
         images = mixture(base, 200, 1)
         truth = {name: ids[np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :10]] for name, q in (("text", held), ("image", images))}
         out.update(base_images=len(base), tuning_text_queries=len(tune), held_out_text_queries=len(held),
@@ -107,7 +107,7 @@ def main() -> int:
             with tempfile.TemporaryDirectory() as rd:
                 t0 = time.perf_counter()
                 index, rep = ci.build_from_source(ci.ArrayVectors(ids, x), plan, refine_dir=Path(rd) if plan.refine else None,
-                                                  text_queries=tune)
+                                                  text_queries=tune, text_groups=groups)
                 build_s = time.perf_counter() - t0
                 row = {"type": kind, "description": plan.describe(), "build_s": round(build_s, 2), "nprobe": rep.nprobe,
                        "nprobe_text": rep.nprobe_text, "build_recall_at_10": rep.recall_at_10, "build_recall_at_10_text": rep.recall_at_10_text}

@@ -566,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "domain with --fast-jpeg), beside the GPU's decoder (their rows keep conversion 'raster', or 'raster+dct/N'). 'auto' adapts it after every model batch so that "
                    "neither waits for the other (on a GPU node the workers are otherwise mostly idle); a number from 0 to 1 fixes "
                    "it (0: every one on the GPU). With auto, which files each side decodes depends on timing: fix a number "
-                   "for runs that must repeat to the bit (nvJPEG may differ from libjpeg-turbo by a grey level). Default: auto "
+                   "for runs that must repeat to the bit (nvJPEG may differ from libjpeg-turbo by a grey level; with --fast-jpeg the "
+                   "workers' files are decoded reduced, the GPU's in full). Default: auto "
                    "on a GPU, 0 on the CPU and with --engine ray (which takes a number only: its decode tasks are spread over the "
                    "cluster)")
     p.add_argument("--gpu-letterbox", action="store_true",
@@ -629,8 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=_positive_int, default=None, help="number of results (default 20)")
     p.add_argument("--above", type=_similarity, default=None, metavar="S",
                    help="instead of the top k: every image whose similarity to the query is above S (-1 to 1), most similar "
-                   "first, e.g. a cohort defined by a text query; exact for every index type (see `curator search` "
-                   "similarities for a sense of the scale; with --contrast it is the similarity to the difference vector)")
+                   "first, e.g. a cohort defined by a text query; exact against the index's float16 copies (its stored codes where "
+                   "it keeps none: flat types, --no-refine). `curator search` prints similarities for a sense of the scale; with "
+                   "--contrast it is the similarity to the difference vector")
     p.add_argument("--image", default=None, metavar="PATH", help="search with this image (DICOM/PNG/JPEG) instead of text")
     p.add_argument("--contrast", nargs="?", const=C.NEGATIVE_TEMPLATE, default=None, metavar="TEMPLATE",
                    help='rank by TEXT against its negation (default template "no {}"): the zero-shot contrast of CheXzero, '

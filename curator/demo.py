@@ -110,7 +110,7 @@ def cmd_demo(args) -> int:
     print(f"      the same in SQL: curator sql --workspace {workspace} \"SELECT path, edema FROM images WHERE edema >= {threshold:.4f} ORDER BY edema DESC\"")
 
     ck = index_checkpoint(ws)
-    hits = search(ws, query_vector(ck, text=SEARCH_EXAMPLE), k=10)
+    hits = search(ws, query_vector(ck, text=SEARCH_EXAMPLE), k=10, text=True)
     hits = hits.merge(truth[["path", "edema"]].rename(columns={"edema": "truth_edema"}), on="path", how="left")
     print(f"      text search {SEARCH_EXAMPLE!r}, top {len(hits)} by CLIP similarity")
     print(f"      (curator search --workspace {workspace} {SEARCH_EXAMPLE!r}; --contrast ranks it against "

@@ -244,7 +244,7 @@ def choose_index(n: int, dim: int, budget_gb: float | None = None, kind: str = "
         raise ValueError("nothing to index")
     exact_max = EXACT_MAX if exact_max is None else exact_max
     budget = int(budget_gb * (1 << 30)) if budget_gb is not None else default_budget_bytes()
-    gb = _gb(budget / (1 << 30))
+    gb = f"{budget_gb:g} GB" if budget_gb is not None else _gb(budget / (1 << 30))  # (as the user gave it)
 
     def plan(k: str, reason: str) -> IndexPlan:
         nlist = ivf_nlist(n) if k in IVF_KINDS else 0
@@ -268,7 +268,7 @@ def choose_index(n: int, dim: int, budget_gb: float | None = None, kind: str = "
         if kind not in KINDS:
             raise ValueError(f"unknown index type {kind!r}; one of auto, {', '.join(KINDS)}")
         ok, need = fits(kind)
-        return plan(kind, f"asked for {kind}" + ("" if ok else f" (needs ~{need} GB, over the {gb} GB budget)"))
+        return plan(kind, f"asked for {kind}" + ("" if ok else f" (needs ~{need}, over the {gb} budget)"))
     skipped = []
     if n <= exact_max:
         for k in EXACT_KINDS:
@@ -277,28 +277,31 @@ def choose_index(n: int, dim: int, budget_gb: float | None = None, kind: str = "
                 why = f"{n:,} vectors <= {exact_max:,}: exact search"
                 if skipped:
                     why += "; " + ", ".join(skipped)
-                return plan(k, why + f" (~{need} GB of {gb} GB budget)")
-            skipped.append(f"{k} needs ~{need} GB")
+                return plan(k, why + f" (~{need} of {gb} budget)")
+            skipped.append(f"{k} needs ~{need}")
     else:
         skipped.append(f"{n:,} vectors > {exact_max:,}: IVF")
     for k in ("ivf-flat", "ivf-sq8"):
         ok, need = fits(k)
         if ok:
-            return plan(k, "; ".join(skipped) + f"; {k} fits (~{need} GB of {gb} GB budget)")
-        skipped.append(f"{k} needs ~{need} GB")
+            return plan(k, "; ".join(skipped) + f"; {k} fits (~{need} of {gb} budget)")
+        skipped.append(f"{k} needs ~{need}")
     ok, need = fits("ivf-pq")
     if not ok:  # not even the smallest codes: a clear error, not an index that is both worse and over the budget
         raise ValueError(
-            f"no index fits a {gb} GB memory budget for {n:,} vectors of {dim} dimensions: the smallest, ivf-pq with 1 byte "
-            f"a vector, needs ~{need} GB with its build buffers ({'; '.join(skipped)}). Raise --budget-gb (default: half "
-            f"the memory, {_gb(default_budget_bytes() / (1 << 30))} GB), or name a --type to build it over the budget")
+            f"no index fits a {gb} memory budget for {n:,} vectors of {dim} dimensions: the smallest, ivf-pq with 1 byte "
+            f"a vector, needs ~{need} with its build buffers ({'; '.join(skipped)}). Raise --budget-gb (default: half "
+            f"the memory, {_gb(default_budget_bytes() / (1 << 30))}), or name a --type to build it over the budget")
     return plan("ivf-pq", "; ".join(skipped) + f"; ivf-pq with {_pq_params(dim, budget, n, ivf_nlist(n))[0]} bytes a vector"
-                f" (~{need} GB of {gb} GB budget)")
+                f" (~{need} of {gb} budget)")
 
 
 def _gb(x: float) -> str:
-    """Gigabytes for a reason or an error: three significant digits (0.05, 0.418, 11.8, 1,230)."""
-    return f"{x:,.0f}" if x >= 1000 else f"{x:.3g}"
+    """A size given in gigabytes, for a reason or an error, with its unit and three significant
+    digits: "0.418 GB", "11.8 GB", "1,230 GB"; below 0.01 GB in megabytes ("1.25 MB")."""
+    if x >= 1000:
+        return f"{x:,.0f} GB"
+    return f"{x:.3g} GB" if x >= 0.01 else f"{x * 1024:.3g} MB"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -998,13 +1001,14 @@ def _tune_nprobe(index, queries, truth, self_ids, target: float) -> tuple[int, l
 def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: int = RECALL_SAMPLE, seed: int = 0,
                       gpu: bool | str | None = None, on_chunk: list[Callable] | None = None, scratch_dir: Path | None = None,
                       target_recall: float = TARGET_RECALL, refine_dir: Path | None = None, refine_prefix: str = "refine",
-                      text_queries: np.ndarray | None = None):
+                      text_queries: np.ndarray | None = None, text_groups: np.ndarray | None = None):
     """Build the planned index from ``source`` (streamed) and measure its recall@10.
 
     ``text_queries`` (unit vectors from the text tower: curator.query_sample): half tune an IVF
     index's ``nprobe_text`` (text queries lie apart from the images, and an index tuned on image
     queries alone can miss their neighbours; searches by text use it, searches by image keep
-    ``nprobe``), the other half measure ``recall_at_10_text`` with it.
+    ``nprobe``, and never probe fewer), the other half measure ``recall_at_10_text`` with it.
+    ``text_groups`` (one label per text query, e.g. its phrase) keeps a group in one half.
 
     Returns ``(index, BuildReport)``. ``on_chunk`` callables see every (ids, vectors) chunk once,
     as it is added (benchmarks compute their own ground truth there). A plan with ``refine``
@@ -1020,9 +1024,14 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
     log.info("index build: %s (%s) over %d vectors; %d training vectors, %d recall queries sampled in %.1f s",
              plan.kind, plan.describe(), source.count, len(train), len(queries), time.perf_counter() - t0)
     truth = ExactTopK(queries, RECALL_K + 1)
-    tq = None
+    tq, th = None, 0
     if text_queries is not None and len(text_queries):
-        tq = np.ascontiguousarray(np.asarray(text_queries, np.float32)[rng.permutation(len(text_queries))])  # (tune / held-out halves mixed)
+        # tune / held-out halves drawn by group (a phrase's plain and contrast vectors stay together)
+        groups = np.arange(len(text_queries)) if text_groups is None else np.asarray(text_groups)
+        names = rng.permutation(np.unique(groups))
+        tune = np.isin(groups, names[: len(names) // 2])
+        order = np.concatenate([np.flatnonzero(tune), np.flatnonzero(~tune)])
+        tq, th = np.ascontiguousarray(np.asarray(text_queries, np.float32)[order]), int(tune.sum())
     truth_t = ExactTopK(tq, RECALL_K) if tq is not None else None
     observers = [truth, *([truth_t] if truth_t is not None else []), *(on_chunk or [])]
     writer = rf.SegmentWriter(source.count, source.dim, refine_dir, refine_prefix) if plan.refine else None
@@ -1073,9 +1082,9 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
         else:
             rep.nprobe = max(1, min(index.nlist, 16))
             ev = slice(0, n_query)
-        if tq is not None and len(tq) >= 2:
-            th = len(tq) // 2
-            rep.nprobe_text, rep.tune_curve_text = _tune_nprobe(index, tq[:th], gt_t[:th], None, target_recall)
+        if tq is not None and th >= 1 and th < len(tq):
+            p_text, rep.tune_curve_text = _tune_nprobe(index, tq[:th], gt_t[:th], None, target_recall)
+            rep.nprobe_text = max(p_text, rep.nprobe)  # (never fewer lists than an image search)
             ev_t = slice(th, len(tq))
         index.nprobe = rep.nprobe
     else:
@@ -1183,16 +1192,18 @@ def build_index(ws: Workspace, checkpoint: str | None = None, *, budget_gb: floa
         raise WorkspaceError(f"{ws.root}: no embeddings to index yet")
     plan = choose_index(source.count, source.dim, budget_gb, kind, exact_max, refine=refine)
     log.debug("index: %s (%s): %s", plan.kind, plan.describe(), plan.reason)
-    texts = None
+    texts = groups = None
     if recall_sample > 0:
         from curator.query_sample import text_queries
 
-        texts = text_queries(ws, checkpoint)
-        if texts is not None and texts.shape[1] != source.dim:
-            log.warning("text queries of %d dimensions for an index of %d: not used", texts.shape[1], source.dim)
-            texts = None
+        got = text_queries(ws, checkpoint)
+        if got is not None and got[0].shape[1] != source.dim:
+            log.warning("text queries of %d dimensions for an index of %d: not used", got[0].shape[1], source.dim)
+            got = None
+        texts, groups = got if got is not None else (None, None)
     index, rep = build_from_source(source, plan, recall_sample=recall_sample, seed=seed, gpu=gpu, scratch_dir=_index_dir(ws),
-                                   refine_dir=_index_dir(ws), refine_prefix=f"{checkpoint[:12]}.refine", text_queries=texts)
+                                   refine_dir=_index_dir(ws), refine_prefix=f"{checkpoint[:12]}.refine", text_queries=texts,
+                                   text_groups=groups)
     info = IndexInfo(
         checkpoint=checkpoint, count=int(index.ntotal), dim=source.dim, index_type=plan.kind, built_at="", generation=0, file="",
         description=plan.describe(), nlist=plan.nlist, nprobe=rep.nprobe, pq_m=plan.pq_m, pq_nbits=plan.pq_nbits if plan.kind == "ivf-pq" else 0,
@@ -1242,7 +1253,9 @@ def sync_index(ws: Workspace, max_rebuild: int | None = None) -> IndexInfo | Non
     if info.source_key == key and (ws.root / info.file).is_file():
         return info
 
-    def rebuild(why: str, n: int) -> IndexInfo:
+    def rebuild(why: str, n: int) -> IndexInfo | None:
+        """The rebuilt index's info; the old info when the rebuild is put off (``max_rebuild``);
+        None when its --budget-gb holds no index at this size (the caller decides)."""
         if max_rebuild is not None and n > max_rebuild:
             log.warning("the index is out of date (%s) and rebuilding its %d images takes a while: not now; "
                         "run `curator index --workspace %s` (or the next `curator embed` does it)", why, n, ws.root)
@@ -1250,19 +1263,19 @@ def sync_index(ws: Workspace, max_rebuild: int | None = None) -> IndexInfo | Non
         log.info("rebuilding the index: %s", why)
         try:
             return rebuild_index(ws, info)
-        except ValueError as exc:  # (its --budget-gb holds no index at this size: the images are safe, the index is stale)
-            log.warning("the index is out of date (%s) and cannot be rebuilt as it was asked for: %s", why, exc)
-            return info
+        except ValueError as exc:
+            log.warning("the index cannot be rebuilt as it was asked for (%s): %s", why, exc)
+            return None
 
     try:
         old, info = load_index(ws, mmap=True)
         have = np.sort(index_ids(old))
     except Exception as exc:  # noqa: BLE001 - a fallback path
         log.info("index unreadable (%s): rebuilding", exc)
-        return rebuild(f"unreadable: {exc}", info.count)
+        return rebuild(f"unreadable: {exc}", info.count) or info  # (nothing to update in place: it stays stale)
     if len(have) > 1 and bool(np.any(have[1:] == have[:-1])):
         del old
-        return rebuild("it holds an image twice", info.count)
+        return rebuild("it holds an image twice", info.count) or info
     ids = current_ids(ws, info.checkpoint)
     gone = have[~_isin_sorted(have, ids)]  # changed, retired (--prune) or dropped from the catalog
     new = ids[~_isin_sorted(ids, have)]
@@ -1272,12 +1285,16 @@ def sync_index(ws: Workspace, max_rebuild: int | None = None) -> IndexInfo | Non
             _write_info(ws, info)
         return info
     if len(gone) > REMOVE_MAX * len(have):
-        del old
-        return rebuild(f"{len(gone):,} of its {len(have):,} images are no longer current", len(ids))
-    reason = _needs_rebuild(info, len(ids))
+        reason = f"{len(gone):,} of its {len(have):,} images are no longer current"
+    else:
+        reason = _needs_rebuild(info, len(ids))
     if reason:
         del old
-        return rebuild(reason, len(ids))
+        done = rebuild(reason, len(ids))
+        if done is not None:
+            return done
+        log.warning("updating the index in place instead: %d images added, %d removed, no retraining", len(new), len(gone))
+        old, info = load_index(ws, mmap=True)
     if len(gone):
         log.info("updating the index: removing %d images that are no longer current, adding %d", len(gone), len(new))
     source = WorkspaceVectors(ws, info.checkpoint, new) if len(new) else None
@@ -1903,12 +1920,18 @@ def _score_lists(ivf, store, q: np.ndarray, lists: np.ndarray, allowed: np.ndarr
     for lst in lists.tolist():
         n = il.list_size(lst)
         if n:
-            parts.append(faiss.rev_swig_ptr(il.get_ids(lst), n).astype(np.int64))
+            ptr = il.get_ids(lst)
+            parts.append(faiss.rev_swig_ptr(ptr, n).astype(np.int64))
+            il.release_ids(lst, ptr)
     ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     if allowed is not None:
         ids = ids[rf.isin_sorted(ids, allowed)]
     ids = np.sort(ids)  # (the copies are read in id order, block by block)
-    return ids, store.score(q, ids, np.full(len(ids), -np.inf, np.float32))
+    sims = store.score(q, ids, np.full(len(ids), -np.inf, np.float32))
+    if len(ids) and not np.isfinite(sims).all():  # (it should hold every one)
+        log.warning("the index's refine store lacks %d of the vectors a range search needs; they are left out: run "
+                    "`curator index` to rebuild it", int((~np.isfinite(sims)).sum()))
+    return ids, sims
 
 
 def _groups_by_cut(lists: np.ndarray, cut: np.ndarray) -> list[np.ndarray]:

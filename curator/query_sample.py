@@ -42,22 +42,27 @@ def query_texts(ws: Workspace) -> list[str]:
     return list(dict.fromkeys(t.strip() for t in texts if t.strip()))
 
 
-def vectors(ck, texts: list[str], contrast: str = C.NEGATIVE_TEMPLATE) -> np.ndarray:
-    """``(2 * len(texts), dim)`` float32 unit vectors: each text's embedding, then each text's
-    contrast vector (its embedding minus its negation's, normalised), as searches form them."""
+def vectors(ck, texts: list[str], contrast: str = C.NEGATIVE_TEMPLATE) -> tuple[np.ndarray, np.ndarray]:
+    """``(vectors, groups)``: float32 unit vectors, each text's embedding, then each text's
+    contrast vector (its embedding minus its negation's, normalised), as searches form them (up
+    to ``2 * len(texts)``: a text whose negation embeds the same has no contrast vector), and
+    the index in ``texts`` each comes from."""
     pos = ck.encode_texts(texts).double().numpy()
     neg = ck.encode_texts([contrast.format(t) for t in texts]).double().numpy()
     pos /= np.linalg.norm(pos, axis=1, keepdims=True)
     neg /= np.linalg.norm(neg, axis=1, keepdims=True)
     diff = pos - neg
-    norms = np.linalg.norm(diff, axis=1, keepdims=True)
-    diff = diff[norms[:, 0] > 0] / norms[norms[:, 0] > 0]
-    return np.ascontiguousarray(np.concatenate([pos, diff]), dtype=np.float32)
+    norms = np.linalg.norm(diff, axis=1)
+    has = norms > 0
+    diff = diff[has] / norms[has, None]
+    groups = np.concatenate([np.arange(len(texts)), np.flatnonzero(has)])
+    return np.ascontiguousarray(np.concatenate([pos, diff]), dtype=np.float32), groups
 
 
-def text_queries(ws: Workspace, checkpoint: str) -> np.ndarray | None:
+def text_queries(ws: Workspace, checkpoint: str) -> tuple[np.ndarray, np.ndarray] | None:
     """The text query vectors for an index of ``checkpoint`` (a sha256 of the workspace), embedded
-    on the CPU with that checkpoint, or None (with a warning) when its file cannot be loaded."""
+    on the CPU with that checkpoint, and their groups (:func:`vectors`), or None (with a warning)
+    when its file cannot be loaded."""
     from curator.model import file_sha256, load_checkpoint
 
     path = (ws.manifest.get("checkpoints") or {}).get(checkpoint, {}).get("path")

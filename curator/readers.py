@@ -63,13 +63,14 @@ class ReadOptions:
     # ... except these paths: a run stopped (crashed) while the device decoded them, so the
     # reader workers, whose crashes are recorded per file, read them this time.
     device_skip: frozenset[str] = frozenset()
-    # ... and a share of them the reader workers decode themselves, the exact way, beside the
-    # device: a shared float in [0, 1] (``.value``; pipelines.embed.WorkerShare adapts it during
+    # ... and a share of them the reader workers decode themselves (the exact way, or reduced with
+    # jpeg_draft_min_side), beside the device: a shared float in [0, 1] (``.value``; pipelines.embed.WorkerShare adapts it during
     # the run, the workers read it per file). None: none.
     device_share: object | None = field(default=None, compare=False, repr=False)
     # Opt-in: the reader workers decode (and convert) as usual but hand grayscale images over
     # before the letterbox, which runs on the model's device with Pillow's arithmetic to the bit
-    # (curator.device_jpeg.letterbox_all; `curator embed --gpu-letterbox`). Local engine only.
+    # (curator.device_jpeg.letterbox_all; `curator embed --gpu-letterbox`): the local engine's
+    # main process, or the Ray engine's model actors.
     # decode_timeout_s then covers reading and decoding, not the letterbox.
     letterbox_on_device: bool = False
 

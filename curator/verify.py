@@ -166,7 +166,11 @@ def _check_index(ws: Workspace, rep: VerifyReport, repair: bool, con) -> None:
             rep.repaired.append("recorded the workspace state the index holds in index.json")
         return
     if repair:
-        new = faiss_index.rebuild_index(ws, info)
+        try:
+            new = faiss_index.rebuild_index(ws, info)
+        except ValueError as exc:  # (its --budget-gb holds no index at this size)
+            rep.problems.append(f"{problem}; it cannot be rebuilt as it was asked for: {exc}")
+            return
         rep.repaired.append(f"rebuilt the index ({new.count} vectors)")
     else:
         rep.problems.append(problem + " (`curator index` or `curator verify --repair` rebuilds it)")

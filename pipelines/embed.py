@@ -64,10 +64,12 @@ class EmbedConfig:
     # for the same cores). Results are the same either way.
     overlap: bool | None = None
     # --gpu-jpeg: share of the grayscale JPEGs the reader workers decode themselves (the exact
-    # path, or in the DCT domain with --fast-jpeg) beside the device: a number in [0, 1] (fixed), "auto" (adapted during the run: WorkerShare),
-    # or None: "auto" when the model is on a CUDA device, 0 otherwise. With "auto", which files
+    # path, or in the DCT domain with --fast-jpeg) beside the device: a number in [0, 1] (fixed),
+    # "auto" (adapted during the run: WorkerShare), or None: "auto" when the model is on a CUDA
+    # device, 0 otherwise. With "auto", which files
     # each side decodes depends on timing, so two runs can differ where nvJPEG's pixels differ
-    # from libjpeg-turbo's (a grey level at most, seen on none of the H200's test films).
+    # from libjpeg-turbo's (a grey level at most, seen on none of the H200's test films), and,
+    # with --fast-jpeg, wherever a file goes to the other side (reduced or full decode).
     worker_jpeg_share: float | str | None = None
 
 
@@ -257,7 +259,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
     if cfg.read_options.jpeg_on_device and not on_cuda and cfg.engine == "local":
         log.warning("--gpu-jpeg on the CPU: grayscale JPEGs are decoded in the main process, beside the model, not by the reader "
                     "workers; it is meant for a GPU (on the CPU, --fast-jpeg is the fast path)")
-    if cfg.read_options.letterbox_on_device and not on_cuda:
+    if cfg.read_options.letterbox_on_device and not on_cuda and cfg.engine == "local":
         log.warning("--gpu-letterbox on the CPU: images are letterboxed in the main process, beside the model, not by the reader "
                     "workers; it is meant for a GPU")
     share = None
@@ -495,7 +497,7 @@ def local_mapped_batches(todo: list[FileEntry], cfg: EmbedConfig, checkpoints: l
 
 def _device_stage(batch: dict, cfg: EmbedConfig, device: torch.device, timing: dict) -> tuple:
     """A batch's model inputs on ``device`` with their rows, its error rows, and the rows of the
-    JPEGs the device rejected (read the exact way by :func:`_model_stage`, in the main thread,
+    JPEGs the device rejected (read on the CPU by :func:`_model_stage`, in the main thread,
     where the per-file time limit works): the letterbox of --gpu-letterbox's images, the decode
     of --gpu-jpeg's JPEGs (nothing to do without them)."""
     if batch["images"]:  # letterboxed here; their rows already follow the tensors' (_batch)
@@ -574,10 +576,11 @@ def on_device(batch: dict, cfg: EmbedConfig, device: torch.device, counts: dict 
 
     Returns the batch's model inputs on ``device`` with their rows, in one order, and its error
     rows. A file the device decoder rejects (or decodes to another size than its header says) is
-    read again by the exact path here, so it ends as it would without the option: an image (rows
+    read again by the CPU path here (exact, or reduced with --fast-jpeg), so it ends as it would
+    without the option: an image (rows
     say 'raster') or an error row. Decoding happens on CUDA devices; for any other the CPU decodes.
     The JPEGs go in groups of at most ``DEVICE_GROUP_PIXELS`` decoded pixels; a group that runs
-    the GPU out of memory is read the exact way too. ``counts`` gets ``device_decoded`` and
+    the GPU out of memory is read on the CPU too. ``counts`` gets ``device_decoded`` and
     ``device_rejected`` added to. With ``rejected`` (a list), the rejected files' rows go there
     instead, for the caller to read (:func:`read_exactly`).
     """
@@ -642,8 +645,8 @@ def decode_jpegs(jpegs: list[torch.Tensor], jpeg_rows: list[dict], cfg: Preproce
 
 def read_exactly(jpeg_rows: list[dict], cfg: EmbedConfig, device: torch.device, tensors: torch.Tensor | None, rows: list[dict],
                  errors: list[dict]) -> tuple[torch.Tensor | None, list[dict], list[dict]]:
-    """The files of ``jpeg_rows`` (handed to the device, which rejected them) read by the exact
-    path, appended to a batch's model inputs, rows and error rows; call it in the main thread (the
+    """The files of ``jpeg_rows`` (handed to the device, which rejected them) read by the CPU path
+    (exact, or reduced with --fast-jpeg), appended to a batch's model inputs, rows and error rows; call it in the main thread (the
     per-file time limit is a signal)."""
     exact = replace(cfg.read_options, jpeg_on_device=False, letterbox_on_device=False)
     parts = [tensors] if tensors is not None else []

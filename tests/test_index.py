@@ -170,7 +170,7 @@ def test_text_queries_tune_their_own_nprobe():
     more of their neighbours."""
     plan = ci.choose_index(N, D, 1.0, "ivf-flat", refine=False)
     index, rep = ci.build_from_source(ci.ArrayVectors(IDS, X, chunk_rows=2500), plan, recall_sample=400, seed=0,
-                                      text_queries=_texty(80, 7))
+                                      text_queries=_texty(80, 7), text_groups=np.arange(80) // 2)  # (pairs stay in one half)
     assert rep.recall_queries_text == 40 and rep.recall_at_10_text >= 0.9 and rep.tune_curve_text
     assert rep.nprobe_text > rep.nprobe and index.nprobe == rep.nprobe  # image searches keep theirs
     held_out = _texty(40, 8)
@@ -499,7 +499,9 @@ def test_cli_index_with_budget_end_to_end(tmp_path, tiny_checkpoints):
     assert "chose ivf-flat (IVF1,Flat" in r.stdout and "recall@10" in r.stdout and "nprobe 1 of 1 lists" in r.stdout
     meta = json.loads((ws / "index" / "index.json").read_text())
     assert meta["index_type"] == "ivf-flat" and meta["recall_at_10"] == 1.0 and meta["budget_gb"] == 0.5
-    assert meta["recall_queries_text"] == len(texts) and meta["nprobe_text"] == 1 and "held-out text queries" in r.stdout
+    # (half the phrases tune, the other half's plain and contrast vectors measure)
+    assert meta["recall_queries_text"] == 2 * (len(texts) - len(texts) // 2) and meta["nprobe_text"] == 1
+    assert "held-out text queries" in r.stdout
     assert "OK: all invariants hold" in _cli("verify", "--workspace", ws).stdout
     write_raster_archive(arc, 3, seed=9, start=40)
     embed()  # appends to the IVF index
@@ -553,27 +555,37 @@ def test_text_searches_probe_the_lists_tuned_for_text(tmp_path, caplog, monkeypa
     assert seen == [info.nprobe + 7, None, info.nprobe + 7] and len(a) == len(b) == len(c) == 5
 
 
-def test_an_index_whose_budget_no_longer_fits_is_kept_and_appended_to(tmp_path, caplog):
-    """The archive grew past the --budget-gb the index was built with: updates warn and go on
-    (the images are in the workspace; the index keeps its type) instead of failing the embed."""
-    def need(kind, n):  # what choose_index counts, the smallest codes for PQ
-        nlist = ci.ivf_nlist(n) if kind in ci.IVF_KINDS else 0
-        return ci.estimate_bytes(kind, n, D, nlist, 1) + ci._build_transient_bytes(kind, n, D, nlist)
+@pytest.mark.parametrize("kind", ["flat", "ivf-flat"])
+def test_an_index_whose_budget_no_longer_fits_is_kept_and_appended_to(tmp_path, caplog, kind):
+    """The archive grew past the --budget-gb the index was built with: updates warn and append in
+    place (the index keeps its type; an IVF index grown past 4x its training would be rebuilt, but
+    cannot be) instead of failing the embed or leaving the index stale; `verify --repair` of a
+    stale index says it cannot rebuild it."""
+    from curator.verify import verify
 
-    n0, n1 = 1000, 3000
+    def need(k, n):  # what choose_index counts, the smallest codes for PQ
+        nlist = ci.ivf_nlist(n) if k in ci.IVF_KINDS else 0
+        return ci.estimate_bytes(k, n, D, nlist, 1) + ci._build_transient_bytes(k, n, D, nlist)
+
+    n0, n1 = 1000, 4500  # (more than 4x: the IVF lists' training is outgrown too)
     smallest_at_n1 = min(need(k, n1) for k in ci.KINDS)
-    assert need("flat", n0) < smallest_at_n1
-    budget = (need("flat", n0) + smallest_at_n1) / 2 / 2**30
+    assert need(kind, n0) < smallest_at_n1
+    budget = (need(kind, n0) + smallest_at_n1) / 2 / 2**30
     ws = _workspace(tmp_path / "ws", n0)
     with ws.writer():
-        assert ci.build_index(ws, budget_gb=budget, recall_sample=50).index_type == "flat"
-        _add_images(ws, IDS[n0:n1], X[n0:n1])
+        assert ci.build_index(ws, budget_gb=budget, recall_sample=50, exact_max=0 if kind == "ivf-flat" else None).index_type == kind
+        _add_images(ws, IDS[n0:3000], X[n0:3000])
+    rep = verify(str(ws.root), repair=True)  # stale: a rebuild is asked for, and cannot be made
+    assert not rep.ok and any("cannot be rebuilt as it was asked for" in p and "no index fits" in p for p in rep.problems), rep.lines()
+    with ws.writer():
+        _add_images(ws, IDS[3000:n1], X[3000:n1])
         with caplog.at_level("WARNING"):
             info = ci.sync_index(ws)
-    assert info.count == n1 and info.index_type == "flat" and info.budget_gb == budget
-    assert any("no index fits" in r.getMessage() and "the index stays flat" in r.getMessage() for r in caplog.records)
+    assert info.count == n1 and info.index_type == kind and info.budget_gb == budget
+    assert any("no index fits" in r.getMessage() for r in caplog.records)
     index, _ = ci.load_index(ws)
     assert np.array_equal(np.sort(ci.index_ids(index)), np.sort(IDS[:n1]))
+    assert verify(str(ws.root)).ok
 
 
 def test_bench_index_contract(capsys):
