@@ -26,10 +26,18 @@ A spec::
     val = 0.1
     test = 0.1
 
+    [text]                     # optional: images whose similarity to a text query is above a threshold
+    query = "small apical pneumothorax"
+    above = 0.25               # the similarity `curator search` prints (exact range search over the index)
+    contrast = false           # true: the text against "no <text>" (or a template with {}), as `curator search --contrast`
+
 The rule, step by step (:func:`cohort_sql` writes it as one SQL statement anyone can rerun):
 
 1. ``images`` (catalog + one probability column per finding), joined with the ``labels`` view
-   (``<finding>_label`` = 1 / 0 / -1) when the workspace is calibrated; rows where ``where`` holds.
+   (``<finding>_label`` = 1 / 0 / -1) when the workspace is calibrated, and with ``[text]``, with
+   the images above the text query's similarity (a ``text_hits`` relation, image_id and
+   ``text_similarity``, that :func:`text_hits` computes by a range search over the index and
+   registers beside the SQL); rows where ``where`` holds (which may use ``text_similarity``).
 2. ``one_per``: one row per study (``study_key``) or patient (``patient_key``): the first row by
    ``keep, image_id``. Rows without a study (patient) identifier each count as their own.
 3. ``sample``: ``n`` rows, or ``n_positive`` rows where ``positive_where`` holds and
@@ -104,6 +112,15 @@ class SplitSpec:
 
 
 @dataclass
+class TextSpec:
+    """Images whose similarity to a text query is above ``above`` (range search over the index)."""
+
+    query: str = ""
+    above: float = 0.0
+    contrast: bool | str = False  # True: against "no {}"; a template with {}: against it
+
+
+@dataclass
 class CohortSpec:
     name: str
     where: str = "true"
@@ -120,6 +137,7 @@ class CohortSpec:
     patient_key: str = "patient_id"
     study_key: str = "study_instance_uid"
     description: str | None = None
+    text: TextSpec | None = None
 
     def __post_init__(self):
         validate_spec(self)
@@ -176,6 +194,14 @@ def validate_spec(spec: CohortSpec) -> None:
             raise ValueError(f"{where}: [sample] 'n_positive' needs 'positive_where'")
         if s.n_negative is not None and s.negative_where is None:
             raise ValueError(f"{where}: [sample] 'n_negative' needs 'negative_where'")
+    t = spec.text
+    if t is not None:
+        if not isinstance(t.query, str) or not t.query.strip():
+            raise ValueError(f"{where}: [text] 'query' must be a non-empty string")
+        if isinstance(t.above, bool) or not isinstance(t.above, (int, float)) or not -1 <= t.above <= 1:
+            raise ValueError(f"{where}: [text] 'above' must be a similarity from -1 to 1")
+        if not isinstance(t.contrast, bool) and not (isinstance(t.contrast, str) and "{}" in t.contrast):
+            raise ValueError(f"{where}: [text] 'contrast' must be true, false or a template with {{}} (e.g. \"no {{}}\")")
     p = spec.split
     if p is not None:
         vals = (p.train, p.val, p.test)
@@ -198,7 +224,7 @@ def spec_from_dict(d: dict) -> CohortSpec:
         raise ValueError(f"cohort spec: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     if "name" not in d:
         raise ValueError("cohort spec: 'name' is required")
-    for key, cls in (("sample", SampleSpec), ("split", SplitSpec)):
+    for key, cls in (("sample", SampleSpec), ("split", SplitSpec), ("text", TextSpec)):
         v = d.get(key)
         if v is None or isinstance(v, cls):
             continue
@@ -310,6 +336,8 @@ def cohort_sql(spec: CohortSpec, ws=None, labels: bool | None = None) -> str:
         labels = _has_labels(ws)
     src = ("SELECT i.*, l.* EXCLUDE (image_id) FROM images AS i LEFT JOIN labels AS l USING (image_id)"
            if labels else "SELECT * FROM images")
+    if spec.text is not None:  # text_hits: registered beside the SQL by text_hits() (a range search over the index)
+        src = f"SELECT s.*, h.text_similarity FROM ({src}) AS s JOIN text_hits AS h USING (image_id)"
     ctes = [f"src AS (\n    {src}\n)"]
     ctes.append(
         "selected AS (\n    SELECT *,\n"
@@ -384,7 +412,58 @@ def _check_single_statement(sql: str, name: str) -> None:
         raise QueryError(f"cohort {name!r}: the spec's SQL fragments must not contain ';' (one statement only)")
 
 
-def _run(ws, sql: str, name: str, params: list | None = None):
+_TEXT_HITS: dict = {}  # (workspace, index file, query, threshold, contrast) -> frame: a few, for one process's repeated calls
+
+
+def text_hits(ws, spec: CohortSpec):
+    """The ``text_hits`` relation of a spec with ``[text]``: a DataFrame of ``image_id`` and
+    ``text_similarity`` for every indexed image above the threshold (exact range search,
+    :func:`curator.search.above`'s), computed with the index's checkpoint on the CPU; None
+    without ``[text]``. Warns when the index does not hold the current images."""
+    import numpy as np
+    import pandas as pd
+
+    from curator import constants as C
+    from curator import index as faiss_index
+    from curator.query import connect
+    from curator.search import load_index_checkpoint, text_query_vector
+
+    t = spec.text
+    if t is None:
+        return None
+    ws = open_workspace(ws)
+    info = faiss_index.read_index_info(ws)
+    if info is None:
+        from curator.workspace import WorkspaceError
+
+        raise WorkspaceError(f"cohort {spec.name!r}: [text] needs the index; run `curator index --workspace {ws.root}` first")
+    contrast = C.NEGATIVE_TEMPLATE if t.contrast is True else (t.contrast or None)
+    key = (str(ws.root), info.file, t.query.strip(), float(t.above), contrast)
+    if key not in _TEXT_HITS:
+        index, info = faiss_index.load_index(ws)
+        con = connect(ws)
+        try:
+            stale = faiss_index.index_staleness(ws, info, index, con)
+        finally:
+            con.close()
+        if stale:
+            log.warning("cohort %r: %s", spec.name, stale)
+        vector = text_query_vector(load_index_checkpoint(ws, "cpu"), t.query, contrast)
+        ids, sims = faiss_index.range_search(index, vector, float(t.above))
+        if len(_TEXT_HITS) >= 8:
+            _TEXT_HITS.clear()
+        _TEXT_HITS[key] = pd.DataFrame({"image_id": np.asarray(ids, np.int64), "text_similarity": np.asarray(sims, np.float64)})
+    return _TEXT_HITS[key]
+
+
+def relations(ws, spec: CohortSpec) -> dict:
+    """What :func:`cohort_sql`'s statement reads besides the workspace views, to register on the
+    connection that runs it: ``{"text_hits": frame}`` for a spec with ``[text]``, else ``{}``."""
+    hits = text_hits(ws, spec)
+    return {} if hits is None else {"text_hits": hits}
+
+
+def _run(ws, sql: str, name: str, params: list | None = None, tables: dict | None = None):
     import duckdb
 
     from curator.query import QueryError, connect
@@ -392,6 +471,8 @@ def _run(ws, sql: str, name: str, params: list | None = None):
     _check_single_statement(sql, name)
     con = connect(ws, sandbox=True)
     try:
+        for rel, frame in (tables or {}).items():
+            con.register(rel, frame)
         return con.execute(sql, params or []).df()
     except duckdb.Error as exc:
         msg = str(exc).strip()
@@ -408,7 +489,7 @@ def _run(ws, sql: str, name: str, params: list | None = None):
 
 def _select(ws, spec: CohortSpec):
     ws = open_workspace(ws)
-    return _run(ws, cohort_sql(spec, ws), spec.name)
+    return _run(ws, cohort_sql(spec, ws), spec.name, tables=relations(ws, spec))
 
 
 def select_cohort(ws, spec: CohortSpec):
@@ -420,7 +501,7 @@ def select_cohort(ws, spec: CohortSpec):
 def count_cohort(ws, spec: CohortSpec) -> int:
     """Number of rows the spec selects (runs ``count(*)`` over :func:`cohort_sql`)."""
     ws = open_workspace(ws)
-    df = _run(ws, f"SELECT count(*) AS n FROM (\n{cohort_sql(spec, ws)}\n)", spec.name)
+    df = _run(ws, f"SELECT count(*) AS n FROM (\n{cohort_sql(spec, ws)}\n)", spec.name, tables=relations(ws, spec))
     return int(df["n"].iloc[0])
 
 
@@ -456,12 +537,14 @@ def cohort_estimates(ws, spec: CohortSpec, level: float = 0.95) -> dict:
         cols = [c for c in sorted(cal) if any(_mentioned(t, c) for t in texts)]
     out = {}
     labels = True
+    tables = relations(ws, spec)
     for col in cols:
         entry = cal[col]
         truth_file = entry.get("truth_file")
         if not truth_file or not (ws.root / truth_file).is_file():
             continue
-        base = cohort_sql(CohortSpec(name=spec.name, where=spec.where, patient_key=spec.patient_key, study_key=spec.study_key), labels=labels)
+        base = cohort_sql(CohortSpec(name=spec.name, where=spec.where, patient_key=spec.patient_key, study_key=spec.study_key,
+                                     text=spec.text), labels=labels)
         arms = []
         if spec.sample is not None and spec.sample.arms:
             if spec.sample.positive_where:
@@ -482,7 +565,7 @@ def cohort_estimates(ws, spec: CohortSpec, level: float = 0.95) -> dict:
                 "       count(c.image_id) AS n_selected, count(c.image_id) FILTER (WHERE y = 1) AS selected_pos\n"
                 "FROM t LEFT JOIN chosen AS c USING (image_id)"
             )
-            r = _run(ws, sql, spec.name).iloc[0]
+            r = _run(ws, sql, spec.name, tables=tables).iloc[0]
             n_lab, n_pos, n_sel, sel_pos = (int(r[k]) for k in ("n_labelled", "n_pos", "n_selected", "selected_pos"))
             res["n_labelled"] = n_lab
             if want == 1:
@@ -674,6 +757,17 @@ def _provenance(ws, columns: list[str], identified: bool) -> dict:
     return {"checkpoints": cks, "ensemble": list(ens), "prompt_sets": sets, "finding_columns": fc}
 
 
+def _text_provenance(ws, spec: CohortSpec) -> dict:
+    """How ``text_hits`` was computed: the query and the index it searched."""
+    from curator import index as faiss_index
+
+    info = faiss_index.read_index_info(ws)
+    return {"query": spec.text.query, "above": spec.text.above, "contrast": spec.text.contrast,
+            "relation": "text_hits(image_id, text_similarity): every indexed image above the threshold (exact range search)",
+            "index": None if info is None else {"type": info.index_type, "description": info.description, "checkpoint": info.checkpoint,
+                                                "count": info.count, "built_at": info.built_at}}
+
+
 EXPORT_ENTRIES = frozenset({"cohort.csv", "cohort.parquet", "manifest.json", "images"})
 
 
@@ -730,12 +824,14 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
                              "choose a new folder (nothing was changed)")
     created = dt.datetime.now(dt.UTC)
     sql = cohort_sql(spec, ws)
-    df = _run(ws, sql, spec.name)
-    n_candidates = int(_run(ws, f"WITH rule AS (\n{cohort_sql(CohortSpec(name=spec.name, where=spec.where), ws)}\n) SELECT count(*) AS n FROM rule", spec.name)["n"].iloc[0])
+    tables = relations(ws, spec)
+    df = _run(ws, sql, spec.name, tables=tables)
+    n_candidates = int(_run(ws, f"WITH rule AS (\n{cohort_sql(CohortSpec(name=spec.name, where=spec.where, text=spec.text), ws)}\n) "
+                            "SELECT count(*) AS n FROM rule", spec.name, tables=tables)["n"].iloc[0])
     cal = active_calibration(ws)
     finding_cols = [c for c in sorted(ws.manifest.get("finding_columns", {})) if c in df.columns]
     label_cols = [f"{c}_label" for c in sorted(cal) if f"{c}_label" in df.columns]
-    cohort_cols = [c for c in ("cohort_arm", "split") if c in df.columns]
+    cohort_cols = [c for c in ("text_similarity", "cohort_arm", "split") if c in df.columns]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -791,7 +887,7 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
             deid = {"deidentified": False, "note": "identified export: source paths, identifiers and dates as catalogued"}
             secrets = set()
         # column order: identity, cohort columns, metadata, findings, labels
-        lead = [c for c in ("image_id", "image_file", "patient_key", "study_key", "split", "cohort_arm") if c in out.columns]
+        lead = [c for c in ("image_id", "image_file", "patient_key", "study_key", "split", "cohort_arm", "text_similarity") if c in out.columns]
         tail = [c for c in (*finding_cols, *label_cols) if c in out.columns]
         out = out[lead + [c for c in out.columns if c not in lead and c not in tail] + tail]
         out.to_parquet(tmp / "cohort.parquet", index=False)
@@ -810,6 +906,7 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
             "deidentification": deid,
             "spec": spec_to_dict(spec),
             "sql": sql,
+            **({"text_search": _text_provenance(ws, spec)} if spec.text is not None else {}),
             "counts": counts,
             "warnings": warnings,
             "estimates": cohort_estimates(ws, spec),

@@ -332,3 +332,66 @@ def test_cli_cohort(dicom_ws, tmp_path, capsys):
     spec.write_text('name = "bad"\nwhere = "no_such_column > 1"\n')
     assert main(["cohort", "--workspace", str(ws), "--spec", str(spec), "--count"]) == 2
     assert "no_such_column" in capsys.readouterr().err
+
+
+def test_text_condition_selects_the_images_above_a_similarity(dicom_ws, tmp_path, capsys):
+    """[text]: the images whose similarity to a text query is above a threshold (range search over
+    the index), checked against brute force over the stored embeddings; usable in `where`, kept in
+    the export; clear errors without an index or with a bad [text]."""
+    import shutil
+
+    from curator import index as ci
+    from curator.cli import main
+    from curator.model import load_checkpoint
+    from curator.workspace import WorkspaceError
+
+    _, src, _ = dicom_ws
+    ws = tmp_path / "ws"
+    shutil.copytree(src, ws)
+    w = Workspace(ws)
+    with pytest.raises(WorkspaceError, match="needs the index"):
+        count_cohort(w, spec_from_dict({"name": "t", "text": {"query": "pleural effusion", "above": 0.0}}))
+    with w.writer():
+        ci.build_index(w, recall_sample=0)
+    # brute force: the query's embedding (the model's own text tower) against every stored image embedding
+    ck_path = next(iter(w.manifest["checkpoints"].values()))["path"]
+    v = load_checkpoint(ck_path, "cpu").encode_texts(["pleural effusion"]).numpy()[0]
+    cat = w.read_table("catalog").to_pandas()[["image_id", "view_position"]]
+    emb = {r["image_id"]: np.asarray(r["embedding"], np.float32) for r in w.read_table("embeddings").to_pylist()}
+    sims = {i: float(e @ v) for i, e in emb.items()}
+    srt = sorted(sims.values(), reverse=True)
+    j = int(np.argmax([srt[i] - srt[i + 1] for i in range(5, len(srt) // 2)])) + 5  # a clear gap, some images above
+    thr = (srt[j] + srt[j + 1]) / 2
+    want = {i for i, s in sims.items() if s > thr}
+    spec = spec_from_dict({"name": "effusion", "text": {"query": "pleural effusion", "above": thr}})
+    assert count_cohort(w, spec) == len(want) > 0
+    rows = select_cohort(w, spec)
+    assert set(rows["image_id"]) == want
+    np.testing.assert_allclose(rows.set_index("image_id")["text_similarity"].sort_index(),
+                               [sims[i] for i in sorted(want)], atol=1e-5)
+    pa_ids = set(cat.loc[cat.view_position == "PA", "image_id"])
+    both = spec_from_dict({"name": "pa", "where": "view_position = 'PA' AND text_similarity > -1", "order_by": "text_similarity DESC",
+                           "text": {"query": "pleural effusion", "above": thr}})
+    got = select_cohort(w, both)
+    assert set(got["image_id"]) == want & pa_ids and list(got["text_similarity"]) == sorted(got["text_similarity"], reverse=True)
+    manifest = export_cohort(w, both, tmp_path / "out")
+    out = pd.read_csv(tmp_path / "out" / "cohort.csv")
+    assert len(out) == len(want & pa_ids) == manifest["counts"]["rows"] and "text_similarity" in out.columns
+    assert manifest["text_search"]["query"] == "pleural effusion" and manifest["text_search"]["index"]["type"] == "flat"
+    assert "text_hits" in cohort_sql(both, w) and "[text]" in spec_to_toml(both)
+    assert load_spec_roundtrip(both, tmp_path) == spec_to_dict(both)
+    # the CLI, and bad [text] tables
+    toml = tmp_path / "t.toml"
+    toml.write_text(spec_to_toml(spec))
+    assert main(["cohort", "--workspace", str(ws), "--spec", str(toml), "--count"]) == 0
+    assert f"{len(want)} rows" in capsys.readouterr().out
+    for bad, says in (({"query": "", "above": 0.1}, "'query'"), ({"query": "x", "above": 2}, "'above'"),
+                      ({"query": "x", "above": 0.1, "contrast": "no"}, "'contrast'"), ({"query": "x", "above": 0.1, "k": 3}, "unknown key")):
+        with pytest.raises(ValueError, match=says):
+            spec_from_dict({"name": "bad", "text": bad})
+
+
+def load_spec_roundtrip(spec, tmp_path):
+    path = tmp_path / "round.toml"
+    path.write_text(spec_to_toml(spec))
+    return spec_to_dict(load_spec(path))

@@ -17,6 +17,7 @@ from curator.cohort import (
     cohort_sql,
     count_cohort,
     export_cohort,
+    relations,
     spec_from_dict,
     spec_to_toml,
 )
@@ -153,6 +154,8 @@ st.metric("Images in the cohort", f"{n:,}")
 
 cur = common.cursor(ws)
 rule = cohort_sql(spec, ws)
+for rel, frame in relations(ws, spec).items():  # (a spec with [text]: its images above the text query's similarity)
+    cur.register(rel, frame)
 
 
 def query(sql: str) -> pd.DataFrame:
