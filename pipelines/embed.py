@@ -66,10 +66,10 @@ class EmbedConfig:
     # --gpu-jpeg: share of the grayscale JPEGs the reader workers decode themselves (the exact
     # path, or in the DCT domain with --fast-jpeg) beside the device: a number in [0, 1] (fixed),
     # "auto" (adapted during the run: WorkerShare), or None: "auto" when the model is on a CUDA
-    # device, 0 otherwise. With "auto", which files
-    # each side decodes depends on timing, so two runs can differ where nvJPEG's pixels differ
-    # from libjpeg-turbo's (a grey level at most, seen on none of the H200's test films), and,
-    # with --fast-jpeg, wherever a file goes to the other side (reduced or full decode).
+    # device, 0 otherwise. With "auto", which files each side decodes depends on timing, so two
+    # runs can differ where nvJPEG's pixels differ from libjpeg-turbo's (a grey level at most,
+    # seen on none of the H200's test films), and, with --fast-jpeg, wherever a file goes to the
+    # other side (reduced or full decode).
     worker_jpeg_share: float | str | None = None
 
 
