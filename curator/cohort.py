@@ -31,7 +31,8 @@ A spec::
     above = 0.25               # the similarity `curator search` prints (exact range search over the index)
     contrast = false           # true: the text against "no <text>" (or a template with {}), as `curator search --contrast`
 
-The rule, step by step (:func:`cohort_sql` writes it as one SQL statement anyone can rerun):
+The rule, step by step (:func:`cohort_sql` writes it as one SQL statement anyone can rerun; with
+``[text]``, beside a ``text_hits`` relation, as the statement's comment says):
 
 1. ``images`` (catalog + one probability column per finding), joined with the ``labels`` view
    (``<finding>_label`` = 1 / 0 / -1) when the workspace is calibrated, and with ``[text]``, with
@@ -200,8 +201,14 @@ def validate_spec(spec: CohortSpec) -> None:
             raise ValueError(f"{where}: [text] 'query' must be a non-empty string")
         if isinstance(t.above, bool) or not isinstance(t.above, (int, float)) or not -1 <= t.above <= 1:
             raise ValueError(f"{where}: [text] 'above' must be a similarity from -1 to 1")
-        if not isinstance(t.contrast, bool) and not (isinstance(t.contrast, str) and "{}" in t.contrast):
-            raise ValueError(f"{where}: [text] 'contrast' must be true, false or a template with {{}} (e.g. \"no {{}}\")")
+        bad = f"{where}: [text] 'contrast' must be true, false or a template with one {{}} for the text (e.g. \"no {{}}\")"
+        if not isinstance(t.contrast, bool):
+            if not isinstance(t.contrast, str) or "{}" not in t.contrast:
+                raise ValueError(bad)
+            try:
+                t.contrast.format("x")
+            except (IndexError, KeyError, ValueError):
+                raise ValueError(bad) from None
     p = spec.split
     if p is not None:
         vals = (p.train, p.val, p.test)
@@ -390,7 +397,12 @@ def cohort_sql(spec: CohortSpec, ws=None, labels: bool | None = None) -> str:
         )
         last = "with_split"
     order = f"{_frag(spec.order_by)}, image_id" if spec.order_by else "image_id"
-    sql = f"-- cohort {spec.name!r}: curator cohort rule over the workspace views (images, labels)\nWITH " + ",\n".join(ctes)
+    sql = f"-- cohort {spec.name!r}: curator cohort rule over the workspace views (images, labels)\n"
+    if spec.text is not None:
+        sql += ("-- text_hits(image_id, text_similarity): every image above the text query's similarity, which curator computes "
+                "by a range search over the index\n-- and registers beside this SQL; `curator search -w W --above S --json "
+                "QUERY` (with --contrast for a contrast) lists the same images\n")
+    sql += "WITH " + ",\n".join(ctes)
     sql += f"\nSELECT * FROM {last}\nORDER BY {order}"
     if spec.limit is not None:
         sql += f"\nLIMIT {int(spec.limit)}"
@@ -412,7 +424,7 @@ def _check_single_statement(sql: str, name: str) -> None:
         raise QueryError(f"cohort {name!r}: the spec's SQL fragments must not contain ';' (one statement only)")
 
 
-_TEXT_HITS: dict = {}  # (workspace, index file, query, threshold, contrast) -> frame: a few, for one process's repeated calls
+_TEXT_HITS: dict = {}  # (workspace, index file and version, query, threshold, contrast) -> frame: a few, for repeated calls
 
 
 def text_hits(ws, spec: CohortSpec):
@@ -423,9 +435,7 @@ def text_hits(ws, spec: CohortSpec):
     import numpy as np
     import pandas as pd
 
-    from curator import constants as C
     from curator import index as faiss_index
-    from curator.query import connect
     from curator.search import load_index_checkpoint, text_query_vector
 
     t = spec.text
@@ -437,23 +447,42 @@ def text_hits(ws, spec: CohortSpec):
         from curator.workspace import WorkspaceError
 
         raise WorkspaceError(f"cohort {spec.name!r}: [text] needs the index; run `curator index --workspace {ws.root}` first")
-    contrast = C.NEGATIVE_TEMPLATE if t.contrast is True else (t.contrast or None)
-    key = (str(ws.root), info.file, t.query.strip(), float(t.above), contrast)
-    if key not in _TEXT_HITS:
+    contrast = _contrast(t)
+    try:
+        st = os.stat(ws.root / info.file)
+        version = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        version = None  # (load_index below says what is wrong)
+    key = (str(ws.root), info.file, version, info.source_key, t.query.strip(), float(t.above), contrast)
+    stale = text_index_staleness(ws)
+    if stale:
+        log.warning("cohort %r: %s", spec.name, stale)
+    hits = _TEXT_HITS.get(key)
+    if hits is None:
         index, info = faiss_index.load_index(ws)
-        con = connect(ws)
-        try:
-            stale = faiss_index.index_staleness(ws, info, index, con)
-        finally:
-            con.close()
-        if stale:
-            log.warning("cohort %r: %s", spec.name, stale)
         vector = text_query_vector(load_index_checkpoint(ws, "cpu"), t.query, contrast)
         ids, sims = faiss_index.range_search(index, vector, float(t.above))
-        if len(_TEXT_HITS) >= 8:
+        hits = pd.DataFrame({"image_id": np.asarray(ids, np.int64), "text_similarity": np.asarray(sims, np.float64)})
+        if len(_TEXT_HITS) >= 4:
             _TEXT_HITS.clear()
-        _TEXT_HITS[key] = pd.DataFrame({"image_id": np.asarray(ids, np.int64), "text_similarity": np.asarray(sims, np.float64)})
-    return _TEXT_HITS[key]
+        _TEXT_HITS[key] = hits
+    return hits
+
+
+def _contrast(t: TextSpec) -> str | None:
+    from curator import constants as C
+
+    return C.NEGATIVE_TEMPLATE if t.contrast is True else (t.contrast or None)
+
+
+def text_index_staleness(ws) -> str | None:
+    """What the index lacks (``curator.index.index_staleness``'s sentence), or None: a cohort
+    with ``[text]`` misses the images an out-of-date index does not hold."""
+    from curator import index as faiss_index
+
+    ws = open_workspace(ws)
+    info = faiss_index.read_index_info(ws)
+    return None if info is None else faiss_index.index_staleness(ws, info)  # (cheap when current)
 
 
 def relations(ws, spec: CohortSpec) -> dict:
@@ -476,7 +505,9 @@ def _run(ws, sql: str, name: str, params: list | None = None, tables: dict | Non
         return con.execute(sql, params or []).df()
     except duckdb.Error as exc:
         msg = str(exc).strip()
-        if "_label" in msg:
+        if "text_similarity" in msg and "text_hits" not in sql:
+            msg += " (text_similarity exists in a spec with a [text] table: query, above)"
+        elif "_label" in msg:
             from curator.calibrate import active_calibration
 
             have = sorted(active_calibration(ws))
@@ -615,7 +646,7 @@ def _redactions(ws, spec: CohortSpec) -> set[str]:
     sql_texts = [spec.where, spec.keep, spec.order_by, spec.patient_key, spec.study_key]
     if spec.sample:
         sql_texts += [spec.sample.positive_where, spec.sample.negative_where]
-    free_texts = [spec.name, spec.description]
+    free_texts = [spec.name, spec.description, spec.text.query if spec.text else None]
     quoted, bare = set(), set()
     for t in filter(None, sql_texts + free_texts):
         quoted.update(m.replace("''", "'") for m in re.findall(r"'((?:[^']|'')*)'", t))
@@ -762,7 +793,7 @@ def _text_provenance(ws, spec: CohortSpec) -> dict:
     from curator import index as faiss_index
 
     info = faiss_index.read_index_info(ws)
-    return {"query": spec.text.query, "above": spec.text.above, "contrast": spec.text.contrast,
+    return {"query": spec.text.query, "above": spec.text.above, "contrast": _contrast(spec.text),
             "relation": "text_hits(image_id, text_similarity): every indexed image above the threshold (exact range search)",
             "index": None if info is None else {"type": info.index_type, "description": info.description, "checkpoint": info.checkpoint,
                                                 "count": info.count, "built_at": info.built_at}}
@@ -852,6 +883,8 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
         patients = df["_patient"] if "_patient" in df.columns else None
         studies = df["_study"] if "_study" in df.columns else None
         warnings = []
+        if spec.text is not None and (stale := text_index_staleness(ws)):
+            warnings.append(f"[text]: {stale} The cohort holds only the images the index holds.")
         if patients is not None and (spec.one_per == "patient" or spec.split is not None):
             alone = int(patients.astype(str).str.startswith("image:").sum())
             if alone:
@@ -942,7 +975,7 @@ def add_cli(subparsers) -> None:
         "cohort",
         help="select and export a cohort from a spec (CSV + Parquet + manifest, de-identified by default)",
         description="Select images with a cohort spec (TOML: name, where, one_per, keep, limit, order_by, [sample], [split], "
-        "deidentify, copy_images, seed) and export them to OUT: cohort.csv, cohort.parquet, manifest.json (checkpoints, "
+        "[text] (images above a text query's similarity, from the index), deidentify, copy_images, seed) and export them to OUT: cohort.csv, cohort.parquet, manifest.json (checkpoints, "
         "prompt sets, thresholds, the SQL, counts, estimated precision) and optionally images/. De-identified by default: "
         "salted keys instead of patient / study / series / SOP identifiers, no source paths, study year instead of dates.",
     )

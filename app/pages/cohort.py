@@ -19,6 +19,7 @@ from curator.cohort import (
     export_cohort,
     relations,
     spec_from_dict,
+    text_index_staleness,
     spec_to_toml,
 )
 from curator.search import FilterError, parse_condition
@@ -156,6 +157,8 @@ cur = common.cursor(ws)
 rule = cohort_sql(spec, ws)
 for rel, frame in relations(ws, spec).items():  # (a spec with [text]: its images above the text query's similarity)
     cur.register(rel, frame)
+if spec.text is not None and (stale := text_index_staleness(ws)):
+    st.warning(f"The [text] condition searches an out-of-date index, so the cohort misses the images it lacks: {stale}")
 
 
 def query(sql: str) -> pd.DataFrame:
