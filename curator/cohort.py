@@ -431,7 +431,8 @@ def text_hits(ws, spec: CohortSpec):
     """The ``text_hits`` relation of a spec with ``[text]``: a DataFrame of ``image_id`` and
     ``text_similarity`` for every indexed image above the threshold (exact range search,
     :func:`curator.search.above`'s), computed with the index's checkpoint on the CPU; None
-    without ``[text]``. Warns when the index does not hold the current images."""
+    without ``[text]``. Warns (when it computes them) that the index does not hold the current
+    images."""
     import numpy as np
     import pandas as pd
 
@@ -454,11 +455,11 @@ def text_hits(ws, spec: CohortSpec):
     except OSError:
         version = None  # (load_index below says what is wrong)
     key = (str(ws.root), info.file, version, info.source_key, t.query.strip(), float(t.above), contrast)
-    stale = text_index_staleness(ws)
-    if stale:
-        log.warning("cohort %r: %s", spec.name, stale)
     hits = _TEXT_HITS.get(key)
-    if hits is None:
+    if hits is None:  # (the export and the app page say again, where users look, what an out-of-date index lacks)
+        stale = text_index_staleness(ws)
+        if stale:
+            log.warning("cohort %r: %s", spec.name, stale)
         index, info = faiss_index.load_index(ws)
         vector = text_query_vector(load_index_checkpoint(ws, "cpu"), t.query, contrast)
         ids, sims = faiss_index.range_search(index, vector, float(t.above))

@@ -1878,7 +1878,7 @@ def range_search(index, query: np.ndarray, threshold: float, allowed_ids=None) -
             # members are scored from the copies instead, every one (exact; reads them all)
             wide = lists[e[lists] > cap]
             if len(wide):
-                say = log.info if getattr(store, "range_warned", False) else log.warning  # (a warning once per index)
+                say = log.info if store.range_warned else log.warning  # (a warning once per index)
                 store.range_warned = True
                 say("range search over PQ codes: %d of the %d lists it must visit have codes too coarse to cut by "
                     "(error up to %.3f); their members are scored from the float16 copies (exact, but slower)",

@@ -47,15 +47,13 @@ def vectors(ck, texts: list[str], contrast: str = C.NEGATIVE_TEMPLATE) -> tuple[
     contrast vector (its embedding minus its negation's, normalised), as searches form them (up
     to ``2 * len(texts)``: a text whose negation embeds the same has no contrast vector), and
     the index in ``texts`` each comes from."""
+    from curator.search import contrast_vectors
+
     pos = ck.encode_texts(texts).double().numpy()
     neg = ck.encode_texts([contrast.format(t) for t in texts]).double().numpy()
+    diff, kept = contrast_vectors(pos, neg)
     pos /= np.linalg.norm(pos, axis=1, keepdims=True)
-    neg /= np.linalg.norm(neg, axis=1, keepdims=True)
-    diff = pos - neg
-    norms = np.linalg.norm(diff, axis=1)
-    has = norms > 0
-    diff = diff[has] / norms[has, None]
-    groups = np.concatenate([np.arange(len(texts)), np.flatnonzero(has)])
+    groups = np.concatenate([np.arange(len(texts)), np.flatnonzero(kept)])
     return np.ascontiguousarray(np.concatenate([pos, diff]), dtype=np.float32), groups
 
 

@@ -262,6 +262,7 @@ class RefineStore:
         self.error = float(error)
         self.list_errors = list_errors
         self._warned = False
+        self.range_warned = False  # range search has said (a warning, once) that it scores coarse PQ lists from the copies
 
     @classmethod
     def open(cls, root: Path, stems: list[str], error: float = 0.0) -> RefineStore:

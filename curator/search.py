@@ -53,11 +53,21 @@ def text_query_vector(ck: Checkpoint, text: str, contrast: str | None = None) ->
     if "{}" not in contrast:
         raise ValueError(f"the contrast template {contrast!r} has no {{}} for the search text")
     pos, neg = ck.encode_texts([text, contrast.format(text)]).double().numpy()
-    diff = pos / np.linalg.norm(pos) - neg / np.linalg.norm(neg)
-    norm = np.linalg.norm(diff)
-    if norm == 0:
+    diff, kept = contrast_vectors(pos[None], neg[None])
+    if not kept[0]:
         raise ValueError(f"{text!r} and {contrast.format(text)!r} have the same embedding; nothing to contrast")
-    return (diff / norm).astype(np.float32)
+    return diff[0]
+
+
+def contrast_vectors(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row by row, the normalised difference of the normalised text embeddings ``pos`` and ``neg``
+    (float32), and which rows have one (a text whose negation embeds the same has none)."""
+    pos = pos / np.linalg.norm(pos, axis=1, keepdims=True)
+    neg = neg / np.linalg.norm(neg, axis=1, keepdims=True)
+    diff = pos - neg
+    norms = np.linalg.norm(diff, axis=1)
+    kept = norms > 0
+    return (diff[kept] / norms[kept, None]).astype(np.float32), kept
 
 
 def query_vector(ck: Checkpoint, text: str | None = None, image: str | Path | None = None, read_options: ReadOptions | None = None,
