@@ -73,12 +73,16 @@ def test_killed_runs_resume_without_loss_or_duplicates(tmp_path, tiny_checkpoint
 
 
 _HOLD_LOCK_AND_FORK = """
-import multiprocessing, sys, time
+import multiprocessing, os, sys, time
 from curator.workspace import Workspace
+
+def worker():
+    print(os.getpid(), flush=True)  # the fork handlers have run by now (they run before the target)
+    time.sleep(60)
+
 with Workspace(sys.argv[1]).writer():
-    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,), daemon=False)
+    child = multiprocessing.get_context("fork").Process(target=worker, daemon=False)
     child.start()
-    print(child.pid, flush=True)
     time.sleep(60)
 """
 
@@ -87,6 +91,9 @@ def test_a_killed_writer_frees_the_workspace_even_while_its_forked_workers_live(
     """DataLoader workers are forked while the lock is held; killing the writer must free it at once."""
     ws = tmp_path / "ws"
     proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK_AND_FORK, str(ws)], stdout=subprocess.PIPE, text=True)
+    # The child says its pid once it runs, not the parent once it forked: on a loaded machine the
+    # child may not be scheduled for a while after fork, and until it runs its fork handler it
+    # holds the lock description too (a rerun seconds after a real kill does not meet this).
     child_pid = int(proc.stdout.readline())
     try:
         with pytest.raises(WorkspaceError, match="another curator run"):
