@@ -157,6 +157,7 @@ def cmd_embed(args) -> int:
         ray_address=args.address,
         prune=args.prune or args.prune_force,
         prune_force=args.prune_force,
+        retry_errors=args.retry_errors,
         worker_jpeg_share=args.worker_jpeg_share,
     )
     if args.address and args.engine != "ray":
@@ -593,6 +594,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "deleted; a file is retired only if it is really not there (lstat). An ARCHIVE folder, or a subfolder directly "
                    "in it holding 20+ catalogued files, with more than half of them gone is left alone (unmounted share?)")
     p.add_argument("--prune-force", action="store_true", help="--prune even where more than half of a folder's files are gone")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="read again every file that failed before, unchanged or not (e.g. after a curator upgrade or a decode "
+                   "time-out on a busy machine). Without it, a file that failed is skipped while its size and mtime stay the "
+                   "same, except where the reason was the machine's, not the file's (no permission, an I/O error, out of memory): "
+                   "those are read again by every run")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("label", help="(re)compute probabilities for a prompt set from stored embeddings",

@@ -59,6 +59,7 @@ class EmbedConfig:
     ray_address: str | None = None  # Ray cluster to join; None: the running one or a new local one
     prune: bool = False  # retire the rows of catalogued files the walk no longer finds (pipelines/prune.py)
     prune_force: bool = False  # ... even where more than half of a folder's files are gone
+    retry_errors: bool = False  # read again the files that failed before (else: only TRANSIENT_KINDS' failures)
     # --gpu-jpeg / --gpu-letterbox: run batch n+1's device stage beside batch n's model and writes
     # (local_mapped_batches); None: on when the model is on a CUDA device (on the CPU both compete
     # for the same cores). Results are the same either way.
@@ -319,7 +320,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             cfg = replace(cfg, read_options=replace(cfg.read_options, device_skip=cfg.read_options.device_skip | suspects))
         prompt_sets = active_prompt_sets(ws)
 
-        known = KnownFiles(ws, retry_filtered)
+        known = KnownFiles(ws, retry_filtered, cfg.retry_errors)
         writer = WorkspaceWriter(ws, run_id, prompt_sets, [c.sha256 for c in refs], flush_rows=cfg.flush_rows)
         report = WalkReport()
         status = "completed"

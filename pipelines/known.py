@@ -17,6 +17,12 @@ from curator.workspace import Workspace
 
 MISSING = np.int64(-1)  # size / mtime of an error row without them (unreadable folder)
 
+# Read errors that say more about the machine than about the file (no permission, an I/O error,
+# the file gone before it was read, memory short): the file is read again by every run, not
+# skipped as known bad while its size and mtime stay the same. (`curator embed --retry-errors`
+# reads every file that failed before again.)
+TRANSIENT_KINDS = ("unreadable", "vanished", "out_of_memory")
+
 
 def path_keys(paths: list[str]) -> np.ndarray:
     """16-byte MD5 digests of the paths' UTF-8 bytes, as a fixed-width bytes array (sortable).
@@ -60,16 +66,26 @@ def superseded_ids(ws, retired_only: bool = False) -> np.ndarray:
     return np.asarray(got, dtype=np.int64)
 
 
-def _stored_keys(files: list[str], errors: bool, retry_filtered: bool, batch_rows: int = 1 << 20):
+def _stored_keys(files: list[str], errors: bool, retry_filtered: bool, retry_errors: bool = False, batch_rows: int = 1 << 20):
     """(keys, sizes, mtimes, ids) of the parts' rows, in part order, hashed by DuckDB in batches.
 
+    Error rows of :data:`TRANSIENT_KINDS` are left out (their files are read again), and so are
+    the modality filter's (``retry_filtered``) or every read error (``retry_errors``); the walk's
+    rows (stage ``discover``) stay: they say a path was recorded as unreadable already.
     DuckDB reads the parts and computes the digests in C++ on every core (a Python loop over ten
     million paths took ~20 s); the rows stream in batches, so memory stays at 32 bytes a file.
     """
     import duckdb
 
     id_col = "-1::BIGINT" if errors else "image_id"
-    where = "WHERE coalesce(stage, '') <> 'filter'" if errors and retry_filtered else ""
+    where = ""
+    if errors:
+        retried = [f"coalesce(kind, '') IN ({', '.join(repr(k) for k in TRANSIENT_KINDS)})"]
+        if retry_filtered:
+            retried.append("coalesce(stage, '') = 'filter'")
+        if retry_errors:
+            retried = ["coalesce(stage, '') <> 'discover'"]
+        where = "WHERE coalesce(stage, '') = 'discover' OR NOT (" + " OR ".join(retried) + ")"
     con = duckdb.connect(":memory:")
     try:
         # (insertion order is preserved: a later part's row for a path still comes later)
@@ -128,16 +144,17 @@ class KnownFiles:
     """Catalogued files and files that failed before (``catalog`` and ``errors`` parts).
 
     Files rejected by the modality filter count as known only while the filter is unchanged
-    (``retry_filtered``).
+    (``retry_filtered``); files that failed for a reason of :data:`TRANSIENT_KINDS` never do,
+    and with ``retry_errors`` no file that failed to read does.
     """
 
-    def __init__(self, ws: Workspace, retry_filtered: bool = False):
+    def __init__(self, ws: Workspace, retry_filtered: bool = False, retry_errors: bool = False):
         tables = {}
         retired = superseded_ids(ws, retired_only=True)
         for dataset in ("catalog", "errors"):
             files = [str(p) for p in ws.part_paths(dataset)]
             drop = retired if dataset == "catalog" else None
-            tables[dataset] = _Table(*_stored_keys(files, dataset == "errors", retry_filtered), drop_ids=drop) if files else _Table([], [], [], [])
+            tables[dataset] = _Table(*_stored_keys(files, dataset == "errors", retry_filtered, retry_errors), drop_ids=drop) if files else _Table([], [], [], [])
         self.catalog = tables["catalog"]
         self.errors = tables["errors"]
 
