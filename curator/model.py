@@ -79,13 +79,23 @@ def build_clip(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
     return model.eval()
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
 def resolve_device(name: str | None) -> torch.device:
     """``None``/"auto" -> CUDA when available, else CPU. Asking for CUDA without one is an error."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise ValueError(f"--device {name!r} is not a device curator can run on: give cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--device {name} was asked for, but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
     return dev
 
 
@@ -120,7 +130,13 @@ def resolve_devices(name: str | None) -> list[torch.device]:
         if name == "cuda":
             raise RuntimeError("--device cuda was asked for, but CUDA is not available on this machine")
         return [torch.device("cpu")]
-    return [resolve_device(part.strip()) for part in str(name).split(",") if part.strip()]
+    devices = [resolve_device(part.strip()) for part in str(name).split(",") if part.strip()]
+    if not devices:
+        raise ValueError(f"--device {name!r} names no device: give cpu, cuda, cuda:N or a list such as cuda:0,cuda:1")
+    gpus = [d for d in devices if d.type != "cpu"]  # (cpu,cpu: two replicas on the CPU, as the tests run several)
+    if len(set(gpus)) < len(gpus):
+        raise ValueError(f"--device {name}: a device is named twice (one model replica runs on each device named)")
+    return devices
 
 
 @dataclass

@@ -225,8 +225,15 @@ def checkpoint_refs(paths: list[str], recorded: dict) -> list[CheckpointRef]:
 
 
 def check_ensemble(ws: Workspace, checkpoints) -> None:
+    """The checkpoints differ from each other and are the workspace's ensemble (if it has one)."""
     have = ws.manifest.get("ensemble") or []
     want = [c.sha256 for c in checkpoints]
+    first: dict[str, str] = {}
+    for c in checkpoints:
+        if c.sha256 in first:
+            same = "is given twice" if os.path.realpath(first[c.sha256]) == os.path.realpath(c.path) else f"has the same content as {first[c.sha256]}"
+            raise ValueError(f"--checkpoint {c.path} {same}: an ensemble's members must be different checkpoints")
+        first[c.sha256] = c.path
     if have and sorted(have) != sorted(want):
         known = ", ".join(f"{ws.manifest['checkpoints'][s]['path']} ({s[:12]})" for s in have)
         raise WorkspaceError(

@@ -62,6 +62,27 @@ def test_device_lists_are_checked():
             resolve_devices("cuda:0,cuda:1")
     else:
         assert resolve_devices("cuda") == [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        n = torch.cuda.device_count()
+        with pytest.raises(ValueError, match=f"has {n} CUDA device"):
+            resolve_devices(f"cuda:{n}")
+        with pytest.raises(ValueError, match="named twice"):
+            resolve_devices("cuda:0,cuda:0")
+    for bad in ("", ",", " , "):
+        with pytest.raises(ValueError, match="names no device"):
+            resolve_devices(bad)
+    for bad in ("bogus", "meta", "cuda:x"):
+        with pytest.raises(ValueError, match="not a device curator can run on"):
+            resolve_devices(bad)
+
+
+def test_a_wrong_device_is_a_clear_error_before_a_workspace_is_made(tmp_path, tiny_checkpoints, capsys):
+    from curator.cli import main
+
+    (tmp_path / "arc").mkdir()
+    for bad, says in (("", "names no device"), ("meta", "not a device curator can run on")):
+        assert main(["embed", str(tmp_path / "arc"), "-w", str(tmp_path / "ws"), "-c", str(tiny_checkpoints[0]), "--device", bad]) == 2
+        assert says in capsys.readouterr().err
+        assert not (tmp_path / "ws").exists()
 
 
 def test_default_decode_workers_use_every_core_when_the_model_is_on_a_gpu(monkeypatch):

@@ -188,6 +188,23 @@ def test_different_checkpoint_set_is_refused(built, tiny_checkpoints):
         embed(arc, ws, tiny_checkpoints[2:])
 
 
+def test_the_same_checkpoint_twice_is_refused_before_anything_is_written(tmp_path, tiny_checkpoints):
+    from curator.cli import main
+
+    arc, ws = tmp_path / "arc", tmp_path / "ws"
+    write_raster_archive(arc, 2)
+    copy = tmp_path / "copy.pt"
+    shutil.copyfile(tiny_checkpoints[0], copy)
+    for second, says in ((tiny_checkpoints[0], "is given twice"), (copy, f"has the same content as {tiny_checkpoints[0]}")):
+        with pytest.raises(ValueError, match=says):
+            embed(arc, ws, [tiny_checkpoints[0], second])
+        assert not (ws / "manifest.json").exists()
+    assert main(["-q", "embed", str(arc), "-w", str(ws), "-c", str(tiny_checkpoints[0]), "-c", str(copy), "--device", "cpu",
+                 "--workers", "0"]) == 2
+    embed(arc, ws, [tiny_checkpoints[0]])  # the workspace is usable with the checkpoint once
+    assert run_query(Workspace(ws), "SELECT count(*) AS n FROM catalog").n[0] == 2
+
+
 def test_relabel_adds_a_finding_without_opening_images(built, tmp_path, tiny_checkpoints):
     arc, ws, paths, _ = built
     before = run_query(Workspace(ws), "SELECT image_id, edema FROM images ORDER BY image_id")
