@@ -61,6 +61,7 @@ read or write files outside the workspace.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -70,7 +71,8 @@ import re
 import shutil
 import tomllib
 import uuid
-from dataclasses import asdict, dataclass, fields
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from curator.fileutil import file_sha256
@@ -493,7 +495,10 @@ def relations(ws, spec: CohortSpec) -> dict:
     return {} if hits is None else {"text_hits": hits}
 
 
-def _run(ws, sql: str, name: str, params: list | None = None, tables: dict | None = None):
+@contextlib.contextmanager
+def _connection(ws, sql: str, name: str, tables: dict | None = None):
+    """A sandboxed connection to the workspace with ``tables`` registered, for running ``sql``
+    (one statement); DuckDB's errors, raised in the block, become a :class:`QueryError` with a hint."""
     import duckdb
 
     from curator.query import QueryError, connect
@@ -503,7 +508,7 @@ def _run(ws, sql: str, name: str, params: list | None = None, tables: dict | Non
     try:
         for rel, frame in (tables or {}).items():
             con.register(rel, frame)
-        return con.execute(sql, params or []).df()
+        yield con
     except duckdb.Error as exc:
         msg = str(exc).strip()
         if "text_similarity" in msg and "text_hits" not in sql:
@@ -517,6 +522,11 @@ def _run(ws, sql: str, name: str, params: list | None = None, tables: dict | Non
         raise QueryError(f"cohort {name!r}: {msg}") from None
     finally:
         con.close()
+
+
+def _run(ws, sql: str, name: str, params: list | None = None, tables: dict | None = None):
+    with _connection(ws, sql, name, tables) as con:
+        return con.execute(sql, params or []).df()
 
 
 def _select(ws, spec: CohortSpec):
@@ -821,6 +831,67 @@ def _not_an_export(folder: Path) -> str | None:
     return None
 
 
+# rows of a cohort export handled at a time (copied, de-identified, written)
+EXPORT_BATCH_ROWS = 65536
+
+
+@dataclass
+class _ExportTally:
+    """Counts of a cohort export's rows, added up batch by batch."""
+
+    rows: int = 0
+    alone: int = 0  # rows without a patient key (each its own patient)
+    split: Counter = field(default_factory=Counter)
+    arms: Counter = field(default_factory=Counter)
+    labels: dict = field(default_factory=dict)  # label column -> Counter of "1" / "0" / "-1" / "missing"
+
+    def add(self, df, label_cols: list[str]) -> None:
+        self.rows += len(df)
+        if "_patient" in df.columns:
+            self.alone += int(df["_patient"].astype(str).str.startswith("image:").sum())
+        if "split" in df.columns:
+            self.split.update({str(k): int(v) for k, v in df["split"].value_counts().items()})
+        if "cohort_arm" in df.columns:
+            self.arms.update({str(k): int(v) for k, v in df["cohort_arm"].value_counts().items()})
+        for lc in label_cols:
+            tally = self.labels.setdefault(lc, Counter())
+            for k, v in df[lc].value_counts(dropna=False).items():
+                tally[str(int(k)) if k == k else "missing"] += int(v)
+
+
+def _export_schema(frame, source, deidentified: bool):
+    """The Arrow schema of an export's table: a column taken from the query keeps its type there
+    (every batch gets the same schema, whatever pandas makes of a batch's nulls); the columns the
+    de-identification makes (:data:`curator.deid.DERIVED_TYPES`) have theirs; keys and image
+    files are strings."""
+    import pyarrow as pa
+
+    from curator.deid import DERIVED_TYPES
+
+    out = []
+    for c in frame.columns:
+        if deidentified and c in DERIVED_TYPES:
+            t = DERIVED_TYPES[c]
+        elif c in source.names:
+            t = source.field(c).type
+        else:
+            t = pa.string()
+        out.append(pa.field(c, t))
+    return pa.schema(out)
+
+
+def _distinct_counts(con, sql: str, names: list[str]) -> dict:
+    """Distinct patients and studies of the cohort (and patients per split), counted by DuckDB."""
+    got: dict = {}
+    cols = [(k, c) for k, c in (("patients", "_patient"), ("studies", "_study")) if c in names]
+    if cols:
+        row = con.execute(f"WITH c AS (\n{sql}\n) SELECT {', '.join(f'count(DISTINCT {c})' for _, c in cols)} FROM c").fetchone()
+        got = {k: int(v) for (k, _), v in zip(cols, row)}
+    if "split" in names and "_patient" in names:
+        got["split"] = dict(con.execute(f"WITH c AS (\n{sql}\n) SELECT split, count(DISTINCT _patient) FROM c GROUP BY split").fetchall())
+    return got
+
+
 def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = False, workers: int | None = None) -> dict:
     """Write ``cohort.csv``, ``cohort.parquet``, ``manifest.json`` (and ``images/``) into ``out_dir``.
 
@@ -835,6 +906,9 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
     selected, and copies are the original files (or symlinks to them).
     """
     import pandas as pd
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
 
     from curator import __version__
     from curator.calibrate import active_calibration
@@ -857,76 +931,92 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
     created = dt.datetime.now(dt.UTC)
     sql = cohort_sql(spec, ws)
     tables = relations(ws, spec)
-    df = _run(ws, sql, spec.name, tables=tables)
     n_candidates = int(_run(ws, f"WITH rule AS (\n{cohort_sql(CohortSpec(name=spec.name, where=spec.where, text=spec.text), ws)}\n) "
                             "SELECT count(*) AS n FROM rule", spec.name, tables=tables)["n"].iloc[0])
     cal = active_calibration(ws)
-    finding_cols = [c for c in sorted(ws.manifest.get("finding_columns", {})) if c in df.columns]
-    label_cols = [f"{c}_label" for c in sorted(cal) if f"{c}_label" in df.columns]
-    cohort_cols = [c for c in ("text_similarity", "cohort_arm", "split") if c in df.columns]
+    salt = workspace_salt(ws.root) if spec.deidentify else None
+    secrets = _redactions(ws, spec) if spec.deidentify else set()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        # The rows stream from DuckDB in batches, each copied, de-identified and appended to
+        # cohort.parquet and cohort.csv, so memory does not grow with the cohort; the counts that
+        # need the whole cohort (distinct patients and studies) are DuckDB aggregates.
+        acc = _ExportTally()
         image_info: dict = {"mode": spec.copy_images}
-        if spec.copy_images != "none" and len(df):
-            files, errors = _copy_images(df, tmp / "images", spec.copy_images, spec.deidentify, workers)
-            df["image_file"] = [files.get(int(i)) for i in df["image_id"]]
+        copy_errors: dict[int, str] = {}
+        with _connection(ws, sql, spec.name, tables) as con:
+            reader = con.sql(sql).to_arrow_reader(EXPORT_BATCH_ROWS)
+            source = reader.schema
+            finding_cols = [c for c in sorted(ws.manifest.get("finding_columns", {})) if c in source.names]
+            label_cols = [f"{c}_label" for c in sorted(cal) if f"{c}_label" in source.names]
+            cohort_cols = [c for c in ("text_similarity", "cohort_arm", "split") if c in source.names]
+            keep = [*finding_cols, *label_cols, *cohort_cols] + (["image_file"] if spec.copy_images != "none" else [])
+
+            def shape(df):
+                """One batch as exported (image copies made), and the de-identification's report."""
+                if spec.copy_images != "none":
+                    files = {}
+                    if len(df):
+                        files, errors = _copy_images(df, tmp / "images", spec.copy_images, spec.deidentify, workers)
+                        copy_errors.update(errors)
+                    df["image_file"] = pd.Series([files.get(int(i)) for i in df["image_id"]], index=df.index, dtype="object")
+                if spec.deidentify:
+                    out, deid = deidentify_frame(df.drop(columns=list(INTERNAL)), salt, keep=keep,
+                                                 overrides={"patient": df["_patient"], "study": df["_study"]})
+                else:
+                    out = df.drop(columns=list(INTERNAL))
+                    deid = {"deidentified": False, "note": "identified export: source paths, identifiers and dates as catalogued"}
+                # column order: identity, cohort columns, metadata, findings, labels
+                lead = [c for c in ("image_id", "image_file", "patient_key", "study_key", "split", "cohort_arm", "text_similarity") if c in out.columns]
+                tail = [c for c in (*finding_cols, *label_cols) if c in out.columns]
+                return out[lead + [c for c in out.columns if c not in lead and c not in tail] + tail], deid
+
+            empty, deid = shape(source.empty_table().to_pandas())
+            target = _export_schema(empty, source, spec.deidentify)
+            with pq.ParquetWriter(tmp / "cohort.parquet", target) as pw, pa_csv.CSVWriter(tmp / "cohort.csv", target) as cw:
+                for batch in reader:
+                    df = batch.to_pandas()
+                    acc.add(df, label_cols)
+                    out, _ = shape(df)
+                    table = pa.Table.from_pandas(out, schema=target, preserve_index=False)
+                    pw.write_table(table)
+                    cw.write_table(table)
+                if acc.rows == 0:
+                    cw.write_table(target.empty_table())  # (the header)
+            distinct = _distinct_counts(con, sql, source.names)
+        columns = list(target.names)
+        if spec.copy_images != "none":
             image_info.update(
-                written=len(files), failed=len(errors),
+                written=acc.rows - len(copy_errors) if acc.rows else 0, failed=len(copy_errors),
                 format=("PNG of the 8-bit image the model saw (DICOM converted as catalogued), no header or metadata"
                         if spec.deidentify else ("original files" if spec.copy_images == "copy" else "symbolic links to the source files")),
-                errors=[{"image_id": i, "error": e} for i, e in sorted(errors.items())][:100],
+                errors=[{"image_id": i, "error": e} for i, e in sorted(copy_errors.items())][:100],
             )
-        elif spec.copy_images != "none":
-            df["image_file"] = pd.Series(dtype="string")
-        patients = df["_patient"] if "_patient" in df.columns else None
-        studies = df["_study"] if "_study" in df.columns else None
+            if not acc.rows:
+                image_info = {"mode": spec.copy_images}
+        if spec.deidentify:
+            deid["salt"] = "per-workspace secret file .deid_salt in the workspace folder; never exported"
+            deid["redacted_spec_literals"] = len(secrets)
         warnings = []
         if spec.text is not None and (stale := text_index_staleness(ws)):
             warnings.append(f"[text]: {stale} The cohort holds only the images the index holds.")
-        if patients is not None and (spec.one_per == "patient" or spec.split is not None):
-            alone = int(patients.astype(str).str.startswith("image:").sum())
-            if alone:
-                warnings.append(
-                    f"{alone} of {len(df)} rows have no patient key ({spec.patient_key} is empty: PNG and JPEG files carry no "
-                    "patient ID), so each counts as a patient of its own for one_per = \"patient\" and the split; set "
-                    "patient_key to an SQL expression that names the patient, e.g. regexp_extract(path, '/(p[0-9]+)/', 1)")
-                log.warning("cohort %r: %s", spec.name, warnings[-1])
-        counts = {
-            "rows": len(df),
-            "candidates": n_candidates,
-            "patients": int(patients.nunique()) if patients is not None else None,
-            "studies": int(studies.nunique()) if studies is not None else None,
-        }
-        if "split" in df.columns:
-            counts["split"] = {s: {"rows": int((df["split"] == s).sum()), "patients": int(df.loc[df["split"] == s, "_patient"].nunique())}
-                               for s in ("train", "val", "test")}
-        if "cohort_arm" in df.columns:
-            counts["arms"] = {a: int((df["cohort_arm"] == a).sum()) for a in ("positive", "negative")}
+        if "_patient" in source.names and (spec.one_per == "patient" or spec.split is not None) and acc.alone:
+            warnings.append(
+                f"{acc.alone} of {acc.rows} rows have no patient key ({spec.patient_key} is empty: PNG and JPEG files carry no "
+                "patient ID), so each counts as a patient of its own for one_per = \"patient\" and the split; set "
+                "patient_key to an SQL expression that names the patient, e.g. regexp_extract(path, '/(p[0-9]+)/', 1)")
+            log.warning("cohort %r: %s", spec.name, warnings[-1])
+        counts = {"rows": acc.rows, "candidates": n_candidates, "patients": distinct.get("patients"), "studies": distinct.get("studies")}
+        if "split" in source.names:
+            counts["split"] = {s: {"rows": acc.split.get(s, 0), "patients": distinct["split"].get(s, 0)} for s in ("train", "val", "test")}
+        if "cohort_arm" in source.names:
+            counts["arms"] = {a: acc.arms.get(a, 0) for a in ("positive", "negative")}
         for lc in label_cols:
-            vc = df[lc].value_counts(dropna=False)
-            counts.setdefault("labels", {})[lc] = {str(int(k)) if k == k else "missing": int(v) for k, v in vc.items()}
-        keep = [*finding_cols, *label_cols, *cohort_cols] + (["image_file"] if "image_file" in df.columns else [])
-        if spec.deidentify:
-            salt = workspace_salt(ws.root)
-            out, deid = deidentify_frame(df.drop(columns=list(INTERNAL)), salt, keep=keep,
-                                         overrides={"patient": df["_patient"], "study": df["_study"]})
-            deid["salt"] = "per-workspace secret file .deid_salt in the workspace folder; never exported"
-            secrets = _redactions(ws, spec)
-            deid["redacted_spec_literals"] = len(secrets)
-        else:
-            out = df.drop(columns=list(INTERNAL))
-            deid = {"deidentified": False, "note": "identified export: source paths, identifiers and dates as catalogued"}
-            secrets = set()
-        # column order: identity, cohort columns, metadata, findings, labels
-        lead = [c for c in ("image_id", "image_file", "patient_key", "study_key", "split", "cohort_arm", "text_similarity") if c in out.columns]
-        tail = [c for c in (*finding_cols, *label_cols) if c in out.columns]
-        out = out[lead + [c for c in out.columns if c not in lead and c not in tail] + tail]
-        out.to_parquet(tmp / "cohort.parquet", index=False)
-        out.to_csv(tmp / "cohort.csv", index=False)
-        prov = _provenance(ws, list(out.columns), identified=not spec.deidentify)
+            counts.setdefault("labels", {})[lc] = dict(acc.labels[lc])
+        prov = _provenance(ws, columns, identified=not spec.deidentify)
         thresholds = {c: {k: e.get(k) for k in ("threshold", "lower", "upper", "rule", "lower_rule", "upper_rule", "threshold_ci_low",
                                                    "threshold_ci_high", "prompt_set", "calibrated_at", "level", "n_pos", "n_neg")}
                       for c, e in cal.items() if c in finding_cols}
@@ -946,8 +1036,8 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
             "estimates": cohort_estimates(ws, spec),
             "thresholds": thresholds,
             **prov,
-            "columns": {"all": list(out.columns), "findings": [c for c in finding_cols if c in out.columns],
-                        "labels": [c for c in label_cols if c in out.columns]},
+            "columns": {"all": columns, "findings": [c for c in finding_cols if c in columns],
+                        "labels": [c for c in label_cols if c in columns]},
             "label_values": {"1": "positive", "0": "negative", "-1": "uncertain (between the two thresholds)"} if label_cols else None,
             "images": image_info,
             "workspace": {"generation": ws.manifest.get("generation"), **({"root": str(ws.root)} if not spec.deidentify else {})},

@@ -33,10 +33,14 @@ import uuid
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 SALT_FILE = ".deid_salt"
 KEY_HEX_DIGITS = 24
 AGE_CAP = 90
+
+# Arrow types of the columns :func:`deidentify_frame` makes or changes (its keys are strings)
+DERIVED_TYPES = {"study_year": pa.int32(), "patient_age": pa.int32()}
 
 # raw column -> (key kind, key column in the export)
 HASHED: dict[str, tuple[str, str]] = {

@@ -9,6 +9,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -416,3 +417,44 @@ def load_spec_roundtrip(spec, tmp_path):
     path = tmp_path / "round.toml"
     path.write_text(spec_to_toml(spec))
     return spec_to_dict(load_spec(path))
+
+
+def test_export_streams_in_batches_with_the_same_files_as_one_batch(tmp_path, tiny_checkpoints, monkeypatch):
+    # DICOMs (ages, dates, identifiers) and PNGs (all of those null) in one cohort: batches of
+    # three rows, some with nulls only, some without any, give the bytes one batch gives
+    import curator.cohort as cohort_mod
+    from tests.conftest import write_raster_archive
+
+    arc, ws = tmp_path / "arc", tmp_path / "ws"
+    write_dicom_archive(arc / "dcm", range(1, 5))
+    write_raster_archive(arc / "png", 5)
+    embed(arc, ws, tiny_checkpoints[:1])
+    n = run_query(Workspace(ws), "SELECT count(*) AS n FROM images").n[0]
+    specs = [CohortSpec(name="all", where="true", order_by="file_format, image_id", deidentify=False),
+             CohortSpec(name="split", where="true", order_by="file_format DESC, image_id", split=SplitSpec(0.5, 0.25, 0.25, seed=1),
+                        copy_images="copy")]
+    for spec in specs:
+        outs = []
+        for rows in (3, 1 << 20):
+            monkeypatch.setattr(cohort_mod, "EXPORT_BATCH_ROWS", rows)
+            outs.append(tmp_path / f"{spec.name}-{rows}")
+            m = export_cohort(ws, spec, outs[-1])
+            assert m["counts"]["rows"] == n
+        small, whole = outs
+        assert pq.read_table(small / "cohort.parquet").equals(pq.read_table(whole / "cohort.parquet"), check_metadata=True)
+        assert (small / "cohort.csv").read_bytes() == (whole / "cohort.csv").read_bytes()
+        ms, mw = (json.loads((o / "manifest.json").read_text()) for o in outs)
+        for key in ("counts", "columns", "images", "deidentification"):
+            assert ms[key] == mw[key], key
+        if spec.copy_images == "copy":
+            assert sorted(p.name for p in (small / "images").iterdir()) == sorted(p.name for p in (whole / "images").iterdir())
+            assert ms["images"]["written"] == n
+    table = pq.read_table(tmp_path / f"all-{1 << 20}" / "cohort.parquet")
+    assert table.column("patient_age").null_count == 5 and pa.types.is_integer(table.schema.field("patient_age").type)
+    csv = pd.read_csv(tmp_path / f"all-{1 << 20}" / "cohort.csv")
+    pd.testing.assert_series_equal(csv.image_id, table.column("image_id").to_pandas(), check_dtype=False)
+    parts = pd.read_parquet(tmp_path / f"split-{1 << 20}" / "cohort.parquet")
+    man = json.loads((tmp_path / f"split-{1 << 20}" / "manifest.json").read_text())
+    for s in ("train", "val", "test"):  # counts checked against the rows written
+        assert man["counts"]["split"][s] == {"rows": int((parts.split == s).sum()), "patients": int(parts.loc[parts.split == s, "patient_key"].nunique())}
+    assert man["counts"]["patients"] == parts.patient_key.nunique() and man["counts"]["studies"] == parts.study_key.nunique()
