@@ -592,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retire the rows of catalogued files under the ARCHIVE folders that are no longer there (deleted or "
                    "moved): they leave the catalog, the views and the index, and come back if the file does. Nothing is "
                    "deleted; a file is retired only if it is really not there (lstat). An ARCHIVE folder, or a subfolder directly "
-                   "in it holding 20+ catalogued files, with more than half of them gone is left alone (unmounted share?)")
+                   "in it holding 20+ catalogued files, with more than half of them gone is left alone (unmounted share?). Failed files "
+                   "that are gone leave the errors view too")
     p.add_argument("--prune-force", action="store_true", help="--prune even where more than half of a folder's files are gone")
     p.add_argument("--retry-errors", action="store_true",
                    help="read again every file that failed before, unchanged or not (e.g. after a curator upgrade or a decode "

@@ -34,7 +34,7 @@ from curator.readers import RASTER_CONVERSION, ReadOptions
 from curator.workspace import Workspace, WorkspaceError
 
 from .known import KnownFiles, path_keys
-from .prune import prune
+from .prune import catalogued_under, prune, settled_errors
 from .stages import FixedShare, Mapper, WorkspaceWriter, _error_item, collate, read_item, run_record, utcnow
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,10 @@ class EmbedSummary:
     ignored: Counter = field(default_factory=Counter)
     retired: int = 0  # catalogued files that changed and now fail: their old rows left the catalog
     pruned: int = 0  # catalogued files gone from the archive (--prune): their rows left the catalog
+    not_found: int = 0  # catalogued files under the archives that the walk did not meet (deleted, moved, unlisted)
+    settled: int = 0  # earlier errors closed: paths the walk met again without an error, failed files gone (--prune)
     prune_refused: list = field(default_factory=list)  # (folder, gone, catalogued) not pruned
+    prune_ran: bool = False  # --prune was given (and the walk completed)
     device_decoded: int = 0  # --gpu-jpeg: JPEGs decoded on the model's device
     device_rejected: int = 0  # ... handed to it but read on the CPU (decoder rejected, wrong size, out of memory)
     worker_decoded: int = 0  # ... decoded by the reader workers instead, as their share beside the device
@@ -119,6 +122,12 @@ class EmbedSummary:
             out.append(f"  pruned (gone from the archive): {self.pruned}")
             out += [f"    not pruned: {folder}: {gone} of {total} catalogued files gone (is it fully mounted? --prune-force prunes anyway)"
                     for folder, gone, total in self.prune_refused]
+        if self.not_found > self.pruned:
+            out.append(f"  not found:           {self.not_found - self.pruned} catalogued files under the archive were not met by this "
+                       "walk (deleted, moved, or in a folder it could not list): their rows stay"
+                       + ("" if self.prune_ran else "; `--prune` retires those that are gone"))
+        if self.settled:
+            out.append(f"  errors closed:       {self.settled} (paths met again without an error, or failed files gone with --prune)")
         if self.device_decoded or self.device_rejected or self.worker_decoded:
             out.append(f"  --gpu-jpeg:          {self.device_decoded} JPEGs decoded on the device"
                        + (f", {self.worker_decoded} by the CPU readers beside it (their share at the end: "
@@ -313,7 +322,8 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             reading["jpeg_on_device"] = True
         before = ws.manifest.get("reading")
         if before and before != reading and ws.row_count("catalog"):
-            changed = ", ".join(f"{k} {before.get(k)} -> {reading.get(k)}" for k in {**before, **reading} if before.get(k) != reading.get(k))
+            was, now = {"jpeg_on_device": False, **before}, {"jpeg_on_device": False, **reading}  # (absent: off)
+            changed = ", ".join(f"{k} {was.get(k)} -> {now.get(k)}" for k in {**was, **now} if was.get(k) != now.get(k))
             log.warning("this run reads images differently from the last one (%s): files already in the catalog and unchanged "
                         "keep the images and probabilities of the earlier reading; only new and changed files are read the "
                         "new way. To have the whole archive read the new way, embed it into a new workspace.", changed)
@@ -328,6 +338,8 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
         prompt_sets = active_prompt_sets(ws)
 
         known = KnownFiles(ws, retry_filtered, cfg.retry_errors)
+        catalogued = catalogued_under(ws, cfg.archives)  # before this run's rows, as `known` is
+        met = 0  # walked files that are in that catalog
         writer = WorkspaceWriter(ws, run_id, prompt_sets, [c.sha256 for c in refs], flush_rows=cfg.flush_rows)
         report = WalkReport()
         status = "completed"
@@ -346,6 +358,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                 if seen is not None:
                     seen.append(keys)
                 unchanged, bad, previous = known.classify(paths, [e.size for e in chunk], [e.mtime_ns for e in chunk], keys)
+                met += int((previous >= 0).sum())
                 summary.unchanged += int(unchanged.sum())
                 summary.known_errors += int(bad.sum())
                 todo = [e for e, skip in zip(chunk, unchanged | bad) if not skip]
@@ -386,10 +399,18 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             if unreadable:
                 writer.add([], None, unreadable)
             writer.flush()
-            if seen is not None:  # the walk is complete: what it did not meet left the archive
+            # The walk is complete: what it did not meet left the archive (or could not be listed).
+            summary.not_found = max(0, catalogued - met)
+            if seen is not None:
                 seen.append(path_keys([p for p, _ in report.unreadable]))  # there, if unreadable: kept
-                pr = prune(ws, cfg.archives, np.unique(np.concatenate(seen)), run_id, force=cfg.prune_force)
-                summary.pruned, summary.prune_refused = pr.retired, pr.refused
+                seen = np.unique(np.concatenate(seen))
+                pr = prune(ws, cfg.archives, seen, run_id, force=cfg.prune_force)
+                summary.pruned, summary.prune_refused, summary.prune_ran = pr.retired, pr.refused, True
+            settled = settled_errors(ws, cfg.archives, {p for p, _ in report.unreadable}, seen, summary.prune_refused)
+            if settled:
+                writer.add([], None, settled)
+                writer.flush()
+                summary.settled = len(settled)
             from curator.index import sync_index
 
             synced = sync_index(ws)
@@ -429,6 +450,8 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
                 "ignored": dict(summary.ignored),
                 "retired": summary.retired,
                 "pruned": summary.pruned,
+                "not_found": summary.not_found,
+                "settled_errors": summary.settled,
                 **({"device_decoded": summary.device_decoded, "device_rejected": summary.device_rejected,
                     "worker_decoded": summary.worker_decoded} if cfg.read_options.jpeg_on_device else {}),
                 **({"device_letterboxed": summary.device_letterboxed} if cfg.read_options.letterbox_on_device else {}),

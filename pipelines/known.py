@@ -16,6 +16,7 @@ import numpy as np
 from curator.workspace import Workspace
 
 MISSING = np.int64(-1)  # size / mtime of an error row without them (unreadable folder)
+CLOSED = np.int64(-2)  # size / mtime of a row closing a path's errors (stage "resolved"): matches no file
 
 # Read errors that say more about the machine than about the file (no permission, an I/O error,
 # the file gone before it was read, memory short): the file is read again by every run, not
@@ -71,7 +72,8 @@ def _stored_keys(files: list[str], errors: bool, retry_filtered: bool, retry_err
 
     Error rows of :data:`TRANSIENT_KINDS` are left out (their files are read again), and so are
     the modality filter's (``retry_filtered``) or every read error (``retry_errors``); the walk's
-    rows (stage ``discover``) stay: they say a path was recorded as unreadable already.
+    rows (stage ``discover``) stay: they say a path was recorded as unreadable already, and so
+    do the rows closing a path's errors (stage ``resolved``, :data:`CLOSED`).
     DuckDB reads the parts and computes the digests in C++ on every core (a Python loop over ten
     million paths took ~20 s); the rows stream in batches, so memory stays at 32 bytes a file.
     """
@@ -79,18 +81,21 @@ def _stored_keys(files: list[str], errors: bool, retry_filtered: bool, retry_err
 
     id_col = "-1::BIGINT" if errors else "image_id"
     where = ""
+    size, mtime = f"coalesce(size, {int(MISSING)})", f"coalesce(mtime_ns, {int(MISSING)})"
     if errors:
         retried = [f"coalesce(kind, '') IN ({', '.join(repr(k) for k in TRANSIENT_KINDS)})"]
         if retry_filtered:
             retried.append("coalesce(stage, '') = 'filter'")
         if retry_errors:
-            retried = ["coalesce(stage, '') <> 'discover'"]
-        where = "WHERE coalesce(stage, '') = 'discover' OR NOT (" + " OR ".join(retried) + ")"
+            retried = ["true"]
+        where = "WHERE coalesce(stage, '') IN ('discover', 'resolved') OR NOT (" + " OR ".join(retried) + ")"
+        # a closing row wins over the path's earlier rows (it comes later) and matches nothing
+        size, mtime = (f"CASE WHEN stage = 'resolved' THEN {int(CLOSED)} ELSE {c} END" for c in (size, mtime))
     con = duckdb.connect(":memory:")
     try:
         # (insertion order is preserved: a later part's row for a path still comes later)
         reader = con.sql(
-            f"SELECT unhex(md5(path)) AS k, coalesce(size, {int(MISSING)}) AS s, coalesce(mtime_ns, {int(MISSING)}) AS m, "
+            f"SELECT unhex(md5(path)) AS k, {size} AS s, {mtime} AS m, "
             f"coalesce({id_col}, {int(MISSING)}) AS i FROM read_parquet($files, union_by_name = true) {where}", params={"files": files}).to_arrow_reader(batch_rows)
         out: tuple[list, list, list, list] = ([], [], [], [])
         for batch in reader:

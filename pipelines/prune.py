@@ -153,3 +153,70 @@ def prune(ws: Workspace, archives: list[str], seen: np.ndarray, run_id: str, for
     rep.retired = len(gone_ids)
     log.info("pruned: %d catalogued files are no longer in the archive; their rows left the catalog", len(gone_ids))
     return rep
+
+
+# ---------------------------------------------------------------------------------------------
+# what the walk says about the workspace beyond new files: catalogued files it did not meet, and
+# error rows that no longer hold
+# ---------------------------------------------------------------------------------------------
+def _roots_condition(archives: list[str]) -> tuple[str, dict]:
+    """SQL over ``path`` true for paths under the archive folders or equal to an archive file."""
+    terms, params = [], {}
+    for j, root in enumerate(archives):
+        where = Path(root).expanduser().resolve()
+        if where.is_dir():
+            params[f"r{j}"] = str(where).rstrip(os.sep) + os.sep
+            terms.append(f"starts_with(path, $r{j})")
+        else:
+            params[f"r{j}"] = str(where)
+            terms.append(f"path = $r{j}")
+    return "(" + " OR ".join(terms or ["false"]) + ")", params
+
+
+def catalogued_under(ws: Workspace, archives: list[str]) -> int:
+    """Current catalog rows of files under the archive folders (or that are archive files)."""
+    from curator.query import connect
+
+    if not ws.part_paths("catalog"):
+        return 0
+    cond, params = _roots_condition(archives)
+    con = connect(ws, sandbox=False, use_cache=False)
+    try:
+        return int(con.execute(f"SELECT count(*) FROM catalog WHERE {cond}", params).fetchone()[0])
+    finally:
+        con.close()
+
+
+# The stage of the errors rows that close an earlier error of a path (the errors view leaves the
+# path out while such a row is its latest).
+RESOLVED_STAGE = "resolved"
+
+
+def settled_errors(ws: Workspace, archives: list[str], unreadable_now: set[str], seen: np.ndarray | None,
+                   refused: list[tuple[str, int, int]] = ()) -> list[dict]:
+    """Rows that close the current errors under the archives that no longer hold, after a complete
+    walk: a path the walk could not take (stage ``discover``: a folder it could not list, a broken
+    link, ...) that it did not meet as such this time (kind ``cleared``); with ``--prune``
+    (``seen``: the walk's sorted path digests), a failed file that left the archive (kind ``gone``,
+    checked with ``lstat`` as catalogued files are; not under a folder prune refused)."""
+    from curator.query import connect
+
+    if not ws.part_paths("errors"):
+        return []
+    cond, params = _roots_condition(archives)
+    con = connect(ws, sandbox=False, use_cache=False)
+    try:
+        rows = con.execute(f"SELECT path, stage, unhex(md5(path)) AS k FROM errors WHERE {cond}", params).fetchall()
+    finally:
+        con.close()
+    held = [folder.rstrip(os.sep) + os.sep for folder, _, _ in refused]
+    out = []
+    for path, stage, key in rows:
+        if stage == "discover":
+            if path not in unreadable_now:
+                out.append((path, "cleared", "the walk met this path again without an error"))
+        elif seen is not None and not _isin_sorted(np.array([bytes(key)], "S16"), seen)[0] and _really_gone(path) \
+                and not any(path.startswith(h) for h in held):
+            out.append((path, "gone", "the file left the archive (--prune)"))
+    return [{"path": p, "stage": RESOLVED_STAGE, "kind": kind, "error": text, "exception": None, "size": None, "mtime_ns": None}
+            for p, kind, text in out]

@@ -263,7 +263,7 @@ class WorkspaceWriter:
             self._errors.append(e)
             if e["stage"] == "filter":
                 self.stats.filtered[e["kind"]] += 1
-            else:
+            elif e["stage"] != "resolved":  # (pipelines.prune.settled_errors: closes an earlier error)
                 self.stats.failed[e["kind"]] += 1
         if self.pending >= self.flush_rows:
             self.flush()

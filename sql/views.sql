@@ -24,7 +24,9 @@ SELECT e.*
 FROM embeddings_raw AS e
 SEMI JOIN catalog AS c ON c.image_id = e.image_id;
 
--- Files that could not be used: the latest error of each path, unless a later run catalogued it.
+-- Files that could not be used: the latest error of each path, unless a later run catalogued it,
+-- or closed it (stage 'resolved': a walk met the path again without an error, or `embed --prune`
+-- found the failed file gone).
 CREATE OR REPLACE VIEW errors AS
 SELECT * EXCLUDE (_rank)
 FROM (
@@ -32,6 +34,7 @@ FROM (
     FROM errors_raw
 ) AS e
 WHERE _rank = 1
+  AND coalesce(stage, '') <> 'resolved'
   AND NOT EXISTS (SELECT 1 FROM catalog AS c WHERE c.path = e.path AND c.added_at >= e.time);
 
 CREATE OR REPLACE VIEW runs AS

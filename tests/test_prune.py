@@ -215,3 +215,46 @@ def test_nested_roots_retire_once_and_old_workspaces_are_refused(embedded, tiny_
     files[2].unlink()
     with pytest.raises(WorkspaceError, match="predates retired catalog rows"):
         run_embed(_cfg([arc], ws, tiny_checkpoints[0], prune=True))
+
+
+def test_files_not_met_are_counted_and_errors_that_no_longer_hold_are_closed(tmp_path, tiny_checkpoints):
+    from curator.pipelines.embed import run_embed
+    from curator.pipelines.known import KnownFiles
+
+    arc, ws = tmp_path / "arc", tmp_path / "ws"
+    files = write_raster_archive(arc, 6)
+    (arc / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    (arc / "dangling.png").symlink_to(arc / "nowhere.png")  # the walk records it (stage discover)
+    first = run_embed(_cfg([arc], ws, tiny_checkpoints[0]))
+    assert first.processed == 6 and first.not_found == 0
+
+    def errors():
+        return dict(run_query(Workspace(ws), "SELECT path, stage FROM errors").itertuples(index=False))
+
+    assert errors() == {str(arc / "broken.png"): "read", str(arc / "dangling.png"): "discover"}
+    os.remove(files[0])
+    shutil.move(files[1], arc / "moved-away.png")
+    (arc / "dangling.png").unlink()
+    again = run_embed(_cfg([arc], ws, tiny_checkpoints[0]))
+    assert (again.processed, again.not_found, again.settled) == (1, 2, 1)  # the moved file is new under its new name
+    assert any("2 catalogued files under the archive were not met" in line and "--prune" in line for line in again.lines())
+    assert errors() == {str(arc / "broken.png"): "read"}  # the link's error closed: the walk no longer meets it
+    os.remove(arc / "broken.png")
+    kept = run_embed(_cfg([arc], ws, tiny_checkpoints[0]))  # without --prune, a deleted file's rows stay, error too
+    assert kept.settled == 0 and errors() == {str(arc / "broken.png"): "read"}
+    pruned = run_embed(_cfg([arc], ws, tiny_checkpoints[0], prune=True))
+    assert (pruned.pruned, pruned.settled, pruned.not_found) == (2, 1, 2)
+    assert errors() == {}
+    assert _current_paths(ws) == {str(p) for p in files[2:]} | {str(arc / "moved-away.png")}
+    # the closing rows are in errors_raw, not counted as failures, and match no file
+    raw = run_query(Workspace(ws), "SELECT stage, kind FROM errors_raw WHERE stage = 'resolved' ORDER BY kind")
+    assert raw.kind.tolist() == ["cleared", "gone"]
+    (arc / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    (arc / "dangling.png").symlink_to(arc / "nowhere.png")
+    known = KnownFiles(Workspace(ws))
+    st = os.stat(arc / "broken.png")
+    assert not known.classify([str(arc / "broken.png")], [st.st_size], [st.st_mtime_ns])[1][0]
+    assert not known.unreadable_before(str(arc / "dangling.png"))
+    back = run_embed(_cfg([arc], ws, tiny_checkpoints[0]))
+    assert sum(back.failed.values()) == 2 and back.not_found == 0  # both recorded afresh
+    assert errors() == {str(arc / "broken.png"): "read", str(arc / "dangling.png"): "discover"}
