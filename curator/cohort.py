@@ -841,6 +841,7 @@ class _ExportTally:
 
     rows: int = 0
     alone: int = 0  # rows without a patient key (each its own patient)
+    ages_capped: int = 0  # de-identified rows whose age was capped
     split: Counter = field(default_factory=Counter)
     arms: Counter = field(default_factory=Counter)
     labels: dict = field(default_factory=dict)  # label column -> Counter of "1" / "0" / "-1" / "missing"
@@ -912,7 +913,7 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
 
     from curator import __version__
     from curator.calibrate import active_calibration
-    from curator.deid import deidentify_frame, workspace_salt
+    from curator.deid import ages_note, deidentify_frame, workspace_salt
 
     ws = open_workspace(ws)
     validate_spec(spec)
@@ -966,6 +967,7 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
                 if spec.deidentify:
                     out, deid = deidentify_frame(df.drop(columns=list(INTERNAL)), salt, keep=keep,
                                                  overrides={"patient": df["_patient"], "study": df["_study"]})
+                    acc.ages_capped += deid["ages_capped"]
                 else:
                     out = df.drop(columns=list(INTERNAL))
                     deid = {"deidentified": False, "note": "identified export: source paths, identifiers and dates as catalogued"}
@@ -988,16 +990,15 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
                     cw.write_table(target.empty_table())  # (the header)
             distinct = _distinct_counts(con, sql, source.names)
         columns = list(target.names)
-        if spec.copy_images != "none":
+        if spec.copy_images != "none" and acc.rows:
             image_info.update(
-                written=acc.rows - len(copy_errors) if acc.rows else 0, failed=len(copy_errors),
+                written=acc.rows - len(copy_errors), failed=len(copy_errors),
                 format=("PNG of the 8-bit image the model saw (DICOM converted as catalogued), no header or metadata"
                         if spec.deidentify else ("original files" if spec.copy_images == "copy" else "symbolic links to the source files")),
                 errors=[{"image_id": i, "error": e} for i, e in sorted(copy_errors.items())][:100],
             )
-            if not acc.rows:
-                image_info = {"mode": spec.copy_images}
         if spec.deidentify:
+            deid.update(ages=ages_note(acc.ages_capped), ages_capped=acc.ages_capped)
             deid["salt"] = "per-workspace secret file .deid_salt in the workspace folder; never exported"
             deid["redacted_spec_literals"] = len(secrets)
         warnings = []

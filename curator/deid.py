@@ -144,6 +144,11 @@ def add_keys(df: pd.DataFrame, salt: bytes, overrides: dict[str, pd.Series] | No
     return out
 
 
+def ages_note(capped: int) -> str:
+    """The de-identification report's sentence on ages, for ``capped`` rows whose age was capped."""
+    return f"ages above {AGE_CAP - 1} reported as {AGE_CAP} ({capped} rows)"
+
+
 def deidentify_frame(df: pd.DataFrame, salt: bytes, keep: list[str] | tuple[str, ...] = (), overrides: dict[str, pd.Series] | None = None) -> tuple[pd.DataFrame, dict]:
     """The de-identified copy of a cohort table and a description of what was done.
 
@@ -176,7 +181,8 @@ def deidentify_frame(df: pd.DataFrame, salt: bytes, keep: list[str] | tuple[str,
         "hashed": {raw: key for raw, (_, key) in HASHED.items() if key in out.columns},
         "removed": removed,
         "dates": "study_date and study_time removed; study_year kept" if "study_date" in df.columns else "none",
-        "ages": f"ages above {AGE_CAP - 1} reported as {AGE_CAP} ({capped} rows)",
+        "ages": ages_note(capped),
+        "ages_capped": capped,
         "never_read": ["PatientName", "PatientBirthDate"],
         "source_paths": "removed; images are referred to by image_id (and image_file when copied)",
     }

@@ -450,6 +450,8 @@ def test_export_streams_in_batches_with_the_same_files_as_one_batch(tmp_path, ti
             assert sorted(p.name for p in (small / "images").iterdir()) == sorted(p.name for p in (whole / "images").iterdir())
             assert ms["images"]["written"] == n
     table = pq.read_table(tmp_path / f"all-{1 << 20}" / "cohort.parquet")
+    old = int((table.column("patient_age").to_numpy(zero_copy_only=False) > 89).sum())  # (NaN for the PNGs)
+    assert old > 0 and ms["deidentification"]["ages_capped"] == old and f"({old} rows)" in ms["deidentification"]["ages"]
     assert table.column("patient_age").null_count == 5 and pa.types.is_integer(table.schema.field("patient_age").type)
     csv = pd.read_csv(tmp_path / f"all-{1 << 20}" / "cohort.csv")
     pd.testing.assert_series_equal(csv.image_id, table.column("image_id").to_pandas(), check_dtype=False)
