@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -162,6 +163,8 @@ def cmd_embed(args) -> int:
     )
     if args.address and args.engine != "ray":
         raise CliError("--address is for --engine ray")
+    if args.workers is not None and args.engine == "ray":
+        raise CliError("--workers is for --engine local: with --engine ray a decode task runs on each CPU the cluster offers")
     if args.worker_jpeg_share is not None and not args.gpu_jpeg:
         raise CliError("--worker-jpeg-share is the reader workers' share of --gpu-jpeg's JPEGs: add --gpu-jpeg, or leave it out")
     if args.worker_jpeg_share == "auto" and args.engine == "ray":
@@ -586,8 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'local': decode worker processes + models on this machine (default); 'ray': the same stages on Ray Data "
                    "(decode tasks on the cluster's CPUs, one model actor per GPU), needs pip install 'curator-cxr[ray]'")
     p.add_argument("--address", default=None, metavar="ADDR",
-                   help="with --engine ray: the cluster to join (e.g. ray://head:10001 or 'auto'); default: start a local one. "
-                   "Archive and checkpoints must be at the same paths on every node")
+                   help="with --engine ray: the cluster to join: HEAD:6379 (the head node's address), 'auto' (the cluster "
+                   "`ray start` runs on this machine) or ray://HEAD:10001 (Ray Client, needs pip install 'ray[client]'); default: "
+                   "RAY_ADDRESS if set, else start a local one. Archive and checkpoints must be at the same paths on every node")
     p.add_argument("--prune", action="store_true",
                    help="retire the rows of catalogued files under the ARCHIVE folders that are no longer there (deleted or "
                    "moved): they leave the catalog, the views and the index, and come back if the file does. Nothing is "
@@ -763,6 +767,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"curator {args.command}: interrupted; committed work is kept, rerun to continue", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # Ray's SIGTERM handler (installed by ray.init) exits with the signal's number
+        if exc.code != signal.SIGTERM:
+            raise
+        print(f"curator {args.command}: stopped by SIGTERM; committed work is kept, rerun to continue", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 def os_error_text(exc: OSError) -> str:

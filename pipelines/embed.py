@@ -261,6 +261,12 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
         raise ValueError(f"unknown engine {cfg.engine!r}; expected 'local' or 'ray'")
     if cfg.read_options.jpeg_on_device and cfg.engine == "ray" and cfg.worker_jpeg_share == "auto":
         raise ValueError("the workers' share of --gpu-jpeg adapts only with --engine local; with --engine ray give a number from 0 to 1")
+    if cfg.engine == "ray":  # what can be checked before a workspace is made and the archive walked
+        from .ray_engine import _import_ray, check_device, check_reachable
+
+        check_device(cfg.device)
+        _import_ray()
+        check_reachable(cfg.ray_address)
     devices = [torch.device("cpu")] if cfg.engine == "ray" else resolve_devices(cfg.device)
     if checkpoints is not None:
         if not checkpoints:
@@ -417,7 +423,7 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
             if synced is not None:
                 log.info("index updated: %d images", synced.count)
             in_hand.unlink(missing_ok=True)  # the files a crash left in it were read by the workers this time
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):  # (SystemExit: SIGTERM, under Ray, whose handler exits)
             status = "interrupted"
             writer.flush()
             from curator.index import sync_index_after_stop

@@ -19,6 +19,7 @@ the same paths on every node: a shared file system, or an object store mounted a
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -55,19 +56,61 @@ def _import_ray():
     return ray
 
 
-def connect(address: str | None) -> None:
-    """Join the cluster at ``address`` (or start a local one); reuse a running connection."""
+# seconds to wait for a Ray cluster's address to answer before giving up (ray.init itself retries
+# for ever, printing a line every 30 s)
+REACH_TIMEOUT_S = 10.0
+
+# --device values the Ray engine takes: the model actors get whole GPUs from Ray's scheduler
+RAY_DEVICES = (None, "auto", "cuda", "cpu")
+
+
+def check_device(device: str | None) -> None:
+    """The Ray engine places its model actors itself (one per GPU the cluster offers): ``--device``
+    can ask for GPUs (``cuda``) or the CPU, not for particular GPUs."""
+    if device not in RAY_DEVICES:
+        raise ValueError(f"--device {device!r} with --engine ray: give cuda (one model actor on each GPU of the cluster) or cpu "
+                         "(one model actor on the CPU); Ray, not curator, picks the GPUs (limit them with ray start --num-gpus)")
+
+
+def check_reachable(address: str | None, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """Fail fast when the cluster address (``--address``, else ``RAY_ADDRESS``) does not answer:
+    ``ray.init`` would wait for ever. ``auto`` / ``local`` and no address are left to Ray."""
+    import socket
+
+    given = address or os.environ.get("RAY_ADDRESS")
+    if not given or given in ("auto", "local"):
+        return
+    where = given.split("://", 1)[1] if "://" in given else given
+    host, sep, port = where.rpartition(":")
+    what = f"--address {given}" if address else f"RAY_ADDRESS={given} (from the environment)"
+    if not sep or not port.isdigit():
+        raise ValueError(f"{what}: expected HOST:PORT (the head node's GCS port, 6379 by default), ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise RuntimeError(f"{what}: no Ray cluster answers there ({exc}); is `ray start --head` running on that machine and "
+                           "the port open from here?") from None
+
+
+def connect(address: str | None, quiet: bool = False) -> None:
+    """Join the cluster at ``address`` (or start a local one); reuse a running connection.
+    ``quiet`` (curator -q): Ray's own Python logging and its workers' output are kept to errors."""
     ray = _import_ray()
     if ray.is_initialized():
         if address:
             log.info("ray: already connected; --address %s ignored", address)
         return
-    if not address:
+    check_reachable(address)
+    if not address and not os.environ.get("RAY_ADDRESS"):
         # A local cluster's workers do the decoding, as the local engine's worker processes do:
         # give them the same priority (Ray's default renices workers to 15, which starves them on
         # a shared machine). Set RAY_worker_niceness yourself to keep Ray's default.
         os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    level = logging.ERROR if quiet else logging.WARNING
+    ray.init(address=address, include_dashboard=False, logging_level=level, log_to_driver=not quiet)
+    if quiet:
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,19 +292,28 @@ class EmbedActor:
 # ---------------------------------------------------------------------------------------------
 # driver side
 # ---------------------------------------------------------------------------------------------
-def actor_plan(resources: dict, device: str | None, threads: int | None) -> tuple[int, int, float, str]:
+def actor_plan(resources: dict, device: str | None, threads: int | None, node_cpus: float | None = None) -> tuple[int, int, float, str]:
     """``(model actors, GPUs each, CPUs each, device)`` for a cluster's resources: one actor per GPU
     (each holding one) when the cluster has GPUs and ``device`` is None or CUDA; else a single CPU
-    actor with ``threads`` CPUs (leaving at least one to the decode tasks)."""
+    actor with ``threads`` CPUs (default: half the CPUs of the cluster, at most those of its
+    largest node, ``node_cpus``), leaving at least one to the decode tasks. (Ray sets a task's
+    OpenMP threads to its CPUs: the actor's torch threads follow :func:`actor_threads`.)"""
     gpus = int(resources.get("GPU", 0))
     want_cuda = device is not None and str(device).startswith("cuda")
     if want_cuda and not gpus:
         raise RuntimeError(f"--device {device} was asked for, but the Ray cluster has no GPU")
-    if gpus > 0 and (device is None or want_cuda):
+    if gpus > 0 and (device is None or device == "auto" or want_cuda):
         return gpus, 1, 0.0, "cuda"
+    total = float(resources.get("CPU", 1))
+    want = float(threads) if threads else max(1.0, math.floor(min(total, node_cpus or total) / 2))
     # A CPU actor asks for a hair less than whole CPUs: Ray Data fuses consecutive map stages with
     # equal resource requests, which would run every decode inside the single model actor.
-    return 1, 0, min(float(threads or 1), max(1.0, float(resources.get("CPU", 1)) - 1)) - 0.01, "cpu"
+    return 1, 0, min(want, max(1.0, total - 1)) - 0.01, "cpu"
+
+
+def actor_threads(cpus: float) -> int:
+    """The torch threads of a CPU model actor holding ``cpus`` (as :func:`actor_plan` asks)."""
+    return max(1, int(round(cpus)))
 
 
 def mapped_batches(
@@ -275,12 +327,13 @@ def mapped_batches(
     ``counts`` gets --gpu-jpeg's ``device_decoded``, ``device_rejected`` and ``worker_decoded``
     added to. The crash notes (pipelines/crash_notes.py) are named by ``cfg.workspace``."""
     ray = _import_ray()
-    connect(cfg.ray_address)
+    connect(cfg.ray_address, quiet=not cfg.progress)
     notes = crash_notes.key(cfg.workspace)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the embed job draws its own bar
     resources = ray.cluster_resources()
-    actors, gpus_each, actor_cpus, device = actor_plan(resources, cfg.device, cfg.threads)
+    node_cpus = max((float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=None) or None
+    actors, gpus_each, actor_cpus, device = actor_plan(resources, cfg.device, cfg.threads, node_cpus)
     log.info("ray: %d CPU, %d GPU in the cluster; %d model actor(s) on %s", int(resources.get("CPU", 0)), int(resources.get("GPU", 0)),
              actors, device)
     if cfg.read_options.jpeg_on_device and device == "cpu":
@@ -310,7 +363,7 @@ def mapped_batches(
             "sha256s": [c.sha256 for c in checkpoints],
             "prompt_specs": [_spec(ps) for ps in prompt_sets],
             "device": device,
-            "threads": cfg.threads,
+            "threads": cfg.threads or (actor_threads(actor_cpus) if device == "cpu" else None),
             "read_options": cfg.read_options,
             "preprocess": cfg.preprocess,
             "notes": notes,

@@ -105,6 +105,69 @@ def test_actor_plan_puts_one_model_actor_on_each_gpu():
     assert (n, gpus, device) == (1, 0, "cpu") and cpus == pytest.approx(0.99)
     with pytest.raises(RuntimeError, match="has no GPU"):
         actor_plan({"CPU": 16.0}, "cuda:0", None)
+    # without --threads, a CPU actor takes half the cluster's CPUs, at most its largest node's
+    assert actor_plan({"CPU": 16.0}, None, None, node_cpus=16.0)[2] == pytest.approx(7.99)
+    assert actor_plan({"CPU": 64.0}, "cpu", None, node_cpus=8.0)[2] == pytest.approx(3.99)
+    assert actor_plan({"CPU": 2.0}, None, None)[2] == pytest.approx(0.99)
+    from curator.pipelines.ray_engine import actor_threads
+
+    assert [actor_threads(c) for c in (0.99, 3.99, 7.99)] == [1, 4, 8]
+
+
+def test_ray_flags_are_checked_before_a_workspace_is_made(tmp_path, tiny_checkpoints, capsys, monkeypatch):
+    """--device the Ray engine cannot honour, --workers, an address that does not answer: clear errors,
+    quickly (ray.init would wait for ever on a dead address), and no workspace."""
+    import socket
+    import time
+
+    write_raster_archive(tmp_path / "arc", 2)
+    base = ["embed", str(tmp_path / "arc"), "--workspace", str(tmp_path / "ws"), "--checkpoint", str(tiny_checkpoints[0]), "--engine", "ray"]
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for extra, says in ((["--device", "cuda:1"], "Ray, not curator, picks the GPUs"), (["--device", "bogus"], "with --engine ray"),
+                        (["--workers", "2"], "--workers is for --engine local"), (["--address", dead], "no Ray cluster answers there"),
+                        (["--address", "head"], "expected HOST:PORT")):
+        t0 = time.perf_counter()
+        assert main(base + extra) in (1, 2), extra
+        assert says in capsys.readouterr().err, extra
+        assert time.perf_counter() - t0 < 30
+        assert not (tmp_path / "ws").exists()
+    monkeypatch.setenv("RAY_ADDRESS", dead)
+    assert main(base) == 1
+    assert f"RAY_ADDRESS={dead} (from the environment)" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()
+
+
+def test_a_run_ended_by_system_exit_is_recorded_as_interrupted(tmp_path, tiny_checkpoints, monkeypatch):
+    """Ray's SIGTERM handler ends the driver with SystemExit: the run keeps what it committed and
+    says it was interrupted, not completed (shown here on the local engine, whose loop is the same)."""
+    from curator.pipelines import stages
+    from curator.query import run_query
+
+    write_raster_archive(tmp_path / "arc", 6)
+    cfg = EmbedConfig(archives=[str(tmp_path / "arc")], workspace=str(tmp_path / "ws"), checkpoints=[str(tiny_checkpoints[0])],
+                      device="cpu", workers=0, batch_size=2, flush_rows=2, progress=False)
+    add = stages.WorkspaceWriter.add
+    calls = []
+
+    def stop_at_the_second_batch(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SystemExit(15)
+        return add(self, *a, **k)
+
+    monkeypatch.setattr(stages.WorkspaceWriter, "add", stop_at_the_second_batch)
+    with pytest.raises(SystemExit):
+        run_embed(cfg)
+    monkeypatch.setattr(stages.WorkspaceWriter, "add", add)
+    w = Workspace(tmp_path / "ws")
+    runs = run_query(w, "SELECT status, counts FROM runs")
+    assert runs.status.tolist() == ["interrupted"]
+    assert run_query(w, "SELECT count(*) AS n FROM catalog").n[0] == 2  # the first batch, committed
+    again = run_embed(cfg)
+    assert (again.unchanged, again.processed) == (2, 4)
 
 
 # ---------------------------------------------------------------------------------------------
