@@ -637,7 +637,115 @@ def cohort_estimates(ws, spec: CohortSpec, level: float = 0.95) -> dict:
 # export
 # ----------------------------------------------------------------------------------------------
 _WORD = re.compile(r"[A-Za-z0-9^._\-]{3,}")  # a bare word or number, a DICOM name (DOE^JOHN), a UID
+_PIECE = re.compile(r"[A-Za-z0-9^.]{3,}")  # ... and its pieces between _ and - (MRN778899_followup)
 _IDENTIFIERS = ("patient_id", "study_instance_uid", "series_instance_uid", "sop_instance_uid")
+# Catalog columns that identify a patient, a study or a place (a de-identified export leaves them
+# out): in a de-identified manifest, the literals of the spec's SQL that are compared with them,
+# or passed with them to a function, are blanked (curator/deid.py keeps the other columns).
+IDENTIFYING_COLUMNS = frozenset({"path", "patient_id", "study_instance_uid", "series_instance_uid", "sop_instance_uid", "study_date",
+                                 "study_time", "institution_name"})
+# a full date in free text (dates other than years identify: HIPAA's Safe Harbor)
+_DATE = re.compile(r"(?<!\d)(?:\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}|(?:19|20)\d{2}[01]\d[0-3]\d)(?!\d)")
+# how each SQL field of a spec is parsed: the text goes where {} is
+_SQL_FIELDS = {"where": "SELECT * FROM t WHERE {}", "keep": "SELECT * FROM t ORDER BY {}", "order_by": "SELECT * FROM t ORDER BY {}",
+               "patient_key": "SELECT {} FROM t", "study_key": "SELECT {} FROM t"}
+
+
+def _literal_end(text: str, start: int) -> int | None:
+    """End of the literal starting at ``start``: a quoted string ('it''s'), a number, or a typed
+    string (DATE '2019-01-02'); None for other constants (TRUE, NULL)."""
+    m = re.compile(r"(?:[A-Za-z_]+\s*)?'(?:[^']|'')*'").match(text, start)
+    if m:
+        return m.end()
+    m = re.compile(r"[0-9.][0-9_.]*(?:[eE][+-]?[0-9]+)?").match(text, start)
+    return m.end() if m else None
+
+
+def _reads_identifier(node) -> bool:
+    """Some column reference in the parsed expression ``node`` is an identifying column."""
+    if isinstance(node, dict):
+        if node.get("class") == "COLUMN_REF" and str((node.get("column_names") or [""])[-1]).lower() in IDENTIFYING_COLUMNS:
+            return True
+        return any(_reads_identifier(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_reads_identifier(v) for v in node)
+    return False
+
+
+def identifying_literal_spans(text: str, wrap: str = _SQL_FIELDS["where"]) -> list[tuple[int, int]]:
+    """Spans of the literals in the SQL expression ``text`` that stand with an identifying column
+    (:data:`IDENTIFYING_COLUMNS`) in one expression: ``lower(patient_id) = 'mrn1'``,
+    ``contains(path, 778899::VARCHAR)``, ``year(study_date) = 2019``; not those of other
+    conditions joined to them by AND / OR (``edema > 0.5``). Parsed by DuckDB
+    (``json_serialize_sql``, which gives each constant's position); if it cannot parse the text,
+    every literal of a text that names such a column."""
+    import json as _json
+
+    import duckdb
+
+    prefix = wrap.split("{}")[0]
+    try:
+        tree = _json.loads(duckdb.execute("SELECT json_serialize_sql(?)", [wrap.format(text)]).fetchone()[0])
+    except duckdb.Error:
+        tree = {"error": True}
+    spans: list[tuple[int, int]] = []
+    if tree.get("error"):
+        bare = re.sub(r"'(?:[^']|'')*'", " ", text)
+        if re.search(r"(?i)\b(" + "|".join(sorted(IDENTIFYING_COLUMNS)) + r")\b", bare):
+            for pos, kind in duckdb.tokenize(text):
+                if kind in (duckdb.token_type.string_const, duckdb.token_type.numeric_const) and (end := _literal_end(text, pos)):
+                    spans.append((pos, end))
+        return spans
+
+    def visit(node, chain: list) -> None:
+        if isinstance(node, dict):
+            cls = node.get("class")
+            if cls == "CONJUNCTION":  # AND / OR: its operands are judged on their own
+                chain = []
+            elif cls is not None:
+                chain = chain + [node]
+            if cls == "CONSTANT" and node.get("query_location") is not None and any(_reads_identifier(a) for a in chain):
+                start = int(node["query_location"]) - len(prefix)
+                end = _literal_end(text, start) if 0 <= start < len(text) else None
+                if end:
+                    spans.append((start, end))
+            for v in node.values():
+                visit(v, chain)
+        elif isinstance(node, list):
+            for v in node:
+                visit(v, chain)
+
+    visit(tree, [])
+    return sorted(set(spans))
+
+
+def _blank_identifying_literals(spec: CohortSpec) -> tuple[CohortSpec, set[str]]:
+    """A copy of ``spec`` whose SQL has ``'[redacted]'`` / ``[redacted]`` for every literal that
+    stands with an identifying column, and those literals' values (4+ characters, to redact in
+    the rest of the manifest too)."""
+    from dataclasses import replace as dc_replace
+
+    values: set[str] = set()
+
+    def blank(text: str | None, wrap: str) -> str | None:
+        if not text:
+            return text
+        out = text
+        for start, end in reversed(identifying_literal_spans(text, wrap)):
+            lit = text[start:end]
+            quoted = re.search(r"'((?:[^']|'')*)'$", lit)
+            value = quoted.group(1).replace("''", "'") if quoted else lit
+            if len(value.strip("%_^$.* ")) >= 4:
+                values.add(value)
+            out = out[:start] + ("'[redacted]'" if quoted else "[redacted]") + out[end:]
+        return out
+
+    changes = {f: blank(getattr(spec, f), wrap) for f, wrap in _SQL_FIELDS.items()}
+    shown = dc_replace(spec, **changes)
+    if spec.sample:
+        shown = dc_replace(shown, sample=dc_replace(spec.sample, positive_where=blank(spec.sample.positive_where, _SQL_FIELDS["where"]),
+                                                    negative_where=blank(spec.sample.negative_where, _SQL_FIELDS["where"])))
+    return shown, values
 
 
 def _redactions(ws, spec: CohortSpec) -> set[str]:
@@ -650,7 +758,10 @@ def _redactions(ws, spec: CohortSpec) -> set[str]:
     some source paths but not of all of them
     (a folder named after a patient: ``path LIKE '%DOE^JOHN%'``, "cases of DOE^JOHN"); a folder
     every path shares (``/data/archive``) identifies no one. SQL keywords and column names are
-    candidates too, but match neither.
+    candidates too, but match neither. Comparisons ignore case; the free texts' words are also
+    taken apart at ``_`` and ``-`` (``MRN778899_followup``). Besides: any full date written in the
+    free texts, and any institution name of the catalog written in the spec. (The literals that
+    stand with an identifying column in the SQL are blanked by :func:`_blank_identifying_literals`.)
     """
     from curator.query import connect
 
@@ -665,25 +776,28 @@ def _redactions(ws, spec: CohortSpec) -> set[str]:
     for t in filter(None, sql_texts):
         bare.update(w.strip("._-") for w in _WORD.findall(re.sub(r"'(?:[^']|'')*'|\"[^\"]*\"", " ", t)))
     words = {w.strip("._-") for t in filter(None, free_texts) for w in _WORD.findall(t)}
+    words |= {w.strip(".") for t in filter(None, free_texts) for w in _PIECE.findall(t)}
     quoted = {x for x in quoted if len(x.strip("%_ ")) >= 3}
     bare, words = {w for w in bare if len(w) >= 3}, {w for w in words if len(w) >= 3}
-    if not (quoted or bare or words):
-        return set()
+    dates = {m.group(0) for t in filter(None, free_texts) for m in _DATE.finditer(t)}
+    all_texts = [t for t in sql_texts + free_texts if t]
+    if not (quoted or bare or words or all_texts):
+        return dates
     bare = {w for w in bare if any(ch.isdigit() for ch in w)}  # identifiers hold digits; keywords, columns do not
     cores = {c: c.strip("%_ ") for c in quoted} | {c: c for c in bare | words}
     con = connect(ws, sandbox=False)
     try:
         ident = ", ".join(_IDENTIFIERS)
-        # exact identifiers: one pass over the catalog
+        # exact identifiers, whatever their case: one pass over the catalog
         exact = {r[0] for r in con.execute(
-            f"SELECT DISTINCT v FROM (SELECT unnest([{ident}]) AS v FROM catalog) WHERE v IN (SELECT unnest($c))",
-            {"c": sorted(set(cores.values()))}).fetchall()}
-        found = {c for c, core in cores.items() if core in exact}
+            f"SELECT DISTINCT lower(v) FROM (SELECT unnest([{ident}]) AS v FROM catalog) WHERE lower(v) IN (SELECT unnest($c))",
+            {"c": sorted({v.lower() for v in cores.values()})}).fetchall()}
+        found = {c for c, core in cores.items() if core.lower() in exact} | dates
         # quoted literals (few): containing an identifier, or a 4+ character part of one
         for c in quoted - found:
-            core = cores[c]
-            parts = " OR ".join(f"({k} IS NOT NULL AND ((length({k}) >= 3 AND contains($core, {k})) OR "
-                                f"(length($core) >= 4 AND contains({k}, $core))))" for k in _IDENTIFIERS)
+            core = cores[c].lower()
+            parts = " OR ".join(f"({k} IS NOT NULL AND ((length({k}) >= 3 AND contains($core, lower({k}))) OR "
+                                f"(length($core) >= 4 AND contains(lower({k}), $core))))" for k in _IDENTIFIERS)
             if con.execute(f"SELECT EXISTS (SELECT 1 FROM catalog WHERE {parts})", {"core": core}).fetchone()[0]:
                 found.add(c)
         # a quoted full date that is some study's date (dates other than years are identifiers)
@@ -694,25 +808,30 @@ def _redactions(ws, spec: CohortSpec) -> set[str]:
                     {"d": core}).fetchone()[0]:
                 found.add(c)
         # a patient's folder: part of some source paths but not all (one pass, all candidates)
-        folder = sorted({cores[c] for c in (quoted | words) - found if len(cores[c]) >= 4})
+        folder = sorted({cores[c].lower() for c in (quoted | words) - found if len(cores[c]) >= 3})
         if folder:
             hits = {r[0] for r in con.execute(
                 "SELECT cand FROM catalog CROSS JOIN (SELECT unnest($c) AS cand) GROUP BY cand "
-                "HAVING bool_or(contains(path, cand)) AND NOT bool_and(contains(path, cand))", {"c": folder}).fetchall()}
-            found |= {c for c in (quoted | words) if cores[c] in hits}
+                "HAVING bool_or(contains(lower(path), cand)) AND NOT bool_and(contains(lower(path), cand))", {"c": folder}).fetchall()}
+            found |= {c for c in (quoted | words) if cores[c].lower() in hits}
+        # an institution's name written anywhere in the spec
+        for (name,) in con.execute("SELECT DISTINCT institution_name FROM catalog WHERE length(trim(institution_name)) >= 4").fetchall():
+            for t in all_texts:
+                found |= {m.group(0) for m in re.finditer(re.escape(name.strip()), t, flags=re.IGNORECASE)}
         return found
     finally:
         con.close()
 
 
 def _redact(obj, secrets: set[str]):
-    """``obj`` with every secret replaced by ``[redacted]`` where it stands as a whole word (so
-    a secret "100" does not change "0.1005")."""
+    """``obj`` with every secret replaced by ``[redacted]``, whatever its case, where it stands as
+    a whole word (so a secret "100" does not change "0.1005"; ``_`` and ``-`` end a word:
+    "MRN778899_followup")."""
     if not secrets:
         return obj
     if isinstance(obj, str):
         for s in sorted(secrets, key=len, reverse=True):
-            obj = re.sub(rf"(?<![A-Za-z0-9^_\-.]){re.escape(s)}(?![A-Za-z0-9^_\-])", "[redacted]", obj)
+            obj = re.sub(rf"(?<![A-Za-z0-9^.]){re.escape(s)}(?![A-Za-z0-9^])", "[redacted]", obj, flags=re.IGNORECASE)
         return obj
     if isinstance(obj, dict):
         return {k: _redact(v, secrets) for k, v in obj.items()}
@@ -937,6 +1056,8 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
     cal = active_calibration(ws)
     salt = workspace_salt(ws.root) if spec.deidentify else None
     secrets = _redactions(ws, spec) if spec.deidentify else set()
+    shown, blanked = _blank_identifying_literals(spec) if spec.deidentify else (spec, set())
+    secrets |= blanked
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -1000,7 +1121,7 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
         if spec.deidentify:
             deid.update(ages=ages_note(acc.ages_capped), ages_capped=acc.ages_capped)
             deid["salt"] = "per-workspace secret file .deid_salt in the workspace folder; never exported"
-            deid["redacted_spec_literals"] = len(secrets)
+            deid["redacted_spec_literals"] = len(secrets - blanked) + json.dumps(spec_to_dict(shown)).count("[redacted]")
         warnings = []
         if spec.text is not None and (stale := text_index_staleness(ws)):
             warnings.append(f"[text]: {stale} The cohort holds only the images the index holds.")
@@ -1029,8 +1150,8 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
             "tool": {"name": "curator", "version": __version__},
             "deidentified": spec.deidentify,
             "deidentification": deid,
-            "spec": spec_to_dict(spec),
-            "sql": sql,
+            "spec": spec_to_dict(shown),
+            "sql": sql if shown is spec else cohort_sql(shown, ws),
             **({"text_search": _text_provenance(ws, spec)} if spec.text is not None else {}),
             "counts": counts,
             "warnings": warnings,

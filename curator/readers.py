@@ -169,10 +169,10 @@ def read_image(path: str | Path, options: ReadOptions | None = None, data: bytes
         kind = sniff(p, data[:132] if data is not None else None)
     except FileNotFoundError:
         raise ReadError("vanished", "no such file") from None
-    except PermissionError as exc:
-        raise ReadError("unreadable", f"permission denied: {exc}") from None
+    except PermissionError:  # (the message names the problem, not the file: it may be shown where paths are not)
+        raise ReadError("unreadable", "permission denied") from None
     except OSError as exc:
-        raise ReadError("unreadable", f"{type(exc).__name__}: {exc}") from None
+        raise ReadError("unreadable", f"{type(exc).__name__}: {exc.strerror or 'cannot read the file'}") from None
     if kind == "dicom" or (kind is None and p.suffix.lower() in (".dcm", ".dicom")):
         from curator import dicom
 

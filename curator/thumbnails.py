@@ -137,10 +137,10 @@ def get_thumbnails(root: str | Path, con, image_ids, size: str = "small", worker
     def one(entry):
         try:
             return entry.image_id, _make(root, entry)[size], None
-        except ThumbnailError as exc:
-            return entry.image_id, None, str(exc)
+        except ThumbnailError as exc:  # (shown in the app, which shows no source paths: a message naming the file drops it)
+            return entry.image_id, None, str(exc).replace(entry.path, "the file")
         except Exception as exc:  # noqa: BLE001 - one bad file must not break a page
-            return entry.image_id, None, f"{type(exc).__name__}: {exc}"
+            return entry.image_id, None, f"{type(exc).__name__}: {exc}".replace(entry.path, "the file")
 
     if len(todo) > 1 and workers > 1:
         with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:

@@ -275,7 +275,12 @@ class Workspace:
     @contextlib.contextmanager
     def writer(self) -> Iterator["Workspace"]:
         """Hold the workspace's writer lock; create the folder layout; clean orphans."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        # A new workspace is private to its owner (0700): its catalog names patients' files and
+        # folders. Share it deliberately (chmod g+rx) with who may see them.
+        try:
+            self.root.mkdir(parents=True, mode=0o700)
+        except FileExistsError:
+            pass
         lock_path = self.root / ".lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -44,8 +44,8 @@ def read_item(entry: FileEntry, options: ReadOptions, cfg: preprocess.Preprocess
                     data = f.read()
             except (FileNotFoundError, IsADirectoryError):
                 raise
-            except OSError as exc:  # no permission, an I/O error: the machine's, not the file's
-                raise ReadError("unreadable", f"{type(exc).__name__}: {exc}") from None
+            except OSError as exc:  # no permission, an I/O error: the machine's, not the file's (message without the path)
+                raise ReadError("unreadable", f"{type(exc).__name__}: {exc.strerror or 'cannot read the file'}") from None
             content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
             kept = False  # a JPEG --gpu-jpeg could take, decoded here as its share of the reader workers
             if options.jpeg_on_device and entry.path not in options.device_skip and (size := device_jpeg.deferrable(data)) is not None:

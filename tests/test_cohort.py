@@ -190,11 +190,53 @@ def test_deidentified_manifest_redacts_ids_and_patient_folders_in_the_spec_text(
     text = (tmp_path / "out" / "manifest.json").read_text()
     for secret in ("17708425", "5550123", "9990", "DOE^JOHN", "SMITH^JANE", "ROE^RICHARD", "2019-07-04"):
         assert secret not in text, secret
-    # what identifies no one stays readable: other numbers, a date no study has
+    # what identifies no one stays readable: the conditions on other columns; every literal that
+    # stands with an identifying column is blanked, even a date no study has
     assert "edema >= 0.0 AND rows >= 16" in m["spec"]["where"] and "threshold 0.1005" in m["description"]
-    assert "study_date >= '2001-01-01'" in m["spec"]["where"]
-    assert m["spec"]["where"].count("[redacted]") == 5 and m["name"] == "patient [redacted] follow-up"
-    assert m["deidentification"]["redacted_spec_literals"] >= 5
+    assert "study_date >= '[redacted]'" in m["spec"]["where"] and "2001-01-01" not in text
+    assert m["spec"]["where"].count("[redacted]") == 6 and m["name"] == "patient [redacted] follow-up"
+    assert m["deidentification"]["redacted_spec_literals"] >= 6
+    assert m["sql"].count("[redacted]") == 7  # and the name in its first line
+
+
+@pytest.mark.parametrize("where", [
+    "lower(patient_id) = 'mrn778899'",
+    "patient_id ILIKE 'mrn778899'",
+    "patient_id LIKE 'MRN7788_9'",
+    "regexp_matches(patient_id, '^MRN7788.9$')",
+    "contains(patient_id, 778899::VARCHAR)",
+    "year(study_date) = 2019 AND month(study_date) = 3 AND day(study_date) = 17",
+    "strftime(study_date, '%d.%m.%Y') = '17.03.2019'",
+    "study_date BETWEEN DATE '2019-03-16' AND DATE '2019-03-18'",
+    "lower(path) LIKE '%smith^john%'",
+    "institution_name = 'St Elsewhere Hospital Zurich'",
+    "image_id IN (SELECT image_id FROM catalog WHERE patient_id = 'MRN778899')",
+])
+def test_deidentified_manifest_blanks_literals_written_against_identifying_columns(where, tmp_path, tiny_checkpoints, redaction_ws):
+    # the ways a review wrote one patient's identifiers into a spec without the redactor seeing them
+    ws = redaction_ws
+    spec = CohortSpec(name="MRN778899_followup", where=f"({where}) AND edema >= 0.0",
+                      description="re-read of MRN778899-2019 for John Smith and Jane Doe at St Elsewhere Hospital Zurich, 17.03.2019")
+    m = export_cohort(ws, spec, tmp_path / "out")
+    assert m["counts"]["rows"] >= 1
+    text = (tmp_path / "out" / "manifest.json").read_text().lower()
+    for secret in ("778899", "7788", "smith", "2019-03-1", "17.03", "elsewhere", "mrn"):
+        assert secret not in text, (secret, where)
+    assert "edema >= 0.0" in m["spec"]["where"]  # the condition on a finding stays readable
+    assert "doe" not in text.replace("does", "")  # a three-letter surname, a folder of its own
+
+
+@pytest.fixture(scope="module")
+def redaction_ws(tmp_path_factory, tiny_checkpoints):
+    d = tmp_path_factory.mktemp("redaction")
+    arc, ws = d / "arc", d / "ws"
+    for folder, pid, day in (("SMITH^JOHN_MRN778899/2019-03-17", "MRN778899", "20190317"), ("DOE/2018-01-02", "PID0002", "20180102"),
+                             ("ROE^ANN/2017-05-06", "PID0003", "20170506")):
+        (arc / folder).mkdir(parents=True)
+        write_dicom(arc / folder / "img.dcm", np.full((72, 64), 1000, np.uint16) + np.arange(64, dtype=np.uint16), bits_stored=12,
+                    patient_id=pid, study_date=day, institution_name="St Elsewhere Hospital Zurich")
+    embed(arc, ws, tiny_checkpoints[:1])
+    return ws
 
 
 def test_png_archive_without_patient_ids_warns_and_patient_key_groups_it(tmp_path, tiny_checkpoints):

@@ -52,7 +52,7 @@ def test_a_file_without_read_permission_is_an_error_and_is_read_again_by_the_nex
         w = Workspace(ws)
         err = run_query(w, "SELECT path, stage, kind, error FROM errors")
         assert err.path.tolist() == [locked] and err.kind.tolist() == ["unreadable"], err
-        assert "Permission" in err.error[0]
+        assert "Permission denied" in err.error[0] and locked not in err.error[0]  # (no path: messages may be shown in the app)
         assert sorted(run_query(w, "SELECT path FROM catalog").path) == paths[:-1]
         _cli_embed(arc, ws, tiny_checkpoints[0])  # still locked: read again (a second error row), not skipped
         w = Workspace(ws)
@@ -88,3 +88,49 @@ def test_retry_errors_reads_every_failed_file_again(tmp_path, tiny_checkpoints):
     raw = run_query(w, "SELECT count(*) AS n FROM errors_raw WHERE path LIKE '%broken.png'").n[0]
     assert raw == 3  # the first run, --retry-errors in the library, then on the command line; the plain rerun skipped it
     assert run_query(w, "SELECT count(*) AS n FROM errors").n[0] == 1  # the view: one row a file
+
+
+_THUMBNAIL_OF = """
+import json, sys
+from curator import thumbnails as T
+from curator.query import connect
+from curator.workspace import Workspace
+w = Workspace(sys.argv[1])
+found, problems = T.get_thumbnails(w.root, connect(w), [int(sys.argv[2])])
+print(json.dumps({"found": len(found), "problems": {str(k): v for k, v in problems.items()}}))
+"""
+
+
+def test_a_preview_of_an_unreadable_file_does_not_show_its_path(tmp_path, tiny_checkpoints):
+    # the app shows no source paths (they name patients' folders); its "no preview" reasons neither
+    import json
+
+    arc, ws = tmp_path / "DOE^JOHN_12345678", tmp_path / "ws"
+    paths = _films(arc, ["a.png", "b.png"])
+    run_embed(EmbedConfig(archives=[str(arc)], workspace=str(ws), checkpoints=[str(tiny_checkpoints[0])], device="cpu", workers=0,
+                          progress=False))
+    image_id = int(run_query(Workspace(ws), "SELECT image_id FROM catalog WHERE path = $p", {"p": paths[0]}).image_id[0])
+    os.chmod(paths[0], 0)
+    try:
+        proc = subprocess.run(_without_read_override() + [sys.executable, "-c", _THUMBNAIL_OF, str(ws), str(image_id)],
+                              capture_output=True, text=True)
+    finally:
+        os.chmod(paths[0], 0o644)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["found"] == 0 and "permission denied" in got["problems"][str(image_id)]
+    assert "DOE^JOHN" not in got["problems"][str(image_id)] and "12345678" not in got["problems"][str(image_id)]
+
+
+def test_a_new_workspace_is_private_to_its_owner_and_an_existing_folder_keeps_its_mode(tmp_path, tiny_checkpoints):
+    import stat
+
+    arc = tmp_path / "arc"
+    _films(arc, ["a.png"])
+    for ws, made_before in ((tmp_path / "new" / "ws", False), (tmp_path / "shared", True)):
+        if made_before:
+            ws.mkdir(mode=0o750)
+            os.chmod(ws, 0o750)
+        run_embed(EmbedConfig(archives=[str(arc)], workspace=str(ws), checkpoints=[str(tiny_checkpoints[0])], device="cpu", workers=0,
+                              progress=False))
+        assert stat.S_IMODE(os.stat(ws).st_mode) == (0o750 if made_before else 0o700)
