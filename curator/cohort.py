@@ -684,10 +684,13 @@ def identifying_literal_spans(text: str, wrap: str = _SQL_FIELDS["where"]) -> li
     import duckdb
 
     prefix = wrap.split("{}")[0]
+    con = duckdb.connect(":memory:")  # (its own: the module's default connection is shared by threads)
     try:
-        tree = _json.loads(duckdb.execute("SELECT json_serialize_sql(?)", [wrap.format(text)]).fetchone()[0])
+        tree = _json.loads(con.execute("SELECT json_serialize_sql(?)", [wrap.format(text)]).fetchone()[0])
     except duckdb.Error:
         tree = {"error": True}
+    finally:
+        con.close()
     spans: list[tuple[int, int]] = []
     if tree.get("error"):
         bare = re.sub(r"'(?:[^']|'')*'", " ", text)
