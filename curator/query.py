@@ -14,7 +14,7 @@ import duckdb
 import pyarrow as pa
 
 from curator.constants import ENSEMBLE_MEMBER
-from curator.workspace import DATASETS, SCHEMAS, Workspace
+from curator.workspace import DATASETS, SCHEMAS, Workspace, WorkspaceError
 
 
 class QueryError(RuntimeError):
@@ -88,7 +88,31 @@ def images_view_sql(ws: Workspace) -> str:
     return f"CREATE OR REPLACE VIEW images AS SELECT {', '.join(select)} FROM catalog AS c " + " ".join(joins)
 
 
+def _damaged(ws: Workspace, what: str) -> WorkspaceError:
+    return WorkspaceError(
+        f"{ws.root}: {what}. `curator verify -w {ws.root}` lists every damaged part; a predictions part is written again by "
+        "`curator label` with its prompt set; lost catalog or embeddings rows come back by embedding the archive into a new "
+        "workspace (or from a backup of the part)")
+
+
 def create_views(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
+    """The workspace's views on ``con``. A part the manifest lists that is missing or not Parquet
+    is a one-line :class:`WorkspaceError` naming it and what to do."""
+    for d in DATASETS:
+        for p in ws.part_paths(d):
+            if not p.is_file():
+                raise _damaged(ws, f"{d} part {p.name}, listed in the manifest, is missing")
+    try:
+        _create_views(con, ws)
+    except (duckdb.IOException, duckdb.InvalidInputException) as exc:
+        msg = str(exc)
+        bad = next((p for d in DATASETS for p in ws.part_paths(d) if str(p) in msg), None)
+        if bad is None:
+            raise
+        raise _damaged(ws, f"{bad.parent.name} part {bad.name} cannot be read ({msg.splitlines()[0][:200]})") from None
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, ws: Workspace) -> None:
     for d in ("catalog", "embeddings", "errors", "runs", "superseded"):
         con.execute(f"CREATE OR REPLACE VIEW {d}_raw AS {_parquet_relation(ws.part_paths(d), SCHEMAS[d])}")
     con.execute(sql_text("views.sql"))

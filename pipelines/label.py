@@ -64,6 +64,11 @@ def workspace_checkpoints(ws: Workspace, device: str | None = None, overrides: l
     return out
 
 
+# Columns that searches, cohorts, the labels view and exports put beside the findings' columns
+RESERVED_COLUMNS = frozenset({"rank", "similarity", "text_similarity", "cohort_arm", "split", "image_file", "patient_key", "study_key",
+                              "series_key", "sop_key", "study_year", "member", "prompt_set", "checkpoint", "embedding"})
+
+
 def run_label(ws_root: str, prompts: PromptSet, device: str | None = None, checkpoints: list[Checkpoint] | None = None, progress: bool = True) -> LabelSummary:
     t0 = time.perf_counter()
     started = utcnow()
@@ -71,6 +76,11 @@ def run_label(ws_root: str, prompts: PromptSet, device: str | None = None, check
     clash = [c for c in prompts.columns if c in CATALOG_SCHEMA.names]
     if clash:
         raise PromptSetError(f"finding column(s) {', '.join(clash)} clash with catalog columns; rename the finding(s)")
+    taken = [c for c in prompts.columns if c in RESERVED_COLUMNS or c.endswith("_label") or c.startswith("_")]
+    if taken:
+        raise PromptSetError(f"finding column(s) {', '.join(taken)} would clash with columns curator adds to searches, cohorts "
+                             "and exports (rank, similarity, text_similarity, split, cohort_arm, keys, <finding>_label, ...); "
+                             "rename the finding(s)")
     with ws.writer():
         cks = checkpoints or workspace_checkpoints(ws, device)
         weights = {ck.sha256: zeroshot.prompt_weights(ck.encode_texts, prompts) for ck in cks}

@@ -352,3 +352,14 @@ def test_decoding_in_worker_processes_gives_the_same_rows(tmp_path, tiny_checkpo
     q = "SELECT path, edema, atelectasis FROM images ORDER BY path"
     a, b = run_query(Workspace(tmp_path / "w0"), q), run_query(Workspace(tmp_path / "w2"), q)
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_label_refuses_findings_named_like_the_columns_curator_adds(built, tmp_path):
+    _, ws, _, _ = built
+    from curator.prompts import PromptSetError
+
+    for name, column in (("Rank", "rank"), ("Text Similarity", "text_similarity"), ("Edema label", "edema_label"), ("Split", "split")):
+        p = tmp_path / f"{column}.toml"
+        p.write_text(f'[[finding]]\nname = "{name}"\n')
+        with pytest.raises(PromptSetError, match=f"{column} would clash"):
+            run_label(str(ws), load_prompt_set(p), device="cpu", progress=False)

@@ -237,3 +237,30 @@ def test_gpu_out_of_memory_splits_the_batch(tiny_checkpoints, caplog):
     np.testing.assert_allclose(out["embeddings"][ck.sha256], expected, atol=1e-6)
     assert max(s for s in sizes if s <= 3) <= 3 and 8 in sizes and 2 in sizes
     assert "splitting" in caplog.text
+
+
+def test_a_missing_or_damaged_part_is_a_one_line_error_naming_it_and_label_restores_predictions(tmp_path, tiny_checkpoints, capsys):
+    from curator.cli import main
+    from curator.pipelines.label import run_label
+    from curator.prompts import default_prompt_set
+
+    arc, ws = tmp_path / "arc", tmp_path / "ws"
+    write_raster_archive(arc, 4)
+    run_embed(EmbedConfig(archives=[str(arc)], workspace=str(ws), checkpoints=[str(tiny_checkpoints[0])], device="cpu", workers=0,
+                          progress=False))
+    w = Workspace(ws)
+    pred = w.part_paths("predictions")[0]
+    pred.unlink()
+    with pytest.raises(WorkspaceError, match=f"predictions part {pred.name}, listed in the manifest, is missing"):
+        run_query(Workspace(ws), "SELECT count(*) FROM images")
+    assert main(["info", "-w", str(ws)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "curator label" in err and "Traceback" not in err
+    run_label(str(ws), default_prompt_set(), device="cpu", checkpoints=None, progress=False)  # what the message suggests
+    assert run_query(Workspace(ws), "SELECT count(*) AS n FROM images WHERE edema IS NOT NULL").n[0] == 4
+    emb = Workspace(ws).part_paths("embeddings")[0]
+    with open(emb, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(WorkspaceError, match=f"embeddings part {emb.name} cannot be read"):
+        run_query(Workspace(ws), "SELECT count(*) FROM images")
+    assert not verify(str(ws)).ok
