@@ -246,13 +246,13 @@ def add_cli(subparsers) -> None:
         "npv=X), with its bootstrap interval, and the two thresholds of the weak labels (--positive / --negative rules). "
         "Stored in the workspace with the prompt set; the `labels` view then gives <finding>_label = 1 / 0 / -1.",
     )
-    add_truth_args(p)
+    add_truth_args(p, truth_required=False)
     p.add_argument("--rule", "--method", dest="rule", default="youden", help="threshold rule (default youden)")
     p.add_argument("--positive", default=None, metavar="RULE", help="rule for the upper threshold (label 1), e.g. ppv=0.9 (default: --rule)")
     p.add_argument("--negative", default=None, metavar="RULE", help="rule for the lower threshold (label 0), e.g. npv=0.98 or sensitivity=0.95 (default: --rule)")
     p.add_argument("--finding", action="append", default=None, metavar="COL", help="only these finding columns (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the thresholds, store nothing")
-    p.add_argument("--remove", action="store_true", help="remove the stored calibration (of --finding, or all) and stop")
+    p.add_argument("--remove", action="store_true", help="remove the stored calibration (of --finding, or all) and stop (needs no --truth)")
     p.add_argument("--json", action="store_true", help="print the entries as JSON")
     p.set_defaults(func=_cli_calibrate)
 
@@ -265,6 +265,8 @@ def _cli_calibrate(args) -> int:
         n = remove_calibration(args.workspace, args.finding)
         print(f"removed {n} calibration(s)")
         return 0
+    if not args.truth:
+        raise ValueError("--truth CSV is required (the labelled set to calibrate on)")
     truth = truth_from_args(args)
     entries, skipped = calibrate(args.workspace, truth, rule=args.rule, positive=args.positive, negative=args.negative,
                                  findings=args.finding, level=args.level, aggregate=args.aggregate, n_boot=args.resamples, seed=args.seed)
@@ -276,7 +278,9 @@ def _cli_calibrate(args) -> int:
     print(f"truth: {truth.matched_rows} of {truth.rows} rows matched; rule {entries[next(iter(entries))]['rule'] if entries else args.rule}")
     for c, e in entries.items():
         m = e["metrics"]
-        band = "" if e["lower"] == e["upper"] else f"  labels: 1 >= {e['upper']:.4f}, 0 < {e['lower']:.4f}"
+        # the labels view's cutoffs, whenever they are not the threshold itself (a band, or one
+        # cutoff both rules settled on; the view labels by these, not by the threshold)
+        band = ("" if e["lower"] == e["upper"] == e["threshold"] else f"  labels: 1 >= {e['upper']:.6f}, 0 < {e['lower']:.6f}")
         print(f"  {c:<28} pos {e['n_pos']:>5} neg {e['n_neg']:>5}  AUC {e['auc']:.3f}  threshold {e['threshold']:.4f} "
               f"[{_f(e['threshold_ci_low'])}, {_f(e['threshold_ci_high'])}]  sens {_f(m['sensitivity'], 3)} spec {_f(m['specificity'], 3)} "
               f"PPV {_f(m['ppv'], 3)}{band}")

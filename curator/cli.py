@@ -257,8 +257,16 @@ def cmd_search(args) -> int:
         print("no results")
         return 0
     show = df[["rank", "similarity", "path", *[c for c in finding_cols if c in df.columns]]].copy()
+    show["path"] = [shown_path(p) for p in show["path"]]
     print(show.to_string(index=False, float_format=lambda v: f"{v:.4f}", max_colwidth=80))
     return 0
+
+
+def shown_path(path, width: int = 80) -> str:
+    """A path cut to ``width`` characters on the left: its end (the file's name) is what tells
+    results apart."""
+    text = str(path)
+    return text if len(text) <= width else "..." + text[-(width - 3):]
 
 
 def cmd_sql(args) -> int:

@@ -520,10 +520,11 @@ def _dashed(d, a, b, colour, dash: float = 6.0) -> None:
 # ----------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------
-def add_truth_args(p) -> None:
-    """The options every command reading a truth CSV shares."""
+def add_truth_args(p, truth_required: bool = True) -> None:
+    """The options every command reading a truth CSV shares (``truth_required=False``: the
+    command checks --truth itself, as `calibrate --remove` needs none)."""
     p.add_argument("--workspace", "-w", required=True, metavar="W", help="workspace folder")
-    p.add_argument("--truth", required=True, metavar="CSV", help="labelled set: key column path / sop_instance_uid / study_instance_uid, "
+    p.add_argument("--truth", required=truth_required, metavar="CSV", help="labelled set: key column path / sop_instance_uid / study_instance_uid, "
                    "finding columns by snake_case name, values 1 / 0 / -1 / blank")
     p.add_argument("--key", choices=KEYS, default=None, help="key column (default: the first of path, sop_instance_uid, study_instance_uid present)")
     p.add_argument("--root", default=None, metavar="DIR", help="folder relative paths in the CSV start from (default: the CSV's folder)")
@@ -533,6 +534,20 @@ def add_truth_args(p) -> None:
     p.add_argument("--aggregate", choices=AGGREGATES, default="max", help="study score from its images' probabilities (default max)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+
+
+def _probability(text: str) -> float:
+    """argparse type: a number from 0 to 1."""
+    import argparse
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability from 0 to 1, got {text!r}") from None
+    if not math.isfinite(v) or not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability from 0 to 1, got {text}")
+    return v
 
 
 def add_cli(subparsers) -> None:
@@ -546,7 +561,7 @@ def add_cli(subparsers) -> None:
     add_truth_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="report folder")
     p.add_argument("--finding", action="append", default=None, metavar="COL", help="only these finding columns (repeatable)")
-    p.add_argument("--threshold", type=float, default=None, help="one fixed threshold for every finding")
+    p.add_argument("--threshold", type=_probability, default=None, help="one fixed threshold for every finding (a probability, 0 to 1)")
     p.add_argument("--threshold-rule", default="youden", help="rule for uncalibrated findings: youden, f1, mcc, sensitivity=0.9, ppv=0.9, ... (default youden)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG curves")
     p.add_argument("--json", action="store_true", help="print report.json to standard output")

@@ -46,6 +46,8 @@ def alternatives(name: str, phrases: list[str] | None, templates: list[tuple[str
                  current: dict | None = None) -> list[dict]:
     """The (phrases, positive, negative) alternatives to score, without duplicates, in a stable order."""
     phrase_sets: list[tuple[str, ...]] = []
+    if phrases and any(not p or not p.strip() for p in phrases):
+        raise ValueError("--phrases: an empty phrase (each phrase is a finding's wording, e.g. 'pleural effusion')")
     if phrases:
         phrase_sets += [(p,) for p in phrases]
         if combined and len(phrases) > 1:

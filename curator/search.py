@@ -48,6 +48,7 @@ def text_query_vector(ck: Checkpoint, text: str, contrast: str | None = None) ->
     if not text or not text.strip():
         raise ValueError("the search text is empty")
     text = text.strip()
+    warn_if_cut(text, ck.context_length)
     if contrast is None:
         return ck.encode_texts([text]).numpy()[0]
     if "{}" not in contrast:
@@ -57,6 +58,21 @@ def text_query_vector(ck: Checkpoint, text: str, contrast: str | None = None) ->
     if not kept[0]:
         raise ValueError(f"{text!r} and {contrast.format(text)!r} have the same embedding; nothing to contrast")
     return diff[0]
+
+
+def warn_if_cut(text: str, context_length: int) -> bool:
+    """Warn (and return True) when the model reads only the start of ``text``: CLIP's tokenizer
+    keeps ``context_length`` tokens, start and end markers included, and drops the rest."""
+    try:
+        from open_clip.tokenizer import _tokenizer
+    except ImportError:  # (a tokenizer without the module-level instance: nothing to count with)
+        return False
+    n = len(_tokenizer.encode(text)) + 2
+    if n <= context_length:
+        return False
+    log.warning("the search text is %d tokens long; the model reads only its first %d (the rest changes nothing): "
+                "shorten it to what matters", n, context_length)
+    return True
 
 
 def contrast_vectors(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

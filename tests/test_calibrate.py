@@ -163,7 +163,12 @@ def test_relabelling_deactivates_and_remove_clears(cal_ws, tmp_path):
     assert main(["calibrate", "--workspace", str(ws), "--truth", str(csv), "--finding", "edema", "--json", "--resamples", "20"]) == 0
     w = Workspace(ws)
     assert set(active_calibration(w)) == {"cardiomegaly", "edema"}
-    assert main(["calibrate", "--workspace", str(ws), "--truth", str(csv), "--remove"]) == 0
+    assert main(["calibrate", "--workspace", str(ws), "--remove"]) == 0  # (no --truth needed)
     assert active_calibration(Workspace(ws)) == {}
+    assert main(["calibrate", "--workspace", str(ws)]) == 2  # calibrating does need it
+    for bad in ("nan", "2", "-0.1", "x"):
+        with pytest.raises(SystemExit):
+            main(["evaluate", "--workspace", str(ws), "--truth", str(csv), "--out", str(tmp_path / "r"), "--threshold", bad])
+    assert not (tmp_path / "r").exists()
     # the original prompt set's stored entry is kept, inactive, for the record
     assert json.loads((ws / "manifest.json").read_text())["calibration"]

@@ -193,6 +193,9 @@ def test_prompts_compare_scores_alternatives_from_stored_embeddings(png_ws, tmp_
                      "--resamples", "50", "--json"]) == 0
         res2 = json.loads(capsys.readouterr().out)
         assert res2["column"] == "pneumoperitoneum" and len(res2["alternatives"]) == 1 and res2["alternatives"][0]["auc"] is not None
+        assert main(["prompts", "compare", "--workspace", str(ws), "--truth", str(csv), "--finding", "Edema", "--phrases", "edema", " ",
+                     "--resamples", "50"]) == 2
+        assert "an empty phrase" in capsys.readouterr().err
     finally:
         moved.rename(arc)
 

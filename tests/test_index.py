@@ -524,6 +524,15 @@ def test_cli_index_with_budget_end_to_end(tmp_path, tiny_checkpoints):
     assert [h["image_id"] for h in got["results"]] == sorted((i for i in sims if sims[i] > thr), key=lambda i: (-sims[i], i))
     r = _cli("search", "--workspace", ws, "--image", arc / "s0" / "img000.jpg", "--above", "1.5", check=False)
     assert r.returncode == 2 and "from -1 to 1" in r.stderr
+    # a text longer than the model reads is said to be cut; long paths keep their file names
+    long = "opacity " * 80 + "large right pneumothorax"
+    r = _cli("search", "--workspace", ws, long, "-k", "2")
+    assert "the model reads only its first" in r.stderr
+    assert all(line.rstrip().split()[2].endswith((".png", ".jpg")) for line in r.stdout.splitlines()[1:] if line.strip())
+    from curator.cli import shown_path
+
+    deep = "/archive/" + "/".join(f"folder{i:02d}" for i in range(12)) + "/patient/img-0042.dcm"
+    assert len(deep) > 80 and shown_path(deep) == "..." + deep[-77:] and len(shown_path(deep)) == 80 and shown_path("/a/b.png") == "/a/b.png"
     r = _cli("index", "--workspace", ws, "--budget-gb", "-1", check=False)
     assert r.returncode == 2
     r = _cli("index", "--workspace", ws, "--budget-gb", "0.01", check=False)
