@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ from pathlib import Path
 
 from curator.fileutil import file_sha256
 from curator.workspace import open_workspace
+
+log = logging.getLogger(__name__)
 
 KEYS = ("path", "sop_instance_uid", "study_instance_uid")
 UNCERTAIN_POLICIES = ("exclude", "positive", "negative")
@@ -371,6 +374,10 @@ def evaluate(ws, truth: Truth, out_dir: str | Path | None = None, findings: list
         thr, src, band = threshold, ("fixed (--threshold)" if threshold is not None else None), None
         if thr is None and c in cal:
             thr, src = float(cal[c]["threshold"]), f"calibrated ({cal[c].get('rule')}, {cal[c].get('calibrated_at', '')[:19]})"
+            if (cal[c].get("truth") or {}).get("sha256") == truth.sha256:
+                src += " on this same labelled set: the figures at the threshold are optimistic; evaluate on a held-out set"
+                log.warning("%s: the stored threshold was calibrated on this same labelled set (%s): sensitivity, specificity, PPV "
+                            "and NPV at it are optimistic; evaluate on a held-out set", c, Path(truth.source).name)
         if c in cal:
             band = (float(cal[c]["lower"]), float(cal[c]["upper"]))
         entry = evaluate_finding(y, s, n_boot=n_boot, seed=seed, threshold=thr, threshold_rule=threshold_rule, threshold_source=src, band=band)

@@ -122,6 +122,11 @@ def test_calibrate_stores_thresholds_and_the_labels_view_follows_them(cal_ws, tm
     rep = evaluate(w, load_truth(w, csv), None, n_boot=50)
     assert rep["findings"]["edema"]["threshold"] == e["threshold"]
     assert rep["findings"]["edema"]["threshold_source"].startswith("calibrated")
+    assert "on this same labelled set" in rep["findings"]["edema"]["threshold_source"]  # (calibrated on csv, evaluated on csv)
+    held_out = tmp_path / "held_out.csv"
+    held_out.write_text(csv.read_text() + "\n")  # same rows, another file
+    rep2 = evaluate(w, load_truth(w, held_out), None, n_boot=50)
+    assert "same labelled set" not in rep2["findings"]["edema"]["threshold_source"]
     wl = rep["findings"]["edema"]["weak_labels"]
     assert wl["positive"] == int(sel.sum()) and wl["positive"] + wl["negative"] + wl["uncertain"] == 26
 
