@@ -289,8 +289,8 @@ def choose_index(n: int, dim: int, budget_gb: float | None = None, kind: str = "
     ok, need = fits("ivf-pq")
     if not ok:  # not even the smallest codes: a clear error, not an index that is both worse and over the budget
         raise ValueError(
-            f"no index fits a {gb} memory budget for {n:,} vectors of {dim} dimensions: the smallest, ivf-pq with 1 byte "
-            f"a vector, needs ~{need} with its build buffers ({'; '.join(skipped)}). Raise --budget-gb (default: half "
+            f"no index fits a {gb} memory budget for {n:,} vectors of {dim} dimensions: ivf-pq with its smallest codes (1 "
+            f"byte a vector) needs ~{need} with its build buffers ({'; '.join(skipped)}). Raise --budget-gb (default: half "
             f"the memory, {_gb(default_budget_bytes() / (1 << 30))}), or name a --type to build it over the budget")
     return plan("ivf-pq", "; ".join(skipped) + f"; ivf-pq with {_pq_params(dim, budget, n, ivf_nlist(n))[0]} bytes a vector"
                 f" (~{need} of {gb} budget)")
