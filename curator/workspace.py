@@ -280,7 +280,8 @@ class Workspace:
         try:
             self.root.mkdir(parents=True, mode=0o700)
         except FileExistsError:
-            pass
+            if not self.root.is_dir():  # (a file of that name: "exists and is not a folder")
+                raise
         lock_path = self.root / ".lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
