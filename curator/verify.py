@@ -85,7 +85,13 @@ def _check(ws: Workspace, rep: VerifyReport, repair: bool) -> None:
         if n_raw != n_ids:
             rep.problems.append(f"catalog has {n_raw - n_ids} duplicate image_id(s)")
         if max_id is not None and max_id >= ws.manifest["next_image_id"]:
-            rep.problems.append(f"image_id {max_id} is not below the manifest's next_image_id {ws.manifest['next_image_id']}")
+            if repair:  # the next run would give new images ids already taken
+                was = ws.manifest["next_image_id"]
+                ws.commit(next_image_id=int(max_id) + 1)
+                rep.repaired.append(f"raised the manifest's next_image_id from {was} to {int(max_id) + 1} (above every image_id)")
+            else:
+                rep.problems.append(f"image_id {max_id} is not below the manifest's next_image_id {ws.manifest['next_image_id']} "
+                                    "(`--repair` raises it; an embed before that would reuse ids)")
         if ws.manifest.get("catalog_versions") == "superseded":
             twice = q("SELECT count(*) - count(DISTINCT path) FROM catalog")[0][0]
             if twice:

@@ -264,3 +264,23 @@ def test_a_missing_or_damaged_part_is_a_one_line_error_naming_it_and_label_resto
     with pytest.raises(WorkspaceError, match=f"embeddings part {emb.name} cannot be read"):
         run_query(Workspace(ws), "SELECT count(*) FROM images")
     assert not verify(str(ws)).ok
+
+
+def test_verify_repair_raises_a_next_image_id_below_the_ids_in_use(tmp_path, tiny_checkpoints):
+    arc, ws = tmp_path / "arc", tmp_path / "ws"
+    write_raster_archive(arc, 4)
+    cfg = EmbedConfig(archives=[str(arc)], workspace=str(ws), checkpoints=[str(tiny_checkpoints[0])], device="cpu", workers=0,
+                      progress=False)
+    run_embed(cfg)
+    with Workspace(ws).writer() as w:  # a hand-edited manifest
+        w.commit(next_image_id=2)
+    rep = verify(str(ws))
+    assert not rep.ok and any("not below the manifest's next_image_id 2" in p for p in rep.problems)
+    fixed = verify(str(ws), repair=True)
+    top = int(run_query(Workspace(ws), "SELECT max(image_id) AS m FROM catalog_raw").m[0])
+    assert any(f"to {top + 1}" in r for r in fixed.repaired) and fixed.ok
+    write_raster_archive(arc, 2, seed=3, start=10)
+    run_embed(cfg)
+    assert verify(str(ws)).ok
+    ids = run_query(Workspace(ws), "SELECT image_id FROM catalog_raw").image_id
+    assert ids.is_unique and len(ids) == 6
