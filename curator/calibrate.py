@@ -281,7 +281,7 @@ def _cli_calibrate(args) -> int:
         # the labels view's cutoffs, whenever they are not the threshold itself (a band, or one
         # cutoff both rules settled on; the view labels by these, not by the threshold)
         band = ("" if e["lower"] == e["upper"] == e["threshold"] else f"  labels: 1 >= {e['upper']:.6f}, 0 < {e['lower']:.6f}")
-        print(f"  {c:<28} pos {e['n_pos']:>5} neg {e['n_neg']:>5}  AUC {e['auc']:.3f}  threshold {e['threshold']:.4f} "
+        print(f"  {c:<28} pos {e['n_pos']:>5} neg {e['n_neg']:>5}  AUC {e['auc']:.3f}  threshold {e['threshold']:.6f} "
               f"[{_f(e['threshold_ci_low'])}, {_f(e['threshold_ci_high'])}]  sens {_f(m['sensitivity'], 3)} spec {_f(m['specificity'], 3)} "
               f"PPV {_f(m['ppv'], 3)}{band}")
         for n in e.get("notes", []):

@@ -107,7 +107,7 @@ def cmd_demo(args) -> int:
     print(f"[5/5] all edema cases (edema >= {threshold:.4f}): {len(found)} images")
     print(f"      precision {precision:.3f} ({tp} of {len(found)} have edema in the ground truth), "
           f"recall {recall:.3f} ({tp} of {positives} edema images found)")
-    print(f"      the same in SQL: curator sql --workspace {workspace} \"SELECT path, edema FROM images WHERE edema >= {threshold:.4f} ORDER BY edema DESC\"")
+    print(f"      the same in SQL: curator sql --workspace {workspace} \"SELECT path, edema FROM images WHERE edema >= {threshold!r} ORDER BY edema DESC\"")
 
     ck = index_checkpoint(ws)
     hits = search(ws, query_vector(ck, text=SEARCH_EXAMPLE), k=10, text=True)

@@ -604,7 +604,7 @@ def _cli_evaluate(args) -> int:
             print(f"  {c:<28} pos {e['n_pos']:>5} neg {e['n_neg']:>5}  {e.get('note')}")
             continue
         print(f"  {c:<28} pos {e['n_pos']:>5} neg {e['n_neg']:>5}  AUC {e['auc']:.3f} [{e['auc_ci_low']:.3f}, {e['auc_ci_high']:.3f}]"
-              f"  PR AUC {e['pr_auc']:.3f}  thr {e['threshold']:.4f} sens {_f(e['sensitivity'])} spec {_f(e['specificity'])} "
+              f"  PR AUC {e['pr_auc']:.3f}  thr {e['threshold']:.6f} sens {_f(e['sensitivity'])} spec {_f(e['specificity'])} "
               f"F1 {_f(e['f1'])} MCC {_f(e['mcc'])}")
     print(f"report: {Path(args.out).resolve() / 'report.md'}")
     return 0
