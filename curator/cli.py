@@ -201,7 +201,9 @@ def cmd_index(args) -> int:
         info = build_index(ws, args.checkpoint, budget_gb=args.budget_gb, kind=args.type, recall_sample=args.recall_sample,
                            refine=not args.no_refine)
     budget = f"{info.budget_gb:g} GB budget" if info.budget_gb is not None else "default budget (half the memory)"
-    print(f"chose {info.index_type} ({info.description}, ~{info.est_gb:.2f} GB; {budget}): {info.reason}")
+    from curator.index import _gb
+
+    print(f"chose {info.index_type} ({info.description}, index ~{_gb(info.est_gb)}; {budget}): {info.reason}")
     if info.recall_at_10 is not None:
         probe = f", nprobe {info.nprobe} of {info.nlist} lists" if info.nlist else ""
         rerank = ", re-ranked from float16 copies" if info.refine_files else ""

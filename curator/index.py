@@ -277,14 +277,14 @@ def choose_index(n: int, dim: int, budget_gb: float | None = None, kind: str = "
                 why = f"{n:,} vectors <= {exact_max:,}: exact search"
                 if skipped:
                     why += "; " + ", ".join(skipped)
-                return plan(k, why + f" (~{need} of {gb} budget)")
+                return plan(k, why + f" (~{need} with its build buffers, of the {gb} budget)")
             skipped.append(f"{k} needs ~{need}")
     else:
         skipped.append(f"{n:,} vectors > {exact_max:,}: IVF")
     for k in ("ivf-flat", "ivf-sq8"):
         ok, need = fits(k)
         if ok:
-            return plan(k, "; ".join(skipped) + f"; {k} fits (~{need} of {gb} budget)")
+            return plan(k, "; ".join(skipped) + f"; {k} fits (~{need} with its build buffers, of the {gb} budget)")
         skipped.append(f"{k} needs ~{need}")
     ok, need = fits("ivf-pq")
     if not ok:  # not even the smallest codes: a clear error, not an index that is both worse and over the budget
@@ -293,7 +293,7 @@ def choose_index(n: int, dim: int, budget_gb: float | None = None, kind: str = "
             f"byte a vector) needs ~{need} with its build buffers ({'; '.join(skipped)}). Raise --budget-gb (default: half "
             f"the memory, {_gb(default_budget_bytes() / (1 << 30))}), or name a --type to build it over the budget")
     return plan("ivf-pq", "; ".join(skipped) + f"; ivf-pq with {_pq_params(dim, budget, n, ivf_nlist(n))[0]} bytes a vector"
-                f" (~{need} of {gb} budget)")
+                f" (~{need} with its build buffers, of the {gb} budget)")
 
 
 def _gb(x: float) -> str:

@@ -77,7 +77,7 @@ def test_choice_by_size_and_budget():
     assert pq.kind == "ivf-pq" and 512 % pq.pq_m == 0 and pq.est_bytes < 3 * 2**30 and pq.pq_m >= 64
     with pytest.raises(ValueError, match=r"no index fits a 0.2 GB memory budget for 10,000,000 vectors.*needs ~1.\d+ GB.*--budget-gb"):
         c(10_000_000, 512, 0.2)  # not even 1-byte PQ codes: an error, not an index both worse and over the budget
-    assert "of 0.07 GB budget" in c(100, 512, 0.07).reason  # (three significant digits, not "0.1 GB")
+    assert "of the 0.07 GB budget" in c(100, 512, 0.07).reason  # (three significant digits, not "0.1 GB")
     assert c(1_000, 512, 8, kind="ivf-pq").kind == "ivf-pq"
     assert "over" in c(3_000_000, 512, 1, kind="flat").reason
     assert c(2000, 512, 8, exact_max=1000).kind == "ivf-flat"
