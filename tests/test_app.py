@@ -23,6 +23,7 @@ from curator.pipelines.embed import EmbedConfig, run_embed
 
 from curator.index import build_index, read_index_info, search_vectors_filtered
 from curator.model import load_checkpoint
+from curator.query import run_query
 from curator.workspace import Workspace
 from tests.conftest import write_raster_archive
 
@@ -320,8 +321,11 @@ def test_cohort_extra_predicate_may_end_in_a_comment(app, ws_path):
 def test_cohort_export_is_deidentified_unless_opted_out(app, ws_path):
     table = images_table(ws_path)
     _cohort(app, 0.0, views=())
+    app.text_input(key="cohort-name").input(f"follow-up of {PATIENTS[0]}").run()
     app.button(key="cohort-export").click().run()
     out = Path(app.session_state["cohort_export"]["dir"])
+    assert PATIENTS[0] not in out.name and out.name.startswith("cohort-")  # the folder leaves with the data
+    assert PATIENTS[0] not in json.loads((out / "manifest.json").read_text())["name"]
     df = pd.read_parquet(out / "cohort.parquet")
     assert len(df) == len(table)
     for col in ("patient_id", "path", "study_instance_uid", "sop_instance_uid", "study_date"):
@@ -339,6 +343,10 @@ def test_cohort_export_is_deidentified_unless_opted_out(app, ws_path):
     assert out2 != out
     df2 = pd.read_parquet(out2 / "cohort.parquet")
     assert set(df2.patient_id.dropna()) == set(PATIENTS)
+    # a changed cohort does not keep showing (and offering) the last export's files
+    app.slider(key="cohort-threshold").set_value(0.5).run()
+    assert app.session_state["cohort_export"] is None and not any("Download cohort.csv" == d.label for d in app.get("download_button"))
+    assert any("changed since the last export" in i.value for i in app.info)
 
 
 def test_cohort_one_per_patient_and_sampling(app, ws_path):
@@ -359,9 +367,10 @@ def test_overview_page(app, ws_path):
     assert not app.exception
     metrics = {m.label: m.value for m in app.metric}
     assert metrics["Images"] == "20" and metrics["Indexed"] == "20" and metrics["Checkpoints"] == "2"
-    assert int(metrics["Unusable files"]) >= 1
+    unusable = int(run_query(Workspace(ws_path), "SELECT count(*) AS n FROM errors WHERE coalesce(stage, '') <> 'filter'").n[0])
+    assert int(metrics["Unusable files"]) == unusable >= 1  # (files filtered out on purpose are counted apart)
     subheaders = [s.value for s in app.subheader]
-    assert {"Images", "Probabilities", "Unusable files by reason", "Runs"} <= set(subheaders)
+    assert {"Images", "Probabilities", "Unusable and filtered-out files by reason", "Runs"} <= set(subheaders)
     tables = [d.value for d in app.dataframe]
     errors = next(t for t in tables if "reason" in t.columns)
     assert "not_an_image" in set(errors.reason)

@@ -101,9 +101,6 @@ deidentify = c2.toggle("De-identify the export", value=True, key="cohort-deid",
 copy_images = c3.selectbox("Images in the export", ["none", "copy"], key="cohort-copy",
                            help="copy: a PNG of each image (the 8-bit image the model saw; no header) when de-identified, "
                                 "the original files otherwise")
-if not deidentify:
-    st.warning("Identified export: source paths, patient and study identifiers and dates are written as catalogued.")
-
 try:
     metadata = flt.to_sql(findings)
 except FilterError as exc:
@@ -142,6 +139,10 @@ except (ValueError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
     st.error(f"Cohort spec: {exc}")
     st.stop()
 
+if not spec.deidentify:  # (from the toggle, or from an uploaded spec's deidentify = false)
+    st.warning("Identified export: source paths, patient and study identifiers and dates are written as catalogued"
+               + (" (the uploaded spec says deidentify = false; the toggle above does not apply to it)." if saved is not None else "."))
+
 with st.expander("The rule as SQL", expanded=False):
     st.code(cohort_sql(spec, ws), language="sql")
 
@@ -171,7 +172,8 @@ def query(sql: str) -> pd.DataFrame:
 
 if n and findings:
     first = finding if finding in findings else common.default_findings(ws, 1)[0]
-    hist_finding = st.selectbox("Histogram of", findings, index=findings.index(first), key="cohort-hist")
+    # (keyed by the chosen finding, so choosing another finding shows its histogram)
+    hist_finding = st.selectbox("Histogram of", findings, index=findings.index(first), key=f"cohort-hist-{first}")
     h = query(f"SELECT least(CAST(floor({q(hist_finding)} * 20) AS INTEGER), 19) AS bin, count(*) AS images "
                 f"FROM (\n{rule}\n) WHERE {q(hist_finding)} IS NOT NULL GROUP BY 1")
     h = h.set_index("bin")["images"].reindex(range(20), fill_value=0)
@@ -193,16 +195,21 @@ st.subheader("Export")
 st.download_button("Download the spec (TOML)", spec_to_toml(spec).encode(), file_name=f"{spec.name}.toml",
                    mime="application/toml", on_click="ignore", key="cohort-spec-download")
 if st.button("Export cohort", type="primary", key="cohort-export", disabled=n == 0):
-    out = common.export_folder(spec.name)
+    # a de-identified export's folder does not take the cohort's name (it may hold an identifier
+    # the manifest redacts); the manifest holds the (redacted) name
+    out = common.export_folder(spec.name if not spec.deidentify else "cohort")
     with st.spinner("Exporting…"):
         try:
             manifest = export_cohort(ws, spec, out)
-            S.cohort_export = {"dir": str(out), "manifest": manifest}
+            S.cohort_export = {"dir": str(out), "manifest": manifest, "spec": spec_to_toml(spec)}
         except Exception as exc:  # noqa: BLE001
             S.cohort_export = None
             st.error(f"Export failed: {exc}")
 
 exp = S.get("cohort_export")
+if exp and exp.get("spec") != spec_to_toml(spec):  # the cohort changed: its files are not this cohort's
+    st.info("The cohort changed since the last export; export again for this one.")
+    S.cohort_export = exp = None
 if exp:
     folder = Path(exp["dir"])
     m = exp["manifest"]
@@ -217,12 +224,15 @@ if exp:
             col.download_button(f"Download {fname}", path.read_bytes(), file_name=f"{m.get('name')}-{fname}", mime=mime,
                                 on_click="ignore", key=f"cohort-dl-{fname}")
     if (folder / "images").is_dir():
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-            for p in sorted(folder.rglob("*")):
-                if p.is_file():
-                    z.write(p, p.relative_to(folder))
-        cols[3].download_button("Download all (zip)", buf.getvalue(), file_name=f"{m.get('name')}.zip",
+        def zipped(folder=folder) -> bytes:  # built when the button is clicked, not on every rerun of the page
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+                for p in sorted(folder.rglob("*")):
+                    if p.is_file():
+                        z.write(p, p.relative_to(folder))
+            return buf.getvalue()
+
+        cols[3].download_button("Download all (zip)", zipped, file_name=f"{m.get('name')}.zip",
                                 mime="application/zip", on_click="ignore", key="cohort-dl-zip")
     with st.expander("Manifest"):
         st.json(m, expanded=False)

@@ -28,7 +28,8 @@ def _summary(root: str, gen: int) -> dict:
 
     out = {
         "images": int(cur.execute("SELECT count(*) FROM catalog").fetchall()[0][0]),
-        "errors": int(cur.execute("SELECT count(*) FROM errors").fetchall()[0][0]),
+        "errors": int(cur.execute("SELECT count(*) FROM errors WHERE coalesce(stage, '') <> 'filter'").fetchall()[0][0]),
+        "filtered": int(cur.execute("SELECT count(*) FROM errors WHERE stage = 'filter'").fetchall()[0][0]),
         "by_modality": df("SELECT coalesce(modality, '(not recorded)') AS modality, count(*) AS images FROM catalog GROUP BY 1 ORDER BY 2 DESC"),
         "by_view": df("SELECT coalesce(view_position, '(not recorded)') AS view, count(*) AS images FROM catalog GROUP BY 1 ORDER BY 2 DESC"),
         "by_year": df("SELECT coalesce(CAST(year(study_date) AS VARCHAR), '(not recorded)') AS year, count(*) AS images FROM catalog GROUP BY 1 ORDER BY 1"),
@@ -53,7 +54,8 @@ m = ws.manifest
 info = read_index_info(ws)
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Images", f"{s['images']:,}")
-c2.metric("Unusable files", f"{s['errors']:,}")
+c2.metric("Unusable files", f"{s['errors']:,}", help="files that could not be read or are not radiographs; files left out on "
+          "purpose (the modality filter) are counted apart" + (f": {s['filtered']:,} filtered out" if s["filtered"] else ""))
 c3.metric("Checkpoints", len(m.get("ensemble", [])))
 c4.metric("Indexed", "no index" if info is None else f"{info.count:,}")
 if info is None:
@@ -92,7 +94,7 @@ else:
             st.markdown(f"**{f}**")
             st.bar_chart(frame, x="probability", y="images", sort=False, height=180)
 
-st.subheader("Unusable files by reason")
+st.subheader("Unusable and filtered-out files by reason")
 if s["errors_by_reason"].empty:
     st.caption("none")
 else:
