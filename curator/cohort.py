@@ -150,6 +150,28 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def unbalanced_parentheses(text: str) -> str | None:
+    """Why the parentheses of an SQL fragment do not balance (outside its strings and comments),
+    or None. A fragment that closes a parenthesis it did not open would reach out of the place the
+    rule gives it (``1=1) OR (1=1`` in a where clause overrides the conditions beside it)."""
+    import duckdb
+
+    depth = 0
+    try:
+        tokens = duckdb.tokenize(text)
+    except Exception:  # noqa: BLE001 - left to the query's own error
+        return None
+    for j, (pos, kind) in enumerate(tokens):
+        if kind != duckdb.token_type.operator:
+            continue
+        end = tokens[j + 1][0] if j + 1 < len(tokens) else len(text)
+        for ch in text[pos:end]:
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth < 0:
+                return "closes a parenthesis it did not open"
+    return "leaves a parenthesis open" if depth > 0 else None
+
+
 def validate_spec(spec: CohortSpec) -> None:
     """Raise ValueError (one line) for a spec that cannot run."""
     where = f"cohort spec {spec.name!r}" if isinstance(spec.name, str) else "cohort spec"
@@ -161,6 +183,12 @@ def validate_spec(spec: CohortSpec) -> None:
             raise ValueError(f"{where}: '{key}' must be a non-empty SQL string")
     if spec.order_by is not None and (not isinstance(spec.order_by, str) or not spec.order_by.strip()):
         raise ValueError(f"{where}: 'order_by' must be a non-empty SQL string")
+    texts = {k: getattr(spec, k) for k in ("where", "keep", "patient_key", "study_key", "order_by")}
+    if isinstance(spec.sample, SampleSpec):
+        texts.update(positive_where=spec.sample.positive_where, negative_where=spec.sample.negative_where)
+    for key, text in texts.items():
+        if isinstance(text, str) and (why := unbalanced_parentheses(text)):
+            raise ValueError(f"{where}: '{key}' {why}: each piece of SQL must stand on its own inside the rule")
     if spec.one_per is not None and spec.one_per not in ONE_PER:
         raise ValueError(f"{where}: 'one_per' must be \"study\" or \"patient\", got {spec.one_per!r}")
     if spec.limit is not None and (not _is_int(spec.limit) or spec.limit < 0):

@@ -316,6 +316,9 @@ def test_cohort_extra_predicate_may_end_in_a_comment(app, ws_path):
     app.text_area(key="cohort-sql").input("modality = 'DX' -- digital films only").run()
     assert not app.exception and not app.error, [e.value for e in app.error]
     assert app.metric[0].value == str(int((table.modality == "DX").sum()))
+    # but it cannot close the parenthesis around it and override the finding's condition
+    app.text_area(key="cohort-sql").input("1=1) OR (1=1").run()
+    assert not app.exception and any("closes a parenthesis it did not open" in e.value for e in app.error)
 
 
 def test_cohort_export_is_deidentified_unless_opted_out(app, ws_path):

@@ -502,3 +502,15 @@ def test_export_streams_in_batches_with_the_same_files_as_one_batch(tmp_path, ti
     for s in ("train", "val", "test"):  # counts checked against the rows written
         assert man["counts"]["split"][s] == {"rows": int((parts.split == s).sum()), "patients": int(parts.loc[parts.split == s, "patient_key"].nunique())}
     assert man["counts"]["patients"] == parts.patient_key.nunique() and man["counts"]["studies"] == parts.study_key.nunique()
+
+
+def test_a_spec_fragment_cannot_reach_out_of_its_place_in_the_rule():
+    # "1=1) OR (1=1" in a where clause would override the conditions the rule puts beside it
+    for where in ("edema > 0.5) OR (1=1", "(edema > 0.5"):
+        with pytest.raises(ValueError, match="'where' (closes|leaves) a parenthesis"):
+            cohort_sql(CohortSpec(name="x", where=where))
+    with pytest.raises(ValueError, match="'positive_where' closes"):
+        cohort_sql(CohortSpec(name="x", sample=SampleSpec(n_positive=1, positive_where="true) OR (true", n_negative=1, negative_where="true")))
+    # parentheses in strings and comments, and nested ones, are fine
+    ok = CohortSpec(name="x", where="(path LIKE '%)%' OR f(g(1)) = 1) AND x IN ((1),(2)) -- )")
+    assert "x IN ((1),(2))" in cohort_sql(ok, labels=False)

@@ -21,6 +21,7 @@ from curator.cohort import (
     spec_from_dict,
     text_index_staleness,
     spec_to_toml,
+    unbalanced_parentheses,
 )
 from curator.search import FilterError, parse_condition
 
@@ -81,6 +82,9 @@ st.subheader("Images")
 flt = common.filter_widgets(ws, "cohort-filter", with_condition=False)
 custom = st.text_area("Extra SQL predicate over `images` (optional, for experts)", key="cohort-sql", height=68,
                       placeholder="e.g. manufacturer = 'ACME' AND rows >= 2000")
+if custom.strip() and (why := unbalanced_parentheses(custom)):
+    st.error(f"Extra SQL predicate: it {why}; it must be a condition of its own (it is joined to the others with AND).")
+    st.stop()
 c1, c2, c3 = st.columns(3)
 one_per = c1.radio("One image per", ["image (all)", "study", "patient"], key="cohort-one-per", horizontal=True)
 sampling = c2.radio("Sampling", ["none", "N positives + N negatives", "N at random"], key="cohort-sampling", horizontal=True)
