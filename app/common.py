@@ -34,9 +34,10 @@ ENV_DEVICE = "CURATOR_DEVICE"
 ENV_EXPORTS = "CURATOR_EXPORTS"
 
 # The catalog fields the detail view shows: the columns a de-identified export keeps (no source
-# path, which may name the patient, no UIDs, no institution) and the study date the grid shows.
+# path, which may name the patient, no UIDs, no institution) and the study's year (from
+# study_date: a full date identifies, so the screens show what the export keeps, the year).
 # An allow-list, so a column added to the catalog later stays hidden until it is listed here.
-SHOWN_COLUMNS = ("image_id", *SAFE_COLUMNS, "study_date")
+SHOWN_COLUMNS = ("image_id", *SAFE_COLUMNS, "study_year")
 NOT_RECORDED = "(not recorded)"
 GRID_COLUMNS = 5
 PREFERRED_FINDINGS = ("pleural_effusion", "edema", "cardiomegaly", "pneumothorax", "consolidation", "atelectasis")
@@ -199,13 +200,19 @@ def thumbnails(ws: Workspace, ids, size: str = "small") -> tuple[dict[int, bytes
     return get_thumbnails(ws.root, cursor(ws), ids, size)
 
 
-def _fmt_date(v) -> str:
+def study_year(v) -> int | None:
+    """The year of a study date (the screens show no full dates, as a de-identified export)."""
     if missing(v):
-        return "date —"
+        return None
     try:
-        return pd.Timestamp(v).date().isoformat()
+        return int(pd.Timestamp(v).year)
     except (TypeError, ValueError):
-        return str(v)
+        return None
+
+
+def _fmt_date(v) -> str:
+    year = study_year(v)
+    return "year —" if year is None else str(year)
 
 
 def image_grid(ws: Workspace, df: pd.DataFrame, findings: list[str], key: str, actions: bool = True,
@@ -246,6 +253,7 @@ def image_grid(ws: Workspace, df: pd.DataFrame, findings: list[str], key: str, a
 def visible_metadata(row: dict) -> dict:
     """Catalog fields fit to show (:data:`SHOWN_COLUMNS`, in that order), without empty values."""
     out = {}
+    row = {**row, "study_year": study_year(row.get("study_date"))}
     for k in SHOWN_COLUMNS:
         v = row.get(k)
         if k in out or missing(v):
