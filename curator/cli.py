@@ -237,6 +237,13 @@ def cmd_search(args) -> int:
         raise CliError("-k and --above are two ways of saying how many: give one (--above returns every image above the similarity)")
     if args.image is not None and not os.path.lexists(args.image):
         raise CliError(f"{args.image}: no such file")
+    if args.image is not None and os.path.isfile(args.image):
+        from curator.search import query_modality_note
+
+        with open(args.image, "rb") as f:
+            note = query_modality_note(ws, f.read(1 << 16))
+        if note:
+            log.warning("%s", note)
     ck = index_checkpoint(ws, args.device, [resolve_checkpoint_arg(c) for c in args.checkpoint] if args.checkpoint else None)
     try:
         vec = query_vector(ck, text=text, image=args.image, contrast=contrast)

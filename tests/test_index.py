@@ -531,6 +531,14 @@ def test_cli_index_with_budget_end_to_end(tmp_path, tiny_checkpoints):
     assert all(line.rstrip().split()[2].endswith((".png", ".jpg")) for line in r.stdout.splitlines()[1:] if line.strip())
     from curator.cli import shown_path
 
+    # an example image of a modality the workspace leaves out is searched, with a warning
+    from tests.dicom_factory import write_dicom
+
+    for modality, warned in (("CT", True), ("DX", False)):
+        write_dicom(tmp_path / f"{modality}.dcm", np.full((64, 64), 900, np.uint16) + np.arange(64, dtype=np.uint16), bits_stored=12,
+                    modality=modality)
+        r = _cli("search", "--workspace", ws, "--image", tmp_path / f"{modality}.dcm", "-k", "2")
+        assert ("the example image is a CT DICOM" in r.stderr) == warned and len(r.stdout.splitlines()) == 3
     deep = "/archive/" + "/".join(f"folder{i:02d}" for i in range(12)) + "/patient/img-0042.dcm"
     assert len(deep) > 80 and shown_path(deep) == "..." + deep[-77:] and len(shown_path(deep)) == 80 and shown_path("/a/b.png") == "/a/b.png"
     r = _cli("index", "--workspace", ws, "--budget-gb", "-1", check=False)

@@ -7,7 +7,7 @@ import streamlit as st
 from curator.app import common
 
 from curator.constants import NEGATIVE_TEMPLATE
-from curator.search import FilterError
+from curator.search import FilterError, query_modality_note
 from curator.workspace import WorkspaceError
 
 S = st.session_state
@@ -101,6 +101,8 @@ elif mode == "upload" and upload is not None:
             S.search_upload_digest = digest
         vector = S.search_upload_vector
         label, key = "images like the uploaded file", ("upload", digest)
+        if note := query_modality_note(ws, data):
+            st.warning(note[0].upper() + note[1:] + ".")
     except Exception as exc:  # noqa: BLE001 - an unreadable upload: say why, never crash the page
         st.error(f"Cannot use the uploaded file: {exc}")
         st.stop()
