@@ -320,6 +320,10 @@ def test_cohort_extra_predicate_may_end_in_a_comment(app, ws_path):
     # but it cannot close the parenthesis around it and override the finding's condition
     app.text_area(key="cohort-sql").input("1=1) OR (1=1").run()
     assert not app.exception and any("closes a parenthesis it did not open" in e.value for e in app.error)
+    # a wrong column: DuckDB's reason, without the line number of SQL the user did not write
+    app.text_area(key="cohort-sql").input("no_such_column > 1").run()
+    errors = [e.value for e in app.error]
+    assert any("Cannot run this cohort" in e and "no_such_column" in e for e in errors) and not any("LINE " in e for e in errors)
 
 
 def test_cohort_export_is_deidentified_unless_opted_out(app, ws_path):

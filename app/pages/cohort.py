@@ -154,7 +154,10 @@ with st.expander("The rule as SQL", expanded=False):
 try:
     n = count_cohort(ws, spec)
 except Exception as exc:  # noqa: BLE001 - a user's SQL: show the reason
-    st.error(f"Cannot run this cohort: {exc}")
+    # DuckDB's message without its "LINE n:" excerpt: the line is one of the generated rule's
+    # ("The rule as SQL" above shows it whole), not of what was typed
+    lines = [ln for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("LINE ") and not ln.strip().startswith("^")]
+    st.error(f"Cannot run this cohort: {' '.join(lines)}")
     st.stop()
 st.metric("Images in the cohort", f"{n:,}")
 
