@@ -812,8 +812,6 @@ def _redactions(ws, spec: CohortSpec) -> set[str]:
     bare, words = {w for w in bare if len(w) >= 3}, {w for w in words if len(w) >= 3}
     dates = {m.group(0) for t in filter(None, free_texts) for m in _DATE.finditer(t)}
     all_texts = [t for t in sql_texts + free_texts if t]
-    if not (quoted or bare or words or all_texts):
-        return dates
     bare = {w for w in bare if any(ch.isdigit() for ch in w)}  # identifiers hold digits; keywords, columns do not
     cores = {c: c.strip("%_ ") for c in quoted} | {c: c for c in bare | words}
     con = connect(ws, sandbox=False)

@@ -28,6 +28,12 @@ RASTER_CONVERSION = "raster"  # PNG/JPEG read as CheXzero reads them
 DICOM_CONVERSIONS = ("mimic", "voi")  # MIMIC-CXR-JPG recipe (default) / VOI LUT or window
 
 
+def unreadable(exc: OSError) -> "ReadError":
+    """The error of a file whose bytes cannot be read (an I/O error, no permission): the machine's
+    reason, not the file's, and without its path (messages may be shown where paths are not)."""
+    return ReadError("unreadable", f"{type(exc).__name__}: {exc.strerror or 'cannot read the file'}")
+
+
 class ReadError(Exception):
     """A file that cannot become an image for the model. ``kind`` is a short machine-readable reason."""
 
@@ -172,7 +178,7 @@ def read_image(path: str | Path, options: ReadOptions | None = None, data: bytes
     except PermissionError:  # (the message names the problem, not the file: it may be shown where paths are not)
         raise ReadError("unreadable", "permission denied") from None
     except OSError as exc:
-        raise ReadError("unreadable", f"{type(exc).__name__}: {exc.strerror or 'cannot read the file'}") from None
+        raise unreadable(exc) from None
     if kind == "dicom" or (kind is None and p.suffix.lower() in (".dcm", ".dicom")):
         from curator import dicom
 

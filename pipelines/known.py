@@ -16,7 +16,10 @@ import numpy as np
 from curator.workspace import Workspace
 
 MISSING = np.int64(-1)  # size / mtime of an error row without them (unreadable folder)
-CLOSED = np.int64(-2)  # size / mtime of a row closing a path's errors (stage "resolved"): matches no file
+# The stage of the errors rows that close an earlier error of a path (pipelines.prune.settled_errors;
+# the errors view leaves the path out while such a row is its latest).
+RESOLVED_STAGE = "resolved"
+CLOSED = np.int64(-2)  # size / mtime of a row closing a path's errors (RESOLVED_STAGE): matches no file
 
 # Read errors that say more about the machine than about the file (no permission, an I/O error,
 # the file gone before it was read, memory short): the file is read again by every run, not
@@ -88,9 +91,9 @@ def _stored_keys(files: list[str], errors: bool, retry_filtered: bool, retry_err
             retried.append("coalesce(stage, '') = 'filter'")
         if retry_errors:
             retried = ["true"]
-        where = "WHERE coalesce(stage, '') IN ('discover', 'resolved') OR NOT (" + " OR ".join(retried) + ")"
+        where = f"WHERE coalesce(stage, '') IN ('discover', '{RESOLVED_STAGE}') OR NOT (" + " OR ".join(retried) + ")"
         # a closing row wins over the path's earlier rows (it comes later) and matches nothing
-        size, mtime = (f"CASE WHEN stage = 'resolved' THEN {int(CLOSED)} ELSE {c} END" for c in (size, mtime))
+        size, mtime = (f"CASE WHEN stage = '{RESOLVED_STAGE}' THEN {int(CLOSED)} ELSE {c} END" for c in (size, mtime))
     con = duckdb.connect(":memory:")
     try:
         # (insertion order is preserved: a later part's row for a path still comes later)

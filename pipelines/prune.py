@@ -31,7 +31,7 @@ import pyarrow as pa
 from curator.index import _isin_sorted
 from curator.workspace import SUPERSEDED_SCHEMA, Workspace, WorkspaceError
 
-from .known import _binary16
+from .known import RESOLVED_STAGE, _binary16
 
 log = logging.getLogger(__name__)
 
@@ -187,11 +187,6 @@ def catalogued_under(ws: Workspace, archives: list[str]) -> int:
         con.close()
 
 
-# The stage of the errors rows that close an earlier error of a path (the errors view leaves the
-# path out while such a row is its latest).
-RESOLVED_STAGE = "resolved"
-
-
 def settled_errors(ws: Workspace, archives: list[str], unreadable_now: set[str], seen: np.ndarray | None,
                    refused: list[tuple[str, int, int]] = ()) -> list[dict]:
     """Rows that close the current errors under the archives that no longer hold, after a complete
@@ -210,13 +205,13 @@ def settled_errors(ws: Workspace, archives: list[str], unreadable_now: set[str],
     finally:
         con.close()
     held = [folder.rstrip(os.sep) + os.sep for folder, _, _ in refused]
+    met = _isin_sorted(np.array([bytes(k) for _, _, k in rows], "S16"), seen) if seen is not None and rows else None
     out = []
-    for path, stage, key in rows:
+    for j, (path, stage, _) in enumerate(rows):
         if stage == "discover":
             if path not in unreadable_now:
                 out.append((path, "cleared", "the walk met this path again without an error"))
-        elif seen is not None and not _isin_sorted(np.array([bytes(key)], "S16"), seen)[0] and _really_gone(path) \
-                and not any(path.startswith(h) for h in held):
+        elif met is not None and not met[j] and _really_gone(path) and not any(path.startswith(h) for h in held):
             out.append((path, "gone", "the file left the archive (--prune)"))
     return [{"path": p, "stage": RESOLVED_STAGE, "kind": kind, "error": text, "exception": None, "size": None, "mtime_ns": None}
             for p, kind, text in out]

@@ -21,8 +21,10 @@ from curator.constants import ENSEMBLE_MEMBER
 from curator.discover import FileEntry
 from curator.model import Checkpoint
 from curator.prompts import PromptSet
-from curator.readers import DecodeTimeout, ReadError, ReadOptions, read_image, time_limit
+from curator.readers import DecodeTimeout, ReadError, ReadOptions, read_image, time_limit, unreadable
 from curator.workspace import CATALOG_SCHEMA, DICOM_COLUMNS, EMBEDDINGS_SCHEMA, ERRORS_SCHEMA, SUPERSEDED_SCHEMA, Part, Workspace, predictions_schema
+
+from .known import RESOLVED_STAGE
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,8 @@ def read_item(entry: FileEntry, options: ReadOptions, cfg: preprocess.Preprocess
                     data = f.read()
             except (FileNotFoundError, IsADirectoryError):
                 raise
-            except OSError as exc:  # no permission, an I/O error: the machine's, not the file's (message without the path)
-                raise ReadError("unreadable", f"{type(exc).__name__}: {exc.strerror or 'cannot read the file'}") from None
+            except OSError as exc:  # no permission, an I/O error: the machine's, not the file's
+                raise unreadable(exc) from None
             content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
             kept = False  # a JPEG --gpu-jpeg could take, decoded here as its share of the reader workers
             if options.jpeg_on_device and entry.path not in options.device_skip and (size := device_jpeg.deferrable(data)) is not None:
@@ -263,7 +265,7 @@ class WorkspaceWriter:
             self._errors.append(e)
             if e["stage"] == "filter":
                 self.stats.filtered[e["kind"]] += 1
-            elif e["stage"] != "resolved":  # (pipelines.prune.settled_errors: closes an earlier error)
+            elif e["stage"] != RESOLVED_STAGE:  # (pipelines.prune.settled_errors: closes an earlier error)
                 self.stats.failed[e["kind"]] += 1
         if self.pending >= self.flush_rows:
             self.flush()
