@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from curator import device_jpeg, faults, query_cache
+from curator.forking import parent_objects_frozen
 from curator.discover import FileEntry, WalkReport, walk
 from curator.model import Checkpoint, load_checkpoints, resolve_devices
 from curator.preprocess import DEFAULT_CFG, PreprocessCfg, model_input
@@ -831,7 +832,8 @@ def batches(todo: list[FileEntry], cfg: EmbedConfig, gpu: bool = False):
                 pin_memory=gpu,
                 prefetch_factor=max(2, 2 * cfg.batch_size // chunk // max(1, workers)) if workers else None,
             )
-            it = iter(loader)
+            with parent_objects_frozen():  # the workers are forked here
+                it = iter(loader)
             done = 0  # items of `remaining` whose results arrived (the loader keeps their order)
             crashed: list[tuple[FileEntry, str]] = []
             while True:

@@ -110,6 +110,46 @@ def test_a_killed_writer_frees_the_workspace_even_while_its_forked_workers_live(
             os.kill(child_pid, signal.SIGKILL)
 
 
+_FORK_WITH_GARBAGE = """
+import gc, os, sys
+import duckdb
+from curator.pipelines.embed import EmbedConfig, run_embed
+from curator.synth import generate_archive
+
+gc.disable()  # the garbage below waits for a collection, as it does between automatic ones
+for _ in range(3):  # DuckDB connections whose databases run threads, reachable only from a cycle
+    cycle = {"con": duckdb.connect()}
+    cycle["self"] = cycle
+    cycle["con"].sql("SELECT sum(range) FROM range(1000000)").fetchall()
+    del cycle
+os.register_at_fork(after_in_child=gc.collect)  # every child collects at once (a worker would, soon)
+arc, ws, ck, synth = sys.argv[1:5]
+run_embed(EmbedConfig(archives=[arc], workspace=ws, checkpoints=[ck], device="cpu", workers=2, batch_size=2,
+                      threads=1, progress=False))
+print("embedded", flush=True)
+generate_archive(synth, studies=4, seed=5, image_size=96, broken=False, progress=False, workers=2)
+print("generated", flush=True)
+"""
+
+
+def test_forked_workers_leave_the_parents_garbage_alone(tmp_path, tiny_checkpoints):
+    """CI saw a decode worker die by SIGSEGV holding no file: a forked child's garbage collector ran
+    the native destructor of a DuckDB connection its parent had left in a reference cycle, against
+    threads that exist only in the parent. Decode workers and the synthetic archive's pool are now
+    forked with the parent's objects frozen, out of the children's collector's reach."""
+    arc, ws = tmp_path / "arc", tmp_path / "ws"
+    write_raster_archive(arc, 6)
+    args = [sys.executable, "-c", _FORK_WITH_GARBAGE, str(arc), str(ws), str(tiny_checkpoints[0]), str(tmp_path / "synth")]
+    try:
+        # (a pool whose worker dies mid-task waits for ever: a time-out means the pool's child crashed)
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"timed out after {(e.stdout or b'').decode().split()}: {(e.stderr or b'').decode()[-2000:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["embedded", "generated"]
+    _check_exact(ws, 6, 0)
+
+
 def test_index_agrees_after_a_killed_rerun(tmp_path, tiny_checkpoints):
     from curator.index import build_index
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from curator.forking import parent_objects_frozen
 from curator.synth import dicomio
 from curator.synth.findings import (
     FINDINGS,
@@ -509,7 +510,9 @@ def generate_archive(
     if workers and workers > 1:
         methods = mp.get_all_start_methods()
         ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-        with ctx.Pool(workers) as pool:
+        with parent_objects_frozen():
+            pool = ctx.Pool(workers)
+        with pool:
             for result in pool.imap(_write_study, tasks, chunksize=1):
                 collect(result)
     else:
