@@ -4,15 +4,19 @@
 ``point`` (n counts from 1). Points: ``batch`` (a batch arrived from the readers), ``mapped``
 (after the model), ``part`` (a part file was written, not yet committed), ``manifest-tmp`` (the
 new manifest is on disk under its temporary name, not yet renamed), ``commit`` (just after a
-commit). Unset, :func:`reached` costs one dict lookup. Never set it outside tests.
+commit). ``CURATOR_PAUSE_AT="point:seconds"`` makes it sleep there instead, each time (a slow
+writer, for tests that watch it from outside). Unset, :func:`reached` costs two dict lookups.
+Never set them outside tests.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 _ENV = "CURATOR_CRASH_AT"
+_PAUSE_ENV = "CURATOR_PAUSE_AT"
 _counts: dict[str, int] = {}
 
 
@@ -25,6 +29,9 @@ def _target() -> tuple[str, int] | None:
 
 
 def reached(point: str) -> None:
+    pause = os.environ.get(_PAUSE_ENV)
+    if pause and pause.partition(":")[0] == point:
+        time.sleep(float(pause.partition(":")[2]))
     target = _target()
     if target is None or target[0] != point:
         return

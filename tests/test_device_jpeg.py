@@ -766,14 +766,16 @@ def test_auto_share_gives_the_workers_jpegs_when_the_device_is_the_wait(tmp_path
     real_decode = device_jpeg.decode
 
     def slow_decode(blobs, device):
-        time.sleep(0.15)
+        # (the share rises when this process waits for the readers less than ~a tenth of this:
+        # long enough that a busy machine's scheduling does not decide it)
+        time.sleep(0.3)
         return real_decode(blobs, device)
 
-    monkeypatch.setattr(device_jpeg, "decode", slow_decode)
     common = dict(archives=[str(arc)], checkpoints=[str(tiny_checkpoints[0])], device="cpu", progress=False, workers=2, threads=1,
                   batch_size=2, read_options=ON_DEVICE)
     off = run_embed(EmbedConfig(workspace=str(tmp_path / "off"), **common))  # on the CPU the default is 0
     assert (off.device_decoded, off.worker_decoded, off.worker_share) == (40, 0, 0.0)
+    monkeypatch.setattr(device_jpeg, "decode", slow_decode)
     s = run_embed(EmbedConfig(workspace=str(tmp_path / "auto"), worker_jpeg_share="auto", **common))
     assert s.processed == 40 and s.device_decoded + s.worker_decoded == 40
     assert s.worker_decoded >= 5 and s.worker_share >= 0.3, s.lines()

@@ -118,13 +118,21 @@ def test_ray_flags_are_checked_before_a_workspace_is_made(tmp_path, tiny_checkpo
     """--device the Ray engine cannot honour, --workers, an address that does not answer: clear errors,
     quickly (ray.init would wait for ever on a dead address), and no workspace."""
     import socket
-    import time
 
     write_raster_archive(tmp_path / "arc", 2)
     base = ["embed", str(tmp_path / "arc"), "--workspace", str(tmp_path / "ws"), "--checkpoint", str(tiny_checkpoints[0]), "--engine", "ray"]
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    held = socket.socket()  # a port bound but not listening, through the whole test: connections are refused
+    held.bind(("127.0.0.1", 0))
+    dead = f"127.0.0.1:{held.getsockname()[1]}"
+    try:
+        _check_ray_flags(tmp_path, base, dead, capsys, monkeypatch)
+    finally:
+        held.close()
+
+
+def _check_ray_flags(tmp_path, base, dead, capsys, monkeypatch):
+    import time
+
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     for extra, says in ((["--device", "cuda:1"], "Ray, not curator, picks the GPUs"), (["--device", "bogus"], "with --engine ray"),
                         (["--workers", "2"], "--workers is for --engine local"), (["--address", dead], "no Ray cluster answers there"),

@@ -50,9 +50,14 @@ def crash_trials(tmp_path, ck, trials: int, seed: int):
         ws = tmp_path / f"ws{t}"
         env = dict(os.environ)
         if t % 3 == 2:  # from outside, at a random moment
-            proc = subprocess.Popen(_embed_cmd(arc, ws, ck, workers=t % 2 * 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # (the whole process group, as a scheduler or `docker kill` ends a job: the writer alone,
+            # killed between forking a reader and that reader first running (it then closes its
+            # copy of the lock), leaves the workspace locked for that moment, and the rerun below
+            # comes at once)
+            proc = subprocess.Popen(_embed_cmd(arc, ws, ck, workers=t % 2 * 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
             time.sleep(rng.uniform(1.0, 6.0))
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         else:
             env["CURATOR_CRASH_AT"] = f"{rng.choice(CRASH_POINTS)}:{rng.randint(1, 4)}"
@@ -177,9 +182,10 @@ def test_index_agrees_after_a_killed_rerun(tmp_path, tiny_checkpoints):
 
 def test_reader_never_sees_counts_go_down_or_unscored_rows(tmp_path, tiny_checkpoints):
     arc = tmp_path / "arc"
-    write_raster_archive(arc, 40)  # 20 commits: enough for a slow reader to see several
+    write_raster_archive(arc, 40)  # 20 commits, each followed by a pause: a slow reader sees several
     ws = tmp_path / "ws"
-    proc = subprocess.Popen(_embed_cmd(arc, ws, tiny_checkpoints[0], flush=2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, CURATOR_PAUSE_AT="commit:0.25")
+    proc = subprocess.Popen(_embed_cmd(arc, ws, tiny_checkpoints[0], flush=2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     seen = []
     deadline = time.time() + 120
     try:
