@@ -26,8 +26,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from curator import device_jpeg, faults, query_cache
-from curator.forking import parent_objects_frozen
 from curator.discover import FileEntry, WalkReport, walk
+from curator.forking import parent_objects_frozen
 from curator.model import Checkpoint, load_checkpoints, resolve_devices
 from curator.preprocess import DEFAULT_CFG, PreprocessCfg, model_input
 from curator.prompts import PromptSet, default_prompt_set

@@ -390,13 +390,37 @@ def test_tuner_keeps_a_margin_above_the_target_when_it_can(monkeypatch):
 
     curve = {}
     monkeypatch.setattr(ci, "_search_ids", lambda index, q, k, p: p)
-    monkeypatch.setattr(ci, "recall_at_k", lambda found, truth, k=10, self_ids=None: curve[found])
+    # 500 queries that agree (every recall the same): the margin is the fixed 0.01
+    monkeypatch.setattr(ci, "query_recalls", lambda found, truth, k=10, self_ids=None: np.full(500, curve[found]))
     curve.update({1: 0.951, 2: 0.957, 4: 0.962, 8: 0.97})
     assert ci._tune_nprobe(Fake(), None, None, None, 0.95)[0] == 4  # 0.962 >= 0.95 + 0.01
     curve.update({1: 0.951, 2: 0.955, 4: 0.9555, 8: 0.9556, 16: 0.9557, 32: 0.9557, 64: 0.9557})
     assert ci._tune_nprobe(Fake(), None, None, None, 0.95)[0] == 1  # the margin is out of reach
     curve.update({1: 0.90, 2: 0.93, 4: 0.94, 8: 0.941, 16: 0.9411, 32: 0.9412, 64: 0.9412})
     assert ci._tune_nprobe(Fake(), None, None, None, 0.95)[0] == 4  # never reached: within 0.002 of the best
+
+
+def test_tuner_wants_a_wider_margin_from_a_few_queries_that_disagree(monkeypatch):
+    """64 text queries at 10M vectors cleared 0.95 + 0.01 at nprobe 128 (0.969) while held-out text
+    queries got 0.922 there: the margin grows to two standard errors of the sample's mean."""
+    class Fake:
+        nlist = 4096
+
+    # recall 1.0 for 15 queries in 16, 0.4 for the rest: mean 0.9625, sd 0.147
+    spread = np.array([1.0] * 15 + [0.4] * 1 + [1.0] * 15 + [0.4] * 1 + [1.0] * 30 + [0.4] * 2)
+    by_nprobe = {64: spread - 0.05, 128: spread, 256: np.ones(64)}
+    monkeypatch.setattr(ci, "_search_ids", lambda index, q, k, p: p)
+    rising = lambda p: np.full(64, 0.5 + 0.05 * np.log2(p))  # noqa: E731 - below 64 lists (no plateau)
+    monkeypatch.setattr(ci, "query_recalls", lambda found, truth, k=10, self_ids=None: by_nprobe.get(found, rising(found)))
+    se = spread.std(ddof=1) / np.sqrt(len(spread))  # independent: 0.147 / 8 = 0.018
+    assert ci.tune_margin(spread) == pytest.approx(2 * se) and 2 * se > 0.01
+    assert spread.mean() >= 0.95 + 0.01 and spread.mean() < 0.95 + 2 * se
+    p, curve = ci._tune_nprobe(Fake(), None, None, None, 0.95)
+    assert p == 256 and [c[0] for c in curve] == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert curve[-2][2] == pytest.approx(2 * se, abs=1e-4)
+    # the same mean from 64 queries that agree clears the fixed margin at 128
+    by_nprobe[128] = np.full(64, spread.mean())
+    assert ci._tune_nprobe(Fake(), None, None, None, 0.95)[0] == 128
 
 
 def test_a_candidate_missing_from_the_store_keeps_its_code_score(caplog):
