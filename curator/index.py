@@ -989,28 +989,34 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int = RECALL_K, self_id
 TUNE_MARGIN = 0.01
 
 
-def tune_margin(scores: np.ndarray) -> float:
+def tune_margin(scores: np.ndarray, groups: np.ndarray | None = None) -> float:
     """The margin a sample of per-query recalls must clear the target by: :data:`TUNE_MARGIN`,
     or two standard errors of their mean when the queries disagree more (a few dozen text
     queries, some of whose neighbours lie in lists far from the query, spread widely; 500 image
-    queries hardly ever need more than 0.01)."""
+    queries hardly ever need more than 0.01). ``groups`` (one label per score: a phrase, whose
+    plain and contrasted queries fare alike) makes the groups' means the sample."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if groups is not None and len(groups) == len(scores):
+        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        scores = np.bincount(inverse, weights=scores) / np.bincount(inverse)
     if len(scores) < 2:
         return TUNE_MARGIN
     return max(TUNE_MARGIN, 2.0 * float(np.std(scores, ddof=1)) / math.sqrt(len(scores)))
 
 
-def _tune_nprobe(index, queries, truth, self_ids, target: float) -> tuple[int, list]:
+def _tune_nprobe(index, queries, truth, self_ids, target: float, groups: np.ndarray | None = None) -> tuple[int, list]:
     """Smallest power-of-two nprobe whose mean recall@10 on the queries clears ``target`` by
     :func:`tune_margin` (to spare: held-out queries do a little worse than those it was tuned
     on); if none does, the smallest that reaches ``target``; if none does, the smallest that gets
-    within 0.002 of the best. The curve is a list of (nprobe, mean recall, margin)."""
+    within 0.002 of the best. The curve is a list of (nprobe, mean recall, margin). ``groups``:
+    see :func:`tune_margin`."""
     nlist = index.nlist
     cands = sorted({min(nlist, 1 << i) for i in range(31) if (1 << i) < 2 * nlist})
     curve: list[tuple[int, float, float]] = []
     for p in cands:
         scores = query_recalls(_search_ids(index, queries, RECALL_K + 1, p), truth, RECALL_K, self_ids)
         r = float(scores.mean()) if len(scores) else 0.0
-        margin = tune_margin(scores)
+        margin = tune_margin(scores, groups)
         curve.append((p, r, round(margin, 4)))
         if r >= min(1.0, target + margin):
             break
@@ -1049,7 +1055,7 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
     log.info("index build: %s (%s) over %d vectors; %d training vectors, %d recall queries sampled in %.1f s",
              plan.kind, plan.describe(), source.count, len(train), len(queries), time.perf_counter() - t0)
     truth = ExactTopK(queries, RECALL_K + 1)
-    tq, th = None, 0
+    tq, th, tq_groups = None, 0, None
     if text_queries is not None and len(text_queries):
         # tune / held-out halves drawn by group (a phrase's plain and contrast vectors stay together)
         groups = np.arange(len(text_queries)) if text_groups is None else np.asarray(text_groups)
@@ -1057,6 +1063,7 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
         tune = np.isin(groups, names[: len(names) // 2])
         order = np.concatenate([np.flatnonzero(tune), np.flatnonzero(~tune)])
         tq, th = np.ascontiguousarray(np.asarray(text_queries, np.float32)[order]), int(tune.sum())
+        tq_groups = groups[order]
     truth_t = ExactTopK(tq, RECALL_K) if tq is not None else None
     observers = [truth, *([truth_t] if truth_t is not None else []), *(on_chunk or [])]
     writer = rf.SegmentWriter(source.count, source.dim, refine_dir, refine_prefix) if plan.refine else None
@@ -1108,7 +1115,7 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
             rep.nprobe = max(1, min(index.nlist, 16))
             ev = slice(0, n_query)
         if tq is not None and th >= 1 and th < len(tq):
-            p_text, rep.tune_curve_text = _tune_nprobe(index, tq[:th], gt_t[:th], None, target_recall)
+            p_text, rep.tune_curve_text = _tune_nprobe(index, tq[:th], gt_t[:th], None, target_recall, tq_groups[:th])
             rep.nprobe_text = max(p_text, rep.nprobe)  # (never fewer lists than an image search)
             ev_t = slice(th, len(tq))
         index.nprobe = rep.nprobe

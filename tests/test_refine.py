@@ -422,6 +422,19 @@ def test_tuner_wants_a_wider_margin_from_a_few_queries_that_disagree(monkeypatch
     by_nprobe[128] = np.full(64, spread.mean())
     assert ci._tune_nprobe(Fake(), None, None, None, 0.95)[0] == 128
 
+    # 32 phrases, each searched plain and contrasted with the same outcome: 28 at recall 1.0, 4 at
+    # 0.78 (mean 0.9725). As 64 independent queries the mean clears 0.95 + 2 se; as 32 phrases it
+    # does not (the pair adds no information: the standard error is the phrases')
+    per_phrase = np.array([1.0] * 28 + [0.78] * 4)
+    pairs, groups = np.repeat(per_phrase, 2), np.repeat(np.arange(32), 2)
+    se_queries = pairs.std(ddof=1) / np.sqrt(64)
+    se_phrases = per_phrase.std(ddof=1) / np.sqrt(32)
+    assert ci.tune_margin(pairs) == pytest.approx(2 * se_queries) and ci.tune_margin(pairs, groups) == pytest.approx(2 * se_phrases)
+    assert 0.95 + 2 * se_queries <= pairs.mean() < 0.95 + 2 * se_phrases
+    by_nprobe[128] = pairs
+    assert ci._tune_nprobe(Fake(), None, None, None, 0.95)[0] == 128
+    assert ci._tune_nprobe(Fake(), None, None, None, 0.95, groups)[0] == 256
+
 
 def test_a_candidate_missing_from_the_store_keeps_its_code_score(caplog):
     w = rf.SegmentWriter(100, D)
