@@ -184,6 +184,32 @@ def test_text_queries_tune_their_own_nprobe():
     assert (rep.nprobe_text, rep.recall_queries_text, rep.recall_at_10_text) == (0, 30, 1.0)
 
 
+def test_each_half_of_the_phrases_tunes_and_the_larger_nprobe_is_kept(monkeypatch):
+    """At 10M vectors one half of the text queries cleared the target with 128 lists where the
+    other half got 0.925: both halves tune, the larger nprobe is kept, and the recall reported is
+    that of the half that did not set it, at the nprobe kept."""
+    calls = []
+    tune = ci._tune_nprobe
+
+    def recorded(index, queries, truth, self_ids, target, groups=None):
+        p, curve = tune(index, queries, truth, self_ids, target, groups)
+        if groups is not None and len(calls) == 2:  # the second half of the phrases: it needs more lists
+            p = min(index.nlist, 4 * p)
+        calls.append((queries, groups, p))
+        return p, curve
+
+    monkeypatch.setattr(ci, "_tune_nprobe", recorded)
+    plan = ci.choose_index(N, D, 1.0, "ivf-flat", refine=False)
+    index, rep = ci.build_from_source(ci.ArrayVectors(IDS, X, chunk_rows=2500), plan, recall_sample=400, seed=0,
+                                      text_queries=_texty(70, 7), text_groups=np.arange(70) // 2)
+    (_, g0, p_image), (q1, g1, p1), (q2, g2, p2) = calls  # image queries, then each half of the phrases
+    assert g0 is None and len(q1) + len(q2) == 70 and not set(g1.tolist()) & set(g2.tolist())
+    assert p2 > p1 and rep.nprobe_text == max(p2, p_image)
+    assert rep.recall_queries_text == len(q1)  # the half that did not set it measures
+    independent = ci.recall_at_k(ci.search_vectors(index, q1, 10, nprobe=rep.nprobe_text)[1], brute_top(X, IDS, q1, 10))
+    assert rep.recall_at_10_text == pytest.approx(independent)
+
+
 # ------------------------------------------------------------------------------------------------
 # Workspace-level: build, append, mmap, CLI
 
