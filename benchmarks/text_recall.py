@@ -169,13 +169,17 @@ def main() -> int:
                     from curator import refine as rf
 
                     factor = rf.REFINE_FACTOR
+                    base_p = rep.nprobe_text or rep.nprobe
+                    probes = sorted({min(ci._ivf_of(index).nlist, m * base_p) for m in (1, 2, 4)})
                     sweep = []
-                    for f in sorted({factor, 4 * factor, 16 * factor}) if plan.refine else [factor]:
-                        rf.REFINE_FACTOR = f
-                        for p in (rep.nprobe_text or rep.nprobe, 2 * (rep.nprobe_text or rep.nprobe), 4 * (rep.nprobe_text or rep.nprobe)):
-                            r, ms = measure(index, held, truth["text"], p)
-                            sweep.append({"refine_factor": f, "nprobe": p, "text_recall": round(r, 4), "ms": round(ms, 3)})
-                    rf.REFINE_FACTOR = factor
+                    try:
+                        for f in sorted({factor, 4 * factor, 16 * factor}) if plan.refine else [factor]:
+                            rf.REFINE_FACTOR = f
+                            for p in probes:
+                                r, ms = measure(index, held, truth["text"], p)
+                                sweep.append({"refine_factor": f, "nprobe": p, "text_recall": round(r, 4), "ms": round(ms, 3)})
+                    finally:
+                        rf.REFINE_FACTOR = factor
                     row["text_sweep"] = sweep
                 out["runs"].append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)

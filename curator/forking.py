@@ -9,7 +9,8 @@ on CI, in a test process whose earlier tests left such garbage behind).
 
 :func:`parent_objects_frozen` moves every object of the parent out of the collector's reach
 (``gc.freeze``) while children are forked, so a child never collects its parent's objects; the
-parent gets them back at once. As a side effect the children no longer write to their parent's
+parent gets them back at once; and every forked child freezes what it inherited as it starts
+(``os.register_at_fork``), whoever forks it. As a side effect the children no longer write to their parent's
 objects' headers when they collect, which keeps more of the parent's memory shared with them.
 """
 
@@ -17,6 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+
+# Every child forked from a process that imported curator (a pool's replacement worker, a
+# ProcessPoolExecutor, a user's own DataLoader) freezes what it inherited as it starts: the
+# block below covers the moment before this handler runs, for the forks curator makes itself.
+os.register_at_fork(after_in_child=gc.freeze)
 
 
 @contextlib.contextmanager

@@ -9,9 +9,10 @@ Which index (:func:`choose_index`), by archive size N and a memory budget:
   vectors do not fit the budget;
 - beyond: IVF, the first of ``ivf-flat``, ``ivf-sq8``, ``ivf-pq`` that fits. ``nlist ~ 4*sqrt(N)``
   coarse centroids from spherical k-means on a sample; the vectors are added with their image ids
-  (no IDMap); ``nprobe`` is the smallest that reaches recall@10 >= 0.95 (0.96 when it can)
-  against exact search on sample queries, and the recall reported is measured on a second,
-  held-out half of them;
+  (no IDMap); ``nprobe`` is the smallest that reaches recall@10 >= 0.95 (plus a margin,
+  :func:`tune_margin`, when it can) against exact search on sample queries, and the recall
+  reported is measured on a second, held-out half of them (text queries: two parts tune, the
+  larger nprobe is kept, a third part measures);
 - sq8, ivf-sq8 and ivf-pq re-rank their codes' candidates from float16 copies of the vectors
   kept on disk (:mod:`curator.refine`; ``refine=False`` / ``--no-refine`` to go without): 8-bit
   codes rank the close neighbours of near-duplicate films out of order.
@@ -985,8 +986,9 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int = RECALL_K, self_id
     return float(scores.mean()) if len(scores) else None
 
 
-# what the tuned nprobe's mean recall must clear the target by, at least
+# what the tuned nprobe's mean recall must clear the target by, at least and at most
 TUNE_MARGIN = 0.01
+TUNE_MARGIN_MAX = 0.03
 
 
 def tune_margin(scores: np.ndarray, groups: np.ndarray | None = None) -> float:
@@ -994,14 +996,18 @@ def tune_margin(scores: np.ndarray, groups: np.ndarray | None = None) -> float:
     or two standard errors of their mean when the queries disagree more (a few dozen text
     queries, some of whose neighbours lie in lists far from the query, spread widely; 500 image
     queries hardly ever need more than 0.01). ``groups`` (one label per score: a phrase, whose
-    plain and contrasted queries fare alike) makes the groups' means the sample."""
+    plain and contrasted queries fare alike) makes the groups' means the sample. At most
+    :data:`TUNE_MARGIN_MAX`, so that a handful of phrases that disagree does not demand every
+    list."""
     scores = np.asarray(scores, dtype=np.float64)
-    if groups is not None and len(groups) == len(scores):
+    if groups is not None:
+        if len(groups) != len(scores):
+            raise ValueError(f"{len(groups)} groups for {len(scores)} recalls")
         _, inverse = np.unique(np.asarray(groups), return_inverse=True)
         scores = np.bincount(inverse, weights=scores) / np.bincount(inverse)
     if len(scores) < 2:
         return TUNE_MARGIN
-    return max(TUNE_MARGIN, 2.0 * float(np.std(scores, ddof=1)) / math.sqrt(len(scores)))
+    return min(TUNE_MARGIN_MAX, max(TUNE_MARGIN, 2.0 * float(np.std(scores, ddof=1)) / math.sqrt(len(scores))))
 
 
 def _tune_nprobe(index, queries, truth, self_ids, target: float, groups: np.ndarray | None = None) -> tuple[int, list]:
@@ -1035,11 +1041,12 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
                       text_queries: np.ndarray | None = None, text_groups: np.ndarray | None = None):
     """Build the planned index from ``source`` (streamed) and measure its recall@10.
 
-    ``text_queries`` (unit vectors from the text tower: curator.query_sample): half tune an IVF
-    index's ``nprobe_text`` (text queries lie apart from the images, and an index tuned on image
-    queries alone can miss their neighbours; searches by text use it, searches by image keep
-    ``nprobe``, and never probe fewer), the other half measure ``recall_at_10_text`` with it.
-    ``text_groups`` (one label per text query, e.g. its phrase) keeps a group in one half.
+    ``text_queries`` (unit vectors from the text tower: curator.query_sample): two thirds tune
+    an IVF index's ``nprobe_text`` (each third its own; the larger is kept. Text queries lie apart
+    from the images, and an index tuned on image queries alone can miss their neighbours;
+    searches by text use it, searches by image keep ``nprobe``, and never probe fewer), the last
+    third measures ``recall_at_10_text`` with it. ``text_groups`` (one label per text query, e.g.
+    its phrase) keeps a group in one part.
 
     Returns ``(index, BuildReport)``. ``on_chunk`` callables see every (ids, vectors) chunk once,
     as it is added (benchmarks compute their own ground truth there). A plan with ``refine``
@@ -1055,14 +1062,19 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
     log.info("index build: %s (%s) over %d vectors; %d training vectors, %d recall queries sampled in %.1f s",
              plan.kind, plan.describe(), source.count, len(train), len(queries), time.perf_counter() - t0)
     truth = ExactTopK(queries, RECALL_K + 1)
-    tq, th, tq_groups = None, 0, None
+    tq, th, tq_groups, tq_parts = None, 0, None, (0, 0)
     if text_queries is not None and len(text_queries):
-        # tune / held-out halves drawn by group (a phrase's plain and contrast vectors stay together)
+        # two tuning parts and a held-out part, drawn by group (a phrase's plain and contrast
+        # vectors stay together); with fewer than three groups, one tuning part
         groups = np.arange(len(text_queries)) if text_groups is None else np.asarray(text_groups)
         names = rng.permutation(np.unique(groups))
-        tune = np.isin(groups, names[: len(names) // 2])
-        order = np.concatenate([np.flatnonzero(tune), np.flatnonzero(~tune)])
-        tq, th = np.ascontiguousarray(np.asarray(text_queries, np.float32)[order]), int(tune.sum())
+        g = len(names)
+        cuts = (g // 3, 2 * g // 3) if g >= 3 else (g // 2, g // 2)
+        part = np.where(np.isin(groups, names[: cuts[0]]), 0, np.where(np.isin(groups, names[cuts[0]: cuts[1]]), 1, 2))
+        order = np.concatenate([np.flatnonzero(part == j) for j in range(3)])
+        tq = np.ascontiguousarray(np.asarray(text_queries, np.float32)[order])
+        tq_parts = (int((part == 0).sum()), int((part <= 1).sum()))  # ends of the two tuning parts
+        th = tq_parts[1]
         tq_groups = groups[order]
     truth_t = ExactTopK(tq, RECALL_K) if tq is not None else None
     observers = [truth, *([truth_t] if truth_t is not None else []), *(on_chunk or [])]
@@ -1115,16 +1127,17 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
             rep.nprobe = max(1, min(index.nlist, 16))
             ev = slice(0, n_query)
         if tq is not None and th >= 1 and th < len(tq):
-            # Each half of the phrases tunes an nprobe, and the larger is kept: a few dozen text
-            # queries vary so much from phrase to phrase that one half can clear the target with
-            # lists the other half finds too few (10M vectors: 0.969 against 0.925). The recall
-            # reported is the other half's, at the nprobe kept (never fewer than an image search's).
-            halves = (slice(0, th), slice(th, len(tq)))
-            tuned = [_tune_nprobe(index, tq[h], gt_t[h], None, target_recall, tq_groups[h]) for h in halves]
-            setter = int(tuned[1][0] > tuned[0][0])
+            # Each of two parts of the phrases tunes an nprobe, and the larger is kept: a few dozen
+            # text queries vary so much from phrase to phrase that one part can clear the target
+            # with lists another finds too few (10M vectors: 0.969 against 0.925). The third part,
+            # used by neither, measures the recall at the nprobe kept (never fewer than an image
+            # search's).
+            parts = [h for h in (slice(0, tq_parts[0]), slice(tq_parts[0], tq_parts[1])) if h.stop > h.start]
+            tuned = [_tune_nprobe(index, tq[h], gt_t[h], None, target_recall, tq_groups[h]) for h in parts]
+            setter = max(range(len(tuned)), key=lambda j: tuned[j][0])
             rep.nprobe_text = max(tuned[setter][0], rep.nprobe)
             rep.tune_curve_text = tuned[setter][1]
-            ev_t = halves[1 - setter]
+            ev_t = slice(th, len(tq))
         index.nprobe = rep.nprobe
     else:
         ev = slice(0, n_query)

@@ -165,13 +165,13 @@ def _texty(n: int, seed: int) -> np.ndarray:
 
 
 def test_text_queries_tune_their_own_nprobe():
-    """Half the text queries tune nprobe_text, the other half measure recall_at_10_text; held-out
+    """Two thirds of the text queries tune nprobe_text, the last third measures recall_at_10_text; held-out
     text-like queries (checked here by brute force) need it: the image queries' nprobe misses
     more of their neighbours."""
     plan = ci.choose_index(N, D, 1.0, "ivf-flat", refine=False)
     index, rep = ci.build_from_source(ci.ArrayVectors(IDS, X, chunk_rows=2500), plan, recall_sample=400, seed=0,
                                       text_queries=_texty(80, 7), text_groups=np.arange(80) // 2)  # (pairs stay in one half)
-    assert rep.recall_queries_text == 40 and rep.recall_at_10_text >= 0.9 and rep.tune_curve_text
+    assert rep.recall_queries_text == 2 * (40 - 2 * 40 // 3) and rep.recall_at_10_text >= 0.9 and rep.tune_curve_text
     assert rep.nprobe_text > rep.nprobe and index.nprobe == rep.nprobe  # image searches keep theirs
     held_out = _texty(40, 8)
     truth = brute_top(X, IDS, held_out, 10)
@@ -184,29 +184,37 @@ def test_text_queries_tune_their_own_nprobe():
     assert (rep.nprobe_text, rep.recall_queries_text, rep.recall_at_10_text) == (0, 30, 1.0)
 
 
-def test_each_half_of_the_phrases_tunes_and_the_larger_nprobe_is_kept(monkeypatch):
+@pytest.mark.parametrize("needs_more", [0, 1])
+def test_two_parts_of_the_phrases_tune_the_larger_nprobe_is_kept_and_a_third_measures(monkeypatch, needs_more):
     """At 10M vectors one half of the text queries cleared the target with 128 lists where the
-    other half got 0.925: both halves tune, the larger nprobe is kept, and the recall reported is
-    that of the half that did not set it, at the nprobe kept."""
+    other half got 0.925: two parts of the phrases tune, the larger nprobe is kept (whichever part
+    needs it), and the recall reported is measured, at that nprobe, on a third part that tuned
+    nothing."""
     calls = []
     tune = ci._tune_nprobe
 
     def recorded(index, queries, truth, self_ids, target, groups=None):
         p, curve = tune(index, queries, truth, self_ids, target, groups)
-        if groups is not None and len(calls) == 2:  # the second half of the phrases: it needs more lists
-            p = min(index.nlist, 4 * p)
-        calls.append((queries, groups, p))
+        if groups is not None and len(calls) - 1 == needs_more:  # this part of the phrases needs more lists
+            p, curve = min(index.nlist, 4 * p), curve + [("more", needs_more)]
+        calls.append((queries, groups, p, curve))
         return p, curve
 
     monkeypatch.setattr(ci, "_tune_nprobe", recorded)
     plan = ci.choose_index(N, D, 1.0, "ivf-flat", refine=False)
+    texts = _texty(70, 7)
     index, rep = ci.build_from_source(ci.ArrayVectors(IDS, X, chunk_rows=2500), plan, recall_sample=400, seed=0,
-                                      text_queries=_texty(70, 7), text_groups=np.arange(70) // 2)
-    (_, g0, p_image), (q1, g1, p1), (q2, g2, p2) = calls  # image queries, then each half of the phrases
-    assert g0 is None and len(q1) + len(q2) == 70 and not set(g1.tolist()) & set(g2.tolist())
-    assert p2 > p1 and rep.nprobe_text == max(p2, p_image)
-    assert rep.recall_queries_text == len(q1)  # the half that did not set it measures
-    independent = ci.recall_at_k(ci.search_vectors(index, q1, 10, nprobe=rep.nprobe_text)[1], brute_top(X, IDS, q1, 10))
+                                      text_queries=texts, text_groups=np.arange(70) // 2)
+    assert len(calls) == 3 and calls[0][1] is None  # image queries, then two parts of the phrases
+    (q1, g1, p1, _), (q2, g2, p2, _) = calls[1], calls[2]
+    assert not set(g1.tolist()) & set(g2.tolist()) and (len(q1), len(q2)) == (2 * (35 // 3), 2 * (2 * 35 // 3 - 35 // 3))
+    assert [p1, p2][needs_more] > [p1, p2][1 - needs_more]
+    assert rep.nprobe_text == max(p1, p2, calls[0][2]) and rep.tune_curve_text[-1] == ("more", needs_more)
+    # the third part: the text queries neither tuning part saw
+    seen = {tuple(np.round(v, 6)) for v in np.concatenate([q1, q2])}
+    third = np.array([t for t in texts if tuple(np.round(t, 6)) not in seen])
+    assert len(third) == 70 - len(q1) - len(q2) == rep.recall_queries_text
+    independent = ci.recall_at_k(ci.search_vectors(index, third, 10, nprobe=rep.nprobe_text)[1], brute_top(X, IDS, third, 10))
     assert rep.recall_at_10_text == pytest.approx(independent)
 
 
@@ -525,8 +533,8 @@ def test_cli_index_with_budget_end_to_end(tmp_path, tiny_checkpoints):
     assert "chose ivf-flat (IVF1,Flat" in r.stdout and "recall@10" in r.stdout and "nprobe 1 of 1 lists" in r.stdout
     meta = json.loads((ws / "index" / "index.json").read_text())
     assert meta["index_type"] == "ivf-flat" and meta["recall_at_10"] == 1.0 and meta["budget_gb"] == 0.5
-    # (half the phrases tune, the other half's plain and contrast vectors measure)
-    assert meta["recall_queries_text"] == 2 * (len(texts) - len(texts) // 2) and meta["nprobe_text"] == 1
+    # (two thirds of the phrases tune, the last third's plain and contrast vectors measure)
+    assert meta["recall_queries_text"] == 2 * (len(texts) - 2 * len(texts) // 3) and meta["nprobe_text"] == 1
     assert "held-out text queries" in r.stdout
     assert "OK: all invariants hold" in _cli("verify", "--workspace", ws).stdout
     write_raster_archive(arc, 3, seed=9, start=40)

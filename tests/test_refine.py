@@ -413,11 +413,12 @@ def test_tuner_wants_a_wider_margin_from_a_few_queries_that_disagree(monkeypatch
     rising = lambda p: np.full(64, 0.5 + 0.05 * np.log2(p))  # noqa: E731 - below 64 lists (no plateau)
     monkeypatch.setattr(ci, "query_recalls", lambda found, truth, k=10, self_ids=None: by_nprobe.get(found, rising(found)))
     se = spread.std(ddof=1) / np.sqrt(len(spread))  # independent: 0.147 / 8 = 0.018
-    assert ci.tune_margin(spread) == pytest.approx(2 * se) and 2 * se > 0.01
-    assert spread.mean() >= 0.95 + 0.01 and spread.mean() < 0.95 + 2 * se
+    margin = min(ci.TUNE_MARGIN_MAX, 2 * se)  # (capped: 0.03)
+    assert ci.tune_margin(spread) == pytest.approx(margin) and margin > 0.01
+    assert spread.mean() >= 0.95 + 0.01 and spread.mean() < 0.95 + margin
     p, curve = ci._tune_nprobe(Fake(), None, None, None, 0.95)
     assert p == 256 and [c[0] for c in curve] == [1, 2, 4, 8, 16, 32, 64, 128, 256]
-    assert curve[-2][2] == pytest.approx(2 * se, abs=1e-4)
+    assert curve[-2][2] == pytest.approx(margin, abs=1e-4)
     # the same mean from 64 queries that agree clears the fixed margin at 128
     by_nprobe[128] = np.full(64, spread.mean())
     assert ci._tune_nprobe(Fake(), None, None, None, 0.95)[0] == 128
@@ -434,6 +435,10 @@ def test_tuner_wants_a_wider_margin_from_a_few_queries_that_disagree(monkeypatch
     by_nprobe[128] = pairs
     assert ci._tune_nprobe(Fake(), None, None, None, 0.95)[0] == 128
     assert ci._tune_nprobe(Fake(), None, None, None, 0.95, groups)[0] == 256
+    # two phrases that disagree (two standard errors: 0.1) do not demand every list: capped
+    assert ci.tune_margin(np.array([1.0, 0.9])) == pytest.approx(ci.TUNE_MARGIN_MAX) and ci.TUNE_MARGIN_MAX < 0.1
+    with pytest.raises(ValueError, match="3 groups for 2 recalls"):
+        ci.tune_margin(np.array([1.0, 0.9]), np.array([0, 1, 2]))
 
 
 def test_a_candidate_missing_from_the_store_keeps_its_code_score(caplog):
