@@ -559,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads in the main process (default: torch's)")
     p.add_argument("--dicom-conversion", choices=["mimic", "voi"], default="mimic",
                    help="DICOM to 8-bit: 'mimic' = MIMIC-CXR-JPG recipe, what CheXzero was trained on (default); 'voi' = VOI LUT / window")
-    p.add_argument("--modality", type=_modalities, default=frozenset({"CR", "DX"}),
+    p.add_argument("--modality", type=_modalities, default=C.DEFAULT_MODALITIES,
                    help="DICOM modalities to accept, comma-separated, or 'any' (default CR,DX); others are recorded as filtered")
     p.add_argument("--flush-rows", type=_positive_int, default=4096, help="commit to the workspace every N files (default 4096)")
     p.add_argument("--fast-jpeg", action="store_true",

@@ -47,3 +47,7 @@ ARCHS: dict[str, dict[str, int]] = {
     "vit-b-32": dict(embed_dim=512, vision_width=768, vision_layers=12, patch_size=32, image_size=224, text_width=512, text_layers=12),
 }
 DIM_KEYS = ("embed_dim", "vision_width", "vision_layers", "patch_size", "image_size", "text_width", "text_layers")
+
+# DICOM modalities embed accepts unless told otherwise (--modality): the radiographs CheXzero was
+# trained on (computed and digital radiography)
+DEFAULT_MODALITIES = frozenset({"CR", "DX"})

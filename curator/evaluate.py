@@ -546,7 +546,6 @@ def add_truth_args(p, truth_required: bool = True) -> None:
 def _probability(text: str) -> float:
     """argparse type: a number from 0 to 1."""
     import argparse
-    import math
 
     try:
         v = float(text)

@@ -1062,7 +1062,7 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
     log.info("index build: %s (%s) over %d vectors; %d training vectors, %d recall queries sampled in %.1f s",
              plan.kind, plan.describe(), source.count, len(train), len(queries), time.perf_counter() - t0)
     truth = ExactTopK(queries, RECALL_K + 1)
-    tq, th, tq_groups, tq_parts = None, 0, None, (0, 0)
+    tq, tq_groups, tq_parts = None, None, (0, 0)
     if text_queries is not None and len(text_queries):
         # two tuning parts and a held-out part, drawn by group (a phrase's plain and contrast
         # vectors stay together); with fewer than three groups, one tuning part
@@ -1074,7 +1074,6 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
         order = np.concatenate([np.flatnonzero(part == j) for j in range(3)])
         tq = np.ascontiguousarray(np.asarray(text_queries, np.float32)[order])
         tq_parts = (int((part == 0).sum()), int((part <= 1).sum()))  # ends of the two tuning parts
-        th = tq_parts[1]
         tq_groups = groups[order]
     truth_t = ExactTopK(tq, RECALL_K) if tq is not None else None
     observers = [truth, *([truth_t] if truth_t is not None else []), *(on_chunk or [])]
@@ -1126,7 +1125,7 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
         else:
             rep.nprobe = max(1, min(index.nlist, 16))
             ev = slice(0, n_query)
-        if tq is not None and th >= 1 and th < len(tq):
+        if tq is not None and 1 <= tq_parts[1] < len(tq):
             # Each of two parts of the phrases tunes an nprobe, and the larger is kept: a few dozen
             # text queries vary so much from phrase to phrase that one part can clear the target
             # with lists another finds too few (10M vectors: 0.969 against 0.925). The third part,
@@ -1137,7 +1136,7 @@ def build_from_source(source: VectorSource, plan: IndexPlan, *, recall_sample: i
             setter = max(range(len(tuned)), key=lambda j: tuned[j][0])
             rep.nprobe_text = max(tuned[setter][0], rep.nprobe)
             rep.tune_curve_text = tuned[setter][1]
-            ev_t = slice(th, len(tq))
+            ev_t = slice(tq_parts[1], len(tq))
         index.nprobe = rep.nprobe
     else:
         ev = slice(0, n_query)

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from curator import constants as C
+
 # A decoded image larger than this is refused before its pixels are allocated.
 MAX_PIXELS = 16384 * 16384 // 2
 
@@ -50,7 +52,7 @@ class ReadOptions:
     dicom_conversion: str = "mimic"
     # Modalities accepted from DICOM headers; None accepts any. Files of other modalities are
     # recorded as errors with stage "filter".
-    modalities: frozenset[str] | None = frozenset({"CR", "DX"})
+    modalities: frozenset[str] | None = C.DEFAULT_MODALITIES
     # Per-file limit on reading + decoding (seconds); a file over it is recorded as an error.
     # Enforced with SIGALRM in the reading process's main thread (a decoder stuck inside C code
     # is interrupted when it returns to Python). None: no limit.

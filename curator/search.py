@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from curator import index as faiss_index
+from curator.constants import DEFAULT_MODALITIES
 from curator.model import Checkpoint
 from curator.preprocess import model_input
 from curator.query import connect, reads_query_cache
@@ -366,7 +367,7 @@ def query_modality_note(ws: Workspace, data: bytes) -> str | None:
         modality = str(ds.get("Modality", "") or "").strip().upper()
     except Exception:  # noqa: BLE001 - the reader says what is wrong with a broken file
         return None
-    kept = ws.manifest.get("modality_filter", ["CR", "DX"])
+    kept = ws.manifest.get("modality_filter", sorted(DEFAULT_MODALITIES))
     if not modality or kept is None or modality in kept:
         return None
     return (f"the example image is a {modality} DICOM; this workspace holds {', '.join(kept)} images only (embed's "
