@@ -1,4 +1,4 @@
-"""What the app's pages share: which workspace, the resources loaded once per process, widgets.
+"""What the app's pages (``views/``) share: which workspace, the resources loaded once per process, widgets.
 
 The app holds no logic of its own: searching is :class:`curator.search.Searcher`, thumbnails are
 :mod:`curator.thumbnails`, SQL is :func:`curator.query.connect` (sandboxed), cohorts are
@@ -22,7 +22,7 @@ import streamlit as st
 
 from curator import query_cache
 from curator.appserver import ENV_LAUNCHED, is_loopback
-from curator.deid import SAFE_COLUMNS
+from curator.deid import AGE_CAP, SAFE_COLUMNS
 from curator.index import read_index_info
 from curator.query import connect
 from curator.search import Searcher, SearchFilter
@@ -62,8 +62,43 @@ def device() -> str | None:
     return _argv_value("--device") or os.environ.get(ENV_DEVICE) or None
 
 
+# The pages' input widgets (not buttons or file uploads, whose state cannot be set): their values
+# survive a visit to another page (see keep_widget_state).
+_FILTER_FIELDS = ("view", "modality", "sex", "age", "from", "to", "cond")
+KEPT_WIDGETS = frozenset({
+    "search_q", "search_k", "search_findings", "search_contrast", *(f"search-filter-{f}" for f in _FILTER_FIELDS),
+    "cohort-name", "cohort-use-labels", "cohort-finding", "cohort-threshold", "cohort-absent", "cohort-absent-threshold",
+    "cohort-condition", "cohort-sql", "cohort-one-per", "cohort-sampling", "cohort-limit", "cohort-npos", "cohort-nneg",
+    "cohort-nany", "cohort-split", "cohort-deid", "cohort-copy", *(f"cohort-filter-{f}" for f in _FILTER_FIELDS),
+    "sql-query", "overview-findings",
+})
+
+
+def keep_widget_state() -> None:
+    """Hand the pages' widget values back to the session state on every run: Streamlit forgets the
+    state of a widget that a run does not draw, so without this a query, a half-built cohort or
+    its filters would be gone after a look at another page."""
+    for k in KEPT_WIDGETS & set(st.session_state.keys()):
+        st.session_state[k] = st.session_state[k]
+
+
+def refuse_if_unsafe() -> bool:
+    """Show why the app does not run on this server, if it should not (see
+    :func:`unsafe_server_settings`); True then."""
+    unsafe = unsafe_server_settings()
+    if unsafe:
+        st.error("This app shows a hospital archive's images, so it does not run while " + " and ".join(unsafe) + ". "
+                 "Start it with `curator app --workspace W` (this machine only; `--host` to serve a network), or add "
+                 "`--server.address 127.0.0.1 --browser.gatherUsageStats false` to the `streamlit run` line.")
+    return bool(unsafe)
+
+
 def workspace(require_images: bool = True) -> Workspace | None:
-    """The workspace (manifest re-read on every run), or None after telling the user what to do."""
+    """The workspace (manifest re-read on every run), or None after telling the user what to do.
+    Every page asks for it first, so every page refuses on a server that breaks the app's promises
+    (also a page script served on its own)."""
+    if refuse_if_unsafe():
+        return None
     root = workspace_root()
     if not root:
         st.info("No workspace given. Start the app with `curator app --workspace W` "
@@ -182,6 +217,8 @@ def filter_widgets(ws: Workspace, key: str, with_condition: bool = True) -> Sear
     age = c1.slider("Age (years)", 0, 120, (0, 120), key=f"{key}-age")
     date_from = c2.date_input("Study date from", value=None, min_value=dt.date(1900, 1, 1), key=f"{key}-from")
     date_to = c3.date_input("Study date to", value=None, min_value=dt.date(1900, 1, 1), key=f"{key}-to")
+    if date_from and date_to and date_from > date_to:
+        st.warning("“Study date from” is after “Study date to”: no image can pass.")
     condition = ""
     if with_condition:
         condition = st.text_input(
@@ -216,8 +253,10 @@ def _fmt_date(v) -> str:
 
 
 def image_grid(ws: Workspace, df: pd.DataFrame, findings: list[str], key: str, actions: bool = True,
-               on_details=None, on_similar=None) -> None:
-    """Thumbnails of ``df``'s images (rows with ``image_id``), with similarity and probabilities."""
+               on_details=None, on_similar=None, after_row=None) -> None:
+    """Thumbnails of ``df``'s images (rows with ``image_id``), with similarity and probabilities.
+    ``after_row(ids)``, if given, is called below each row of the grid with that row's image ids
+    (the search page opens an image's details there, where the user clicked)."""
     if df.empty:
         return
     ids = [int(i) for i in df["image_id"]]
@@ -248,6 +287,8 @@ def image_grid(ws: Workspace, df: pd.DataFrame, findings: list[str], key: str, a
                               icon=":material/zoom_in:", type="tertiary")
                     st.button("More like this", key=f"{key}-mlt-{iid}", on_click=on_similar, args=(iid,), width="stretch",
                               icon=":material/image_search:", type="tertiary")
+        if after_row is not None:
+            after_row([int(r["image_id"]) for r in rows[start:start + GRID_COLUMNS]])
 
 
 def visible_metadata(row: dict) -> dict:
@@ -258,6 +299,8 @@ def visible_metadata(row: dict) -> dict:
         v = row.get(k)
         if k in out or missing(v):
             continue
+        if k == "patient_age" and float(v) > AGE_CAP - 1:  # as a de-identified export has it (HIPAA Safe Harbor)
+            v = f"{AGE_CAP}+"
         out[k] = v.isoformat() if hasattr(v, "isoformat") else v
     return out
 
@@ -284,6 +327,11 @@ def json_bytes(obj) -> bytes:
     return json.dumps(obj, indent=1, default=str).encode()
 
 
+def exports_base() -> str | None:
+    """The folder given for exports (``--exports DIR`` or $CURATOR_EXPORTS), if any."""
+    return _argv_value("--exports") or os.environ.get(ENV_EXPORTS) or None
+
+
 def export_folder(name: str) -> Path:
     """A new folder for one export: under ``--exports DIR`` (or $CURATOR_EXPORTS) when given, else a
     fresh temporary folder. Never inside the workspace (exports may leave it; the workspace stays as built)."""
@@ -292,7 +340,7 @@ def export_folder(name: str) -> Path:
 
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "cohort"
     stamp = dt.datetime.now().strftime("%Y%m%dT%H%M%S")
-    base = _argv_value("--exports") or os.environ.get(ENV_EXPORTS)
+    base = exports_base()
     parent = Path(base).expanduser() if base else Path(tempfile.mkdtemp(prefix="curator-export-"))
     parent.mkdir(parents=True, exist_ok=True)
     out = parent / f"{safe}-{stamp}"

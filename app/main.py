@@ -16,20 +16,19 @@ from curator.app import common
 
 from curator import __version__
 
-st.set_page_config(page_title="curator", page_icon=":material/radiology:", layout="wide")
+# (an emoji: Streamlit draws it as an inline SVG; a :material/...: page icon is fetched from Google's servers)
+st.set_page_config(page_title="curator", page_icon="🩻", layout="wide")
 
-unsafe = common.unsafe_server_settings()
-if unsafe:
-    st.error("This app shows a hospital archive's images, so it does not run while " + " and ".join(unsafe) + ". "
-             "Start it with `curator app --workspace W` (this machine only; `--host` to serve a network), or add "
-             "`--server.address 127.0.0.1 --browser.gatherUsageStats false` to the `streamlit run` line.")
+if common.refuse_if_unsafe():
     st.stop()
 
+# (The page scripts live in views/, not pages/: Streamlit serves a main script's pages/ folder
+# page by page on its own when the script stops before st.navigation, as it does just above.)
 page = st.navigation([
-    st.Page("pages/search.py", title="Search", icon=":material/search:", default=True),
-    st.Page("pages/cohort.py", title="Cohort builder", icon=":material/group:"),
-    st.Page("pages/overview.py", title="Overview", icon=":material/monitoring:"),
-    st.Page("pages/sql.py", title="SQL", icon=":material/database:"),
+    st.Page("views/search.py", title="Search", icon=":material/search:", default=True),
+    st.Page("views/cohort.py", title="Cohort builder", icon=":material/group:"),
+    st.Page("views/overview.py", title="Overview", icon=":material/monitoring:"),
+    st.Page("views/sql.py", title="SQL", icon=":material/database:"),
 ])
 
 with st.sidebar:
@@ -37,4 +36,5 @@ with st.sidebar:
     st.caption(f"workspace: `{root}`" if root else "no workspace")
     st.caption(f"curator {__version__}")
 
+common.keep_widget_state()
 page.run()

@@ -53,6 +53,9 @@ def streamlit_command(workspace: str | Path, host: str = DEFAULT_HOST, port: int
         "--server.enableStaticServing", "false",
         "--global.developmentMode", "false",
         "--client.toolbarMode", "minimal",
+        # (the app hands its widgets' values back to the session state so that they survive a page
+        # change, app/common.py keep_widget_state: not the duplication the warning is about)
+        "--global.disableWidgetStateDuplicationWarning", "true",
         "--", "--workspace", str(Path(workspace).expanduser().resolve()),
     ]
     if device:

@@ -141,6 +141,10 @@ def cmd_embed(args) -> int:
     from curator.pipelines.embed import EmbedConfig, run_embed
     from curator.readers import ReadOptions
 
+    odd = sorted((args.modality or frozenset()) - C.DICOM_MODALITIES)
+    if odd:
+        log.warning("--modality %s: not a DICOM modality code (radiographs are CR and DX; 'any' takes every modality); "
+                    "only DICOM files whose Modality is exactly that pass", ",".join(odd))
     cfg = EmbedConfig(
         archives=args.archive,
         workspace=args.workspace,
@@ -749,8 +753,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("PIL", "pydicom", "matplotlib", "urllib3", "faiss", "faiss.loader"):
+    # curator's own messages at the chosen level; the libraries' only from warnings up (their INFO
+    # lines, e.g. OpenJPEG's "tile number 1 / 1" per encoded file, mean nothing to a user), all with -vv
+    logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("curator").setLevel(level)
+    for noisy in ("PIL", "pydicom", "matplotlib", "urllib3", "faiss", "faiss.loader", "openjpeg"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 

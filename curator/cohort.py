@@ -151,9 +151,11 @@ def _is_int(v) -> bool:
 
 
 def unbalanced_parentheses(text: str) -> str | None:
-    """Why the parentheses of an SQL fragment do not balance (outside its strings and comments),
-    or None. A fragment that closes a parenthesis it did not open would reach out of the place the
-    rule gives it (``1=1) OR (1=1`` in a where clause overrides the conditions beside it)."""
+    """Why an SQL fragment does not stand on its own, or None: its parentheses do not balance
+    (outside its strings and comments), or it leaves a quoted string or a ``/*`` comment open, or
+    it holds nothing but comments. A fragment that closes a parenthesis it did not open would reach
+    out of the place the rule gives it (``1=1) OR (1=1`` in a where clause overrides the conditions
+    beside it); one that leaves a string or a comment open would swallow the SQL after it."""
     import duckdb
 
     depth = 0
@@ -161,6 +163,21 @@ def unbalanced_parentheses(text: str) -> str | None:
         tokens = duckdb.tokenize(text)
     except Exception:  # noqa: BLE001 - left to the query's own error
         return None
+    if tokens:
+        pos, kind = tokens[-1]
+        rest = text[pos:]
+        if kind == duckdb.token_type.string_const and rest.startswith("'") and not re.fullmatch(r"'(?:[^']|'')*'\s*", rest):
+            return "leaves a quoted string open (a ' without its closing ')"
+        if kind == duckdb.token_type.comment and rest.startswith("/*"):
+            opened = 0
+            for m in re.finditer(r"/\*|\*/", rest):
+                opened += 1 if m.group(0) == "/*" else -1
+                if opened == 0:
+                    break
+            if opened > 0:
+                return "leaves a /* comment open (no closing */)"
+        if all(k == duckdb.token_type.comment for _, k in tokens):
+            return "holds nothing but a comment"
     for j, (pos, kind) in enumerate(tokens):
         if kind != duckdb.token_type.operator:
             continue
@@ -597,6 +614,12 @@ def cohort_estimates(ws, spec: CohortSpec, level: float = 0.95) -> dict:
     from curator.metrics import wilson_interval
 
     ws = open_workspace(ws)
+    if spec.findings:  # (a misspelt name would otherwise just be missing from the estimates)
+        known = ws.manifest.get("finding_columns", {})
+        unknown = [f for f in spec.findings if f not in known]
+        if unknown:
+            raise ValueError(f"cohort spec {spec.name!r}: 'findings' names no finding of this workspace: {', '.join(unknown)} "
+                             f"(findings: {', '.join(sorted(known))})")
     cal = active_calibration(ws)
     if not cal:
         return {}
@@ -750,10 +773,28 @@ def identifying_literal_spans(text: str, wrap: str = _SQL_FIELDS["where"]) -> li
     return sorted(set(spans))
 
 
+def strip_sql_comments(text: str) -> str:
+    """``text`` without its SQL comments (``-- ...``, ``/* ... */``, nested too), each replaced by
+    a space, as DuckDB's tokenizer finds them (not inside string literals); unchanged if it has none.
+    A comment does nothing to a query, and may say anything ("requested for DOE^JOHN")."""
+    import duckdb
+
+    toks = duckdb.tokenize(text)
+    if not any(kind == duckdb.token_type.comment for _, kind in toks):
+        return text
+    out, last = [], 0
+    for j, (pos, kind) in enumerate(toks):
+        if kind == duckdb.token_type.comment:  # (it runs to the next token, or to the end)
+            out += [text[last:pos], " "]
+            last = toks[j + 1][0] if j + 1 < len(toks) else len(text)
+    out.append(text[last:])
+    return "".join(out).strip()
+
+
 def _blank_identifying_literals(spec: CohortSpec) -> tuple[CohortSpec, set[str]]:
-    """A copy of ``spec`` whose SQL has ``'[redacted]'`` / ``[redacted]`` for every literal that
-    stands with an identifying column, and those literals' values (4+ characters, to redact in
-    the rest of the manifest too)."""
+    """A copy of ``spec`` whose SQL has no comments and ``'[redacted]'`` / ``[redacted]`` for
+    every literal that stands with an identifying column, and those literals' values (4+
+    characters, to redact in the rest of the manifest too)."""
     from dataclasses import replace as dc_replace
 
     values: set[str] = set()
@@ -761,6 +802,7 @@ def _blank_identifying_literals(spec: CohortSpec) -> tuple[CohortSpec, set[str]]
     def blank(text: str | None, wrap: str) -> str | None:
         if not text:
             return text
+        text = strip_sql_comments(text)
         out = text
         for start, end in reversed(identifying_literal_spans(text, wrap)):
             lit = text[start:end]
@@ -1070,7 +1112,9 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
         raise ValueError(f"{out_dir}: export outside the workspace folder")
     if out_dir == Path(out_dir.anchor) or out_dir in ws.root.parents:
         raise ValueError(f"{out_dir}: holds the workspace; choose a new folder for the export")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a folder; choose a new folder for the export (nothing was changed)")
+    if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise ValueError(f"{out_dir} exists and is not empty; choose a new folder or overwrite")
         why = _not_an_export(out_dir)
@@ -1166,7 +1210,7 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
         if "cohort_arm" in source.names:
             counts["arms"] = {a: acc.arms.get(a, 0) for a in ("positive", "negative")}
         for lc in label_cols:
-            counts.setdefault("labels", {})[lc] = dict(acc.labels[lc])
+            counts.setdefault("labels", {})[lc] = dict(acc.labels.get(lc, {}))  # (none when no row matched)
         prov = _provenance(ws, columns, identified=not spec.deidentify)
         thresholds = {c: {k: e.get(k) for k in ("threshold", "lower", "upper", "rule", "lower_rule", "upper_rule", "threshold_ci_low",
                                                    "threshold_ci_high", "prompt_set", "calibrated_at", "level", "n_pos", "n_neg")}
@@ -1252,6 +1296,11 @@ def _cli_cohort(args) -> int:
         return 0
     if not args.out:
         raise CliError("give --out DIR (or --count / --sql)")
+    if not spec.deidentify:
+        why = "--no-deidentify" if args.no_deidentify else f"deidentify = false in {args.spec}"
+        log.warning("cohort %r: identified export (%s): source paths, patient and study identifiers and dates go into %s%s; "
+                    "share it only where identified data may go", spec.name, why, args.out,
+                    " (the copies keep the files' full headers)" if spec.copy_images == "copy" else "")
     m = export_cohort(ws, spec, args.out, overwrite=args.overwrite, workers=args.workers)
     c = m["counts"]
     print(f"{spec.name}: {c['rows']} rows ({c['patients']} patients, {c['studies']} studies) of {c['candidates']} matching images"

@@ -51,3 +51,11 @@ DIM_KEYS = ("embed_dim", "vision_width", "vision_layers", "patch_size", "image_s
 # DICOM modalities embed accepts unless told otherwise (--modality): the radiographs CheXzero was
 # trained on (computed and digital radiography)
 DEFAULT_MODALITIES = frozenset({"CR", "DX"})
+# The defined terms of DICOM's Modality attribute (PS3.3 C.7.3.1.1.1, current and retired): a
+# --modality value outside them is most likely a typo ("XR" for radiographs, which are CR and DX).
+DICOM_MODALITIES = frozenset("""
+    AR ASMT AU BDUS BI BMD CD CF CP CR CS CT CTPROTOCOL DD DF DG DM DMS DOC DS DX EC ECG EPS ES FA FID FS GM HC HD IO IOL
+    IVOCT IVUS KER KO LEN LP LS M3D MA MG MR MS NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN POS PR PT PX REG RESP
+    RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SC SEG SM SMR SR SRF ST STAIN TEXTUREMAP TG US
+    VA VF VL XA XC
+""".split())

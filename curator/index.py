@@ -268,6 +268,9 @@ def choose_index(n: int, dim: int, budget_gb: float | None = None, kind: str = "
     if kind != "auto":
         if kind not in KINDS:
             raise ValueError(f"unknown index type {kind!r}; one of auto, {', '.join(KINDS)}")
+        if kind == "ivf-pq" and n < (least := 1 << _pq_params(dim, budget, n, ivf_nlist(n))[1]):
+            raise ValueError(f"ivf-pq needs at least {least} vectors to train its codes; there are {n:,}. "
+                             "For so few images exact search (--type flat, or auto) is the right index")
         ok, need = fits(kind)
         return plan(kind, f"asked for {kind}" + ("" if ok else f" (needs ~{need}, over the {gb} budget)"))
     skipped = []

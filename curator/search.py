@@ -353,9 +353,10 @@ def image_vector_from_bytes(ck: Checkpoint, data: bytes, read_options: ReadOptio
         return ck.encode_images(model_input(result.image).unsqueeze(0)).numpy()[0]
 
 
-def query_modality_note(ws: Workspace, data: bytes) -> str | None:
-    """A sentence when an example image is a DICOM of a modality the workspace's embed leaves out
-    (a CT slice as the query of a radiograph archive), else None. Reads the header only."""
+def query_modality_note(ws: Workspace, data: bytes, what: str = "the example image") -> str | None:
+    """A sentence when an example image (``what``: how the sentence names it) is a DICOM of a
+    modality the workspace's embed leaves out (a CT slice as the query of a radiograph archive),
+    else None. Reads the header only."""
     if len(data) < 132 or data[128:132] != b"DICM":
         return None
     import io
@@ -370,7 +371,7 @@ def query_modality_note(ws: Workspace, data: bytes) -> str | None:
     kept = ws.manifest.get("modality_filter", sorted(DEFAULT_MODALITIES))
     if not modality or kept is None or modality in kept:
         return None
-    return (f"the example image is a {modality} DICOM; this workspace holds {', '.join(kept)} images only (embed's "
+    return (f"{what} is a {modality} DICOM; this workspace holds {', '.join(kept)} images only (embed's "
             "modality filter), so its nearest images may mean little")
 
 

@@ -68,10 +68,26 @@ def catalog_entries(con, image_ids) -> dict[int, CatalogEntry]:
 
 def _encode(img: Image.Image, px: int) -> bytes:
     im = img.copy()
+    im.info = {}  # no metadata of the source (Pillow writes a JPEG's comment again: "DOE^JOHN, MRN 1234")
     im.thumbnail((px, px), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=True)
     return buf.getvalue()
+
+
+def carries_metadata(data: bytes) -> bool:
+    """The JPEG has a comment or an APP1-APP15 segment (EXIF, XMP, ...) before its scan: text that
+    may name a patient. Thumbnails cached before curator dropped the source's metadata can hold a
+    JPEG source's comment; they are made again."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xDA:  # start of scan: no metadata segments follow
+            return False
+        if marker == 0xFE or 0xE1 <= marker <= 0xEF:
+            return True
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return False
 
 
 def render(entry: CatalogEntry) -> dict[str, bytes]:
@@ -123,9 +139,14 @@ def get_thumbnails(root: str | Path, con, image_ids, size: str = "small", worker
     for i in dict.fromkeys(int(x) for x in image_ids):
         p = thumbnail_path(root, i, size)
         try:
-            found[i] = p.read_bytes()
+            data = p.read_bytes()
         except OSError:
             missing.append(i)
+            continue
+        if carries_metadata(data):
+            missing.append(i)
+        else:
+            found[i] = data
     if not missing:
         return found, problems
     entries = catalog_entries(con, missing)

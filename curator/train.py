@@ -1191,6 +1191,10 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
         given["val_findings"] = [c.strip() for c in given["val_findings"].split(",") if c.strip()]
     if getattr(args, "from_scratch", False):
         given["init"] = None
+    if given.get("init") == "demo":  # the bundled demo model, as `curator embed --checkpoint demo` names it
+        from curator.demo_model import demo_checkpoint_path
+
+        given["init"] = str(demo_checkpoint_path())
     state_path = Path(str(args.out) + STATE_SUFFIX)
     if args.resume and state_path.exists():
         try:

@@ -32,7 +32,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--val-max", type=int, default=None, help="at most this many validation images (default 1000)")
     m = p.add_argument_group("model")
     src = m.add_mutually_exclusive_group()
-    src.add_argument("--init", default=None, metavar="CK", help="fine-tune from this CheXzero checkpoint")
+    src.add_argument("--init", default=None, metavar="CK", help="fine-tune from this CheXzero checkpoint ('demo': the bundled demo model)")
     src.add_argument("--from-scratch", action="store_true", help="random initialisation (the default without --init)")
     m.add_argument("--arch", choices=list(ARCHS), default=None, help="architecture preset for --from-scratch (default small)")
     for k in DIM_KEYS:

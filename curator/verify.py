@@ -116,8 +116,8 @@ def _check(ws: Workspace, rep: VerifyReport, repair: bool) -> None:
         active = sorted(set(ws.manifest.get("finding_columns", {}).values()))
         for ps in active:
             rel = f"predictions_{ps}"
-            for m in members:
-                missing = q(f"SELECT count(*) FROM catalog_raw c WHERE NOT EXISTS (SELECT 1 FROM {rel} p WHERE p.image_id = c.image_id AND p.member = ?)", m)[0][0]
+            for m in members:  # (current images: `curator label` scores no replaced or retired row)
+                missing = q(f"SELECT count(*) FROM catalog c WHERE NOT EXISTS (SELECT 1 FROM {rel} p WHERE p.image_id = c.image_id AND p.member = ?)", m)[0][0]
                 if missing:
                     rep.problems.append(f"{missing} image(s) without predictions of prompt set {ps} for member {m[:12]}")
             dups = q(f"SELECT count(*) FROM (SELECT image_id, member FROM {rel} GROUP BY ALL HAVING count(*) > 1)")[0][0]

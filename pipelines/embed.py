@@ -253,11 +253,22 @@ def check_ensemble(ws: Workspace, checkpoints) -> None:
 
 
 def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> EmbedSummary:
+    """Embed the archives into the workspace (see :class:`EmbedConfig`). ``cfg.threads`` sets torch's
+    thread count for the run only: the caller's count is back when it returns or fails."""
+    before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_embed(cfg, checkpoints)
+    finally:
+        if cfg.threads and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None) -> EmbedSummary:
     t_start = time.perf_counter()
     started = utcnow()
     run_id = started.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     if cfg.engine not in ("local", "ray"):
         raise ValueError(f"unknown engine {cfg.engine!r}; expected 'local' or 'ray'")
     if cfg.read_options.jpeg_on_device and cfg.engine == "ray" and cfg.worker_jpeg_share == "auto":

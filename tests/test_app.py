@@ -211,6 +211,16 @@ def test_details_hide_patient_identifiers(app, ws_path):
     assert not any(str(ws_path.parent) in str(v) or "General Hospital" in str(v) for v in fields.values())
 
 
+def test_details_show_ages_over_89_as_a_de_identified_export_does():
+    from curator.app.common import visible_metadata
+    from curator.deid import deidentify_frame
+
+    for age, shown in ((97, "90+"), (90, "90+"), (89, 89), (45, 45)):
+        assert visible_metadata({"patient_age": age, "view_position": "PA"})["patient_age"] == shown
+        exported = deidentify_frame(pd.DataFrame({"image_id": [1], "patient_age": [age]}), "00" * 32)[0].patient_age[0]
+        assert (exported == 90) == (shown == "90+")
+
+
 @pytest.mark.parametrize("address, stats, refused", [
     (None, False, "every network interface"),  # a plain `streamlit run` with no configuration
     ("0.0.0.0", False, "listens on 0.0.0.0"),
@@ -226,6 +236,10 @@ def test_app_refuses_to_serve_beyond_this_machine_unless_curator_app_chose_to(ws
     assert not at.exception
     assert at.error and refused in at.error[0].value and "curator app --workspace" in at.error[0].value
     assert not at.text_input and not at.dataframe  # nothing of the workspace shown
+    for view in PAGES:  # each page script refuses too, run on its own
+        at = AppTest.from_file(str(MAIN.parent / view), default_timeout=TIMEOUT).run()
+        assert not at.exception and at.error and refused in at.error[0].value, view
+        assert not at.dataframe and not at.metric and not at.image, view
     monkeypatch.setenv("CURATOR_APP_LAUNCHED", "1")  # `curator app --host 0.0.0.0` chose it (and warned)
     at = AppTest.from_file(str(MAIN), default_timeout=TIMEOUT).run()
     assert not at.exception and not at.error and at.text_input
@@ -242,7 +256,7 @@ def test_overview_error_examples_leave_paths_out(tmp_path, tiny_checkpoints, mon
     assert duckdb.connect().execute(f"SELECT count(*) FROM read_parquet('{ws}/errors/*.parquet') WHERE error LIKE '%DOE^JOHN%'").fetchone()[0] >= 1
     monkeypatch.setenv("CURATOR_WORKSPACE", str(ws))
     at = AppTest.from_file(str(MAIN), default_timeout=TIMEOUT).run()
-    at.switch_page("pages/overview.py").run()
+    at.switch_page("views/overview.py").run()
     assert not at.exception
     shown = " ".join(df.value.to_csv() for df in at.dataframe)
     assert "<file>" in shown or "<path>" in shown
@@ -265,6 +279,23 @@ def test_more_like_this_and_upload(app, ws_path):
     assert not app.exception
     res = app.session_state["search_results"]
     assert int(res.image_id.iloc[0]) == int(png.image_id) and res.similarity.iloc[0] == pytest.approx(1.0, abs=1e-4)
+    # a text search since: the file stays loaded, and one click searches with it again
+    app.text_input[0].input("cardiomegaly").run()
+    assert app.session_state["search_mode"] == "text" and app.button(key="search-use-upload")
+    app.button(key="search-use-upload").click().run()
+    res = app.session_state["search_results"]
+    assert not app.exception and int(res.image_id.iloc[0]) == int(png.image_id)
+    assert not [b for b in app.button if b.key == "search-use-upload"]
+    # Details open below the row of the card clicked, not above the grid: after the last card of its
+    # row, before the first of the next
+    from curator.app.common import GRID_COLUMNS
+
+    ids = [int(i) for i in res.image_id]
+    assert len(ids) > 2 * GRID_COLUMNS
+    app.button(key=f"res-det-{ids[GRID_COLUMNS + 1]}").click().run()
+    keys = [b.key for b in app.button]
+    at = keys.index("detail-close")
+    assert keys.index(f"res-mlt-{ids[2 * GRID_COLUMNS - 1]}") < at < keys.index(f"res-det-{ids[2 * GRID_COLUMNS]}")
     # a file that is not an image is refused with a reason
     app.file_uploader(key="search_upload").set_value(("evil.dcm", b"\x00" * 300, "application/dicom")).run()
     assert not app.exception and any("Cannot use the uploaded file" in e.value for e in app.error)
@@ -272,7 +303,7 @@ def test_more_like_this_and_upload(app, ws_path):
 
 # -- cohort page ------------------------------------------------------------------------------
 def _cohort(app, threshold: float, views=("PA", "AP")):
-    app.switch_page("pages/cohort.py").run()
+    app.switch_page("views/cohort.py").run()
     assert not app.exception, app.exception
     app.selectbox(key="cohort-finding").select("edema").run()
     app.slider(key="cohort-threshold").set_value(threshold).run()
@@ -282,6 +313,38 @@ def _cohort(app, threshold: float, views=("PA", "AP")):
         app.multiselect(key="cohort-filter-view").select(v).run()
     assert not app.exception, app.exception
     return app
+
+
+def test_pages_keep_their_inputs_while_another_page_is_shown(app):
+    """A half-built cohort, a query and its filters are still there after a look at another page."""
+    app.text_input(key="search_q").input("pleural effusion").run()
+    app.number_input(key="search_k").set_value(15).run()
+    app.switch_page("views/cohort.py").run()
+    app.selectbox(key="cohort-finding").select("edema").run()
+    app.text_input(key="cohort-name").input("edema_study").run()
+    app.multiselect(key="cohort-filter-view").select("PA").run()
+    app.switch_page("views/sql.py").run()
+    app.text_area(key="sql-query").input("SELECT 42 AS answer").run()
+    app.switch_page("views/search.py").run()
+    assert not app.exception
+    assert app.text_input(key="search_q").value == "pleural effusion" and app.number_input(key="search_k").value == 15
+    assert len(app.session_state["search_results"]) == 15
+    app.switch_page("views/overview.py").run()
+    app.switch_page("views/cohort.py").run()
+    assert not app.exception
+    assert app.selectbox(key="cohort-finding").value == "edema" and app.text_input(key="cohort-name").value == "edema_study"
+    assert app.multiselect(key="cohort-filter-view").value == ["PA"]
+    app.switch_page("views/sql.py").run()
+    assert app.text_area(key="sql-query").value == "SELECT 42 AS answer"
+
+
+def test_sampling_positives_and_negatives_needs_a_finding_before_export(app):
+    app.switch_page("views/cohort.py").run()
+    assert not app.button(key="cohort-export").disabled
+    app.radio(key="cohort-sampling").set_value("N positives + N negatives").run()
+    assert any("Choose a finding" in w.value for w in app.warning) and app.button(key="cohort-export").disabled
+    app.selectbox(key="cohort-finding").select("edema").run()
+    assert not app.exception and not app.button(key="cohort-export").disabled
 
 
 def test_cohort_export_rows_equal_an_independent_query(app, ws_path, tmp_path):
@@ -320,6 +383,12 @@ def test_cohort_extra_predicate_may_end_in_a_comment(app, ws_path):
     # but it cannot close the parenthesis around it and override the finding's condition
     app.text_area(key="cohort-sql").input("1=1) OR (1=1").run()
     assert not app.exception and any("closes a parenthesis it did not open" in e.value for e in app.error)
+    for typed, says in (("-- only a comment", "nothing but a comment"), ("modality = 'DX", "quoted string open"),
+                        ("modality = 'DX' /* open", "comment open")):
+        app.text_area(key="cohort-sql").input(typed).run()
+        errors = [e.value for e in app.error]
+        assert not app.exception and any(says in e for e in errors) and not any("TUPLE" in e or "Cohort spec: cohort spec" in e
+                                                                                for e in errors), (typed, errors)
     # a wrong column: DuckDB's reason, without the line number of SQL the user did not write
     app.text_area(key="cohort-sql").input("no_such_column > 1").run()
     errors = [e.value for e in app.error]
@@ -371,7 +440,7 @@ def test_cohort_one_per_patient_and_sampling(app, ws_path):
 
 # -- overview and SQL -------------------------------------------------------------------------
 def test_overview_page(app, ws_path):
-    app.switch_page("pages/overview.py").run()
+    app.switch_page("views/overview.py").run()
     assert not app.exception
     metrics = {m.label: m.value for m in app.metric}
     assert metrics["Images"] == "20" and metrics["Indexed"] == "20" and metrics["Checkpoints"] == "2"
@@ -385,7 +454,7 @@ def test_overview_page(app, ws_path):
 
 
 def test_sql_page_runs_selects_and_refuses_files_and_writes(app, ws_path, tmp_path):
-    app.switch_page("pages/sql.py").run()
+    app.switch_page("views/sql.py").run()
     app.button(key="sql-run").click().run()
     assert not app.exception and not app.error
     assert len(app.dataframe[0].value) == 20 and app.get("download_button")
@@ -424,10 +493,21 @@ def test_sql_page_runs_selects_and_refuses_files_and_writes(app, ws_path, tmp_pa
         assert not app.exception and not app.error, sql
         assert app.dataframe, sql
     assert app.dataframe[0].value["n"].tolist() == [20]
+    # an error names the line as typed, its marker aligned in a code block
+    app.text_area(key="sql-query").input("SELECT 1 AS a,\n  'a'::INTEGER AS b")
+    app.button(key="sql-run").click().run()
+    assert "Conversion Error" in app.error[0].value and "LINE 2:" in app.code[0].value and "^^^" in app.code[0].value
+    # results of an earlier text say so; a DATE shows as a date
+    app.text_area(key="sql-query").input("SELECT DATE '2020-11-14' AS d").run()
+    assert any("changed since these results" in c.value for c in app.caption)
+    app.button(key="sql-run").click().run()
+    assert str(app.dataframe[0].value["d"][0]) == "2020-11-14"
+    assert not any("changed since" in c.value for c in app.caption)
+    assert any("identifiers included" in c.value for c in app.caption)
 
 
 # -- workspaces without an index, without images, or none at all ------------------------------
-PAGES = ["pages/search.py", "pages/cohort.py", "pages/overview.py", "pages/sql.py"]
+PAGES = ["views/search.py", "views/cohort.py", "views/overview.py", "views/sql.py"]
 
 
 def _all_pages(monkeypatch, root):
@@ -448,10 +528,10 @@ def test_workspace_without_index(ws_path, tmp_path, monkeypatch):
     copy = tmp_path / "noindex"
     shutil.copytree(ws_path, copy, ignore=shutil.ignore_patterns("index", "thumbnails"))
     at, msgs = _all_pages(monkeypatch, copy)
-    assert "curator index --workspace" in msgs["pages/search.py"]
-    at.switch_page("pages/overview.py").run()
+    assert "curator index --workspace" in msgs["views/search.py"]
+    at.switch_page("views/overview.py").run()
     assert {m.label: m.value for m in at.metric}["Indexed"] == "no index"
-    at.switch_page("pages/cohort.py").run()
+    at.switch_page("views/cohort.py").run()
     assert at.metric[0].value == "20"
 
 
@@ -465,9 +545,9 @@ def test_app_on_a_workspace_with_a_query_cache(ws_path, tmp_path, monkeypatch):
     assert cli_main(["-q", "cache", "--workspace", str(copy)]) == 0
     assert query_cache.status(Workspace(copy)).fresh
     at, _ = _all_pages(monkeypatch, copy)
-    at.switch_page("pages/cohort.py").run()
+    at.switch_page("views/cohort.py").run()
     assert at.metric[0].value == "20"
-    at.switch_page("pages/search.py").run()
+    at.switch_page("views/search.py").run()
     table = images_table(copy)
     women = set(table.image_id[table.patient_sex == "F"])
     at.text_input[0].input("cardiomegaly").run()
@@ -482,7 +562,7 @@ def test_empty_and_missing_workspaces(tmp_path, monkeypatch):
     with Workspace(empty).writer() as w:
         w.commit()  # a committed workspace holding no images (as after an embed that found none)
     _, msgs = _all_pages(monkeypatch, empty)
-    assert "no images yet" in msgs["pages/search.py"] and "no images yet" in msgs["pages/cohort.py"].lower()
+    assert "no images yet" in msgs["views/search.py"] and "no images yet" in msgs["views/cohort.py"].lower()
     _, msgs = _all_pages(monkeypatch, tmp_path / "nothing-here")
     assert all("not a curator workspace" in m for m in msgs.values())
     _, msgs = _all_pages(monkeypatch, None)
@@ -545,6 +625,46 @@ def test_thumbnails_come_from_the_catalog_only_and_are_cached(ws_path, monkeypat
     con.close()
 
 
+def test_thumbnails_carry_no_metadata_of_the_source(tmp_path, tiny_checkpoints):
+    """A JPEG's comment (and EXIF) can name the patient: thumbnails, which the app sends to the
+    browser as they are, have none; one cached before (with the comment) is made again."""
+    import io
+
+    from PIL import Image
+
+    from curator import thumbnails as T
+    from curator.query import connect
+
+    arc = tmp_path / "arc" / "DOE^JOHN_MRN778899"
+    arc.mkdir(parents=True)
+    img = Image.fromarray((np.arange(200 * 160) % 253).reshape(200, 160).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x010E] = "ImageDescription SMITH^JANE"
+    img.save(arc / "a.jpg", quality=90, comment=b"JPEGCOM DOE^JOHN MRN778899", exif=exif)
+    img.save(arc / "b.jpg", quality=90, comment=b"JPEGCOM DOE^JOHN MRN778899")
+    assert Image.open(arc / "a.jpg").info["comment"].startswith(b"JPEGCOM")  # (the sources do carry them)
+    ws = tmp_path / "ws"
+    run_embed(EmbedConfig(archives=[str(tmp_path / "arc")], workspace=str(ws), checkpoints=[str(tiny_checkpoints[0])], device="cpu",
+                          progress=False, workers=0, threads=1))
+    w = Workspace(ws)
+    con = connect(w)
+    ids = [int(i) for i in con.execute("SELECT image_id FROM catalog ORDER BY path").fetchnumpy()["image_id"]]
+    # b's thumbnail as an older curator cached it: the source's comment kept
+    stale = io.BytesIO()
+    img.save(stale, format="JPEG", quality=85, comment=b"JPEGCOM DOE^JOHN MRN778899")
+    T.thumbnail_path(w.root, ids[1], "small").parent.mkdir(parents=True, exist_ok=True)
+    T.thumbnail_path(w.root, ids[1], "small").write_bytes(stale.getvalue())
+    assert T.carries_metadata(stale.getvalue())
+    for size in ("small", "large"):
+        found, problems = T.get_thumbnails(w.root, con, ids, size)
+        assert set(found) == set(ids) and not problems
+        for data in [*found.values(), *(T.thumbnail_path(w.root, i, size).read_bytes() for i in ids)]:
+            assert b"DOE" not in data and b"SMITH" not in data and b"MRN" not in data
+            got = Image.open(io.BytesIO(data))
+            assert "comment" not in got.info and "exif" not in got.info and not T.carries_metadata(data)
+    con.close()
+
+
 def test_app_command(tmp_path, monkeypatch, capsys, ws_path):
     from curator import appserver
     from curator.cli import build_parser, main
@@ -585,8 +705,8 @@ def test_wheel_ships_the_app(tmp_path):
                        check=False, capture_output=True, text=True, cwd=str(REPO))
     assert r.returncode == 0, r.stderr
     names = set(zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist())
-    for needed in ("curator/app/main.py", "curator/app/common.py", "curator/app/pages/search.py", "curator/app/pages/cohort.py",
-                   "curator/app/pages/overview.py", "curator/app/pages/sql.py", "curator/appserver.py", "curator/thumbnails.py"):
+    for needed in ("curator/app/main.py", "curator/app/common.py", "curator/app/views/search.py", "curator/app/views/cohort.py",
+                   "curator/app/views/overview.py", "curator/app/views/sql.py", "curator/appserver.py", "curator/thumbnails.py"):
         assert needed in names, needed
 
 
@@ -604,7 +724,7 @@ def test_cohort_with_calibrated_labels(ws_path, tmp_path, monkeypatch):
     monkeypatch.setenv("CURATOR_WORKSPACE", str(copy))
     monkeypatch.setenv("CURATOR_EXPORTS", str(tmp_path / "exports"))
     at = AppTest.from_file(str(MAIN), default_timeout=TIMEOUT).run()
-    at.switch_page("pages/cohort.py").run()
+    at.switch_page("views/cohort.py").run()
     at.toggle(key="cohort-use-labels").set_value(True).run()
     at.selectbox(key="cohort-finding").select("edema").run()
     assert not at.exception

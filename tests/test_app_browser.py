@@ -109,6 +109,9 @@ def test_search_and_export_in_a_browser(server, tmp_path):
         try:
             page = ctx.pages[0] if ctx.pages else ctx.new_page()
             page.set_default_timeout(60_000)
+            # nothing is fetched from anywhere but this server (no fonts or icons from the internet)
+            outside = []
+            ctx.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:")) else outside.append(r.url))
             page.goto(url)
             wait_idle(page)
             box = page.locator("input[type='text']").first
@@ -147,6 +150,7 @@ def test_search_and_export_in_a_browser(server, tmp_path):
             page.screenshot(path=str(tmp_path / "cohort.png"), full_page=True)
         finally:
             ctx.close()
+    assert not outside, outside
     rows = pd.read_csv(csv_path)
     assert len(rows) == 10 and "path" not in rows.columns
     (folder,) = exports.iterdir()
@@ -155,3 +159,47 @@ def test_search_and_export_in_a_browser(server, tmp_path):
     assert '"edema" > 0.0' in manifest["spec"]["where"] and manifest["deidentified"] is True
     for name in ("search.png", "cohort.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_a_plain_streamlit_run_shows_no_page(tmp_path, tiny_checkpoints):
+    """`streamlit run app/main.py` without curator's settings (here: usage statistics on, Streamlit's
+    default) refuses on every page's URL, not only the first: no page script is served on its own."""
+    assert sync_api is not None and CHROMIUM, "playwright and chromium are needed (.ci/run installs both)"
+    from curator.appserver import app_script
+
+    ws = build_workspace(tmp_path / "data", tiny_checkpoints[:1], n_png=4, n_dicom=0, junk=False, index=False)
+    port = free_port()
+    log = tmp_path / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CURATOR_", "STREAMLIT_"))}
+    env["CURATOR_WORKSPACE"] = str(ws)
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(app_script()), "--server.port", str(port),
+                                 "--server.address", "127.0.0.1", "--server.headless", "true"],
+                                stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(tmp_path))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log)
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(60_000)
+                for path in ("", "/search", "/cohort", "/overview", "/sql"):
+                    page.goto(url + path)
+                    page.get_by_text("does not run while it sends Streamlit usage statistics", exact=False).first.wait_for()
+                    wait_idle(page)
+                    page.screenshot(path=str(tmp_path / f"refused{path.replace('/', '-')}.png"))
+                    shown = page.inner_text("body")
+                    assert "Run" not in page.eval_on_selector_all("button", "els => els.map(e => e.innerText)"), path
+                    assert page.locator("textarea, input[type='text']").count() == 0, path
+                    assert "workspace:" not in shown and "Cohort builder" not in shown and "SQL" not in shown.replace("SQL page", ""), path
+            finally:
+                browser.close()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -118,6 +118,11 @@ def test_calibrate_stores_thresholds_and_the_labels_view_follows_them(cal_ws, tm
     m = export_cohort(w, spec, tmp_path / "c")
     assert m["estimates"]["edema"]["precision"] == est["precision"]
     assert m["thresholds"]["edema"]["upper"] == e["upper"] and m["columns"]["labels"] == ["cardiomegaly_label", "edema_label"]
+    assert sum(m["counts"]["labels"]["edema_label"].values()) == m["counts"]["rows"] == int(sel.sum())
+    # a cohort no image matches is an empty export (header only), its label counts empty
+    m0 = export_cohort(w, CohortSpec(name="none", where="edema > 2"), tmp_path / "none")
+    assert m0["counts"]["rows"] == 0 and m0["counts"]["labels"] == {"cardiomegaly_label": {}, "edema_label": {}}
+    assert pd.read_csv(tmp_path / "none" / "cohort.csv").columns.tolist()[-2:] == ["cardiomegaly_label", "edema_label"]
     # evaluation now reports at the calibrated threshold, with the weak-label band
     rep = evaluate(w, load_truth(w, csv), None, n_boot=50)
     assert rep["findings"]["edema"]["threshold"] == e["threshold"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,11 +71,35 @@ def test_cuda_asked_without_cuda_is_an_error(tmp_path, tiny_checkpoints, capsys)
     assert rc == 1 and "CUDA is not available" in capsys.readouterr().err
 
 
+def test_a_modality_that_dicom_does_not_define_is_warned(tmp_path, tiny_checkpoints, caplog):
+    from tests.conftest import write_raster_archive
+
+    write_raster_archive(tmp_path / "arc", 2)
+    for given, odd in (("XR,dx", "XR"), ("CR,DX,CT", None), ("any", None)):
+        caplog.clear()
+        assert main(["-q", "embed", str(tmp_path / "arc"), "--workspace", str(tmp_path / f"ws-{given}"), "--checkpoint",
+                     str(tiny_checkpoints[0]), "--modality", given, "--workers", "0"]) == 0
+        warned = [r.getMessage() for r in caplog.records if "not a DICOM modality code" in r.getMessage()]
+        assert warned == ([f"--modality {odd}: not a DICOM modality code (radiographs are CR and DX; 'any' takes every modality); "
+                           "only DICOM files whose Modality is exactly that pass"] if odd else []), given
+
+
 def test_commands_on_a_missing_workspace_explain(tmp_path, capsys):
     for cmd in (["info"], ["index"], ["sql", "select 1"], ["search", "edema"]):
         rc = main([cmd[0], "--workspace", str(tmp_path / "none"), *cmd[1:]])
         err = capsys.readouterr().err
         assert rc == 2 and "not a curator workspace" in err, (cmd, err)
+
+
+def test_library_info_lines_stay_out_of_the_output():
+    """The CLI shows curator's INFO lines, and libraries' only from WARNING up (-vv shows most)."""
+    code = ("import logging, sys\nfrom curator.cli import _setup_logging\n_setup_logging(int(sys.argv[1]), False)\n"
+            "logging.getLogger('openjpeg.encode').info('codec-info')\nlogging.getLogger('somelib').info('lib-info')\n"
+            "logging.getLogger('somelib').warning('lib-warning')\n"
+            "logging.getLogger('curator.model').info('our-info')\n")
+    runs = {v: subprocess.run([sys.executable, "-c", code, str(v)], capture_output=True, text=True, check=True).stderr for v in (0, 2)}
+    assert "our-info" in runs[0] and "lib-warning" in runs[0] and "lib-info" not in runs[0] and "codec-info" not in runs[0]
+    assert "lib-info" in runs[2] and "our-info" in runs[2]
 
 
 def test_preview_writes_what_the_model_sees(tmp_path):
@@ -105,12 +130,30 @@ def test_denormalize_inverts_the_normalisation():
 
 def test_wheel_ships_the_sql_prompts_and_pipelines(tmp_path):
     """`pip install .` (not only -e) must carry the non-Python files and the mapped packages."""
+    import shutil
+
+    root = Path(__file__).parents[1]
+    src = tmp_path / "src"  # (a copy without build/: setuptools would also pack what an older build left there)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "build", "*.egg-info")
+    for name in ("curator", "pipelines", "app", "sql"):
+        shutil.copytree(root / name, src / name, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
-                       capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+                       capture_output=True, text=True, cwd=str(src))
     assert r.returncode == 0, r.stderr
     wheel = next(tmp_path.glob("*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("curator/sql/views.sql", "curator/sql/cohorts/edema.sql", "curator/prompts/chexpert.toml",
-                   "curator/pipelines/embed.py", "curator/pipelines/stages.py", "curator/cli.py"):
+                   "curator/pipelines/embed.py", "curator/pipelines/stages.py", "curator/cli.py", "curator/synth/archive.py",
+                   "curator/data/demo_model.pt", "curator/app/main.py", "curator/app/views/search.py"):
         assert needed in names, needed
+    # every source file of the package's folders, where the package maps it (a subpackage left out
+    # of pyproject's list works with -e and fails after a plain install)
+    mapped = {"curator": "curator", "pipelines": "curator/pipelines", "app": "curator/app", "sql": "curator/sql"}
+    for folder, target in mapped.items():
+        for f in (root / folder).rglob("*"):
+            if f.is_file() and f.suffix in (".py", ".sql", ".toml", ".txt", ".pt", ".json") and "__pycache__" not in f.parts:
+                want = f"{target}/{f.relative_to(root / folder).as_posix()}"
+                assert want in names, f"{want} is not in the wheel"
     assert any(n.endswith("entry_points.txt") for n in names)

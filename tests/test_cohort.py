@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -226,6 +227,36 @@ def test_deidentified_manifest_blanks_literals_written_against_identifying_colum
     assert "doe" not in text.replace("does", "")  # a three-letter surname, a folder of its own
 
 
+def test_deidentified_manifest_drops_the_comments_of_the_spec_sql(tmp_path, redaction_ws):
+    """A comment does nothing to the query and may say anything: a de-identified manifest has none
+    (nested, block and line comments; not a '--' inside a string literal); the identified one keeps them."""
+    where = ("edema >= 0 -- requested for DOE^JOHN (ROE^RICHARD too), scans of 2019-03-17 and 20180704\n"
+             "AND rows >= 16 /* Jane /* nested Smith */ asked */ AND coalesce(view_position, '') <> 'x -- y'")
+    spec = CohortSpec(name="edema", where=where, order_by="edema DESC -- Jane's favourite")
+    m = export_cohort(redaction_ws, spec, tmp_path / "out")
+    assert m["counts"]["rows"] == 3
+    text = (tmp_path / "out" / "manifest.json").read_text().lower()
+    for secret in ("doe", "roe^", "richard", "2019-03-17", "20180704", "jane", "smith", "requested", "favourite"):
+        assert secret not in text.replace("does", ""), secret
+    assert " ".join(m["spec"]["where"].split()) == "edema >= 0 AND rows >= 16 AND coalesce(view_position, '') <> 'x -- y'"
+    assert m["spec"]["order_by"] == "edema DESC" and "AND rows >= 16" in m["sql"]
+    ident = export_cohort(redaction_ws, dataclasses.replace(spec, deidentify=False), tmp_path / "ident")
+    assert ident["spec"]["where"] == where and ident["counts"]["rows"] == 3
+
+
+def test_strip_sql_comments_against_duckdb():
+    """The stripped text means what the original did, for DuckDB itself (an independent check)."""
+    import duckdb
+
+    from curator.cohort import strip_sql_comments
+
+    for expr in ("1 + 2 -- three", "1 /* a /* b */ c */ + 2", "'a -- b' || 'c' -- d", "'/* x */'", "1 --\r\n + 2", "3"):
+        got = strip_sql_comments(expr)
+        assert duckdb.sql(f"SELECT {got} AS v").fetchall() == duckdb.sql(f"SELECT {expr}\n AS v").fetchall(), expr
+        assert not any(k == duckdb.token_type.comment for _, k in duckdb.tokenize(got)), expr
+    assert strip_sql_comments("edema > 0.5") == "edema > 0.5"
+
+
 @pytest.fixture(scope="module")
 def redaction_ws(tmp_path_factory, tiny_checkpoints):
     d = tmp_path_factory.mktemp("redaction")
@@ -359,7 +390,7 @@ def test_dataset_reads_copied_and_source_images_as_the_model_input(dicom_ws, tmp
         CohortDataset(tmp_path / "noimg")
 
 
-def test_cli_cohort(dicom_ws, tmp_path, capsys):
+def test_cli_cohort(dicom_ws, tmp_path, capsys, caplog):
     from curator.cli import main
 
     _, ws, _ = dicom_ws
@@ -368,13 +399,28 @@ def test_cli_cohort(dicom_ws, tmp_path, capsys):
     assert main(["cohort", "--workspace", str(ws), "--spec", str(spec), "--count"]) == 0
     n = int(capsys.readouterr().out.split(":")[1].split()[0])
     assert main(["cohort", "--workspace", str(ws), "--spec", str(spec), "--out", str(tmp_path / "o")]) == 0
-    assert "de-identified" in capsys.readouterr().out
+    assert "de-identified" in capsys.readouterr().out and "identified export" not in caplog.text
     assert len(pd.read_csv(tmp_path / "o" / "cohort.csv")) == n
+    # an identified export is said on stderr, with what makes it one (the flag or the spec)
+    assert main(["cohort", "--workspace", str(ws), "--spec", str(spec), "--out", str(tmp_path / "i"), "--no-deidentify"]) == 0
+    assert "(identified)" in capsys.readouterr().out
+    assert [r.levelname for r in caplog.records if "identified export (--no-deidentify)" in r.getMessage()] == ["WARNING"]
+    spec.write_text(spec.read_text() + "deidentify = false\n")
+    assert main(["cohort", "--workspace", str(ws), "--spec", str(spec), "--out", str(tmp_path / "j")]) == 0
+    assert f"identified export (deidentify = false in {spec})" in caplog.text
     assert main(["cohort", "--workspace", str(ws), "--spec", str(spec), "--sql"]) == 0
     assert "QUALIFY row_number()" in capsys.readouterr().out
     spec.write_text('name = "bad"\nwhere = "no_such_column > 1"\n')
     assert main(["cohort", "--workspace", str(ws), "--spec", str(spec), "--count"]) == 2
     assert "no_such_column" in capsys.readouterr().err
+    (tmp_path / "afile").write_bytes(b"")
+    for extra in ([], ["--overwrite"]):  # an existing file is not taken for a folder, with or without --overwrite
+        assert main(["cohort", "--workspace", str(ws), "--spec", str(spec), "--out", str(tmp_path / "afile"), *extra]) == 2
+        assert "exists and is not a folder" in capsys.readouterr().err and (tmp_path / "afile").read_bytes() == b""
+    spec.write_text('name = "bad"\nfindings = ["edema", "edemaa"]\n')  # whose precision to estimate: a misspelt one
+    assert main(["cohort", "--workspace", str(ws), "--spec", str(spec), "--count"]) == 2
+    err = capsys.readouterr().err
+    assert "'findings' names no finding of this workspace: edemaa" in err and "Traceback" not in err
 
 
 def test_text_condition_selects_the_images_above_a_similarity(dicom_ws, tmp_path, capsys):
@@ -511,6 +557,13 @@ def test_a_spec_fragment_cannot_reach_out_of_its_place_in_the_rule():
             cohort_sql(CohortSpec(name="x", where=where))
     with pytest.raises(ValueError, match="'positive_where' closes"):
         cohort_sql(CohortSpec(name="x", sample=SampleSpec(n_positive=1, positive_where="true) OR (true", n_negative=1, negative_where="true")))
-    # parentheses in strings and comments, and nested ones, are fine
+    # an open string or block comment would swallow the SQL after it; a comment alone is no condition
+    for where, says in (("view_position = 'PA", "quoted string open"), ("edema > 0.5 /* a /* b */", "comment open"),
+                        ("-- edema only", "nothing but a comment"), ("/* x */ -- y", "nothing but a comment")):
+        with pytest.raises(ValueError, match=f"'where' .*{says}"):
+            cohort_sql(CohortSpec(name="x", where=where))
+    # parentheses in strings and comments, and nested ones, are fine; so are closed strings and comments
     ok = CohortSpec(name="x", where="(path LIKE '%)%' OR f(g(1)) = 1) AND x IN ((1),(2)) -- )")
     assert "x IN ((1),(2))" in cohort_sql(ok, labels=False)
+    ok = CohortSpec(name="x", where="view_position = 'it''s' /* a /* nested */ comment */")
+    assert "view_position = 'it''s'" in cohort_sql(ok, labels=False)

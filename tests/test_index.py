@@ -573,10 +573,19 @@ def test_cli_index_with_budget_end_to_end(tmp_path, tiny_checkpoints):
                     modality=modality)
         r = _cli("search", "--workspace", ws, "--image", tmp_path / f"{modality}.dcm", "-k", "2")
         assert ("the example image is a CT DICOM" in r.stderr) == warned and len(r.stdout.splitlines()) == 3
+        from curator.search import query_modality_note
+
+        note = query_modality_note(Workspace(ws), (tmp_path / f"{modality}.dcm").read_bytes(), "the uploaded file")
+        assert (note or "").startswith("the uploaded file is a CT DICOM") == warned and (note is None) != warned
     deep = "/archive/" + "/".join(f"folder{i:02d}" for i in range(12)) + "/patient/img-0042.dcm"
     assert len(deep) > 80 and shown_path(deep) == "..." + deep[-77:] and len(shown_path(deep)) == 80 and shown_path("/a/b.png") == "/a/b.png"
     r = _cli("index", "--workspace", ws, "--budget-gb", "-1", check=False)
     assert r.returncode == 2
+    # too few images for PQ codes: one clear line (not FAISS's C++ error), and the index in place stays
+    before = (ws / "index" / "index.json").read_bytes()
+    r = _cli("index", "--workspace", ws, "--type", "ivf-pq", check=False)
+    assert r.returncode == 2 and "ivf-pq needs at least 16 vectors" in r.stderr and "faiss::" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and (ws / "index" / "index.json").read_bytes() == before
     r = _cli("index", "--workspace", ws, "--budget-gb", "0.01", check=False)
     assert r.returncode == 2 and "no index fits a 0.01 GB memory budget" in r.stderr and "Traceback" not in r.stderr
     assert json.loads((ws / "index" / "index.json").read_text())["index_type"] == "ivf-flat"  # the index in place stays

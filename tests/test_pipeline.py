@@ -10,6 +10,7 @@ import sys
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -231,6 +232,40 @@ def test_relabel_adds_a_finding_without_opening_images(built, tmp_path, tiny_che
     np.testing.assert_allclose(after.pneumoperitoneum.to_numpy(), np.mean(probs, axis=0), atol=1e-5)
 
 
+def test_verify_holds_after_a_changed_file_and_a_new_prompt_set(built, tmp_path, tiny_checkpoints):
+    """`curator label` scores current images only; verify asks predictions of those, not of the
+    catalog row a changed file left behind (it found a healthy workspace broken)."""
+    import os
+
+    from PIL import Image
+
+    from curator.verify import verify
+
+    arc, ws, paths, _ = built
+    Image.fromarray(np.full((200, 300), 77, np.uint8)).save(paths[0])
+    os.utime(paths[0], ns=(1, 10**18))
+    assert embed(arc, ws, tiny_checkpoints[:2]).processed == 1
+    toml = tmp_path / "extra.toml"
+    toml.write_text('positive = "{}"\nnegative = "no {}"\n[[finding]]\nname = "Pneumoperitoneum"\nphrases = ["free air"]\n')
+    assert run_label(str(ws), load_prompt_set(toml), device="cpu", progress=False).images == 12
+    rep = verify(str(ws))
+    assert rep.ok, rep.problems
+    # a current image without the new prompt set's predictions is still a problem
+    ps = Workspace(ws).manifest["finding_columns"]["pneumoperitoneum"]
+    newest = int(run_query(Workspace(ws), "SELECT max(image_id) AS i FROM catalog").i[0])
+    parts = [p for p in (ws / "predictions").glob("*.parquet") if ps in pq.read_table(p, columns=["prompt_set"]).column(0).to_pylist()]
+    assert parts
+    manifest = json.loads((ws / "manifest.json").read_text())
+    entries = {e["file"]: e for e in manifest["parts"]["predictions"]}
+    for part in parts:
+        table = pq.read_table(part)
+        kept = table.filter(pc.not_equal(table["image_id"], newest))
+        pq.write_table(kept, part)
+        entries[f"predictions/{part.name}"]["rows"] = kept.num_rows  # (a part's row count is checked first)
+    (ws / "manifest.json").write_text(json.dumps(manifest))
+    assert any(f"without predictions of prompt set {ps}" in p for p in verify(str(ws)).problems)
+
+
 def test_relabel_replaces_a_column_of_the_same_name(built, tmp_path):
     _, ws, _, _ = built
     toml = tmp_path / "edema.toml"
@@ -363,3 +398,29 @@ def test_label_refuses_findings_named_like_the_columns_curator_adds(built, tmp_p
         p.write_text(f'[[finding]]\nname = "{name}"\n')
         with pytest.raises(PromptSetError, match=f"{column} would clash"):
             run_label(str(ws), load_prompt_set(p), device="cpu", progress=False)
+
+
+def test_threads_hold_for_the_run_only(tmp_path, tiny_checkpoints, monkeypatch):
+    """`run_embed(threads=N)` runs with N torch threads and leaves the caller's count as it was,
+    after a run and after a failed one (a notebook user keeps their own setting)."""
+    import curator.pipelines.embed as embed_mod
+
+    arc = tmp_path / "arc"
+    write_raster_archive(arc, 3, seed=2)
+    seen = []
+    real = embed_mod._run_embed
+    monkeypatch.setattr(embed_mod, "_run_embed", lambda cfg, cks: (seen.append(torch.get_num_threads()), real(cfg, cks))[1])
+    before = torch.get_num_threads()
+    mine = 3 if before != 3 else 2
+    torch.set_num_threads(mine)
+    try:
+        s = embed(arc, tmp_path / "ws", tiny_checkpoints[:1], threads=1)
+        assert s.processed == 3 and seen == [1]
+        assert torch.get_num_threads() == mine
+        with pytest.raises(FileNotFoundError):
+            embed(tmp_path / "no-such-archive", tmp_path / "ws2", tiny_checkpoints[:1], threads=1)
+        assert seen == [1, 1] and torch.get_num_threads() == mine
+        embed(arc, tmp_path / "ws", tiny_checkpoints[:1])  # no threads given: the caller's count, untouched
+        assert seen == [1, 1, mine] and torch.get_num_threads() == mine
+    finally:
+        torch.set_num_threads(before)

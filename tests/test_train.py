@@ -9,6 +9,7 @@ import logging
 import math
 import re
 import shlex
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -398,3 +399,18 @@ def test_query_style_drops_full_stops(archive, tmp_path):
     assert "--query-style 0.5" in json.loads((tmp_path / "q.pt.json").read_text())["command"]
     with pytest.raises(T.TrainError, match="query_style"):
         T.Trainer(tiny_cfg((gt, rep2), tmp_path / "bad.pt", query_style=1.5))
+
+
+def test_init_demo_names_the_bundled_model(archive, tmp_path):
+    """`--init demo` fine-tunes the bundled demo model, as `embed --checkpoint demo` embeds with it."""
+    from curator.cli import build_parser
+    from curator.demo_model import demo_checkpoint_path
+
+    gt, rep = archive
+    args = build_parser().parse_args(["train", "--images", str(gt), "--reports", str(rep), "--out", str(tmp_path / "f.pt"),
+                                      "--init", "demo"])
+    cfg = T.config_from_args(args, argv=["curator", "train"])
+    assert cfg.init == str(demo_checkpoint_path()) and Path(cfg.init).is_file()
+    args = build_parser().parse_args(["train", "--images", str(gt), "--reports", str(rep), "--out", str(tmp_path / "g.pt"),
+                                      "--init", str(tmp_path / "mine.pt")])
+    assert T.config_from_args(args, argv=["curator", "train"]).init == str(tmp_path / "mine.pt")

@@ -140,7 +140,7 @@ try:
             deidentify=deidentify, copy_images=copy_images,
         )
 except (ValueError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-    st.error(f"Cohort spec: {exc}")
+    st.error(str(exc) if str(exc).startswith("cohort spec") else f"Cohort spec: {exc}")
     st.stop()
 
 if not spec.deidentify:  # (from the toggle, or from an uploaded spec's deidentify = false)
@@ -201,7 +201,8 @@ if n and findings:
 st.subheader("Export")
 st.download_button("Download the spec (TOML)", spec_to_toml(spec).encode(), file_name=f"{spec.name}.toml",
                    mime="application/toml", on_click="ignore", key="cohort-spec-download")
-if st.button("Export cohort", type="primary", key="cohort-export", disabled=n == 0):
+incomplete = sampling == "N positives + N negatives" and not positive  # (warned above: no sample to draw)
+if st.button("Export cohort", type="primary", key="cohort-export", disabled=n == 0 or incomplete):
     # a de-identified export's folder does not take the cohort's name (it may hold an identifier
     # the manifest redacts); the manifest holds the (redacted) name
     out = common.export_folder(spec.name if not spec.deidentify else "cohort")
@@ -223,6 +224,9 @@ if exp:
     c = m.get("counts", {})
     st.success(f"Exported **{m.get('name')}**: {c.get('rows', 0):,} rows"
                + (" (de-identified)" if m.get("deidentified") else " (identified)") + f" to `{folder}`")
+    if not common.exports_base():
+        st.caption("The folder stays after the app stops: delete it when you are done with it. `curator app --exports DIR` "
+                   "puts exports in a folder of your choosing.")
     cols = st.columns(4)
     for col, (fname, mime) in zip(cols, (("cohort.csv", "text/csv"), ("cohort.parquet", "application/octet-stream"),
                                          ("manifest.json", "application/json"))):

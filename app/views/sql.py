@@ -1,6 +1,7 @@
 """SQL page: read-only DuckDB over the workspace views, sandboxed to the workspace folder."""
 
 import duckdb
+import pyarrow as pa
 import streamlit as st
 from curator.app import common
 from curator.query import connect, read_only_refusal
@@ -31,10 +32,19 @@ def _run(sql: str):
         refusal = read_only_refusal(con, sql)
         if refusal:
             return None, refusal
+        # Batches up to one row past the limit, from the statement as typed (a LIMIT wrapped around
+        # it would shift the line numbers of DuckDB's error messages); Arrow keeps a DATE a date.
         rel = con.sql(sql)
         if rel is None:
             return None, "The statement returned nothing."
-        return rel.limit(MAX_ROWS + 1).df(), None
+        reader = rel.to_arrow_reader(8192)
+        batches, rows = [], 0
+        for batch in reader:
+            batches.append(batch)
+            rows += batch.num_rows
+            if rows > MAX_ROWS:
+                break
+        return pa.Table.from_batches(batches, schema=reader.schema).to_pandas(), None
     except duckdb.Error as exc:
         return None, str(exc).strip()
     finally:
@@ -46,8 +56,13 @@ if run:
 res = S.get("sql_result")
 if res is not None:
     sql, df, error = res
+    if sql != query:
+        st.caption("The query was changed since these results: press Run to run it.")
     if error:
-        st.error(f"Refused or failed: {error}")
+        head, _, rest = error.partition("\n")
+        st.error(f"Refused or failed: {head}")
+        if rest.strip():
+            st.code(rest.strip("\n"), language=None)  # (DuckDB's LINE n: and its ^^^ marker, aligned)
     else:
         if len(df) > MAX_ROWS:
             df = df.iloc[:MAX_ROWS]
@@ -56,3 +71,5 @@ if res is not None:
         st.dataframe(df, hide_index=True)
         st.download_button("Download CSV", df.to_csv(index=False).encode(), file_name="query.csv", mime="text/csv",
                            on_click="ignore", key="sql-download")
+        st.caption("The file holds what the query selects, identifiers included (paths, patient IDs, dates): keep it on "
+                   "this machine. A cohort to hand to others is a de-identified export of the Cohort builder.")

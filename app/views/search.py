@@ -36,6 +36,11 @@ def _on_upload():
     S.search_detail = None
 
 
+def _use_upload():
+    S.search_mode = "upload"
+    S.search_detail = None
+
+
 def _close_details():
     S.search_detail = None
 
@@ -70,6 +75,8 @@ with st.expander("Filters (they restrict the search itself)", expanded=False):
 with st.expander("Search with an image file", expanded=S.search_mode == "upload"):
     upload = st.file_uploader("PNG, JPEG or DICOM file", key="search_upload", on_change=_on_upload,
                               help="The file is read in memory here and used as the query; it is not added to the workspace.")
+if upload is not None and S.search_mode != "upload":  # (a text search since: the file is still loaded)
+    st.button("Search with the uploaded file", key="search-use-upload", on_click=_use_upload, icon=":material/upload_file:")
 
 try:
     where = searcher.filter_sql(flt)
@@ -101,7 +108,7 @@ elif mode == "upload" and upload is not None:
             S.search_upload_digest = digest
         vector = S.search_upload_vector
         label, key = "images like the uploaded file", ("upload", digest)
-        if note := query_modality_note(ws, data):
+        if note := query_modality_note(ws, data, "the uploaded file"):
             st.warning(note[0].upper() + note[1:] + ".")
     except Exception as exc:  # noqa: BLE001 - an unreadable upload: say why, never crash the page
         st.error(f"Cannot use the uploaded file: {exc}")
@@ -110,7 +117,8 @@ elif query.strip():
     if searcher.model_error:
         st.stop()
     vector = None
-    label, key = f"“{query.strip()}”" + (" against “no …”" if contrast else ""), ("text", query.strip(), contrast)
+    shown_query = query.strip() if len(query.strip()) <= 120 else query.strip()[:117] + "…"  # (a heading, not a page of text)
+    label, key = f"“{shown_query}”" + (" against “no …”" if contrast else ""), ("text", query.strip(), contrast)
 else:
     st.info("Type what you are looking for and press Enter, or upload an image.")
     st.stop()
@@ -129,9 +137,10 @@ if results.empty:
     st.info("No image passes the filters." if n_pass == 0 else "No results.")
     st.stop()
 
-# Detail view of one image.
-detail = S.search_detail
-if detail is not None:
+
+# Detail view of one image: below the row of the grid that holds it (where the user clicked), or
+# above the grid if the results do not hold it.
+def _detail_panel(detail: int) -> None:
     row = searcher.details(detail)
     with st.container(border=True):
         if row is None:
@@ -155,4 +164,16 @@ if detail is not None:
                 st.dataframe(pd.DataFrame({"field": list(meta), "value": [str(v) for v in meta.values()]}),
                              hide_index=True, width="stretch")
 
-common.image_grid(ws, results, shown, key="res", on_details=_on_details, on_similar=_on_similar)
+
+detail = S.search_detail
+if detail is not None and detail not in set(int(i) for i in results["image_id"]):
+    _detail_panel(detail)
+    detail = None
+
+
+def _after_row(ids: list[int]) -> None:
+    if detail is not None and detail in ids:
+        _detail_panel(detail)
+
+
+common.image_grid(ws, results, shown, key="res", on_details=_on_details, on_similar=_on_similar, after_row=_after_row)
