@@ -70,14 +70,19 @@ KEPT_WIDGETS = frozenset({
     "cohort-name", "cohort-use-labels", "cohort-finding", "cohort-threshold", "cohort-absent", "cohort-absent-threshold",
     "cohort-condition", "cohort-sql", "cohort-one-per", "cohort-sampling", "cohort-limit", "cohort-npos", "cohort-nneg",
     "cohort-nany", "cohort-split", "cohort-deid", "cohort-copy", *(f"cohort-filter-{f}" for f in _FILTER_FIELDS),
-    "sql-query", "overview-findings",
-})
+    "sql-query",
+})  # (not the overview's findings: untouched, they follow the workspace's findings as they change)
 
 
 def keep_widget_state() -> None:
     """Hand the pages' widget values back to the session state on every run: Streamlit forgets the
     state of a widget that a run does not draw, so without this a query, a half-built cohort or
     its filters would be gone after a look at another page."""
+    from streamlit import config
+
+    # (a widget with a default value whose state is also set this way makes Streamlit log a warning
+    # with a stack trace, about a duplication that is intended here; `curator app` passes it too)
+    config.set_option("global.disableWidgetStateDuplicationWarning", True)
     for k in KEPT_WIDGETS & set(st.session_state.keys()):
         st.session_state[k] = st.session_state[k]
 

@@ -150,6 +150,24 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _char_offset(text: str, byte_pos: int) -> int:
+    """The character offset of a UTF-8 byte offset of ``text`` (as DuckDB's parser reports them)."""
+    return len(text.encode("utf-8", "surrogatepass")[:byte_pos].decode("utf-8", "surrogatepass"))
+
+
+def _open_string(rest: str) -> bool:
+    """``rest``, a string constant token to the end of the text, does not close: '...', E'...'
+    (backslash escapes), $tag$...$tag$."""
+    m = re.match(r"[A-Za-z]*'", rest)
+    if m:
+        body = r"(?:[^'\\]|''|\\.)*" if m.group(0)[:-1].lower() == "e" else r"(?:[^']|'')*"
+        return not re.fullmatch(r"[A-Za-z]*'" + body + r"'\s*", rest, flags=re.DOTALL)
+    m = re.match(r"\$(\w*)\$", rest)
+    if m:
+        return rest.find(m.group(0), m.end()) < 0
+    return False
+
+
 def unbalanced_parentheses(text: str) -> str | None:
     """Why an SQL fragment does not stand on its own, or None: its parentheses do not balance
     (outside its strings and comments), or it leaves a quoted string or a ``/*`` comment open, or
@@ -158,16 +176,18 @@ def unbalanced_parentheses(text: str) -> str | None:
     beside it); one that leaves a string or a comment open would swallow the SQL after it."""
     import duckdb
 
+    from curator.query import sql_tokens
+
     depth = 0
     try:
-        tokens = duckdb.tokenize(text)
+        tokens = sql_tokens(text)
     except Exception:  # noqa: BLE001 - left to the query's own error
         return None
     if tokens:
         pos, kind = tokens[-1]
         rest = text[pos:]
-        if kind == duckdb.token_type.string_const and rest.startswith("'") and not re.fullmatch(r"'(?:[^']|'')*'\s*", rest):
-            return "leaves a quoted string open (a ' without its closing ')"
+        if kind == duckdb.token_type.string_const and _open_string(rest):
+            return "leaves a quoted string open (no closing quote)"
         if kind == duckdb.token_type.comment and rest.startswith("/*"):
             opened = 0
             for m in re.finditer(r"/\*|\*/", rest):
@@ -734,6 +754,8 @@ def identifying_literal_spans(text: str, wrap: str = _SQL_FIELDS["where"]) -> li
 
     import duckdb
 
+    from curator.query import sql_tokens
+
     prefix = wrap.split("{}")[0]
     con = duckdb.connect(":memory:")  # (its own: the module's default connection is shared by threads)
     try:
@@ -746,7 +768,7 @@ def identifying_literal_spans(text: str, wrap: str = _SQL_FIELDS["where"]) -> li
     if tree.get("error"):
         bare = re.sub(r"'(?:[^']|'')*'", " ", text)
         if re.search(r"(?i)\b(" + "|".join(sorted(IDENTIFYING_COLUMNS)) + r")\b", bare):
-            for pos, kind in duckdb.tokenize(text):
+            for pos, kind in sql_tokens(text):
                 if kind in (duckdb.token_type.string_const, duckdb.token_type.numeric_const) and (end := _literal_end(text, pos)):
                     spans.append((pos, end))
         return spans
@@ -759,7 +781,7 @@ def identifying_literal_spans(text: str, wrap: str = _SQL_FIELDS["where"]) -> li
             elif cls is not None:
                 chain = chain + [node]
             if cls == "CONSTANT" and node.get("query_location") is not None and any(_reads_identifier(a) for a in chain):
-                start = int(node["query_location"]) - len(prefix)
+                start = _char_offset(text, int(node["query_location"]) - len(prefix))  # (prefix: ASCII)
                 end = _literal_end(text, start) if 0 <= start < len(text) else None
                 if end:
                     spans.append((start, end))
@@ -775,18 +797,22 @@ def identifying_literal_spans(text: str, wrap: str = _SQL_FIELDS["where"]) -> li
 
 def strip_sql_comments(text: str) -> str:
     """``text`` without its SQL comments (``-- ...``, ``/* ... */``, nested too), each replaced by
-    a space, as DuckDB's tokenizer finds them (not inside string literals); unchanged if it has none.
+    a space (a line break if it held one), as DuckDB's tokenizer finds them (not inside string literals); unchanged if it has none.
     A comment does nothing to a query, and may say anything ("requested for DOE^JOHN")."""
     import duckdb
 
-    toks = duckdb.tokenize(text)
+    from curator.query import sql_tokens
+
+    toks = sql_tokens(text)
     if not any(kind == duckdb.token_type.comment for _, kind in toks):
         return text
     out, last = [], 0
     for j, (pos, kind) in enumerate(toks):
         if kind == duckdb.token_type.comment:  # (it runs to the next token, or to the end)
-            out += [text[last:pos], " "]
-            last = toks[j + 1][0] if j + 1 < len(toks) else len(text)
+            end = toks[j + 1][0] if j + 1 < len(toks) else len(text)
+            # a line break stays one: 'P' -- note \n 'A' is the string 'PA' (literals joined across lines)
+            out += [text[last:pos], "\n" if "\n" in text[pos:end] else " "]
+            last = end
     out.append(text[last:])
     return "".join(out).strip()
 

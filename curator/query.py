@@ -177,6 +177,16 @@ def connect(ws: Workspace, sandbox: bool = True, threads: int | None = None, use
     return con
 
 
+def sql_tokens(text: str) -> list[tuple[int, object]]:
+    """DuckDB's tokens of ``text`` as (character offset, kind): DuckDB reports offsets in UTF-8
+    bytes, which differ from Python's string offsets after any non-ASCII character."""
+    toks = duckdb.tokenize(text)
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) == len(text):
+        return list(toks)
+    return [(len(raw[:pos].decode("utf-8", "surrogatepass")), kind) for pos, kind in toks]
+
+
 def read_only_refusal(con: duckdb.DuckDBPyConnection, sql: str) -> str | None:
     """Why ``sql`` may not run where only reading is allowed (the app's SQL page); None if it may.
 
@@ -194,7 +204,7 @@ def read_only_refusal(con: duckdb.DuckDBPyConnection, sql: str) -> str | None:
     if kind == duckdb.StatementType.SELECT:
         return None
     if kind == duckdb.StatementType.EXPLAIN:
-        words = [(pos, sql[pos:].split(None, 1)[0].upper()) for pos, t in duckdb.tokenize(sql) if t != duckdb.token_type.comment]
+        words = [(pos, sql[pos:].split(None, 1)[0].upper()) for pos, t in sql_tokens(sql) if t != duckdb.token_type.comment]
         rest = 1 + (len(words) > 1 and words[1][1] in ("ANALYZE", "ANALYSE"))
         if words and words[0][1] == "EXPLAIN" and len(words) > rest:
             try:

@@ -345,6 +345,12 @@ def test_sampling_positives_and_negatives_needs_a_finding_before_export(app):
     assert any("Choose a finding" in w.value for w in app.warning) and app.button(key="cohort-export").disabled
     app.selectbox(key="cohort-finding").select("edema").run()
     assert not app.exception and not app.button(key="cohort-export").disabled
+    # an uploaded spec replaces the builder: the builder's unfinished sampling does not hold its export back
+    app.selectbox(key="cohort-finding").select("(any)").run()
+    assert app.button(key="cohort-export").disabled
+    app.file_uploader(key="cohort-spec-file").set_value(("s.toml", b'name = "up"\nwhere = "edema >= 0"\n', "application/toml")).run()
+    assert not app.exception and any("Using the uploaded spec" in i.value for i in app.info)
+    assert not app.button(key="cohort-export").disabled
 
 
 def test_cohort_export_rows_equal_an_independent_query(app, ws_path, tmp_path):
@@ -470,6 +476,9 @@ def test_sql_page_runs_selects_and_refuses_files_and_writes(app, ws_path, tmp_pa
         f"EXPLAIN ANALYZE COPY (SELECT 'x' AS a) TO '{ws_path}/manifest.json' (FORMAT csv, HEADER false)",
         f"EXPLAIN ANALYZE /* SELECT */ COPY (SELECT 1) TO '{ws_path}/out.csv'",
         "EXPLAIN ANALYZE CREATE OR REPLACE VIEW images AS SELECT 1 AS image_id",
+        # DuckDB's token offsets count UTF-8 bytes: after 33 two-byte characters, a slice by them
+        # would start 33 characters late, at the SELECT inside the statement
+        f"EXPLAIN ANALYZE /* {'ö' * 33} */ CREATE OR REPLACE VIEW images AS SELECT 1 AS image_id",
         # the workspace's top-level files (manifest, de-identification salt) are outside the sandbox
         f"SELECT content FROM read_text('{ws_path}/.deid_salt')",
         f"SELECT content FROM read_text('{ws_path}/manifest.json')",
@@ -504,6 +513,19 @@ def test_sql_page_runs_selects_and_refuses_files_and_writes(app, ws_path, tmp_pa
     assert str(app.dataframe[0].value["d"][0]) == "2020-11-14"
     assert not any("changed since" in c.value for c in app.caption)
     assert any("identifiers included" in c.value for c in app.caption)
+    # errors met after the first rows are streamed are reported too, and DuckDB's other types display
+    for sql, says in (("SELECT CASE WHEN range = 20000 THEN error('boom') ELSE range END AS x FROM range(100000)", "boom"),
+                      ("SELECT (range * 1000000)::INTEGER AS x FROM range(5000)", "Conversion Error"),
+                      ("SELECT DATE 'infinity' AS d", "Conversion Error")):
+        app.text_area(key="sql-query").input(sql)
+        app.button(key="sql-run").click().run()
+        assert not app.exception and app.error and says in app.error[0].value + "".join(c.value for c in app.code), sql
+    app.text_area(key="sql-query").input("SELECT union_value(k := 1) AS u, INTERVAL 3 DAY AS i, MAP {1: 2} AS m, 1::HUGEINT AS h")
+    app.button(key="sql-run").click().run()
+    assert not app.exception and not app.error and app.dataframe[0].value["u"].tolist() == [1]
+    app.text_area(key="sql-query").input("SELECT range AS x FROM range(100001)")
+    app.button(key="sql-run").click().run()
+    assert not app.exception and len(app.dataframe[0].value) == 100_000 and any("Only the first 100,000" in w.value for w in app.warning)
 
 
 # -- workspaces without an index, without images, or none at all ------------------------------

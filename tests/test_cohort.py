@@ -244,16 +244,35 @@ def test_deidentified_manifest_drops_the_comments_of_the_spec_sql(tmp_path, reda
     assert ident["spec"]["where"] == where and ident["counts"]["rows"] == 3
 
 
+def test_deidentified_manifest_after_non_ascii_text(tmp_path, redaction_ws):
+    """Identifying literals and comments are found where they are after non-ASCII characters
+    (DuckDB's offsets count UTF-8 bytes)."""
+    where = ("coalesce(body_part_examined, '') <> 'Lungenödem 侧位片（左侧）' AND patient_id <> 'MRN778899' "
+             "AND rows >= 16 /* für DOE^JOHN */ AND edema >= 0 -- Smith bat darum")
+    m = export_cohort(redaction_ws, CohortSpec(name="n", where=where), tmp_path / "out")
+    assert m["counts"]["rows"] == 2
+    text = (tmp_path / "out" / "manifest.json").read_text(encoding="utf-8")
+    for secret in ("MRN778899", "778899", "DOE", "Smith", "für"):
+        assert secret not in text, secret
+    assert " ".join(m["spec"]["where"].split()) == ("coalesce(body_part_examined, '') <> 'Lungenödem 侧位片（左侧）' AND patient_id <> "
+                                                   "'[redacted]' AND rows >= 16 AND edema >= 0")
+
+
 def test_strip_sql_comments_against_duckdb():
     """The stripped text means what the original did, for DuckDB itself (an independent check)."""
     import duckdb
 
     from curator.cohort import strip_sql_comments
 
-    for expr in ("1 + 2 -- three", "1 /* a /* b */ c */ + 2", "'a -- b' || 'c' -- d", "'/* x */'", "1 --\r\n + 2", "3"):
+    for expr in ("1 + 2 -- three", "1 /* a /* b */ c */ + 2", "'a -- b' || 'c' -- d", "'/* x */'", "1 --\r\n + 2", "3",
+                 # DuckDB counts its offsets in UTF-8 bytes: text after non-ASCII characters is cut where Python's is
+                 "'侧位片（左侧）' || 'x' -- for DOE^JOHN", "'ä' /* für die Studie */ || 'b'", "/* 肺水肿队列 */\n 'ö' -- é",
+                 # a comment between two pieces of one string literal keeps its line break ('P' then 'A' is 'PA')
+                 "'P' -- split\n'A'"):
         got = strip_sql_comments(expr)
         assert duckdb.sql(f"SELECT {got} AS v").fetchall() == duckdb.sql(f"SELECT {expr}\n AS v").fetchall(), expr
         assert not any(k == duckdb.token_type.comment for _, k in duckdb.tokenize(got)), expr
+        assert "DOE" not in got and "Studie" not in got and "队列" not in got, expr
     assert strip_sql_comments("edema > 0.5") == "edema > 0.5"
 
 
@@ -562,6 +581,15 @@ def test_a_spec_fragment_cannot_reach_out_of_its_place_in_the_rule():
                         ("-- edema only", "nothing but a comment"), ("/* x */ -- y", "nothing but a comment")):
         with pytest.raises(ValueError, match=f"'where' .*{says}"):
             cohort_sql(CohortSpec(name="x", where=where))
+    for where in ("x = E'it\\'s", "x = $$open", "x = $t$a$$b", "view_position <> 'ä' AND x = 'open"):
+        with pytest.raises(ValueError, match="quoted string open"):
+            cohort_sql(CohortSpec(name="x", where=where))
+    with pytest.raises(ValueError, match="comment open"):
+        cohort_sql(CohortSpec(name="x", where="view_position <> '侧位片' /* open"))
+    # closed strings after non-ASCII text, E'' and dollar-quoted strings are fine
+    for where in ("body_part_examined <> 'THORAX (Brustkorb, Lungenödem)' AND view_position <> ''", "x = E'it\\'s'",
+                  "x = $t$a$$b$t$", "'ö' = 'ö' -- é"):
+        assert where in cohort_sql(CohortSpec(name="x", where=where), labels=False)
     # parentheses in strings and comments, and nested ones, are fine; so are closed strings and comments
     ok = CohortSpec(name="x", where="(path LIKE '%)%' OR f(g(1)) = 1) AND x IN ((1),(2)) -- )")
     assert "x IN ((1),(2))" in cohort_sql(ok, labels=False)

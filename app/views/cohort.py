@@ -201,7 +201,8 @@ if n and findings:
 st.subheader("Export")
 st.download_button("Download the spec (TOML)", spec_to_toml(spec).encode(), file_name=f"{spec.name}.toml",
                    mime="application/toml", on_click="ignore", key="cohort-spec-download")
-incomplete = sampling == "N positives + N negatives" and not positive  # (warned above: no sample to draw)
+# the builder's arm sampling without a finding has no sample to draw (warned above); an uploaded spec is its own
+incomplete = saved is None and sampling == "N positives + N negatives" and not positive
 if st.button("Export cohort", type="primary", key="cohort-export", disabled=n == 0 or incomplete):
     # a de-identified export's folder does not take the cohort's name (it may hold an identifier
     # the manifest redacts); the manifest holds the (redacted) name

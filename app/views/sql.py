@@ -1,7 +1,7 @@
 """SQL page: read-only DuckDB over the workspace views, sandboxed to the workspace folder."""
 
 import duckdb
-import pyarrow as pa
+import pandas as pd
 import streamlit as st
 from curator.app import common
 from curator.query import connect, read_only_refusal
@@ -32,19 +32,18 @@ def _run(sql: str):
         refusal = read_only_refusal(con, sql)
         if refusal:
             return None, refusal
-        # Batches up to one row past the limit, from the statement as typed (a LIMIT wrapped around
-        # it would shift the line numbers of DuckDB's error messages); Arrow keeps a DATE a date.
-        rel = con.sql(sql)
-        if rel is None:
-            return None, "The statement returned nothing."
-        reader = rel.to_arrow_reader(8192)
-        batches, rows = [], 0
-        for batch in reader:
-            batches.append(batch)
-            rows += batch.num_rows
-            if rows > MAX_ROWS:
+        # Chunks up to one row past the limit, from the statement as typed (a LIMIT wrapped around
+        # it would shift the line numbers of DuckDB's error messages); a DATE stays a date.
+        con.execute(sql)
+        frames = [con.fetch_df_chunk(4, date_as_object=True)]  # (the first, even empty, gives the columns)
+        rows = len(frames[0])
+        while 0 < rows <= MAX_ROWS:
+            chunk = con.fetch_df_chunk(4, date_as_object=True)
+            if not len(chunk):
                 break
-        return pa.Table.from_batches(batches, schema=reader.schema).to_pandas(), None
+            frames.append(chunk)
+            rows += len(chunk)
+        return (pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]), None
     except duckdb.Error as exc:
         return None, str(exc).strip()
     finally:
