@@ -163,7 +163,7 @@ def cmd_embed(args) -> int:
         prune=args.prune or args.prune_force,
         prune_force=args.prune_force,
         retry_errors=args.retry_errors,
-        worker_jpeg_share=args.worker_jpeg_share,
+        worker_jpeg_share=args.worker_jpeg_share, amp=args.amp,
     )
     if args.address and args.engine != "ray":
         raise CliError("--address is for --engine ray")
@@ -223,7 +223,7 @@ def cmd_index(args) -> int:
 
 def cmd_search(args) -> int:
     from curator.readers import ReadError
-    from curator.search import above, index_checkpoint, query_vector, search
+    from curator.search import above, index_checkpoint, query_read_options, query_vector, search
     from curator.workspace import Workspace
 
     ws = Workspace(args.workspace)
@@ -250,7 +250,7 @@ def cmd_search(args) -> int:
             log.warning("%s", note)
     ck = index_checkpoint(ws, args.device, [resolve_checkpoint_arg(c) for c in args.checkpoint] if args.checkpoint else None)
     try:
-        vec = query_vector(ck, text=text, image=args.image, contrast=contrast)
+        vec = query_vector(ck, text=text, image=args.image, contrast=contrast, read_options=query_read_options(ws))
     except ReadError as exc:
         raise CliError(f"{args.image}: {exc}") from exc  # (-vv shows the reader's traceback)
     except ValueError as exc:
@@ -606,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(two on a GPU, where the next batch's letterbox runs beside the model). "
                    "Works beside --gpu-jpeg and --fast-jpeg, and with --engine ray (each model actor letterboxes its batches on its "
                    "GPU; the decode tasks send the decoded images through Ray's object store)")
+    p.add_argument("--amp", action="store_true",
+                   help="run the model in fp16 autocast on a CUDA GPU: faster, but not CheXzero-exact (the probabilities move "
+                   "by up to ~5e-5). Default: float32 on every device, with TF32 off, as CheXzero's published numbers need")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="'local': decode worker processes + models on this machine (default); 'ray': the same stages on Ray Data "
                    "(decode tasks on the cluster's CPUs, one model actor per GPU), needs pip install 'curator-cxr[ray]'")
@@ -760,6 +763,10 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.getLogger("curator").setLevel(level)
     for noisy in ("PIL", "pydicom", "matplotlib", "urllib3", "faiss", "faiss.loader", "openjpeg"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # pydicom logs each decoder plugin that fails on a file as an ERROR with a traceback, although
+    # the next plugin may decode it, and a file none decodes is recorded with its reason: a broken
+    # archive would flood the terminal with what looks like crashes. Shown with -vv.
+    logging.getLogger("pydicom.pixels").setLevel(logging.DEBUG if verbose > 1 else logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1057,6 +1057,7 @@ class _ExportTally:
 
     rows: int = 0
     alone: int = 0  # rows without a patient key (each its own patient)
+    alone_study: int = 0  # rows without a study key (each its own study)
     ages_capped: int = 0  # de-identified rows whose age was capped
     split: Counter = field(default_factory=Counter)
     arms: Counter = field(default_factory=Counter)
@@ -1066,6 +1067,8 @@ class _ExportTally:
         self.rows += len(df)
         if "_patient" in df.columns:
             self.alone += int(df["_patient"].astype(str).str.startswith("image:").sum())
+        if "_study" in df.columns:
+            self.alone_study += int(df["_study"].astype(str).str.startswith("image:").sum())
         if "split" in df.columns:
             self.split.update({str(k): int(v) for k, v in df["split"].value_counts().items()})
         if "cohort_arm" in df.columns:
@@ -1229,6 +1232,12 @@ def export_cohort(ws, spec: CohortSpec, out_dir: str | Path, overwrite: bool = F
                 f"{acc.alone} of {acc.rows} rows have no patient key ({spec.patient_key} is empty: PNG and JPEG files carry no "
                 "patient ID), so each counts as a patient of its own for one_per = \"patient\" and the split; set "
                 "patient_key to an SQL expression that names the patient, e.g. regexp_extract(path, '/(p[0-9]+)/', 1)")
+            log.warning("cohort %r: %s", spec.name, warnings[-1])
+        if "_study" in source.names and spec.one_per == "study" and acc.alone_study:
+            warnings.append(
+                f"{acc.alone_study} of {acc.rows} rows have no study key ({spec.study_key} is empty: PNG and JPEG files carry no "
+                "study UID), so each counts as a study of its own for one_per = \"study\"; set study_key to an SQL expression "
+                "that names the study, e.g. regexp_extract(path, '/(s[0-9]+)/', 1)")
             log.warning("cohort %r: %s", spec.name, warnings[-1])
         counts = {"rows": acc.rows, "candidates": n_candidates, "patients": distinct.get("patients"), "studies": distinct.get("studies")}
         if "split" in source.names:

@@ -205,17 +205,18 @@ def deferrable(data: bytes) -> tuple[int, int] | None:
 
     Reads the JPEG header only (Pillow opens lazily): an 8-bit single-component JPEG within the
     reader's pixel limit, whose letterbox is not degenerate, ending in an end-of-image marker (a
-    truncated file goes to the exact path, which reports it as the exact path always has).
+    truncated file goes to the exact path, which reports it as the exact path always has), without
+    an EXIF orientation to apply (nvJPEG ignores it; the exact path turns the image).
     """
     from PIL import Image
 
-    from curator.readers import JPEG_MAGIC, MAX_PIXELS
+    from curator.readers import JPEG_MAGIC, MAX_PIXELS, exif_orientation
 
     if not data.startswith(JPEG_MAGIC) or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
         return None
     try:
         with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:
-            if im.mode != "L":
+            if im.mode != "L" or exif_orientation(im) != 1:
                 return None
             w, h = im.size
     except Exception:  # whatever is wrong with it, the exact path reports it

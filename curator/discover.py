@@ -65,6 +65,12 @@ def walk(roots: Iterable[str | Path], report: WalkReport | None = None, exclude:
                 for d in [d for d in dirnames if os.path.join(dirpath, d) in excluded]:
                     dirnames.remove(d)
                     report.ignored["the workspace's own folder"] += 1
+            if "cohort.csv" in filenames and "manifest.json" in filenames and _is_cohort_export(dirpath):
+                # a cohort export written into the archive: its images are copies (or de-identified
+                # renderings) of images the archive holds already
+                dirnames[:] = []
+                report.ignored["a curator cohort export"] += 1
+                continue
             for name in sorted(filenames):
                 if name.startswith("."):
                     report.ignored["hidden file"] += 1
@@ -77,6 +83,17 @@ def walk(roots: Iterable[str | Path], report: WalkReport | None = None, exclude:
                     if seen is not None:
                         seen.add(entry.path)
                     yield entry
+
+
+def _is_cohort_export(folder: str) -> bool:
+    """The folder is one `curator cohort` exported (its manifest.json says so)."""
+    import json
+
+    try:
+        with open(os.path.join(folder, "manifest.json"), "rb") as f:
+            return str(json.loads(f.read(1 << 20)).get("format", "")).startswith("curator-cohort/")
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def printable(path: str | Path) -> str:

@@ -1274,6 +1274,21 @@ def rebuild_index(ws: Workspace, info: IndexInfo) -> IndexInfo:
     return build_index(ws, info.checkpoint, budget_gb=info.budget_gb, kind=info.requested or "auto", refine=info.refine)
 
 
+# An IVF index whose images grew past this factor of those its lists were trained on is noted (the
+# recall measured at the build may not hold for the new images; past 4x it is rebuilt).
+APPENDED_NOTE_FACTOR = 1.25
+
+
+def recall_note(info: IndexInfo, workspace: str | Path = "W") -> str | None:
+    """A sentence when an IVF index holds many more images than its lists were trained on (their
+    recall was not measured); None otherwise."""
+    if info.index_type not in IVF_KINDS or not info.built_count or info.count <= APPENDED_NOTE_FACTOR * info.built_count:
+        return None
+    measured = "" if info.recall_at_10 is None else f" the recall@10 of {info.recall_at_10:.3f} measured then may not hold for them;"
+    return (f"{info.count - info.built_count:,} of its {info.count:,} images were appended after its lists were trained on "
+            f"{info.built_count:,}:{measured} `curator index --workspace {workspace}` trains and measures again")
+
+
 def _needs_rebuild(info: IndexInfo, n: int) -> str | None:
     if info.requested in (None, "", "auto"):
         try:

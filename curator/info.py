@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from curator import query_cache
-from curator.index import index_staleness, read_index_info
+from curator.index import index_staleness, read_index_info, recall_note
 from curator.query import connect
 from curator.workspace import open_workspace
 
@@ -52,7 +52,8 @@ def workspace_info(root: str) -> dict:
              "timings": json.loads(r[6] or "{}"), "options": json.loads(r[7] or "{}")}
             for r in runs
         ],
-        "index": None if idx is None else {**idx.__dict__, "stale": idx_stale is not None, "stale_reason": idx_stale},
+        "index": None if idx is None else {**idx.__dict__, "stale": idx_stale is not None, "stale_reason": idx_stale,
+                                           "note": recall_note(idx, ws.root)},
         "query_cache": {**cache.__dict__, "path": str(cache.path), "describe": query_cache.describe(cache)},
     }
 
@@ -80,6 +81,11 @@ def format_info(info: dict) -> str:
         rerank = ", re-ranked from float16 copies" if idx.get("refine_files") else ""
         lines.append(f"index: {idx['count']} images, {idx['index_type']}{rerank}, checkpoint {idx['checkpoint'][:12]}"
                      + (f" (STALE: {idx['stale_reason']})" if idx["stale"] else ""))
+        if idx.get("recall_at_10") is not None:
+            lines.append(f"  recall@10 {idx['recall_at_10']:.3f} against exact search, measured at the build on "
+                         f"{idx.get('recall_count') or idx['count']:,} images")
+        if idx.get("note"):
+            lines.append(f"  note: {idx['note']}")
     lines.append(info["query_cache"]["describe"])
     lines.append(f"runs (latest {len(info['runs'])}):")
     for r in info["runs"]:

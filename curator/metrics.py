@@ -322,8 +322,11 @@ def _choose_index(pos: np.ndarray, neg: np.ndarray, rule: Rule) -> int | None:
     if pos.sum() <= 0 or neg.sum() <= 0 or len(pos) == 0:
         return None
     crit = _criteria(pos, neg)
+    # Candidates are the scores present: a bootstrap resample weighs the distinct scores of the
+    # whole sample, and one it did not draw (weight 0) is no threshold of the resample's own.
+    present = (pos + neg) > 0
     if rule.target is None:
-        v = crit[rule.kind]
+        v = np.where(present, crit[rule.kind], np.nan)
         if np.all(np.isnan(v)):
             return None
         # The highest threshold among equal maxima. Equal in exact arithmetic is not always equal
@@ -333,7 +336,7 @@ def _choose_index(pos: np.ndarray, neg: np.ndarray, rule: Rule) -> int | None:
         return int(np.flatnonzero(v >= np.nanmax(v) - 1e-12)[0])
     v = crit[rule.kind]
     with np.errstate(invalid="ignore"):
-        ok = np.nonzero(v >= rule.target - 1e-12)[0]
+        ok = np.nonzero((v >= rule.target - 1e-12) & present)[0]
     if ok.size == 0:
         return None
     if rule.kind in ("sensitivity", "npv"):

@@ -147,6 +147,9 @@ class Checkpoint:
     sha256: str
     model: torch.nn.Module
     device: torch.device
+    # fp16 autocast on CUDA (`curator embed --amp`): faster, not CheXzero-exact (probabilities move
+    # by up to ~5e-5). Off: float32 on every device, TF32 off, as on the CPU.
+    amp: bool = False
 
     @property
     def embed_dim(self) -> int:
@@ -170,11 +173,13 @@ class Checkpoint:
         import copy
 
         model = copy.deepcopy(self.model).to(device)
-        return Checkpoint(path=self.path, sha256=self.sha256, model=model, device=torch.device(device))
+        return Checkpoint(path=self.path, sha256=self.sha256, model=model, device=torch.device(device), amp=self.amp)
 
     def _autocast(self):
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.amp:
             return torch.autocast("cuda", dtype=torch.float16)
+        if self.device.type == "cuda":
+            exact_float32_on_cuda()
         return contextlib.nullcontext()
 
     @torch.inference_mode()
@@ -196,8 +201,19 @@ class Checkpoint:
         return F.normalize(feats.float(), dim=-1).cpu()
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device | None = None) -> Checkpoint:
-    """Load one CheXzero-format checkpoint onto ``device`` (default: CUDA if available)."""
+def exact_float32_on_cuda() -> None:
+    """Make CUDA's float32 matrix products and convolutions full float32 (no TF32), for this
+    process: cuDNN's convolutions (the patch embedding) default to TF32, whose 10-bit mantissa
+    would move the probabilities by ~1e-3. Called before the model runs on a CUDA device without
+    ``amp``."""
+    if torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device | None = None, amp: bool = False) -> Checkpoint:
+    """Load one CheXzero-format checkpoint onto ``device`` (default: CUDA if available). ``amp``:
+    run it in fp16 autocast on CUDA (not exact; float32 otherwise, and always on the CPU)."""
     path = Path(path)
     sd = read_state_dict(path)
     try:
@@ -206,13 +222,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None) 
         raise CheckpointError(f"{path}: state dict does not fit the OpenAI CLIP ViT architecture ({str(exc).splitlines()[0][:200]})") from None
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     model = model.to(dev)
-    return Checkpoint(path=str(path.resolve()), sha256=file_sha256(path), model=model, device=dev)
+    return Checkpoint(path=str(path.resolve()), sha256=file_sha256(path), model=model, device=dev, amp=amp)
 
 
-def load_checkpoints(paths: Iterable[str | Path], device: str | None = None) -> list[Checkpoint]:
-    cks = [load_checkpoint(p, device) for p in paths]
+def load_checkpoints(paths: Iterable[str | Path], device: str | None = None, amp: bool = False) -> list[Checkpoint]:
+    cks = [load_checkpoint(p, device, amp) for p in paths]
     if cks:
-        log.info("device: %s (%d checkpoint%s)", cks[0].device, len(cks), "" if len(cks) == 1 else "s")
+        precision = "fp16 autocast" if amp and cks[0].device.type == "cuda" else "float32"
+        log.info("device: %s, %s (%d checkpoint%s)", cks[0].device, precision, len(cks), "" if len(cks) == 1 else "s")
+        if amp and cks[0].device.type != "cuda":
+            log.warning("--amp applies on CUDA only: the model runs in float32 on %s", cks[0].device)
     return cks
 
 

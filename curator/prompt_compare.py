@@ -105,7 +105,8 @@ def compare_prompts(ws, truth, finding: str, phrases: list[str] | None = None, t
     finally:
         con.close()
     ids = np.array(sorted(set(emb.image_id)))
-    frame = frame[frame.image_id.isin(ids)].sort_values("image_id").reset_index(drop=True)
+    # (in the truth CSV's order, as `curator evaluate` keeps it: the same resamples, the same intervals)
+    frame = frame[frame.image_id.isin(ids)].reset_index(drop=True)
     mats = {}
     for ck in cks:
         sub = emb[emb.checkpoint == ck.sha256].set_index("image_id").loc[frame.image_id, "embedding"]

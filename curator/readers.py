@@ -137,6 +137,23 @@ def raster_to_chexzero(im: Image.Image) -> Image.Image:
     raise ReadError("unsupported_image", f"unsupported image mode {mode!r}")
 
 
+# EXIF orientation (tag 274) -> the transpose that shows the image as its camera meant: cv2.imread,
+# CheXzero's reader, applies it to JPEG files (OpenCV >= 3.1) and to PNG files with an eXIf chunk
+# (OpenCV >= 4.5.2 with libpng >= 1.6.31).
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                   5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                   8: Image.Transpose.ROTATE_90}
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The image's EXIF orientation (1 to 8; 1, upright, when absent, unreadable or out of range)."""
+    try:
+        value = im.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is ignored, as OpenCV ignores it
+        return 1
+    return value if isinstance(value, int) and value in _EXIF_TRANSPOSE else 1
+
+
 def read_raster(path: str | Path, file_format: str, data: bytes | None = None, draft_min_side: int | None = None) -> ReadResult:
     conversion = RASTER_CONVERSION
     try:
@@ -150,6 +167,9 @@ def read_raster(path: str | Path, file_format: str, data: bytes | None = None, d
                     conversion = f"{RASTER_CONVERSION}+dct/{round(w / im.size[0])}"
             im.load()
             image = raster_to_chexzero(im)
+            orientation = exif_orientation(im)
+            if orientation != 1:  # (a permutation of the pixels: the same before or after the conversion)
+                image = image.transpose(_EXIF_TRANSPOSE[orientation])
     except ReadError:
         raise
     except Image.DecompressionBombError as exc:

@@ -87,6 +87,17 @@ def contrast_vectors(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.n
     return (diff[kept] / norms[kept, None]).astype(np.float32), kept
 
 
+def query_read_options(ws: Workspace) -> ReadOptions:
+    """How an example image is read to search ``ws``: the way the workspace's last embed read its
+    archive (the DICOM conversion, the reduced JPEG decode), so that a file of the archive finds
+    itself first; any modality (a query is not filtered)."""
+    from curator import constants as C
+
+    reading = ws.manifest.get("reading") or {}
+    return ReadOptions(dicom_conversion=reading.get("dicom_conversion", "mimic"), modalities=None,
+                       jpeg_draft_min_side=C.CANVAS_SIZE if reading.get("fast_jpeg") else None)
+
+
 def query_vector(ck: Checkpoint, text: str | None = None, image: str | Path | None = None, read_options: ReadOptions | None = None,
                  contrast: str | None = None) -> np.ndarray:
     if (text is None) == (image is None):
@@ -111,7 +122,9 @@ def search(ws: Workspace, vector: np.ndarray, k: int = 20, index_and_info=None, 
     index, info = index_and_info or faiss_index.load_index(ws)
     sims, ids = faiss_index.search_vectors(index, vector, k, allowed_ids=allowed_ids, nprobe=_nprobe(info, text))
     keep = ids[0] >= 0
-    return _with_rows(ws, index, info, ids[0][keep], sims[0][keep])
+    hit_ids, hit_sims = ids[0][keep], sims[0][keep]
+    order = np.lexsort((hit_ids, -hit_sims))  # equal similarities: the smaller id first, as `above` orders them
+    return _with_rows(ws, index, info, hit_ids[order], hit_sims[order])
 
 
 def above(ws: Workspace, vector: np.ndarray, threshold: float, index_and_info=None, allowed_ids=None) -> pd.DataFrame:
@@ -434,7 +447,7 @@ class Searcher:
     def image_vector(self, data: bytes) -> np.ndarray:
         ck = self._model()
         with self._encode_lock:
-            return image_vector_from_bytes(ck, data)
+            return image_vector_from_bytes(ck, data, query_read_options(self.ws))
 
     def vector_of(self, image_id: int) -> np.ndarray:
         """The image's stored embedding (the query of "more like this").

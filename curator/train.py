@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from curator import constants as C
-from curator.constants import ARCHS, DIM_KEYS
+from curator.constants import ARCHS, DIM_KEYS, MODEL_INPUT_SIZE
 from curator.model import encode_text_to_eot
 from curator.preprocess import PreprocessCfg, letterbox, normalize, resize_to_input
 from curator.reports import extract_impression, split_sentences
@@ -178,6 +178,9 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         cfg.threads = torch.get_num_threads()
     if cfg.init and any(getattr(cfg, k) is not None for k in DIM_KEYS):
         log.warning("model dimension flags are ignored with --init: the checkpoint fixes the architecture")
+    elif cfg.image_size is not None and int(cfg.image_size) != MODEL_INPUT_SIZE:
+        log.warning("--image-size %d: curator embed takes models of %d px inputs only (CheXzero's preprocessing); "
+                    "this model will not embed an archive", cfg.image_size, MODEL_INPUT_SIZE)
     if cfg.dicom_conversion not in ("mimic", "voi"):
         raise TrainError(f"dicom_conversion must be 'mimic' or 'voi', got {cfg.dicom_conversion!r}")
     return cfg

@@ -8,6 +8,9 @@ to an unknown image; no file version is catalogued twice; the index (if built) h
 current images (the same test searches use when the workspace state recorded in index.json is
 not the manifest's: :func:`curator.index.index_staleness`). ``repair`` deletes orphans and
 rebuilds a stale index; anything else is reported.
+
+While a live run holds the writer lock (``Workspace.writer_active``), the files it has not
+committed yet, and an index behind its commits, are noted, not counted as problems.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # said, not failing: a run in progress
+    writer_active: bool = False  # a live run held the writer lock while verify looked
 
     @property
     def ok(self) -> bool:
@@ -32,6 +37,7 @@ class VerifyReport:
 
     def lines(self) -> list[str]:
         out = [f"{k}: {v}" for k, v in self.stats.items()]
+        out += [f"note: {n}" for n in self.notes]
         out += [f"repaired: {r}" for r in self.repaired]
         out += [f"PROBLEM: {p}" for p in self.problems]
         out.append("OK: all invariants hold" if self.ok else f"FAILED: {len(self.problems)} problem(s)")
@@ -50,7 +56,16 @@ def verify(root: str, repair: bool = False) -> VerifyReport:
             _check(ws, rep, repair=True)
     else:
         orphans = ws.orphans()
-        if orphans:
+        busy = ws.writer_active()
+        if orphans and not busy:  # (a run that committed them and ended since the manifest was read listed them)
+            ws.reload()
+            orphans = ws.orphans()
+            busy = ws.writer_active()  # (or one that started since)
+        rep.writer_active = busy
+        if busy:  # a live run's parts and temporary files, not committed yet: not a problem
+            rep.notes.append("a curator run is writing this workspace: these checks are of the state committed when verify started"
+                             + (f"; the {len(orphans)} file(s) the run has not committed yet are not counted" if orphans else ""))
+        elif orphans:
             rep.problems.append(f"{len(orphans)} file(s) not listed in the manifest (left by a killed run; `--repair` removes them): "
                                 + ", ".join(str(p.relative_to(ws.root)) for p in orphans[:5]))
         _check(ws, rep, repair=False)
@@ -99,7 +114,16 @@ def _check(ws: Workspace, rep: VerifyReport, repair: bool) -> None:
             dangling = q("SELECT count(*) FROM superseded_raw s ANTI JOIN catalog_raw c USING (image_id)")[0][0]
             if dangling:
                 rep.problems.append(f"{dangling} superseded row(s) naming images not in the catalog")
-        dup_versions = q("SELECT count(*) FROM (SELECT path, size, mtime_ns FROM catalog_raw GROUP BY ALL HAVING count(*) > 1)")[0][0]
+        # The same file version twice, among the rows that still stand for it: current rows and
+        # rows replaced by a row of the same version (an unchanged file embedded again). Rows
+        # retired (superseded_by null: the file left, or changed and failed) or replaced by
+        # another version are history: a file that comes back as it was (restored, moved back
+        # after --prune) is rightly embedded anew.
+        dup_versions = q("WITH history AS (SELECT s.image_id FROM superseded_raw AS s JOIN catalog_raw AS o ON o.image_id = s.image_id "
+                         "LEFT JOIN catalog_raw AS n ON n.image_id = s.superseded_by WHERE s.superseded_by IS NULL "
+                         "OR n.size IS DISTINCT FROM o.size OR n.mtime_ns IS DISTINCT FROM o.mtime_ns) "
+                         "SELECT count(*) FROM (SELECT path, size, mtime_ns FROM catalog_raw AS c ANTI JOIN history AS h ON h.image_id = c.image_id "
+                         "GROUP BY ALL HAVING count(*) > 1)")[0][0]
         if dup_versions:
             rep.problems.append(f"{dup_versions} file version(s) catalogued more than once")
         for sha in ws.manifest.get("ensemble", []):
@@ -155,6 +179,11 @@ def _check_index(ws: Workspace, rep: VerifyReport, repair: bool, con) -> None:
             extra = len(np.setdiff1d(ids, want))
             dups = len(ids) - len(np.unique(ids))
             problem = f"index is stale: {missing} image(s) missing, {extra} not in the catalog" + (f", {dups} held twice" if dups else "")
+            if rep.writer_active and not dups and not repair:  # behind the commits of a run in progress (embed updates it as it ends)
+                rep.stats["index"] = "stale"
+                rep.notes.append(f"{problem}: behind the run in progress (an embed brings it up to date as it ends; else `curator index`)")
+                del index
+                return
         elif int(index.ntotal) != info.count:
             problem = f"index holds {int(index.ntotal)} vectors but index.json says {info.count}"
         else:

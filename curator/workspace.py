@@ -304,6 +304,30 @@ class Workspace:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
+    def writer_active(self) -> bool:
+        """Whether a writer (a live curator run, in this process or another) holds ``W/.lock`` now.
+
+        Tested the lock's own way: a shared ``flock`` asked for without waiting, released at once
+        (a run starting in that instant is refused as if another run were writing). The lock
+        file is not created (a reader may not be allowed to); without it, or unreadable, no
+        writer is known."""
+        try:
+            fd = os.open(self.root / ".lock", os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(fd)
+
     def orphans(self) -> list[Path]:
         """Files in the dataset folders that no committed manifest lists (temporary or killed runs)."""
         listed = {e["file"] for d in DATASETS for e in self.manifest["parts"][d]}
@@ -361,16 +385,19 @@ class Workspace:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
+            faults.reached("part")
         except BaseException as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            # (interrupted, even after the rename: the caller never learns the part's name, so
+            # neither file is left behind; the name is new, nothing else can be at it)
+            for p in (tmp, final):
+                with contextlib.suppress(OSError):
+                    p.unlink()
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 raise WorkspaceError(
                     f"{self.root}: disk full while writing a {dataset} part; nothing half-written was kept. "
                     "Free some space and rerun: the run resumes where its last commit ended."
                 ) from None
             raise
-        faults.reached("part")
         return Part(dataset=dataset, file=f"{dataset}/{name}", rows=table.num_rows, extra=extra)
 
     def commit(self, add: list[Part] = (), remove: list[str] = (), **updates) -> None:

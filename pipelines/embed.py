@@ -35,7 +35,7 @@ from curator.readers import RASTER_CONVERSION, ReadOptions
 from curator.workspace import Workspace, WorkspaceError
 
 from .known import KnownFiles, path_keys
-from .prune import catalogued_under, prune, settled_errors
+from .prune import catalogued_outside_modalities, catalogued_under, prune, settled_errors
 from .stages import FixedShare, Mapper, WorkspaceWriter, _error_item, collate, read_item, run_record, utcnow
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,9 @@ class EmbedConfig:
     # seen on none of the H200's test films), and, with --fast-jpeg, wherever a file goes to the
     # other side (reduced or full decode).
     worker_jpeg_share: float | str | None = None
+    # --amp: the model in fp16 autocast on CUDA (faster; probabilities move by up to ~5e-5, not
+    # CheXzero-exact). Off (default): float32, TF32 off, as on the CPU.
+    amp: bool = False
 
 
 @dataclass
@@ -234,6 +237,15 @@ def checkpoint_refs(paths: list[str], recorded: dict) -> list[CheckpointRef]:
     return out
 
 
+def check_input_size(checkpoints, preprocess: PreprocessCfg) -> None:
+    """The loaded checkpoints take the model input the preprocessing makes (224 px, CheXzero's)."""
+    for c in checkpoints:
+        size = getattr(c, "image_size", None)  # (a CheckpointRef, identified without loading, has none: it passed before)
+        if size is not None and size != preprocess.input_size:
+            raise WorkspaceError(f"{c.path}: this model takes {size}x{size} px inputs; curator embeds at "
+                                 f"{preprocess.input_size}x{preprocess.input_size} (CheXzero's preprocessing)")
+
+
 def check_ensemble(ws: Workspace, checkpoints) -> None:
     """The checkpoints differ from each other and are the workspace's ensemble (if it has one)."""
     have = ws.manifest.get("ensemble") or []
@@ -258,11 +270,51 @@ def run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None = None) -> 
     before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    restore = _stop_on_sigterm() if cfg.engine == "local" else None  # (under Ray, ray.init installs its own: the same exit)
     try:
         return _run_embed(cfg, checkpoints)
     finally:
+        if restore:
+            restore()
         if cfg.threads and torch.get_num_threads() != before:
             torch.set_num_threads(before)
+
+
+def _stop_on_sigterm():
+    """Have SIGTERM (`timeout`, Slurm, Kubernetes, systemd) stop the run as Ctrl-C does: the handler
+    raises ``SystemExit(SIGTERM)`` in the main thread, as Ray's handler does for ``--engine ray``,
+    so the run commits what it holds, records itself interrupted and brings the index up to date
+    (the CLI then exits 143). A second SIGTERM while it does so is not let cut that short; a
+    forked reader process (which inherits the handler) still ends as SIGTERM ends it. Returns a
+    function that puts the previous handler back (None off the main thread, where handlers
+    cannot be set)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    pid = os.getpid()
+    previous = signal.getsignal(signal.SIGTERM)
+    stopping = []
+
+    def handler(signum, frame):
+        if os.getpid() != pid:  # a forked reader worker
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if stopping:
+            log.warning("SIGTERM again: the run is already stopping (committing what it holds, recording itself)")
+            return
+        stopping.append(signum)
+        raise SystemExit(int(signal.SIGTERM))
+
+    signal.signal(signal.SIGTERM, handler)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is handler:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    return restore
 
 
 def _run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None) -> EmbedSummary:
@@ -322,8 +374,9 @@ def _run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None) -> EmbedS
             # loaded (and so validated) before anything is written.
             refs = checkpoint_refs(cfg.checkpoints, ws.manifest.get("checkpoints", {}))
             if any(r.embed_dim is None for r in refs):  # (with Ray, devices[0] is the driver's CPU)
-                checkpoints = refs = load_checkpoints(cfg.checkpoints, devices[0])
+                checkpoints = refs = load_checkpoints(cfg.checkpoints, devices[0], cfg.amp)
         check_ensemble(ws, refs)
+        check_input_size(refs, cfg.preprocess)
         # Checkpoints and default prompt set are recorded first, so `label` can find them.
         ck_meta = dict(ws.manifest.get("checkpoints", {}))
         for ck in refs:
@@ -335,6 +388,11 @@ def _run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None) -> EmbedS
             sets, cols = register_prompt_set(sets, cols, default_prompt_set(), started.isoformat())
         modalities = sorted(cfg.read_options.modalities) if cfg.read_options.modalities is not None else None
         retry_filtered = ws.manifest.get("modality_filter", "unset") != modalities
+        if retry_filtered and modalities is not None and (outside := catalogued_outside_modalities(ws, cfg.archives, modalities)):
+            log.warning("%d image(s) in the catalog are of modalities this run leaves out (%s): unchanged, they stay in the "
+                        "workspace (its views, index and cohorts); a changed one is read again and left out. To leave them "
+                        "all out, embed the archive into a new workspace (or select by modality in cohorts).",
+                        sum(outside.values()), ", ".join(f"{m} {n}" for m, n in outside.items()))
         reading = {"dicom_conversion": cfg.read_options.dicom_conversion, "fast_jpeg": cfg.read_options.jpeg_draft_min_side is not None}
         if cfg.read_options.jpeg_on_device:  # (absent otherwise, so workspaces from before the option compare equal)
             reading["jpeg_on_device"] = True
@@ -397,7 +455,7 @@ def _run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None) -> EmbedS
                     source = mapped_batches(todo, cfg, refs, prompt_sets, timing)
                 else:
                     if checkpoints is None:
-                        checkpoints = load_checkpoints(cfg.checkpoints, devices[0])
+                        checkpoints = load_checkpoints(cfg.checkpoints, devices[0], cfg.amp)
                         if [c.sha256 for c in checkpoints] != [r.sha256 for r in refs]:
                             raise WorkspaceError("a checkpoint file changed while this run started; rerun")
                     source = local_mapped_batches(todo, cfg, checkpoints, prompt_sets, timing, state, devices)
@@ -481,7 +539,7 @@ def _run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None) -> EmbedS
                 {"total_s": summary.seconds, **({k: timing[k] for k in STAGE_TIMES} if cfg.engine == "local" else {"model_s": None})},
                 {"archives": cfg.archives, "device": summary.device, "batch_size": cfg.batch_size, "engine": cfg.engine,
                  "dicom_conversion": cfg.read_options.dicom_conversion, "fast_jpeg": cfg.read_options.jpeg_draft_min_side is not None,
-                 "gpu_jpeg": cfg.read_options.jpeg_on_device, "gpu_letterbox": cfg.read_options.letterbox_on_device, "device_overlap": overlapped,
+                 "gpu_jpeg": cfg.read_options.jpeg_on_device, "gpu_letterbox": cfg.read_options.letterbox_on_device, "device_overlap": overlapped, "amp": cfg.amp,
                  "worker_jpeg_share": None if share is None else ("auto" if share.fixed is None else share.fixed),
                  "modalities": sorted(cfg.read_options.modalities) if cfg.read_options.modalities else None},
             )

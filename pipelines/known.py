@@ -167,15 +167,18 @@ class KnownFiles:
         self.errors = tables["errors"]
 
     def classify(self, paths: list[str], sizes: list[int], mtimes: list[int], keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(unchanged: catalogued with this size and mtime, known_bad: failed before with them,
-        previous: image_id of the path's current catalog row, -1 if none). ``keys``: the paths'
-        :func:`path_keys`, when the caller has them already."""
+        """(unchanged: catalogued with this size and mtime, known_bad: failed before with them and
+        without a current catalog row, previous: image_id of the path's current catalog row, -1 if
+        none). ``keys``: the paths' :func:`path_keys`, when the caller has them already."""
         keys = path_keys(paths) if keys is None else keys
         s = np.asarray(sizes, dtype=np.int64)
         m = np.asarray(mtimes, dtype=np.int64)
         unchanged = self.catalog.match(keys, s, m)
-        bad = ~unchanged & self.errors.match(keys, s, m)
         found, i = self.catalog.lookup(keys)
+        # A path with a current catalog row of another version changed since that row: it is read
+        # again even if an older error row matches it (a failed version restored, e.g. `cp -p` from
+        # a backup), so that the row is retired and the error shown, not the stale row kept.
+        bad = ~found & self.errors.match(keys, s, m)
         previous = np.where(found, self.catalog.ids[i] if len(self.catalog) else MISSING, MISSING)
         return unchanged, bad, previous
 

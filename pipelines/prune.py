@@ -187,6 +187,23 @@ def catalogued_under(ws: Workspace, archives: list[str]) -> int:
         con.close()
 
 
+def catalogued_outside_modalities(ws: Workspace, archives: list[str], modalities: list[str]) -> dict[str, int]:
+    """Current catalog rows under the archives of DICOM modalities not in ``modalities``, by modality."""
+    from curator.query import connect
+
+    if not ws.part_paths("catalog"):
+        return {}
+    cond, params = _roots_condition(archives)
+    con = connect(ws, sandbox=False, use_cache=False)
+    try:
+        rows = con.execute(f"SELECT modality, count(*) FROM catalog WHERE {cond} AND modality IS NOT NULL "
+                           "AND NOT list_contains($keep, modality) GROUP BY modality ORDER BY 2 DESC, 1",
+                           {**params, "keep": list(modalities)}).fetchall()
+    finally:
+        con.close()
+    return {m: int(n) for m, n in rows}
+
+
 def settled_errors(ws: Workspace, archives: list[str], unreadable_now: set[str], seen: np.ndarray | None,
                    refused: list[tuple[str, int, int]] = ()) -> list[dict]:
     """Rows that close the current errors under the archives that no longer hold, after a complete

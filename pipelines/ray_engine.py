@@ -184,12 +184,13 @@ class EmbedActor:
     + probabilities. With --gpu-jpeg it first decodes the batch's grayscale JPEGs on its device."""
 
     def __init__(self, checkpoint_paths: list[str], sha256s: list[str], prompt_specs: list[dict], device: str | None, threads: int | None,
-                 read_options: ReadOptions | None = None, preprocess: PreprocessCfg = DEFAULT_CFG, notes: str = "notes"):
+                 read_options: ReadOptions | None = None, preprocess: PreprocessCfg = DEFAULT_CFG, notes: str = "notes",
+                 amp: bool = False):
         from curator.model import load_checkpoints
 
         if threads:
             torch.set_num_threads(threads)
-        cks = load_checkpoints(checkpoint_paths, device)
+        cks = load_checkpoints(checkpoint_paths, device, amp)
         got = [c.sha256 for c in cks]
         if got != sha256s:
             raise RuntimeError(f"checkpoint files differ on this node: expected sha256 {sha256s}, found {got}")
@@ -367,6 +368,7 @@ def mapped_batches(
             "read_options": cfg.read_options,
             "preprocess": cfg.preprocess,
             "notes": notes,
+            "amp": cfg.amp,
         },
     )
     shas = [c.sha256 for c in checkpoints]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -270,52 +271,112 @@ class WorkspaceWriter:
         if self.pending >= self.flush_rows:
             self.flush()
 
+    def _take(self) -> tuple:
+        """The buffered rows, taken out of the writer (which is left empty)."""
+        taken = (self._rows, self._errors, self._emb, self._probs)
+        self._rows, self._errors = [], []
+        self._emb = {c: [] for c in self.checkpoints}
+        self._probs = {ps.id: {m: [] for m in [*self.checkpoints, ENSEMBLE_MEMBER]} for ps in self.prompt_sets}
+        return taken
+
+    def _put_back(self, taken: tuple, popped: dict[str, int]) -> None:
+        """Rows taken by a flush whose commit did not land: buffered again, ahead of any added since."""
+        rows, errors, emb, probs = taken
+        self._rows[:0] = rows
+        self._errors[:0] = errors
+        for c in self.checkpoints:
+            self._emb[c][:0] = emb[c]
+        for ps in self.prompt_sets:
+            for m, v in probs[ps.id].items():
+                self._probs[ps.id][m][:0] = v
+        self.previous.update(popped)
+
+    def _landed(self, parts: list[Part]) -> bool:
+        """Whether the manifest on disk lists ``parts`` (a commit interrupted after its manifest was
+        renamed into place landed, whether or not the workspace object saw it); the workspace
+        object is brought up to it."""
+        try:
+            on_disk = self.ws._read_manifest()
+        except Exception:  # (unreadable now: judge by what the workspace object holds)
+            on_disk = self.ws.manifest
+        listed = {e["file"] for d in on_disk["parts"].values() for e in d}
+        if not parts or any(p.file not in listed for p in parts):
+            return False
+        self.ws.manifest = on_disk
+        return True
+
     def flush(self) -> None:
+        """Commit the buffered rows as one set of parts. Safe to call again after it was
+        interrupted (Ctrl-C, SIGTERM) or failed anywhere: the rows are taken out of the buffers
+        before anything is written, and put back only if the commit did not land (its manifest
+        does not list the parts), so a second flush never commits them twice nor loses them."""
         if not self.pending:
             return
+        taken = self._take()
+        rows, errors, emb, probs = taken
+        popped: dict[str, int] = {}  # entries of self.previous this flush used
+        parts: list[Part] = []  # written so far
+        retired: list[str] = []  # paths whose catalog rows this flush retires
+        try:
+            self._write(rows, errors, emb, probs, popped, parts, retired)
+        except BaseException:
+            if not self._landed(parts):
+                self._put_back(taken, popped)
+                for p in parts:  # no manifest lists them (this run holds the lock: nobody reads them)
+                    with contextlib.suppress(OSError):
+                        (self.ws.root / p.file).unlink()
+                raise
+            self._count(len(rows), len(parts), len(retired))  # (interrupted after its manifest was in place)
+            raise
+        self._count(len(rows), len(parts), len(retired))
+
+    def _count(self, n: int, parts: int, retired: int) -> None:
+        self.stats.processed += n
+        self.stats.parts += parts
+        self.stats.retired += retired
+
+    def _write(self, rows: list[dict], errors: list[dict], emb: dict, probs: dict, popped: dict[str, int], parts: list[Part],
+               retired_paths: list[str]) -> None:
+        """Write the parts of these rows and commit them: ``parts`` gets each part written,
+        ``popped`` the entries of ``self.previous`` used, ``retired_paths`` the paths of the
+        catalog rows retired."""
         now = utcnow()
-        parts: list[Part] = []
         next_id = int(self.ws.manifest["next_image_id"])
-        n = len(self._rows)
+        n = len(rows)
         if n:
             ids = np.arange(next_id, next_id + n, dtype=np.int64)
-            cols = {name: [r.get(name) for r in self._rows] for name in CATALOG_SCHEMA.names if name not in ("image_id", "run_id", "added_at", "thumbnail")}
+            cols = {name: [r.get(name) for r in rows] for name in CATALOG_SCHEMA.names if name not in ("image_id", "run_id", "added_at", "thumbnail")}
             cols.update(image_id=ids, run_id=[self.run_id] * n, added_at=[now] * n, thumbnail=[None] * n)
             catalog = pa.table({name: cols[name] for name in CATALOG_SCHEMA.names}, schema=CATALOG_SCHEMA)
             parts.append(self.ws.write_part("catalog", catalog))
             emb_tables = []
             for c in self.checkpoints:
-                mat = np.concatenate(self._emb[c]).astype(np.float32)
+                mat = np.concatenate(emb[c]).astype(np.float32)
                 emb_tables.append(embeddings_table(ids, c, mat))
             parts.append(self.ws.write_part("embeddings", pa.concat_tables(emb_tables)))
             for ps in self.prompt_sets:
-                members = {m: np.concatenate(v) for m, v in self._probs[ps.id].items()}
+                members = {m: np.concatenate(v) for m, v in probs[ps.id].items()}
                 parts.append(self.ws.write_part("predictions", predictions_table(ids, ps, members), row_group_size=n, prompt_set=ps.id))
-        replaced = [(self.previous.pop(r["path"]), r["path"], int(i)) for r, i in zip(self._rows, ids) if r["path"] in self.previous] if n else []
+
+        def pop(path: str) -> int:
+            popped[path] = self.previous.pop(path)
+            return popped[path]
+
+        replaced = [(pop(r["path"]), r["path"], int(i)) for r, i in zip(rows, ids) if r["path"] in self.previous] if n else []
         # A catalogued file that changed and now fails (or is filtered out): its old row describes
         # content that no longer exists, so it is retired too, with no successor (superseded_by null).
-        retired = [(self.previous.pop(e["path"]), e["path"], None) for e in self._errors if e["path"] in self.previous]
-        if retired:
-            self.stats.retired += len(retired)
+        retired = [(pop(e["path"]), e["path"], None) for e in errors if e["path"] in self.previous]
+        retired_paths += [p for _, p, _ in retired]
         if replaced or retired:
             old, paths, new = zip(*(replaced + retired))
             table = pa.table({"image_id": list(old), "path": list(paths), "superseded_by": list(new), "run_id": [self.run_id] * len(old)},
                              schema=SUPERSEDED_SCHEMA)
             parts.append(self.ws.write_part("superseded", table))
-        if self._errors:
-            errs = [{**e, "run_id": self.run_id, "time": now} for e in self._errors]
+        if errors:
+            errs = [{**e, "run_id": self.run_id, "time": now} for e in errors]
             table = pa.Table.from_pylist(errs, schema=ERRORS_SCHEMA)
             parts.append(self.ws.write_part("errors", table))
         self.ws.commit(add=parts, next_image_id=next_id + n)
-        self.stats.processed += n
-        self.stats.parts += len(parts)
-        self._rows.clear()
-        self._errors.clear()
-        for c in self.checkpoints:
-            self._emb[c].clear()
-        for ps in self.prompt_sets:
-            for v in self._probs[ps.id].values():
-                v.clear()
 
 
 def embeddings_table(ids: np.ndarray, checkpoint: str, mat: np.ndarray) -> pa.Table:

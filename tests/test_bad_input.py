@@ -93,6 +93,23 @@ def test_rerun_skips_known_bad_files_and_filter_change_retries(tmp_path, messy, 
     assert "ct.dcm" not in " ".join(run_query(w, "SELECT path FROM errors").path)
 
 
+def test_narrowing_the_modalities_warns_of_the_catalogued_images_left_outside(tmp_path, messy, tiny_checkpoints, caplog):
+    from curator.readers import ReadOptions
+
+    arc, _, _ = messy
+    cfg = dict(archives=[str(arc)], workspace=str(tmp_path / "ws"), checkpoints=[str(tiny_checkpoints[0])], device="cpu", workers=0,
+               batch_size=4, progress=False)
+    run_embed(EmbedConfig(**cfg, read_options=ReadOptions(modalities=None)))
+    with caplog.at_level("WARNING"):
+        run_embed(EmbedConfig(**cfg))  # back to CR, DX: the CT slice stays, and the run says so
+    said = [r.getMessage() for r in caplog.records if "modalities this run leaves out" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("1 image(s)") and "(CT 1)" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        run_embed(EmbedConfig(**cfg))  # the same filter as the last run: quiet
+    assert not any("leaves out" in r.getMessage() for r in caplog.records)
+
+
 def test_dicom_metadata_fills_the_catalog(tmp_path, messy, tiny_checkpoints):
     arc, good, _ = messy
     ws = tmp_path / "ws"

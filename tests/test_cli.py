@@ -102,6 +102,31 @@ def test_library_info_lines_stay_out_of_the_output():
     assert "lib-info" in runs[2] and "our-info" in runs[2]
 
 
+def test_a_file_no_decoder_can_read_is_one_error_row_not_a_traceback(tmp_path, tiny_checkpoints):
+    """A JPEG Lossless DICOM whose fragment is noise: pydicom logs its decoders' failures with
+    tracebacks; the CLI's output holds none of them (-vv does), and the file is recorded."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLosslessSV1
+
+    from tests.dicom_factory import make_dataset
+
+    arc = tmp_path / "arc"
+    arc.mkdir()
+    ds = make_dataset(np.zeros((64, 48), np.uint16), bits_stored=12)
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xc3" + np.random.default_rng(0).integers(0, 256, 900, dtype=np.uint8).tobytes()])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(arc / "noise.dcm", enforce_file_format=True)
+    runs = {}
+    for flags in ([], ["-vv"]):
+        runs[bool(flags)] = r = subprocess.run([sys.executable, "-m", "curator.cli", *flags, "-q", "embed", str(arc), "--workspace",
+                                                str(tmp_path / f"ws{len(flags)}"), "--checkpoint", str(tiny_checkpoints[0]), "--device", "cpu"],
+                                               capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    assert "Traceback" not in runs[False].stderr and "failed: 1" in runs[False].stdout + runs[False].stderr
+    assert "Traceback" in runs[True].stderr  # (the test can tell: pydicom does log one)
+
+
 def test_preview_writes_what_the_model_sees(tmp_path):
     src = tmp_path / "x.png"
     arr = (np.arange(300 * 200) % 251).reshape(200, 300).astype(np.uint8)

@@ -304,6 +304,11 @@ def test_png_archive_without_patient_ids_warns_and_patient_key_groups_it(tmp_pat
     # a key expression that matches nothing gives '' : no patient, not one patient for all
     m = export_cohort(ws, CohortSpec(name="all", one_per="patient", patient_key="regexp_extract(path, '/(q[0-9]+)/', 1)"), tmp_path / "c")
     assert m["counts"]["rows"] == 5 and m["warnings"]
+    # one per study likewise: PNGs have no study UID; the export says so, and a study_key groups them
+    m = export_cohort(ws, CohortSpec(name="all", one_per="study"), tmp_path / "d")
+    assert m["counts"]["rows"] == 5 and len(m["warnings"]) == 1 and "5 of 5 rows have no study key" in m["warnings"][0]
+    m = export_cohort(ws, CohortSpec(name="all", one_per="study", study_key="regexp_extract(path, '/(p[0-9]+)/', 1)"), tmp_path / "e")
+    assert m["counts"]["rows"] == 2 and not m["warnings"]
 
 
 def test_split_is_patient_disjoint_and_follows_the_documented_hash(dicom_ws, tmp_path):

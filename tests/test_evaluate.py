@@ -183,6 +183,16 @@ def test_prompts_compare_scores_alternatives_from_stored_embeddings(png_ws, tmp_
         # the current alternative reproduces the stored probabilities' AUC
         y = df.edema_truth.astype(int).to_numpy()
         assert cur[0]["auc"] == pytest.approx(skm.roc_auc_score(y, df.edema), abs=1e-9)
+        # ... and its interval is evaluate's, for a CSV in any row order (the same units resampled the same way)
+        shuffled = tmp_path / "shuffled.csv"
+        pd.read_csv(csv).sample(frac=1.0, random_state=4).to_csv(shuffled, index=False)
+        assert main(["prompts", "compare", "--workspace", str(ws), "--truth", str(shuffled), "--finding", "Edema", "--out", str(out),
+                     "--resamples", "100"]) == 0
+        mine = [a for a in json.loads(out.read_text())["alternatives"] if a["current"]][0]
+        assert main(["evaluate", "--workspace", str(ws), "--truth", str(shuffled), "--finding", "edema", "--out", str(tmp_path / "ev"),
+                     "--resamples", "100", "--no-plots"]) == 0
+        ev = json.loads((tmp_path / "ev" / "report.json").read_text())["findings"]["edema"]
+        assert (mine["auc_ci_low"], mine["auc_ci_high"]) == pytest.approx((ev["auc_ci_low"], ev["auc_ci_high"]), abs=1e-12)
         from curator.prompts import load_prompt_set
 
         ps = load_prompt_set(best)

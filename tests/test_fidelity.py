@@ -64,6 +64,34 @@ def test_model_input_equals_reference_transform(varied_images):
         assert torch.equal(ours, theirs), f"{p.name}: max diff {(ours - theirs).abs().max()}"
 
 
+def test_exif_orientation_is_applied_as_cv2_applies_it(tmp_path):
+    """A JPEG or PNG whose EXIF says "rotate" is read turned, as cv2.imread (CheXzero's reader)
+    turns it, for all seven non-trivial orientations; --gpu-jpeg leaves such files to the exact path."""
+    from curator import device_jpeg
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:180, 0:260]
+    grey = np.clip(xx * 0.7 + yy * 0.3 + 80 * (xx < 60) + rng.normal(0, 8, xx.shape), 0, 255).astype(np.uint8)
+    colour = np.stack([grey, 255 - grey, np.roll(grey, 40, axis=1)], -1)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        for name, arr in (("g", grey), ("c", colour)):
+            for ext in ("jpg", "png"):
+                f = tmp_path / f"{name}{orientation}.{ext}"
+                Image.fromarray(arr).save(f, exif=exif, **({"quality": 90} if ext == "jpg" else {}))
+                ours, theirs = model_input(read_image(f).image), ref.reference_input(f)
+                assert torch.equal(ours, theirs), f"{f.name}: max diff {(ours - theirs).abs().max()}"
+                if orientation > 1:  # (the test would not tell otherwise: the turned input differs)
+                    exif1 = Image.Exif()
+                    exif1[0x0112] = 1
+                    plain = tmp_path / f"plain.{ext}"
+                    Image.fromarray(arr).save(plain, exif=exif1, **({"quality": 90} if ext == "jpg" else {}))
+                    assert not torch.equal(ours, model_input(read_image(plain).image)), f.name
+        data = (tmp_path / f"g{orientation}.jpg").read_bytes()
+        assert (device_jpeg.deferrable(data) is None) == (orientation != 1)
+
+
 def test_antialias_matters_so_the_test_can_tell():
     # torchvision's default (antialias=True) differs from the published model's transform.
     import torchvision.transforms.functional as TF
@@ -149,6 +177,38 @@ def test_fp32_weights_are_not_rounded_to_fp16(tiny_checkpoints):
     w = ck.model.state_dict()["visual.proj"]
     assert torch.equal(w, sd["visual.proj"])
     assert not torch.equal(w, sd["visual.proj"].half().float())
+
+
+def test_the_model_runs_in_float32_on_cuda_unless_amp_is_asked(tiny_checkpoints, caplog):
+    """CheXzero-exact by default on a GPU as well: no fp16 autocast and no TF32 (cuDNN's default
+    for convolutions) unless --amp asks for it. (Without a GPU here, the choice itself is checked:
+    the context each encode runs in, and the flags it leaves.)"""
+    import contextlib
+    import warnings
+
+    from curator.model import Checkpoint, load_checkpoints
+
+    was = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        exact = Checkpoint(path="x", sha256="y", model=None, device=torch.device("cuda"))
+        assert not exact.amp and isinstance(exact._autocast(), contextlib.nullcontext)
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (torch: "CUDA is not available ... Disabling autocast")
+            fast = Checkpoint(path="x", sha256="y", model=None, device=torch.device("cuda"), amp=True)._autocast()
+        assert isinstance(fast, torch.autocast) and fast.fast_dtype == torch.float16
+        # a replica (one per GPU) runs as its original does
+        assert Checkpoint(path="x", sha256="y", model=torch.nn.Linear(1, 1), device=torch.device("cpu"), amp=True).replicate("cpu").amp
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = was
+    # on the CPU --amp changes nothing, and says so
+    x = torch.randn(2, 3, 224, 224)
+    with caplog.at_level("WARNING"):
+        a, = load_checkpoints(tiny_checkpoints[:1], "cpu", amp=True)
+    assert any("CUDA only" in r.getMessage() for r in caplog.records)
+    b = load_checkpoint(tiny_checkpoints[0], "cpu")
+    assert isinstance(a._autocast(), contextlib.nullcontext) and torch.equal(a.encode_images(x), b.encode_images(x))
 
 
 @pytest.mark.parametrize(

@@ -258,6 +258,46 @@ def _count_streamed(monkeypatch) -> list[int]:
     return streamed
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivf-flat"])
+def test_equal_similarities_rank_the_smaller_id_first_in_top_k_as_in_above(tmp_path, kind):
+    """Three copies of one vector (ids 40, 22, 33 written in that order): top-k and `above` list
+    them in the same order, the smaller image id first."""
+    from curator.search import above, search
+
+    ws = Workspace(tmp_path / "ws")
+    vecs = X[:1200].copy()
+    ids = IDS[:1200].copy()
+    ids[[5, 6, 7]] = [40, 22, 33]  # (IDS are 1 mod 5: no clash)
+    vecs[[5, 6, 7]] = vecs[5]
+    with ws.writer():
+        _add_images(ws, ids, vecs)
+        ci.build_index(ws, kind=kind, budget_gb=1, recall_sample=100)
+    top = search(ws, vecs[5], k=3)
+    assert top.image_id.tolist() == [22, 33, 40]
+    assert above(ws, vecs[5], 0.999).image_id.tolist()[:3] == [22, 33, 40]
+
+
+def test_info_notes_an_ivf_index_grown_well_past_its_training(tmp_path):
+    """Appended images were never part of the recall measurement: `curator info` says so once
+    they are more than a quarter of what the lists were trained on (not before; not for flat)."""
+    from curator.info import format_info, workspace_info
+
+    ws = _workspace(tmp_path / "ws", 2000)
+    with ws.writer():
+        ci.build_index(ws, kind="ivf-flat", budget_gb=1, recall_sample=200)
+        _add_images(ws, IDS[2000:2400], X[2000:2400])  # +20%: no note
+        ci.sync_index(ws)
+    text = format_info(workspace_info(str(ws.root)))
+    assert "recall@10 " in text and "measured at the build on 2,000 images" in text and "note:" not in text
+    with ws.writer():
+        _add_images(ws, IDS[2400:2600], X[2400:2600])  # +30%
+        info = ci.sync_index(ws)
+    assert info.count == 2600 and info.built_count == 2000
+    text = format_info(workspace_info(str(ws.root)))
+    assert "note: 600 of its 2,600 images were appended after its lists were trained on 2,000" in text
+    assert ci.recall_note(ci.IndexInfo(**{**info.__dict__, "index_type": "flat"})) is None
+
+
 @pytest.mark.parametrize("kind", ["flat", "sq8", "ivf-sq8", "ivf-pq"])
 def test_append_adds_only_new_images_without_rebuild(tmp_path, kind, monkeypatch):
     n0, n1 = 3000, 3600

@@ -115,6 +115,34 @@ def test_bootstrap_matches_an_independent_percentile_bootstrap():
     assert M.bootstrap_ci(y, s, "auc", seed=3) == res["auc"]
 
 
+def test_bootstrap_thresholds_are_those_of_each_resample_for_every_rule():
+    """Each resample's threshold is the rule applied to that resample (a score it holds), for
+    every rule: the weighted evaluation must never pick a distinct score the resample did not draw."""
+    rng = np.random.default_rng(11)
+    n = 120
+    y = (rng.random(n) < 0.35).astype(int)
+    s = np.round(rng.normal(size=n) + 1.2 * y, 2)
+    rules = ("youden", "f1", "mcc", "sensitivity=0.9", "specificity=0.9", "ppv=0.6", "npv=0.9")
+    res = M.bootstrap(y, s, n_boot=300, seed=5, rules=rules)
+    r2 = np.random.default_rng(5)
+    per_rule = {r: [] for r in rules}
+    for _ in range(300):
+        idx = r2.integers(0, n, n)
+        yy, ss = y[idx], s[idx]
+        if yy.min() == yy.max():
+            continue
+        for r in rules:
+            t = M.choose_threshold(yy, ss, r)
+            if t is not None:
+                assert t in ss
+                per_rule[r].append(t)
+    for r in rules:
+        got = res["thresholds"][str(M.parse_rule(r))]
+        assert got["n"] == len(per_rule[r]), r
+        assert got["ci"] == pytest.approx(tuple(np.percentile(per_rule[r], [2.5, 97.5])), abs=1e-12), r
+        assert got["std"] == pytest.approx(float(np.std(per_rule[r], ddof=1)), rel=1e-9, abs=1e-12), r
+
+
 def test_youden_threshold_is_the_analytic_optimum_of_two_gaussians():
     # equal variances and priors: J is maximal where the densities cross, at the midpoint
     rng = np.random.default_rng(11)

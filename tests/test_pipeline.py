@@ -119,6 +119,43 @@ def test_changed_file_that_now_fails_leaves_the_catalog_and_returns_when_fixed(b
     assert sorted(index_ids(load_index(w)[0]).tolist()) == sorted(run_query(w, "SELECT image_id FROM catalog").image_id.tolist())
 
 
+def test_a_failed_version_restored_over_a_catalogued_file_is_read_again_and_retires_its_row(built, tiny_checkpoints):
+    """bad (error row) -> good (catalogued) -> the bad bytes back with their old mtime (cp -p from a
+    backup): not skipped as known bad behind the stale row; the row is retired and the error shown."""
+    import os
+
+    from curator.verify import verify
+
+    arc, ws, paths, _ = built
+    p = paths[0]
+    good = (p.read_bytes(), os.stat(p).st_mtime_ns)
+    bad = b"\x89PNG\r\n\x1a\n truncated"
+    bad_mtime = 10**18
+    p.write_bytes(bad)
+    os.utime(p, ns=(bad_mtime, bad_mtime))
+    s = embed(arc, ws, tiny_checkpoints[:2])
+    assert sum(s.failed.values()) == 1 and s.retired == 1
+    p.write_bytes(good[0])  # fixed
+    os.utime(p, ns=(good[1] + 1, good[1] + 1))
+    s = embed(arc, ws, tiny_checkpoints[:2])
+    assert s.processed == 1 and _counts(ws)["c"] == 12 and _counts(ws)["err"] == 0
+    p.write_bytes(bad)  # the failed version again, as it was
+    os.utime(p, ns=(bad_mtime, bad_mtime))
+    s = embed(arc, ws, tiny_checkpoints[:2])
+    assert (s.known_errors, sum(s.failed.values()), s.retired, s.processed) == (0, 1, 1, 0)
+    w = Workspace(ws)
+    assert _counts(ws) == {"c": 11, "i": 11, "e": 22, "p": 11, "err": 1}
+    assert run_query(w, "SELECT path FROM errors").path.tolist() == [str(p.resolve())]
+    rep = verify(str(ws))
+    assert rep.ok, rep.lines()
+    raw = run_query(w, "SELECT (SELECT count(*) FROM errors_raw) e, (SELECT count(*) FROM superseded_raw) s, (SELECT count(*) FROM catalog_raw) c")
+    s = embed(arc, ws, tiny_checkpoints[:2])  # still the failed version: now skipped as known bad, nothing written
+    assert (s.known_errors, sum(s.failed.values()), s.retired, s.processed) == (1, 0, 0, 0)
+    assert run_query(w, "SELECT (SELECT count(*) FROM errors_raw) e, (SELECT count(*) FROM superseded_raw) s, "
+                        "(SELECT count(*) FROM catalog_raw) c").iloc[0].tolist() == raw.iloc[0].tolist()
+    assert _counts(ws)["err"] == 1 and verify(str(ws)).ok
+
+
 def test_predictions_view_holds_current_rows_only(built, tiny_checkpoints):
     import os
 
@@ -143,6 +180,67 @@ def test_rerun_with_another_reading_warns_that_catalogued_files_keep_theirs(buil
     with caplog.at_level("WARNING"):
         embed(arc, ws, tiny_checkpoints[:2], read_options=ReadOptions(dicom_conversion="voi"))  # same as the last run: quiet
     assert not any("reads images differently" in r.getMessage() for r in caplog.records)
+
+
+def test_an_example_image_is_read_the_way_the_workspace_read_its_archive(tmp_path, tiny_checkpoints):
+    """A DICOM of a workspace embedded with the VOI conversion finds itself first, similarity 1,
+    from the CLI and from the app's upload path: the query is read with the workspace's
+    conversion, not the default one (which gives another image here)."""
+    from curator.readers import ReadOptions, read_image
+    from curator.search import Searcher
+    from tests.dicom_factory import write_dicom
+
+    arc, ws = tmp_path / "arc", tmp_path / "ws"
+    arc.mkdir()
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:96, 0:80]
+    files = []
+    for i in range(4):
+        px = (600 + 1500 * (((xx - 20 - 8 * i) ** 2 + (yy - 48) ** 2) < 400) + rng.normal(0, 200, (96, 80))).clip(0, 4095)
+        files.append(write_dicom(arc / f"f{i}.dcm", px.astype(np.uint16), bits_stored=12, window_center=900, window_width=700,
+                                 patient_id=f"P{i}", sop_instance_uid=f"1.2.3.{i}"))
+    # the two readings differ for these files (else the test would prove nothing)
+    assert not np.array_equal(read_image(files[0], ReadOptions(dicom_conversion="voi")).image,
+                              read_image(files[0], ReadOptions(dicom_conversion="mimic")).image)
+    embed(arc, ws, tiny_checkpoints[:1], read_options=ReadOptions(dicom_conversion="voi"))
+    _cli("index", "--workspace", ws)
+    for f in files:
+        res = json.loads(_cli("search", "--workspace", ws, "--image", f, "-k", "1", "--json").stdout)["results"]
+        assert res[0]["path"] == str(f.resolve()) and res[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    s = Searcher(Workspace(ws), device="cpu")
+    stored = run_query(Workspace(ws), "SELECT e.embedding FROM embeddings e JOIN catalog c USING (image_id) "
+                                      f"WHERE c.path = '{files[2].resolve()}'").embedding[0]
+    got = s.image_vector(files[2].read_bytes())
+    assert float(np.dot(got, np.asarray(stored, np.float64))) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_model_of_another_input_size_is_refused_before_anything_is_written(tmp_path):
+    """A checkpoint trained at 256 px cannot take the 224 px input CheXzero's preprocessing makes:
+    one clear error, and no workspace rows."""
+    from curator.workspace import WorkspaceError
+    from tests.checkpoints import make_checkpoint
+
+    ck = make_checkpoint(tmp_path / "t256.pt", seed=0, dims={**TINY, "image_size": 256})
+    arc = tmp_path / "arc"
+    write_raster_archive(arc, 3)
+    with pytest.raises(WorkspaceError, match=r"takes 256x256 px inputs; curator embeds at 224x224"):
+        embed(arc, tmp_path / "ws", [ck])
+    assert not list((tmp_path / "ws").glob("catalog/*.parquet"))
+
+
+def test_a_cohort_exported_into_the_archive_is_not_embedded(built, tiny_checkpoints):
+    """Its images are copies of the archive's (de-identified PNGs or the files themselves): the
+    next embed passes the export's folder by, and says so."""
+    from curator.cohort import CohortSpec, export_cohort
+
+    arc, ws, _, _ = built
+    export_cohort(ws, CohortSpec(name="c", where="edema >= 0", copy_images="copy"), arc / "exports" / "c1")
+    assert len(list((arc / "exports" / "c1" / "images").iterdir())) == 12
+    (arc / "exports" / "notes").mkdir()
+    (arc / "exports" / "notes" / "manifest.json").write_text('{"format": "other"}')  # not an export: walked as usual
+    (arc / "exports" / "notes" / "cohort.csv").write_text("x\n")
+    s = embed(arc, ws, tiny_checkpoints[:2])
+    assert s.processed == 0 and s.unchanged == 12 and s.ignored.get("a curator cohort export") == 1
 
 
 def test_workspace_inside_the_archive_is_not_walked_and_the_archive_itself_is_refused(tmp_path, tiny_checkpoints):

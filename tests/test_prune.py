@@ -258,3 +258,53 @@ def test_files_not_met_are_counted_and_errors_that_no_longer_hold_are_closed(tmp
     back = run_embed(_cfg([arc], ws, tiny_checkpoints[0]))
     assert sum(back.failed.values()) == 2 and back.not_found == 0  # both recorded afresh
     assert errors() == {str(arc / "broken.png"): "read", str(arc / "dangling.png"): "discover"}
+
+
+def test_files_back_after_prune_or_restored_are_no_duplicates_for_verify_but_real_duplicates_are(embedded, tiny_checkpoints, tmp_path):
+    """A retired row (pruned) or a row replaced by another version is history: the file coming
+    back as it was is embedded anew and is not "catalogued more than once"; the same version
+    twice among current rows (or replaced by itself) still is."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from curator.pipelines.embed import run_embed
+    from curator.workspace import SUPERSEDED_SCHEMA
+
+    arc, other, ws, files, others = embedded
+    away = tmp_path / "away"
+    away.mkdir()
+    for p in (files[1], files[6]):  # moved away (the mtime travels with them), pruned, moved back
+        shutil.move(p, away / p.name)
+    assert run_embed(_cfg([arc], ws, tiny_checkpoints[0], prune=True)).pruned == 2
+    for p in (files[1], files[6]):
+        shutil.move(away / p.name, p)
+    assert run_embed(_cfg([arc], ws, tiny_checkpoints[0])).processed == 2
+    rep = verify(str(ws))
+    assert rep.ok, rep.lines()
+    # v1 -> v2 -> v1 again (restored with its old mtime, as cp -p does): v1's first row is history
+    p = files[2]
+    v1 = (p.read_bytes(), os.stat(p).st_mtime_ns)
+    shutil.copy(files[3], p)
+    assert run_embed(_cfg([arc], ws, tiny_checkpoints[0])).processed == 1
+    p.write_bytes(v1[0])
+    os.utime(p, ns=(v1[1], v1[1]))
+    assert run_embed(_cfg([arc], ws, tiny_checkpoints[0])).processed == 1
+    rep = verify(str(ws))
+    assert rep.ok, rep.lines()
+    # a real duplicate: a current row's version catalogued again under a new id ...
+    w = Workspace(ws)
+    with w.writer():
+        cur = run_query(w, f"SELECT image_id FROM catalog WHERE path = '{files[0]}'").image_id[0]
+        cat = w.read_table("catalog")
+        row = cat.filter(pc.equal(cat["image_id"], int(cur)))
+        new_id = int(w.manifest["next_image_id"])
+        row = row.set_column(0, "image_id", pa.array([new_id], pa.int64()))
+        w.commit(add=[w.write_part("catalog", row)], next_image_id=new_id + 1)
+    assert any("1 file version(s) catalogued more than once" in x for x in verify(str(ws)).problems)
+    # ... also when the new row is recorded as replacing the old one (an unchanged file embedded again)
+    with w.writer():
+        sup = pa.table({"image_id": [int(cur)], "path": [str(files[0])], "superseded_by": [new_id], "run_id": ["t"]}, schema=SUPERSEDED_SCHEMA)
+        w.commit(add=[w.write_part("superseded", sup)])
+    problems = verify(str(ws)).problems
+    assert any("1 file version(s) catalogued more than once" in x for x in problems), problems
+    assert not any("more than one current catalog row" in x for x in problems), problems

@@ -332,3 +332,129 @@ def test_verify_repair_raises_a_next_image_id_below_the_ids_in_use(tmp_path, tin
     assert verify(str(ws)).ok
     ids = run_query(Workspace(ws), "SELECT image_id FROM catalog_raw").image_id
     assert ids.is_unique and len(ids) == 6
+
+
+def test_verify_during_a_live_run_notes_its_uncommitted_parts_and_a_killed_runs_are_problems(tmp_path, tiny_checkpoints):
+    """A run in progress (it holds the writer lock) has parts written and not committed yet, and an
+    index behind its commits: verify says so and passes; once the run is killed, its leftovers fail."""
+    from curator.index import build_index
+
+    arc, more, ws = tmp_path / "arc", tmp_path / "more", tmp_path / "ws"
+    ck = tiny_checkpoints[0]
+    write_raster_archive(arc, 4)
+    run_embed(EmbedConfig(archives=[str(arc)], workspace=str(ws), checkpoints=[str(ck)], device="cpu", workers=0, progress=False))
+    with Workspace(ws).writer() as w:
+        build_index(w)
+    g0 = Workspace(ws).manifest["generation"]
+    write_raster_archive(more, 6, seed=3, start=50)
+    env = dict(os.environ, CURATOR_PAUSE_AT="part:1.5")  # each part written waits before the next (and the commit)
+    proc = subprocess.Popen(_embed_cmd(more, ws, ck, flush=2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:  # a flush committed (the index is behind) and the next one's catalog part written
+            w = Workspace(ws)
+            if w.manifest["generation"] >= g0 + 2 and any(p.parent.name == "catalog" for p in w.orphans()):
+                break
+            assert proc.poll() is None
+            time.sleep(0.05)
+        rep = verify(str(ws))  # (two more parts of 1.5 s each before that flush commits)
+        assert rep.ok and rep.writer_active, rep.lines()
+        assert any("a curator run is writing this workspace" in n and "not committed yet are not counted" in n for n in rep.notes), rep.lines()
+        assert any("index is stale" in n and "run in progress" in n for n in rep.notes), rep.lines()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not Workspace(ws).writer_active()
+    rep = verify(str(ws))
+    assert not rep.ok and not rep.writer_active and not rep.notes
+    assert any("not listed in the manifest (left by a killed run" in p for p in rep.problems), rep.lines()
+    assert any(p.startswith("index is stale") for p in rep.problems), rep.lines()
+    assert verify(str(ws), repair=True).ok
+
+
+@pytest.mark.parametrize("where", ["part", "manifest-renamed", "commit"])
+def test_an_interrupt_anywhere_in_a_flush_leaves_its_rows_committed_exactly_once(tmp_path, tiny_checkpoints, monkeypatch, where):
+    """Ctrl-C in the first flush of rows: while its parts are written (before the commit), just
+    after its manifest was renamed into place (before the workspace object saw it), or just after
+    the commit. The interrupt handler flushes again: the rows end committed once, none lost."""
+    from curator import faults
+    from curator import workspace as cw
+
+    arc, ws = tmp_path / "arc", tmp_path / "ws"
+    write_raster_archive(arc, 6)
+    cfg = EmbedConfig(archives=[str(arc)], workspace=str(ws), checkpoints=[str(tiny_checkpoints[0])], device="cpu", workers=0,
+                      batch_size=2, flush_rows=2, progress=False)
+    seen = {"part": 0, "manifest": 0, "commit": 0}
+    reached, write_manifest = faults.reached, cw.atomic_write_bytes
+
+    def interrupting_reached(point):  # parts 1-3 are the first flush's; commit 1 records the checkpoints, 2 is the flush's
+        reached(point)
+        if point in seen:
+            seen[point] += 1
+            if (where, point, seen[point]) in (("part", "part", 2), ("commit", "commit", 2)):
+                raise KeyboardInterrupt
+
+    def interrupting_write(path, data):
+        write_manifest(path, data)
+        seen["manifest"] += 1
+        if where == "manifest-renamed" and seen["manifest"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(faults, "reached", interrupting_reached)
+    monkeypatch.setattr(cw, "atomic_write_bytes", interrupting_write)
+    with pytest.raises(KeyboardInterrupt):
+        run_embed(cfg)
+    monkeypatch.undo()
+    w = Workspace(ws)
+    rep = verify(str(ws))
+    assert rep.ok, rep.lines()
+    df = run_query(w, "SELECT (SELECT count(*) FROM catalog_raw) raw, (SELECT count(DISTINCT path) FROM catalog_raw) paths, "
+                      "(SELECT count(*) FROM embeddings_raw) emb")
+    assert df.iloc[0].tolist() == [2, 2, 2]  # the first flush's rows, once
+    assert run_query(w, "SELECT status FROM runs").status.tolist() == ["interrupted"]
+    again = run_embed(cfg)
+    assert (again.unchanged, again.processed) == (2, 4)
+    _check_exact(ws, 6, 0)
+
+
+def test_sigterm_stops_a_local_run_as_ctrl_c_does(tmp_path, tiny_checkpoints):
+    """`timeout`, Slurm and Kubernetes end a job with SIGTERM: the run commits what it holds, records
+    itself interrupted and updates the index (no orphans, nothing stale), and a rerun completes it."""
+    from curator.index import build_index
+
+    arc, ws = tmp_path / "arc", tmp_path / "ws"
+    ck = tiny_checkpoints[0]
+    write_raster_archive(arc, 4)
+    run_embed(EmbedConfig(archives=[str(arc)], workspace=str(ws), checkpoints=[str(ck)], device="cpu", workers=0, progress=False))
+    with Workspace(ws).writer() as w:
+        build_index(w)
+    g0 = Workspace(ws).manifest["generation"]
+    write_raster_archive(arc, 6, seed=3, start=50)
+    env = dict(os.environ, CURATOR_PAUSE_AT="commit:1")  # a pause after each commit: the signal comes in one
+    proc = subprocess.Popen(_embed_cmd(arc, ws, ck, flush=2, workers=2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while Workspace(ws).manifest["generation"] < g0 + 2:  # the checkpoint record, then the first two new images
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM; committed work is kept" in err
+    w = Workspace(ws)
+    runs = run_query(w, "SELECT status FROM runs ORDER BY started")
+    assert runs.status.tolist() == ["completed", "interrupted"]
+    rep = verify(str(ws))
+    n = int(run_query(w, "SELECT count(*) AS n FROM catalog_raw").n[0])  # 6 unless this test was slow to send the signal
+    assert 6 <= n < 10
+    assert rep.ok and rep.stats["index"] == f"{n} vectors", rep.lines()  # no orphans, the index holds what was committed
+    again = run_embed(EmbedConfig(archives=[str(arc)], workspace=str(ws), checkpoints=[str(ck)], device="cpu", workers=0, progress=False))
+    assert (again.unchanged, again.processed) == (n, 10 - n)
+    _check_exact(ws, 10, 0)
+    assert verify(str(ws)).stats["index"] == "10 vectors"
