@@ -608,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "GPU; the decode tasks send the decoded images through Ray's object store)")
     p.add_argument("--amp", action="store_true",
                    help="run the model in fp16 autocast on a CUDA GPU: faster, but not CheXzero-exact (the probabilities move "
-                   "by up to ~5e-5). Default: float32 on every device, with TF32 off, as CheXzero's published numbers need")
+                   "by up to ~5e-5). Default: float32 on every device, with TF32 off, as CheXzero's own code runs it")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="'local': decode worker processes + models on this machine (default); 'ray': the same stages on Ray Data "
                    "(decode tasks on the cluster's CPUs, one model actor per GPU), needs pip install 'curator-cxr[ray]'")

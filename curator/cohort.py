@@ -722,10 +722,27 @@ _SQL_FIELDS = {"where": "SELECT * FROM t WHERE {}", "keep": "SELECT * FROM t ORD
                "patient_key": "SELECT {} FROM t", "study_key": "SELECT {} FROM t"}
 
 
+# One SQL string constant as DuckDB reads it: 'it''s', E'it\'s' (backslash escapes), a typed string
+# (DATE '2019-01-02'), each followed by the pieces that continue it ('DOE^JO' <line break> 'HN1' is
+# the one string 'DOE^JOHN1'), or a dollar-quoted $tag$...$tag$.
+_PLAIN_STRING = r"'(?:[^']|'')*'"
+_STRING_CONSTANT = re.compile(r"(?:[Ee]'(?:[^'\\]|''|\\.)*'|(?:[A-Za-z_]+\s*)?" + _PLAIN_STRING + r")"
+                              r"(?:[ \t\f\r]*\n\s*(?:[Ee]'(?:[^'\\]|''|\\.)*'|" + _PLAIN_STRING + r"))*"
+                              r"|\$(\w*)\$.*?\$\1\$", re.DOTALL)
+
+
+def _string_bodies(text: str) -> list[str]:
+    """The contents of the string constants in ``text`` (quotes undone): '...', E'...', $tag$...$tag$."""
+    out = [m.replace("''", "'") for m in re.findall(r"(?<![A-Za-z0-9_])'((?:[^']|'')*)'", text)]
+    out += [re.sub(r"\\(.)", r"\1", m).replace("''", "'") for m in re.findall(r"(?<![A-Za-z0-9_])[Ee]'((?:[^'\\]|''|\\.)*)'", text)]
+    out += [body for _, body in re.findall(r"\$(\w*)\$(.*?)\$\1\$", text, flags=re.DOTALL)]
+    return out
+
+
 def _literal_end(text: str, start: int) -> int | None:
-    """End of the literal starting at ``start``: a quoted string ('it''s'), a number, or a typed
-    string (DATE '2019-01-02'); None for other constants (TRUE, NULL)."""
-    m = re.compile(r"(?:[A-Za-z_]+\s*)?'(?:[^']|'')*'").match(text, start)
+    """End of the literal starting at ``start``: a string constant (:data:`_STRING_CONSTANT`), a
+    number; None for other constants (TRUE, NULL)."""
+    m = _STRING_CONSTANT.match(text, start)
     if m:
         return m.end()
     m = re.compile(r"[0-9.][0-9_.]*(?:[eE][+-]?[0-9]+)?").match(text, start)
@@ -870,7 +887,8 @@ def _redactions(ws, spec: CohortSpec) -> set[str]:
     free_texts = [spec.name, spec.description, spec.text.query if spec.text else None]
     quoted, bare = set(), set()
     for t in filter(None, sql_texts + free_texts):
-        quoted.update(m.replace("''", "'") for m in re.findall(r"'((?:[^']|'')*)'", t))
+        quoted.update(re.findall(r"'((?:[^']|'')*)'", t))  # (as written: a piece of an E'' string too)
+        quoted.update(_string_bodies(t))
         quoted.update(re.findall(r'"([^"]*)"', t))
     for t in filter(None, sql_texts):
         bare.update(w.strip("._-") for w in _WORD.findall(re.sub(r"'(?:[^']|'')*'|\"[^\"]*\"", " ", t)))

@@ -59,15 +59,17 @@ def walk(roots: Iterable[str | Path], report: WalkReport | None = None, exclude:
                     seen.add(entry.path)
                 yield entry
             continue
-        for dirpath, dirnames, filenames in os.walk(root.resolve(), followlinks=False, onerror=lambda e: report.unreadable.append((getattr(e, "filename", "?"), str(e)))):
+        top = str(root.resolve())
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=False, onerror=lambda e: report.unreadable.append((getattr(e, "filename", "?"), str(e)))):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             if excluded:
                 for d in [d for d in dirnames if os.path.join(dirpath, d) in excluded]:
                     dirnames.remove(d)
                     report.ignored["the workspace's own folder"] += 1
-            if "cohort.csv" in filenames and "manifest.json" in filenames and _is_cohort_export(dirpath):
+            if dirpath != top and "cohort.csv" in filenames and "manifest.json" in filenames and _is_cohort_export(dirpath):
                 # a cohort export written into the archive: its images are copies (or de-identified
-                # renderings) of images the archive holds already
+                # renderings) of images the archive holds already (an export given as the archive
+                # itself is walked: embedding an export one was handed is a use of its own)
                 dirnames[:] = []
                 report.ignored["a curator cohort export"] += 1
                 continue

@@ -180,11 +180,16 @@ def connect(ws: Workspace, sandbox: bool = True, threads: int | None = None, use
 def sql_tokens(text: str) -> list[tuple[int, object]]:
     """DuckDB's tokens of ``text`` as (character offset, kind): DuckDB reports offsets in UTF-8
     bytes, which differ from Python's string offsets after any non-ASCII character."""
+    import numpy as np
+
     toks = duckdb.tokenize(text)
-    raw = text.encode("utf-8", "surrogatepass")
-    if len(raw) == len(text):
+    if text.isascii():
         return list(toks)
-    return [(len(raw[:pos].decode("utf-8", "surrogatepass")), kind) for pos, kind in toks]
+    # the byte offset at which each character starts; a token's character is where its byte is
+    widths = np.fromiter((len(ch.encode("utf-8", "surrogatepass")) for ch in text), np.int64, len(text))
+    starts = np.concatenate([[0], np.cumsum(widths)])
+    chars = np.searchsorted(starts, np.fromiter((pos for pos, _ in toks), np.int64, len(toks)))
+    return [(int(c), kind) for c, (_, kind) in zip(chars, toks)]
 
 
 def read_only_refusal(con: duckdb.DuckDBPyConnection, sql: str) -> str | None:

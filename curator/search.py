@@ -121,10 +121,16 @@ def search(ws: Workspace, vector: np.ndarray, k: int = 20, index_and_info=None, 
     """
     index, info = index_and_info or faiss_index.load_index(ws)
     sims, ids = faiss_index.search_vectors(index, vector, k, allowed_ids=allowed_ids, nprobe=_nprobe(info, text))
-    keep = ids[0] >= 0
-    hit_ids, hit_sims = ids[0][keep], sims[0][keep]
-    order = np.lexsort((hit_ids, -hit_sims))  # equal similarities: the smaller id first, as `above` orders them
-    return _with_rows(ws, index, info, hit_ids[order], hit_sims[order])
+    return _with_rows(ws, index, info, *_ranked(ids[0], sims[0]))
+
+
+def _ranked(ids: np.ndarray, sims: np.ndarray, exclude=frozenset()) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS's hits (-1: none) without ``exclude``, most similar first; equal similarities with the
+    smaller id first, as :func:`above` orders them (FAISS's heap leaves ties in no set order)."""
+    keep = (ids >= 0) & ~np.isin(ids, np.fromiter(exclude, np.int64, len(exclude)))
+    ids, sims = ids[keep], sims[keep]
+    order = np.lexsort((ids, -sims))
+    return ids[order], sims[order]
 
 
 def above(ws: Workspace, vector: np.ndarray, threshold: float, index_and_info=None, allowed_ids=None) -> pd.DataFrame:
@@ -496,13 +502,13 @@ class Searcher:
             else:
                 extra = len(exclude)
         sims, ids = faiss_index.search_vectors_filtered(self.index, vector, int(k) + extra, allowed, _nprobe(self.info, text))
-        hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0 and int(i) not in exclude][: int(k)]
+        hit_ids, hit_sims = _ranked(ids[0], sims[0], exclude)
+        hit_ids, hit_sims = hit_ids[: int(k)], hit_sims[: int(k)]
         cols = ["rank", "image_id", "similarity", *SEARCH_COLUMNS, *self.finding_columns]
-        if not hits:
+        if not len(hit_ids):
             return pd.DataFrame(columns=cols)
-        hit_df = pd.DataFrame({"rank": np.arange(1, len(hits) + 1, dtype=np.int32),
-                               "image_id": np.array([h[0] for h in hits], np.int64),
-                               "similarity": np.array([h[1] for h in hits], np.float64)})
+        hit_df = pd.DataFrame({"rank": np.arange(1, len(hit_ids) + 1, dtype=np.int32), "image_id": hit_ids.astype(np.int64),
+                               "similarity": hit_sims.astype(np.float64)})
         cur = self.cursor()
         cur.register("hit_df", hit_df)
         try:

@@ -303,7 +303,8 @@ def _stop_on_sigterm():
             os.kill(os.getpid(), signum)
             return
         if stopping:
-            log.warning("SIGTERM again: the run is already stopping (committing what it holds, recording itself)")
+            # (`timeout` and some schedulers signal the process and then its group: one stop, two signals)
+            log.debug("SIGTERM again: the run is already stopping (committing what it holds, recording itself)")
             return
         stopping.append(signum)
         raise SystemExit(int(signal.SIGTERM))
@@ -393,7 +394,10 @@ def _run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None) -> EmbedS
                         "workspace (its views, index and cohorts); a changed one is read again and left out. To leave them "
                         "all out, embed the archive into a new workspace (or select by modality in cohorts).",
                         sum(outside.values()), ", ".join(f"{m} {n}" for m, n in outside.items()))
-        reading = {"dicom_conversion": cfg.read_options.dicom_conversion, "fast_jpeg": cfg.read_options.jpeg_draft_min_side is not None}
+        # ("orientation": JPEG/PNG EXIF orientation applied, as cv2.imread applies it; workspaces
+        # embedded before it was are told, on their next run, that their catalogued files keep theirs)
+        reading = {"dicom_conversion": cfg.read_options.dicom_conversion, "fast_jpeg": cfg.read_options.jpeg_draft_min_side is not None,
+                   "orientation": "exif"}
         if cfg.read_options.jpeg_on_device:  # (absent otherwise, so workspaces from before the option compare equal)
             reading["jpeg_on_device"] = True
         before = ws.manifest.get("reading")
@@ -539,7 +543,8 @@ def _run_embed(cfg: EmbedConfig, checkpoints: list[Checkpoint] | None) -> EmbedS
                 {"total_s": summary.seconds, **({k: timing[k] for k in STAGE_TIMES} if cfg.engine == "local" else {"model_s": None})},
                 {"archives": cfg.archives, "device": summary.device, "batch_size": cfg.batch_size, "engine": cfg.engine,
                  "dicom_conversion": cfg.read_options.dicom_conversion, "fast_jpeg": cfg.read_options.jpeg_draft_min_side is not None,
-                 "gpu_jpeg": cfg.read_options.jpeg_on_device, "gpu_letterbox": cfg.read_options.letterbox_on_device, "device_overlap": overlapped, "amp": cfg.amp,
+                 "gpu_jpeg": cfg.read_options.jpeg_on_device, "gpu_letterbox": cfg.read_options.letterbox_on_device, "device_overlap": overlapped,
+                 "amp": cfg.amp and "cpu" not in summary.device,  # (as it took effect: CUDA only)
                  "worker_jpeg_share": None if share is None else ("auto" if share.fixed is None else share.fixed),
                  "modalities": sorted(cfg.read_options.modalities) if cfg.read_options.modalities else None},
             )

@@ -255,15 +255,16 @@ class WorkspaceWriter:
         return len(self._rows) + len(self._errors)
 
     def add(self, rows: list[dict], mapped: dict | None, errors: list[dict]) -> None:
-        if rows:
-            self._rows.extend(rows)
-            for c in self.checkpoints:
-                self._emb[c].append(mapped["embeddings"][c])
-            for ps in self.prompt_sets:
-                for m, arr in mapped["probabilities"][ps.id].items():
-                    self._probs[ps.id][m].append(arr)
+        with _signals_deferred():  # (Ctrl-C / SIGTERM between these appends would leave rows without their vectors)
+            if rows:
+                self._rows.extend(rows)
+                for c in self.checkpoints:
+                    self._emb[c].append(mapped["embeddings"][c])
+                for ps in self.prompt_sets:
+                    for m, arr in mapped["probabilities"][ps.id].items():
+                        self._probs[ps.id][m].append(arr)
+            self._errors.extend(errors)
         for e in errors:
-            self._errors.append(e)
             if e["stage"] == "filter":
                 self.stats.filtered[e["kind"]] += 1
             elif e["stage"] != RESOLVED_STAGE:  # (pipelines.prune.settled_errors: closes an earlier error)
@@ -291,19 +292,17 @@ class WorkspaceWriter:
                 self._probs[ps.id][m][:0] = v
         self.previous.update(popped)
 
-    def _landed(self, parts: list[Part]) -> bool:
+    def _landed(self, parts: list[Part]) -> bool | None:
         """Whether the manifest on disk lists ``parts`` (a commit interrupted after its manifest was
         renamed into place landed, whether or not the workspace object saw it); the workspace
-        object is brought up to it."""
+        object is brought up to it. None: the manifest cannot be read now, so it is not known."""
         try:
             on_disk = self.ws._read_manifest()
-        except Exception:  # (unreadable now: judge by what the workspace object holds)
-            on_disk = self.ws.manifest
-        listed = {e["file"] for d in on_disk["parts"].values() for e in d}
-        if not parts or any(p.file not in listed for p in parts):
-            return False
+        except Exception:  # noqa: BLE001 - unknown: the caller neither deletes nor puts back
+            return None
         self.ws.manifest = on_disk
-        return True
+        listed = {e["file"] for d in on_disk["parts"].values() for e in d}
+        return bool(parts) and all(p.file in listed for p in parts)
 
     def flush(self) -> None:
         """Commit the buffered rows as one set of parts. Safe to call again after it was
@@ -312,7 +311,8 @@ class WorkspaceWriter:
         does not list the parts), so a second flush never commits them twice nor loses them."""
         if not self.pending:
             return
-        taken = self._take()
+        with _signals_deferred():
+            taken = self._take()
         rows, errors, emb, probs = taken
         popped: dict[str, int] = {}  # entries of self.previous this flush used
         parts: list[Part] = []  # written so far
@@ -320,13 +320,17 @@ class WorkspaceWriter:
         try:
             self._write(rows, errors, emb, probs, popped, parts, retired)
         except BaseException:
-            if not self._landed(parts):
-                self._put_back(taken, popped)
-                for p in parts:  # no manifest lists them (this run holds the lock: nobody reads them)
-                    with contextlib.suppress(OSError):
-                        (self.ws.root / p.file).unlink()
-                raise
-            self._count(len(rows), len(parts), len(retired))  # (interrupted after its manifest was in place)
+            landed = self._landed(parts)
+            if landed is False:
+                with _signals_deferred():
+                    self._put_back(taken, popped)
+                # the parts it wrote, also one renamed into place just before the interrupt (not
+                # in ``parts`` yet): files no manifest lists, removed as a writer's start removes
+                # them (this run holds the lock: nobody else writes or reads them)
+                with contextlib.suppress(OSError):
+                    self.ws.remove_orphans()
+            elif landed:
+                self._count(len(rows), len(parts), len(retired))  # (interrupted after its manifest was in place)
             raise
         self._count(len(rows), len(parts), len(retired))
 
@@ -377,6 +381,33 @@ class WorkspaceWriter:
             table = pa.Table.from_pylist(errs, schema=ERRORS_SCHEMA)
             parts.append(self.ws.write_part("errors", table))
         self.ws.commit(add=parts, next_image_id=next_id + n)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM that arrive during the block take effect as it ends: for the few steps
+    that must happen together. Their handlers are swapped for one that notes them (blocking the
+    signals would not do: another thread may take one, and Python runs the handler in the main
+    thread all the same). Main thread only (handlers are set there); elsewhere a no-op."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: noted.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in dict.fromkeys(noted):
+            handler = previous[sig]
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(sig)
 
 
 def embeddings_table(ids: np.ndarray, checkpoint: str, mat: np.ndarray) -> pa.Table:

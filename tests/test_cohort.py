@@ -258,6 +258,25 @@ def test_deidentified_manifest_after_non_ascii_text(tmp_path, redaction_ws):
                                                    "'[redacted]' AND rows >= 16 AND edema >= 0")
 
 
+@pytest.mark.parametrize("where, secrets", [
+    ("study_date = $$2019-03-17$$ OR edema >= 0", ("2019-03-17",)),
+    ("study_date <> $d$2019-03-17$d$ OR edema >= 0", ("2019-03-17",)),
+    ("institution_name <> E'St Elsewhere\\'s MRN778899' OR edema >= 0", ("MRN778899", "Elsewhere")),
+    # a comment between two pieces of one literal: its line break joins them ('MRN77' 'HN8899' is one string)
+    ("patient_id <> 'MRN77' -- note\n'8899' OR edema >= 0", ("MRN77", "8899")),
+    ("patient_id <> 'MRN77'\n  '8899' OR edema >= 0", ("MRN77", "8899")),
+])
+def test_deidentified_manifest_redacts_every_kind_of_string_literal(tmp_path, redaction_ws, where, secrets):
+    """Dollar-quoted and E'' strings, and a literal continued on the next line, are blanked whole
+    where they stand with an identifying column; the export runs (the redacted rule stays valid)."""
+    m = export_cohort(redaction_ws, CohortSpec(name="n", where=where), tmp_path / "out")
+    assert m["counts"]["rows"] == 3
+    text = (tmp_path / "out" / "manifest.json").read_text(encoding="utf-8")
+    for secret in secrets:
+        assert secret not in text, secret
+    assert "[redacted]" in m["spec"]["where"] and "edema >= 0" in m["spec"]["where"]
+
+
 def test_strip_sql_comments_against_duckdb():
     """The stripped text means what the original did, for DuckDB itself (an independent check)."""
     import duckdb

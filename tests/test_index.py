@@ -274,6 +274,11 @@ def test_equal_similarities_rank_the_smaller_id_first_in_top_k_as_in_above(tmp_p
         ci.build_index(ws, kind=kind, budget_gb=1, recall_sample=100)
     top = search(ws, vecs[5], k=3)
     assert top.image_id.tolist() == [22, 33, 40]
+    from curator.search import Searcher
+
+    app_top = Searcher(ws, checkpoint=None, device="cpu").search(vecs[5], k=3)  # the app's path
+    assert app_top.image_id.tolist() == [22, 33, 40]
+    assert Searcher(ws, checkpoint=None, device="cpu").search(vecs[5], k=2, exclude=[22]).image_id.tolist() == [33, 40]
     assert above(ws, vecs[5], 0.999).image_id.tolist()[:3] == [22, 33, 40]
 
 

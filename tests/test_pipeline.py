@@ -241,6 +241,20 @@ def test_a_cohort_exported_into_the_archive_is_not_embedded(built, tiny_checkpoi
     (arc / "exports" / "notes" / "cohort.csv").write_text("x\n")
     s = embed(arc, ws, tiny_checkpoints[:2])
     assert s.processed == 0 and s.unchanged == 12 and s.ignored.get("a curator cohort export") == 1
+    # an export given as the archive itself is embedded (one may be handed an export to work on)
+    s2 = embed(arc / "exports" / "c1", arc.parent / "ws_export", tiny_checkpoints[:1])
+    assert s2.processed == 12 and not s2.ignored.get("a curator cohort export")
+
+
+def test_a_workspace_embedded_before_exif_orientation_is_told_its_files_keep_their_reading(built, tiny_checkpoints, caplog):
+    arc, ws, _, _ = built
+    w = Workspace(ws)
+    assert w.manifest["reading"]["orientation"] == "exif"
+    with w.writer():  # as a workspace of an earlier version recorded it
+        w.commit(reading={k: v for k, v in w.manifest["reading"].items() if k != "orientation"})
+    with caplog.at_level("WARNING"):
+        embed(arc, ws, tiny_checkpoints[:2])
+    assert any("orientation None -> exif" in r.getMessage() and "new workspace" in r.getMessage() for r in caplog.records)
 
 
 def test_workspace_inside_the_archive_is_not_walked_and_the_archive_itself_is_refused(tmp_path, tiny_checkpoints):

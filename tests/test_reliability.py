@@ -376,11 +376,13 @@ def test_verify_during_a_live_run_notes_its_uncommitted_parts_and_a_killed_runs_
     assert verify(str(ws), repair=True).ok
 
 
-@pytest.mark.parametrize("where", ["part", "manifest-renamed", "commit"])
+@pytest.mark.parametrize("where", ["part", "written", "manifest-renamed", "commit"])
 def test_an_interrupt_anywhere_in_a_flush_leaves_its_rows_committed_exactly_once(tmp_path, tiny_checkpoints, monkeypatch, where):
     """Ctrl-C in the first flush of rows: while its parts are written (before the commit), just
-    after its manifest was renamed into place (before the workspace object saw it), or just after
-    the commit. The interrupt handler flushes again: the rows end committed once, none lost."""
+    after a part was written and before the flush recorded it ("written": a file on disk that only
+    its name would tell), just after its manifest was renamed into place (before the workspace
+    object saw it), or just after the commit. The interrupt handler flushes again: the rows end
+    committed once, none lost, no file left unlisted."""
     from curator import faults
     from curator import workspace as cw
 
@@ -404,8 +406,18 @@ def test_an_interrupt_anywhere_in_a_flush_leaves_its_rows_committed_exactly_once
         if where == "manifest-renamed" and seen["manifest"] == 2:
             raise KeyboardInterrupt
 
+    write_part = cw.Workspace.write_part
+
+    def interrupting_write_part(self, *a, **kw):
+        part = write_part(self, *a, **kw)
+        seen["written"] = seen.get("written", 0) + 1
+        if where == "written" and seen["written"] == 2:
+            raise KeyboardInterrupt  # (the part is on disk; the flush never learns its name)
+        return part
+
     monkeypatch.setattr(faults, "reached", interrupting_reached)
     monkeypatch.setattr(cw, "atomic_write_bytes", interrupting_write)
+    monkeypatch.setattr(cw.Workspace, "write_part", interrupting_write_part)
     with pytest.raises(KeyboardInterrupt):
         run_embed(cfg)
     monkeypatch.undo()
@@ -419,6 +431,31 @@ def test_an_interrupt_anywhere_in_a_flush_leaves_its_rows_committed_exactly_once
     again = run_embed(cfg)
     assert (again.unchanged, again.processed) == (2, 4)
     _check_exact(ws, 6, 0)
+
+
+def test_signals_during_a_writer_step_take_effect_after_it():
+    """The writer's few steps that must happen together (buffering a batch's rows with their
+    vectors, taking them out to commit) finish before a Ctrl-C or SIGTERM acts, which then acts
+    as it would have (KeyboardInterrupt; the handler in place)."""
+    import signal as sg
+
+    from curator.pipelines.stages import _signals_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _signals_deferred():
+            os.kill(os.getpid(), sg.SIGINT)
+            done.append("the step went on")
+    assert done == ["the step went on"] and sg.getsignal(sg.SIGINT) is sg.default_int_handler
+    seen = []
+    previous = sg.signal(sg.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with _signals_deferred():
+            os.kill(os.getpid(), sg.SIGTERM)
+            assert not seen
+        assert seen == [sg.SIGTERM]
+    finally:
+        sg.signal(sg.SIGTERM, previous)
 
 
 def test_sigterm_stops_a_local_run_as_ctrl_c_does(tmp_path, tiny_checkpoints):
