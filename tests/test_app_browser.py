@@ -57,6 +57,17 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 9
     raise AssertionError(f"no /_stcore/health after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """End a server started in a session of its own: SIGTERM to its group, SIGKILL after 15 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.fixture()
 def server(tmp_path, tiny_checkpoints):
     ws = build_workspace(tmp_path / "data", tiny_checkpoints[:1], n_png=10, n_dicom=0, junk=False)
@@ -73,13 +84,7 @@ def server(tmp_path, tiny_checkpoints):
         wait_healthy(url, proc, log)
         yield url, ws, exports, log
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(proc)
 
 
 def wait_idle(page, timeout: float = 60_000) -> None:
@@ -196,10 +201,4 @@ def test_a_plain_streamlit_run_shows_no_page(tmp_path, tiny_checkpoints):
             finally:
                 browser.close()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(proc)

@@ -334,18 +334,23 @@ def test_verify_repair_raises_a_next_image_id_below_the_ids_in_use(tmp_path, tin
     assert ids.is_unique and len(ids) == 6
 
 
-def test_verify_during_a_live_run_notes_its_uncommitted_parts_and_a_killed_runs_are_problems(tmp_path, tiny_checkpoints):
-    """A run in progress (it holds the writer lock) has parts written and not committed yet, and an
-    index behind its commits: verify says so and passes; once the run is killed, its leftovers fail."""
+def _indexed_workspace(arc, ws, ck) -> int:
+    """A workspace of 4 images of ``arc`` with an index; its manifest generation."""
     from curator.index import build_index
 
-    arc, more, ws = tmp_path / "arc", tmp_path / "more", tmp_path / "ws"
-    ck = tiny_checkpoints[0]
     write_raster_archive(arc, 4)
     run_embed(EmbedConfig(archives=[str(arc)], workspace=str(ws), checkpoints=[str(ck)], device="cpu", workers=0, progress=False))
     with Workspace(ws).writer() as w:
         build_index(w)
-    g0 = Workspace(ws).manifest["generation"]
+    return Workspace(ws).manifest["generation"]
+
+
+def test_verify_during_a_live_run_notes_its_uncommitted_parts_and_a_killed_runs_are_problems(tmp_path, tiny_checkpoints):
+    """A run in progress (it holds the writer lock) has parts written and not committed yet, and an
+    index behind its commits: verify says so and passes; once the run is killed, its leftovers fail."""
+    arc, more, ws = tmp_path / "arc", tmp_path / "more", tmp_path / "ws"
+    ck = tiny_checkpoints[0]
+    g0 = _indexed_workspace(arc, ws, ck)
     write_raster_archive(more, 6, seed=3, start=50)
     env = dict(os.environ, CURATOR_PAUSE_AT="part:1.5")  # each part written waits before the next (and the commit)
     proc = subprocess.Popen(_embed_cmd(more, ws, ck, flush=2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -461,15 +466,9 @@ def test_signals_during_a_writer_step_take_effect_after_it():
 def test_sigterm_stops_a_local_run_as_ctrl_c_does(tmp_path, tiny_checkpoints):
     """`timeout`, Slurm and Kubernetes end a job with SIGTERM: the run commits what it holds, records
     itself interrupted and updates the index (no orphans, nothing stale), and a rerun completes it."""
-    from curator.index import build_index
-
     arc, ws = tmp_path / "arc", tmp_path / "ws"
     ck = tiny_checkpoints[0]
-    write_raster_archive(arc, 4)
-    run_embed(EmbedConfig(archives=[str(arc)], workspace=str(ws), checkpoints=[str(ck)], device="cpu", workers=0, progress=False))
-    with Workspace(ws).writer() as w:
-        build_index(w)
-    g0 = Workspace(ws).manifest["generation"]
+    g0 = _indexed_workspace(arc, ws, ck)
     write_raster_archive(arc, 6, seed=3, start=50)
     env = dict(os.environ, CURATOR_PAUSE_AT="commit:1")  # a pause after each commit: the signal comes in one
     proc = subprocess.Popen(_embed_cmd(arc, ws, ck, flush=2, workers=2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
