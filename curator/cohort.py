@@ -150,9 +150,9 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _char_offset(text: str, byte_pos: int) -> int:
-    """The character offset of a UTF-8 byte offset of ``text`` (as DuckDB's parser reports them)."""
-    return len(text.encode("utf-8", "surrogatepass")[:byte_pos].decode("utf-8", "surrogatepass"))
+# the inside of an SQL string constant: '...' ('' for a quote), E'...' (backslash escapes too)
+_PLAIN_BODY = r"(?:[^']|'')*"
+_E_BODY = r"(?:[^'\\]|''|\\.)*"
 
 
 def _open_string(rest: str) -> bool:
@@ -160,7 +160,7 @@ def _open_string(rest: str) -> bool:
     (backslash escapes), $tag$...$tag$."""
     m = re.match(r"[A-Za-z]*'", rest)
     if m:
-        body = r"(?:[^'\\]|''|\\.)*" if m.group(0)[:-1].lower() == "e" else r"(?:[^']|'')*"
+        body = _E_BODY if m.group(0)[:-1].lower() == "e" else _PLAIN_BODY
         return not re.fullmatch(r"[A-Za-z]*'" + body + r"'\s*", rest, flags=re.DOTALL)
     m = re.match(r"\$(\w*)\$", rest)
     if m:
@@ -725,16 +725,15 @@ _SQL_FIELDS = {"where": "SELECT * FROM t WHERE {}", "keep": "SELECT * FROM t ORD
 # One SQL string constant as DuckDB reads it: 'it''s', E'it\'s' (backslash escapes), a typed string
 # (DATE '2019-01-02'), each followed by the pieces that continue it ('DOE^JO' <line break> 'HN1' is
 # the one string 'DOE^JOHN1'), or a dollar-quoted $tag$...$tag$.
-_PLAIN_STRING = r"'(?:[^']|'')*'"
-_STRING_CONSTANT = re.compile(r"(?:[Ee]'(?:[^'\\]|''|\\.)*'|(?:[A-Za-z_]+\s*)?" + _PLAIN_STRING + r")"
-                              r"(?:[ \t\f\r]*\n\s*(?:[Ee]'(?:[^'\\]|''|\\.)*'|" + _PLAIN_STRING + r"))*"
+_STRING_PIECE = f"(?:[Ee]'{_E_BODY}'|'{_PLAIN_BODY}')"
+_STRING_CONSTANT = re.compile(rf"(?:[Ee]'{_E_BODY}'|(?:[A-Za-z_]+\s*)?'{_PLAIN_BODY}')(?:[ \t\f\r]*\n\s*{_STRING_PIECE})*"
                               r"|\$(\w*)\$.*?\$\1\$", re.DOTALL)
 
 
 def _string_bodies(text: str) -> list[str]:
     """The contents of the string constants in ``text`` (quotes undone): '...', E'...', $tag$...$tag$."""
-    out = [m.replace("''", "'") for m in re.findall(r"(?<![A-Za-z0-9_])'((?:[^']|'')*)'", text)]
-    out += [re.sub(r"\\(.)", r"\1", m).replace("''", "'") for m in re.findall(r"(?<![A-Za-z0-9_])[Ee]'((?:[^'\\]|''|\\.)*)'", text)]
+    out = [m.replace("''", "'") for m in re.findall(rf"(?<![A-Za-z0-9_])'({_PLAIN_BODY})'", text)]
+    out += [re.sub(r"\\(.)", r"\1", m).replace("''", "'") for m in re.findall(rf"(?<![A-Za-z0-9_])[Ee]'({_E_BODY})'", text)]
     out += [body for _, body in re.findall(r"\$(\w*)\$(.*?)\$\1\$", text, flags=re.DOTALL)]
     return out
 
@@ -771,7 +770,7 @@ def identifying_literal_spans(text: str, wrap: str = _SQL_FIELDS["where"]) -> li
 
     import duckdb
 
-    from curator.query import sql_tokens
+    from curator.query import char_offsets, sql_tokens
 
     prefix = wrap.split("{}")[0]
     con = duckdb.connect(":memory:")  # (its own: the module's default connection is shared by threads)
@@ -798,7 +797,7 @@ def identifying_literal_spans(text: str, wrap: str = _SQL_FIELDS["where"]) -> li
             elif cls is not None:
                 chain = chain + [node]
             if cls == "CONSTANT" and node.get("query_location") is not None and any(_reads_identifier(a) for a in chain):
-                start = _char_offset(text, int(node["query_location"]) - len(prefix))  # (prefix: ASCII)
+                start = char_offsets(text, [int(node["query_location"]) - len(prefix)])[0]  # (prefix: ASCII)
                 end = _literal_end(text, start) if 0 <= start < len(text) else None
                 if end:
                     spans.append((start, end))

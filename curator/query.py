@@ -177,19 +177,24 @@ def connect(ws: Workspace, sandbox: bool = True, threads: int | None = None, use
     return con
 
 
-def sql_tokens(text: str) -> list[tuple[int, object]]:
-    """DuckDB's tokens of ``text`` as (character offset, kind): DuckDB reports offsets in UTF-8
-    bytes, which differ from Python's string offsets after any non-ASCII character."""
+def char_offsets(text: str, byte_offsets: list[int]) -> list[int]:
+    """The character offsets in ``text`` of UTF-8 byte offsets, as DuckDB reports positions
+    (tokens, parsed constants): they differ from Python's string offsets after any non-ASCII
+    character."""
+    if text.isascii():
+        return [int(b) for b in byte_offsets]
     import numpy as np
 
-    toks = duckdb.tokenize(text)
-    if text.isascii():
-        return list(toks)
-    # the byte offset at which each character starts; a token's character is where its byte is
+    # the byte offset at which each character starts; a position's character is where its byte is
     widths = np.fromiter((len(ch.encode("utf-8", "surrogatepass")) for ch in text), np.int64, len(text))
     starts = np.concatenate([[0], np.cumsum(widths)])
-    chars = np.searchsorted(starts, np.fromiter((pos for pos, _ in toks), np.int64, len(toks)))
-    return [(int(c), kind) for c, (_, kind) in zip(chars, toks)]
+    return [int(c) for c in np.searchsorted(starts, np.asarray(byte_offsets, np.int64))]
+
+
+def sql_tokens(text: str) -> list[tuple[int, object]]:
+    """DuckDB's tokens of ``text`` as (character offset, kind) (:func:`char_offsets`)."""
+    toks = duckdb.tokenize(text)
+    return list(zip(char_offsets(text, [pos for pos, _ in toks]), [kind for _, kind in toks]))
 
 
 def read_only_refusal(con: duckdb.DuckDBPyConnection, sql: str) -> str | None:

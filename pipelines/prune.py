@@ -173,34 +173,32 @@ def _roots_condition(archives: list[str]) -> tuple[str, dict]:
     return "(" + " OR ".join(terms or ["false"]) + ")", params
 
 
-def catalogued_under(ws: Workspace, archives: list[str]) -> int:
-    """Current catalog rows of files under the archive folders (or that are archive files)."""
+def _catalog_under(ws: Workspace, archives: list[str], select: str, tail: str = "", params: dict | None = None) -> list[tuple]:
+    """``SELECT {select} FROM catalog`` over the current rows of files under the archive folders
+    (or that are archive files), ``tail`` added to the WHERE clause; [] without a catalog."""
     from curator.query import connect
 
     if not ws.part_paths("catalog"):
-        return 0
-    cond, params = _roots_condition(archives)
+        return []
+    cond, roots = _roots_condition(archives)
     con = connect(ws, sandbox=False, use_cache=False)
     try:
-        return int(con.execute(f"SELECT count(*) FROM catalog WHERE {cond}", params).fetchone()[0])
+        return con.execute(f"SELECT {select} FROM catalog WHERE {cond} {tail}", {**roots, **(params or {})}).fetchall()
     finally:
         con.close()
+
+
+def catalogued_under(ws: Workspace, archives: list[str]) -> int:
+    """Current catalog rows of files under the archive folders (or that are archive files)."""
+    rows = _catalog_under(ws, archives, "count(*)")
+    return int(rows[0][0]) if rows else 0
 
 
 def catalogued_outside_modalities(ws: Workspace, archives: list[str], modalities: list[str]) -> dict[str, int]:
     """Current catalog rows under the archives of DICOM modalities not in ``modalities``, by modality."""
-    from curator.query import connect
-
-    if not ws.part_paths("catalog"):
-        return {}
-    cond, params = _roots_condition(archives)
-    con = connect(ws, sandbox=False, use_cache=False)
-    try:
-        rows = con.execute(f"SELECT modality, count(*) FROM catalog WHERE {cond} AND modality IS NOT NULL "
-                           "AND NOT list_contains($keep, modality) GROUP BY modality ORDER BY 2 DESC, 1",
-                           {**params, "keep": list(modalities)}).fetchall()
-    finally:
-        con.close()
+    rows = _catalog_under(ws, archives, "modality, count(*)",
+                          "AND modality IS NOT NULL AND NOT list_contains($keep, modality) GROUP BY modality ORDER BY 2 DESC, 1",
+                          {"keep": list(modalities)})
     return {m: int(n) for m, n in rows}
 
 
